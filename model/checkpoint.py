@@ -1,0 +1,156 @@
+"""Loading and saving weights.
+
+Official `sam_vit_{b,l,h}_*.pth` files are bare state dicts; ours is one file holding
+{"format", "config", "meta", "model"} with the official key names, so it also loads
+into the official classes built with the same dimensions. Everything goes through
+`torch.load(weights_only=True)`: a file carrying arbitrary pickled objects is refused."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import CONFIGS, SamConfig, get_config
+from .sam import Sam
+
+FORMAT = "samengine-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used, with the reason."""
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model_type: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[Sam, dict[str, Any]]:
+    """Build the model a checkpoint describes and load its weights strictly.
+
+    model_type names the config of an official (bare state dict) file; without it the
+    config is inferred from the tensor shapes. Returns the model (eval mode) and the
+    checkpoint's metadata ({} for official files)."""
+    obj = _read(Path(path))
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if obj.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{path}: checkpoint format version {obj['format_version']} is newer than this code")
+        try:
+            config = SamConfig(**obj["config"])
+        except Exception as e:  # pydantic ValidationError or missing key
+            raise CheckpointError(f"{path}: invalid model config in checkpoint: {e}") from e
+        state, meta = obj["model"], dict(obj.get("meta") or {})
+        if model_type is not None and model_type != config.name:
+            raise CheckpointError(f"{path}: holds a {config.name!r} model, not {model_type!r}")
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, meta = obj, {}
+        config = get_config(model_type) if model_type else infer_config(state, path)
+    else:
+        raise CheckpointError(f"{path}: not a SAM checkpoint (expected a state dict or a {FORMAT} file)")
+    model = Sam(config)
+    load_weights(model, state, path)
+    return model.to(device).eval(), meta
+
+
+def save_checkpoint(model: Sam, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> str:
+    """Write model weights, config and JSON-like metadata; returns the file's sha256."""
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.model_dump(mode="json"),
+        "meta": meta or {},
+        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint under the real name
+    return file_sha256(path)
+
+
+def load_weights(model: Sam, state: dict[str, torch.Tensor], source: Any = "state dict") -> None:
+    """Strict load with an error that lists what does not match."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected.keys() & state.keys()
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
+            if items:
+                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+        raise CheckpointError(f"{source}: weights do not fit a {model.config.name!r} model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def infer_config(state: dict[str, torch.Tensor], source: Any = "state dict") -> SamConfig:
+    """Recover the architecture of a bare state dict from its tensor shapes (named
+    configs are returned as themselves when they match). The decoder's head count leaves
+    no trace in the shapes; the official 8 is assumed."""
+    try:
+        patch = state["image_encoder.patch_embed.proj.weight"]
+        embed_dim, patch_size = patch.shape[0], patch.shape[-1]
+        grid = state["image_encoder.pos_embed"].shape[1]
+        depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
+        rel = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in range(depth)]
+        head_dim = rel[0].shape[1]
+        global_idx = tuple(i for i, r in enumerate(rel) if r.shape[0] == 2 * grid - 1)
+        local = [r.shape[0] for i, r in enumerate(rel) if i not in global_idx]
+        window = (local[0] + 1) // 2 if local else 14
+        prompt_dim = state["prompt_encoder.no_mask_embed.weight"].shape[1]
+        dec_layers = 1 + max(
+            int(k.split(".")[3]) for k in state if k.startswith("mask_decoder.transformer.layers.")
+        )
+        fields = dict(
+            image_size=grid * patch_size, patch_size=patch_size, encoder_embed_dim=embed_dim,
+            encoder_depth=depth, encoder_num_heads=embed_dim // head_dim,
+            encoder_global_attn_indexes=global_idx, window_size=window,
+            prompt_embed_dim=prompt_dim,
+            mask_in_chans=state["prompt_encoder.mask_downscaling.3.weight"].shape[0],
+            decoder_depth=dec_layers,
+            decoder_mlp_dim=state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
+            num_multimask_outputs=state["mask_decoder.mask_tokens.weight"].shape[0] - 1,
+            iou_head_depth=1 + max(
+                int(k.split(".")[3]) for k in state if k.startswith("mask_decoder.iou_prediction_head.layers.")
+            ),
+            iou_head_hidden_dim=state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+        )
+        if "prompt_encoder.text_proj.0.weight" in state:
+            fields["text_embed_dim"] = state["prompt_encoder.text_proj.0.weight"].shape[1]
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{source}: not a SAM state dict (cannot read its architecture: {e})") from e
+    for config in CONFIGS.values():
+        if config.model_dump(exclude={"name", "decoder_num_heads"}) == SamConfig(**fields).model_dump(
+            exclude={"name", "decoder_num_heads"}
+        ):
+            return config
+    return SamConfig(name="inferred", **fields)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds objects other than weights, which "
+            f"weights_only loading does not execute ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e

@@ -1,0 +1,1 @@
+"""Training a small SAM model on synthetic and annotated data."""
