@@ -1,0 +1,130 @@
+"""Stage 2 of automatic mask generation: prompt every crop's embedding with its point
+grid and keep the candidates that pass the per-mask filters.
+
+Work is done only where it counts: the predicted-IoU filter runs on the decoder's output
+before anything is upsampled, only survivors are upsampled (in bounded chunks) for the
+stability score, and run-length encoding of a whole batch is one vectorized pass. What
+leaves this stage is compact: RLE counts, boxes and scores, no full-size masks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model.predictor import PRECISIONS
+from model.sam import Sam
+from model.transforms import scale_coords
+
+from .encode import EncodedImage
+from .masks import box_near_crop_edge, masks_to_boxes_xyxy, stability_score, uncrop_masks
+from .params import AmgParams
+from .rle import masks_to_rle_counts
+
+# Upsampled float logits held at once: bounds memory for large images (each is S x S).
+UPSAMPLE_CHUNK = 16
+
+
+@dataclass
+class Candidates:
+    """Masks of one crop that passed the per-mask filters, in prompt order.
+
+    rle_counts: uncompressed COCO counts of each mask in the full image frame;
+    boxes: N x 4 XYXY (inclusive pixel indices) in crop coordinates; iou_preds,
+    stability: N; points: N x 2 prompt (x, y) in crop coordinates; crop_box: XYXY."""
+
+    crop_box: tuple[int, int, int, int]
+    rle_counts: list[np.ndarray] = field(default_factory=list)
+    boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4, dtype=torch.int64))
+    iou_preds: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    stability: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    points: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.float64))
+    num_prompts: int = 0
+    funnel: dict = field(default_factory=dict)
+
+
+@torch.inference_mode()
+def decode_image(model: Sam, encoded: EncodedImage, params: AmgParams, precision: str = "fp32") -> list[Candidates]:
+    """Candidates of every crop of an encoded image."""
+    grids = params.grids()
+    return [
+        decode_crop(model, encoded.embeddings[k:k + 1], tuple(int(v) for v in encoded.crop_boxes[k]),
+                    grids[int(encoded.crop_layers[k])], tuple(encoded.input_sizes[k]), encoded.orig_size,
+                    params, precision)
+        for k in range(len(encoded.crop_boxes))
+    ]
+
+
+@torch.inference_mode()
+def decode_crop(
+    model: Sam,
+    embedding: torch.Tensor,
+    crop_box: tuple[int, int, int, int],
+    grid: np.ndarray,
+    input_size: tuple[int, int],
+    orig_size: tuple[int, int],
+    params: AmgParams,
+    precision: str = "fp32",
+) -> Candidates:
+    x0, y0, x1, y1 = crop_box
+    crop_size = (y1 - y0, x1 - x0)
+    points = grid * np.array(crop_size)[None, ::-1]  # normalized -> crop pixels (x, y)
+    dtype = PRECISIONS[precision]
+    embedding = embedding.to(model.device, dtype or torch.float32)
+    parts: list[Candidates] = []
+    funnel = dict(candidates=0, iou=0, stability=0, crop_edge=0)
+    for start in range(0, len(points), params.points_per_batch):
+        batch = points[start:start + params.points_per_batch]
+        coords = torch.as_tensor(scale_coords(batch, crop_size, model.image_size), device=model.device)
+        labels = torch.ones(len(batch), 1, dtype=torch.int64, device=model.device)
+        with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
+            low_res, iou = model.decode(embedding, coords[:, None, :], labels, multimask_output=True)
+        m = low_res.shape[1]
+        low_res, iou = low_res.flatten(0, 1).float(), iou.flatten(0, 1).float()
+        prompt_points = torch.as_tensor(batch).repeat_interleave(m, dim=0)
+        funnel["candidates"] += len(iou)
+        keep = iou > params.pred_iou_thresh if params.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+        idx = keep.nonzero().squeeze(1)
+        funnel["iou"] += len(idx)
+        for chunk in idx.split(UPSAMPLE_CHUNK):
+            part = _filter_chunk(model, low_res[chunk], iou[chunk], prompt_points[chunk.cpu()],
+                                 input_size, crop_size, crop_box, orig_size, params, funnel)
+            if part is not None:
+                parts.append(part)
+    out = _concat(crop_box, parts)
+    out.num_prompts, out.funnel = len(points), funnel
+    return out
+
+
+def _filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, orig_size, params, funnel):
+    """Upsample a few surviving candidates to crop resolution and apply the stability
+    and crop-edge filters; returns their RLE, boxes and scores (or None)."""
+    logits = model.postprocess_masks(low_res[:, None], input_size, crop_size)[:, 0]
+    stability = stability_score(logits, model.mask_threshold, params.stability_score_offset)
+    keep = stability >= params.stability_score_thresh if params.stability_score_thresh > 0 else None
+    if keep is not None:
+        logits, iou, stability, points = logits[keep], iou[keep], stability[keep], points[keep.cpu()]
+    funnel["stability"] += len(logits)
+    masks = logits > model.mask_threshold
+    boxes = masks_to_boxes_xyxy(masks)
+    keep = ~box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
+    if not keep.all():
+        masks, boxes, iou, stability, points = masks[keep], boxes[keep], iou[keep], stability[keep], points[keep.cpu()]
+    funnel["crop_edge"] += len(masks)
+    if len(masks) == 0:
+        return None
+    counts = masks_to_rle_counts(uncrop_masks(masks, crop_box, *orig_size))
+    return Candidates(crop_box, counts, boxes.cpu(), iou.cpu(), stability.cpu(), points)
+
+
+def _concat(crop_box, parts: list[Candidates]) -> Candidates:
+    if not parts:
+        return Candidates(crop_box)
+    return Candidates(
+        crop_box,
+        [c for p in parts for c in p.rle_counts],
+        torch.cat([p.boxes for p in parts]),
+        torch.cat([p.iou_preds for p in parts]),
+        torch.cat([p.stability for p in parts]),
+        torch.cat([p.points for p in parts]),
+    )

@@ -1,0 +1,108 @@
+"""Stage 3 of automatic mask generation: NMS within and across crops, small-region
+cleanup, and the output records. Runs on CPU from the compact decode payload."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms, box_area
+
+from .decode import Candidates
+from .masks import masks_to_boxes_xyxy, remove_small_regions, uncrop_boxes, uncrop_points
+from .params import AmgParams
+from .rle import masks_to_rle_counts, rle_area, rle_bbox, rle_to_coco
+
+
+def postprocess(crops: list[Candidates], orig_size: tuple[int, int], params: AmgParams) -> list[dict]:
+    """Candidates of every crop of one image -> the generator's output records:
+    segmentation (per params.output_mode), area, bbox (XYWH, as pycocotools' toBbox),
+    predicted_iou, point_coords, stability_score, crop_box (XYWH)."""
+    merged = _merge_crops([_nms_within_crop(c, params.box_nms_thresh) for c in crops], params)
+    if params.min_mask_region_area > 0 and merged["counts"]:
+        merged = _clean_small_regions(merged, orig_size, params)
+    return _records(merged, orig_size, params.output_mode)
+
+
+def _nms_within_crop(c: Candidates, thresh: float) -> dict:
+    keep = _nms(c.boxes, c.iou_preds, thresh)
+    return dict(
+        counts=[c.rle_counts[i] for i in keep.tolist()],
+        boxes=uncrop_boxes(c.boxes[keep], c.crop_box),
+        iou=c.iou_preds[keep],
+        stability=c.stability[keep],
+        points=uncrop_points(c.points[keep], c.crop_box),
+        crop_boxes=torch.tensor([c.crop_box], dtype=torch.int64).expand(len(keep), 4),
+    )
+
+
+def _merge_crops(parts: list[dict], params: AmgParams) -> dict:
+    merged = {k: [c for p in parts for c in p[k]] if k == "counts" else torch.cat([p[k] for p in parts])
+              for k in parts[0]}
+    if len(parts) > 1:
+        # Prefer masks from smaller crops: they saw the object at a higher resolution.
+        scores = 1.0 / box_area(merged["crop_boxes"].double()).float()
+        merged = _select(merged, _nms(merged["boxes"], scores, params.crop_nms_thresh))
+    return merged
+
+
+def _clean_small_regions(data: dict, orig_size: tuple[int, int], params: AmgParams) -> dict:
+    """Fill small holes and drop small islands of every mask, then NMS again preferring
+    masks that needed no change; re-encode the changed masks that survive."""
+    masks, unchanged = [], []
+    for counts in data["counts"]:
+        mask = counts_to_mask(counts, orig_size)
+        mask, filled = remove_small_regions(mask, params.min_mask_region_area, "holes")
+        mask, dropped = remove_small_regions(mask, params.min_mask_region_area, "islands")
+        masks.append(mask)
+        unchanged.append(not (filled or dropped))
+    masks_t = torch.as_tensor(np.stack(masks))
+    scores = torch.tensor(unchanged, dtype=torch.float32)
+    boxes = masks_to_boxes_xyxy(masks_t)
+    keep = _nms(boxes, scores, max(params.box_nms_thresh, params.crop_nms_thresh))
+    changed = [i for i in keep.tolist() if not unchanged[i]]
+    counts = list(data["counts"])
+    for i, c in zip(changed, masks_to_rle_counts(masks_t[changed])):
+        counts[i] = c
+    new_boxes = data["boxes"].clone()
+    new_boxes[changed] = boxes[changed]
+    return _select({**data, "counts": counts, "boxes": new_boxes}, keep)
+
+
+def _records(data: dict, orig_size: tuple[int, int], output_mode: str) -> list[dict]:
+    counts = data["counts"]
+    if output_mode == "coco_rle":
+        segmentations = rle_to_coco(counts, orig_size)
+    elif output_mode == "uncompressed_rle":
+        segmentations = [{"size": list(orig_size), "counts": c.tolist()} for c in counts]
+    else:
+        segmentations = [counts_to_mask(c, orig_size) for c in counts]
+    records = []
+    for i, seg in enumerate(segmentations):
+        x0, y0, x1, y1 = data["crop_boxes"][i].tolist()
+        records.append(dict(
+            segmentation=seg,
+            area=rle_area(counts[i]),
+            bbox=rle_bbox(counts[i], orig_size),
+            predicted_iou=float(data["iou"][i]),
+            point_coords=[data["points"][i].tolist()],
+            stability_score=float(data["stability"][i]),
+            crop_box=[x0, y0, x1 - x0, y1 - y0],
+        ))
+    return records
+
+
+def counts_to_mask(counts: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Uncompressed COCO counts -> H x W bool (runs alternate 0, 1, ... column-major)."""
+    h, w = size
+    values = np.arange(len(counts)) % 2 == 1
+    return np.repeat(values, counts).reshape(w, h).T
+
+
+def _nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tensor:
+    if len(boxes) == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    return batched_nms(boxes.float(), scores.float(), torch.zeros(len(boxes), dtype=torch.int64), thresh)
+
+
+def _select(data: dict, keep: torch.Tensor) -> dict:
+    idx = keep.tolist()
+    return {k: [v[i] for i in idx] if k == "counts" else v[keep] for k, v in data.items()}

@@ -1,0 +1,241 @@
+"""The AMG building blocks in `amg/` against the official segment-anything utilities and
+pycocotools, run live on seeded random masks and on the edge cases that break RLE and box
+code: empty and full masks, single pixels, masks touching the border, thin images, and
+empty batches."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("segment_anything")
+from pycocotools import mask as coco_mask  # noqa: E402
+from segment_anything.utils import amg as official  # noqa: E402
+
+from amg.grid import crop_boxes, point_grid, point_grids  # noqa: E402
+from amg.masks import (  # noqa: E402
+    box_near_crop_edge, masks_to_boxes_xyxy, remove_small_regions, stability_score,
+    uncrop_boxes, uncrop_masks, uncrop_points,
+)
+from amg.rle import (  # noqa: E402
+    _run_starts_numpy, _run_starts_torch, coco_to_mask, masks_to_rle_counts, rle_area,
+    rle_bbox, rle_to_coco,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SIZES = [(37, 53), (64, 48), (1, 17), (17, 1), (1, 1)]
+
+
+def smooth_noise(n: int, h: int, w: int, seed: int, cell: int = 8) -> torch.Tensor:
+    """n x h x w float: coarse random noise upsampled, so thresholds give blobs."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 1, h // cell + 2, w // cell + 2, generator=gen)
+    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+
+
+def blob_masks(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """n random blob masks (with holes and islands) followed by the edge cases."""
+    levels = torch.linspace(-1.0, 1.0, n)[:, None, None]
+    blobs = smooth_noise(n, h, w, seed) > levels
+    edge = torch.zeros(7, h, w, dtype=torch.bool)
+    edge[1] = True  # full
+    edge[2, 0, 0] = True  # first pixel only
+    edge[3, h - 1, w - 1] = True  # last pixel only
+    edge[4, h // 2, w // 2] = True  # one pixel inside
+    edge[5, :, 0] = edge[5, :, w - 1] = edge[5, 0, :] = edge[5, h - 1, :] = True  # frame
+    edge[6, :, w // 2:] = True  # right half: one run that spans columns
+    # edge[0] stays empty.
+    return torch.cat([blobs, edge])
+
+
+def official_counts(masks: torch.Tensor) -> list[list[int]]:
+    return [r["counts"] for r in official.mask_to_rle_pytorch(masks)]
+
+
+# ---------------------------------------------------------------- RLE
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", SIZES)
+def test_rle_counts_match_official(device, size):
+    masks = blob_masks(12, *size, seed=1).to(device)
+    ours = masks_to_rle_counts(masks)
+    assert len(ours) == len(masks)
+    for counts, expected in zip(ours, official_counts(masks)):
+        assert counts.tolist() == expected
+        assert counts.sum() == size[0] * size[1]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_numpy_and_torch_run_starts_agree(size):
+    # CPU masks take the numpy path; the torch path (used on GPUs) is checked here on CPU
+    # so that machines without a GPU still cover it.
+    masks = blob_masks(12, *size, seed=10)
+    np.testing.assert_array_equal(_run_starts_torch(masks), _run_starts_numpy(masks.numpy()))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_coco_rle_matches_official_and_decodes_exactly(size):
+    h, w = size
+    masks = blob_masks(12, h, w, seed=2)
+    ours = rle_to_coco(masks_to_rle_counts(masks), (h, w))
+    expected = [official.coco_encode_rle(r) for r in official.mask_to_rle_pytorch(masks)]
+    assert ours == expected
+    for rle, mask in zip(ours, masks.numpy()):
+        assert isinstance(rle["counts"], str) and rle["size"] == [h, w]
+        np.testing.assert_array_equal(coco_to_mask(rle), mask)
+        np.testing.assert_array_equal(official.rle_to_mask(
+            {"size": [h, w], "counts": masks_to_rle_counts(torch.from_numpy(mask)[None])[0]}
+        ), mask)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_area_and_bbox_match_pycocotools(size):
+    h, w = size
+    masks = blob_masks(12, h, w, seed=3)
+    counts_list = masks_to_rle_counts(masks)
+    coco = rle_to_coco(counts_list, (h, w))
+    for counts, rle, mask in zip(counts_list, coco, masks.numpy()):
+        compressed = {"size": rle["size"], "counts": rle["counts"].encode()}
+        assert rle_area(counts) == official.area_from_rle({"counts": counts.tolist()})
+        assert rle_area(counts) == int(coco_mask.area(compressed)) == int(mask.sum())
+        assert rle_bbox(counts, (h, w)) == coco_mask.toBbox(compressed).astype(int).tolist()
+
+
+def test_bbox_of_run_wrapping_columns_spans_full_height():
+    # Two pixels: bottom of column 0 and top of column 1, one run in column-major order.
+    mask = np.zeros((5, 4), dtype=bool)
+    mask[4, 0] = mask[0, 1] = True
+    counts = masks_to_rle_counts(torch.from_numpy(mask)[None])[0]
+    assert counts.tolist() == [4, 2, 14]
+    assert rle_bbox(counts, mask.shape) == [0, 0, 2, 5]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batches(device):
+    assert masks_to_rle_counts(torch.zeros(0, 8, 9, dtype=torch.bool, device=device)) == []
+    assert rle_to_coco([], (8, 9)) == []
+
+
+# ---------------------------------------------------------------- mask math
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stability_score_matches_official(device):
+    logits = smooth_noise(10, 64, 80, seed=4).to(device) * 8
+    logits[0] = -5.0  # nothing above any threshold: 0 / 0
+    logits[1] = 5.0  # everything above
+    for threshold, offset in [(0.0, 1.0), (0.5, 0.25), (-1.0, 2.0)]:
+        ours = stability_score(logits, threshold, offset)
+        expected = official.calculate_stability_score(logits, threshold, offset)
+        assert ours.shape == (10,) and ours.dtype == expected.dtype
+        torch.testing.assert_close(ours, expected, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", SIZES)
+def test_boxes_match_official(device, size):
+    masks = blob_masks(12, *size, seed=5).to(device)
+    ours = masks_to_boxes_xyxy(masks)
+    assert ours.device == masks.device
+    assert torch.equal(ours, official.batched_mask_to_box(masks).long())
+    # Any leading dims, and an empty batch.
+    grouped = masks[:12].reshape(3, 4, *size)
+    assert torch.equal(masks_to_boxes_xyxy(grouped), official.batched_mask_to_box(grouped))
+    assert masks_to_boxes_xyxy(masks[:0]).shape == (0, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_box_near_crop_edge_matches_official(device):
+    gen = torch.Generator().manual_seed(6)
+    crop, image = [100, 60, 300, 260], [0, 0, 320, 260]
+    xy = torch.randint(0, 200, (500, 2), generator=gen)
+    wh = torch.randint(0, 120, (500, 2), generator=gen)
+    int_boxes = torch.cat([xy, (xy + wh).clamp(max=199)], dim=1).to(device)
+    float_boxes = int_boxes.float() + torch.rand(500, 4, generator=gen).to(device)
+    for boxes in (int_boxes, float_boxes):
+        for atol in (20.0, 5.0, 0.0):
+            expected = official.is_box_near_crop_edge(boxes, crop, image, atol)
+            assert torch.equal(box_near_crop_edge(boxes, crop, image, atol), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_uncrop_matches_official(device):
+    gen = torch.Generator().manual_seed(7)
+    crop = [30, 20, 90, 70]
+    boxes = torch.randint(0, 50, (6, 4), generator=gen).to(device)
+    boxes_per_channel = torch.rand(2, 6, 4, generator=gen).to(device) * 50
+    points = torch.rand(6, 2, generator=gen).to(device) * 50
+    points_per_channel = torch.rand(2, 6, 2, generator=gen).to(device) * 50
+    for ours, expected in [
+        (uncrop_boxes(boxes, crop), official.uncrop_boxes_xyxy(boxes, crop)),
+        (uncrop_boxes(boxes_per_channel, crop),
+         official.uncrop_boxes_xyxy(boxes_per_channel, crop)),
+        (uncrop_points(points, crop), official.uncrop_points(points, crop)),
+        (uncrop_points(points_per_channel, crop),
+         official.uncrop_points(points_per_channel, crop)),
+    ]:
+        assert ours.dtype == expected.dtype and torch.equal(ours, expected)
+
+    masks = blob_masks(5, 50, 60, seed=7).to(device)
+    for crop_box, orig_h, orig_w in [([30, 20, 90, 70], 80, 100), ([0, 0, 60, 50], 50, 60),
+                                     ([40, 30, 100, 80], 80, 100)]:
+        ours = uncrop_masks(masks, crop_box, orig_h, orig_w)
+        assert torch.equal(ours, official.uncrop_masks(masks, crop_box, orig_h, orig_w))
+    assert uncrop_masks(masks, [0, 0, 60, 50], 50, 60) is masks
+
+
+def small_region_cases() -> list[np.ndarray]:
+    cases = [m.numpy() for m in blob_masks(16, 48, 64, seed=8)]
+    cases += [m.numpy() for m in blob_masks(8, 31, 17, seed=9)]
+    # Equal-size islands all below the threshold: the tie decides which is kept.
+    ties = np.zeros((20, 20), dtype=bool)
+    ties[2:4, 12:14] = ties[2:4, 2:4] = ties[12:14, 2:4] = ties[12:14, 12:14] = True
+    # Diagonal neighbours: one region under 8-connectivity, two under 4.
+    diagonal = np.zeros((6, 6), dtype=bool)
+    diagonal[1, 1] = diagonal[2, 2] = diagonal[4, 4] = True
+    return cases + [ties, diagonal, ~ties, ~diagonal]
+
+
+@pytest.mark.parametrize("mode", ["holes", "islands"])
+@pytest.mark.parametrize("area_thresh", [0, 1, 3, 4.5, 30, 200, 1e9])
+def test_remove_small_regions_matches_official(mode, area_thresh):
+    for mask in small_region_cases():
+        ours, ours_changed = remove_small_regions(mask, area_thresh, mode)
+        expected, expected_changed = official.remove_small_regions(mask, area_thresh, mode)
+        assert ours_changed == expected_changed
+        assert ours.dtype == bool
+        np.testing.assert_array_equal(ours, expected)
+        if not ours_changed:
+            assert ours is mask
+
+
+def test_remove_small_regions_rejects_unknown_mode():
+    with pytest.raises(ValueError):
+        remove_small_regions(np.zeros((3, 3), dtype=bool), 1, "both")
+
+
+# ---------------------------------------------------------------- grids and crops
+
+
+def test_point_grids_match_official():
+    for n in range(1, 65):
+        ours = point_grid(n)
+        assert ours.shape == (n * n, 2)
+        np.testing.assert_array_equal(ours, official.build_point_grid(n))
+    for n_per_side, n_layers, scale in [(32, 0, 1), (32, 2, 2), (16, 3, 2), (10, 2, 3)]:
+        ours = point_grids(n_per_side, n_layers, scale)
+        expected = official.build_all_layer_point_grids(n_per_side, n_layers, scale)
+        assert len(ours) == len(expected) == n_layers + 1
+        for a, b in zip(ours, expected):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("im_size", [(768, 1024), (1024, 768), (500, 375), (1, 1), (7, 300)])
+def test_crop_boxes_match_official(im_size):
+    for n_layers in range(4):
+        for overlap_ratio in (0.0, 512 / 1500, 0.25, 0.5, 0.9):
+            ours = crop_boxes(im_size, n_layers, overlap_ratio)
+            expected = official.generate_crop_boxes(im_size, n_layers, overlap_ratio)
+            assert ours == expected
