@@ -15,7 +15,7 @@ class AutomaticMaskGenerator:
     """Drop-in for the official SamAutomaticMaskGenerator: same parameters (as keyword
     arguments or an AmgParams), same records; precision "bf16" for the fast path."""
 
-    def __init__(self, model: Sam, params: AmgParams | None = None, precision: str = "fp32", **kwargs) -> None:
+    def __init__(self, model: Sam, params: AmgParams | None = None, *, precision: str = "fp32", **kwargs) -> None:
         self.model = model.eval()
         self.params = params if params is not None else AmgParams(**kwargs)
         self.precision = precision

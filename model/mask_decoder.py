@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .common import MLP, LayerNorm2d
 from .transformer import TwoWayTransformer
@@ -80,13 +81,20 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
 
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        upscaled = self.upscale(src.view(b, h, w, c))  # B x 4h x 4w x C/8
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
-        b, c2, h2, w2 = upscaled.shape
-        masks = (hyper_in @ upscaled.flatten(2)).view(b, -1, h2, w2)
+        _, h2, w2, c2 = upscaled.shape
+        masks = (hyper_in @ upscaled.view(b, h2 * w2, c2).transpose(1, 2)).view(b, -1, h2, w2)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def upscale(self, x: torch.Tensor) -> torch.Tensor:
+        """The output_upscaling layers in channels-last layout (B x h x w x C), where
+        LayerNorm and the per-pixel matmuls need no transposes."""
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        x = act1(F.layer_norm(up1.channels_last(x), (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps))
+        return act2(up2.channels_last(x))
 
 
 class Upsample2x(nn.ConvTranspose2d):
@@ -98,9 +106,14 @@ class Upsample2x(nn.ConvTranspose2d):
         super().__init__(in_channels, out_channels, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        """B x C x h x w -> B x C' x 2h x 2w."""
+        return self.channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """B x h x w x C -> B x 2h x 2w x C'."""
+        b, h, w, c = x.shape
         out = self.out_channels
-        weight = self.weight.reshape(c, out * 4)  # (in, out, ky, kx) -> in x (out ky kx)
-        y = x.permute(0, 2, 3, 1).reshape(-1, c) @ weight
-        y = y.view(b, h, w, out, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, out, 2 * h, 2 * w)
-        return y + self.bias.view(1, -1, 1, 1)
+        # (in, out, ky, kx) -> in x (ky kx out): each input pixel yields a 2x2 output block
+        weight = self.weight.permute(0, 2, 3, 1).reshape(c, 4 * out)
+        y = torch.addmm(self.bias.repeat(4), x.reshape(-1, c), weight)
+        return y.view(b, h, w, 2, 2, out).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, out)

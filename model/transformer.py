@@ -102,11 +102,30 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: Bq x Nq x C, k and v: Bk x Nk x C, where a batch of 1 on either side is
+        shared by every item of the other (the image side of many prompts)."""
+        bq, nq, _ = q.shape
+        bk = k.shape[0]
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
-        batch = max(q.shape[0], k.shape[0])  # a batch-1 side is broadcast
-        q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        b, h, n, d = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+        if bk == 1 and bq > 1:
+            # Shared keys: every query attends independently, so the batch folds into
+            # the query length and one attention call serves all prompts.
+            q = q.transpose(0, 1).reshape(1, self.num_heads, bq * nq, -1)
+            out = _attention(q, k, v)
+            out = out.reshape(self.num_heads, bq, nq, -1).permute(1, 2, 0, 3)
+        else:
+            if bq == 1 and bk > 1:
+                q = q.expand(bk, -1, -1, -1)
+            out = _attention(q, k, v).transpose(1, 2)
+        return self.out_proj(out.reshape(out.shape[0], nq, self.internal_dim))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention. With only a few keys (the prompt tokens) two small matmuls beat
+    the fused kernel, whose tiling is made for long key sequences."""
+    if k.shape[-2] <= 32:
+        weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
+        return weights @ v
+    return F.scaled_dot_product_attention(q, k, v)

@@ -1,0 +1,36 @@
+"""Compare two sets of mask records (e.g. ours against the official generator's):
+one-to-one matching by mask IoU, for tests and benchmarks."""
+from __future__ import annotations
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+
+def match_records(ours: list[dict], theirs: list[dict]) -> dict:
+    """Records with COCO RLE segmentations of the same image. Each of theirs is matched
+    to the unused one of ours with the highest mask IoU (greedy, best pairs first).
+    Returns counts, the matched IoUs and how many matched pairs have equal RLE."""
+    a = [_coco(r["segmentation"]) for r in ours]
+    b = [_coco(r["segmentation"]) for r in theirs]
+    if not a or not b:
+        return dict(ours=len(a), theirs=len(b), matched=0, min_iou=float("nan"), equal_rle=0, ious=[])
+    iou = coco_mask.iou(a, b, [0] * len(b))  # len(a) x len(b)
+    pairs = sorted(((iou[i, j], i, j) for i in range(len(a)) for j in range(len(b)) if iou[i, j] > 0),
+                   reverse=True)
+    used_a, used_b, matched = set(), set(), []
+    for v, i, j in pairs:
+        if i not in used_a and j not in used_b:
+            used_a.add(i), used_b.add(j), matched.append((v, i, j))
+    ious = [float(v) for v, _, _ in matched]
+    equal = sum(a[i]["counts"] == b[j]["counts"] for _, i, j in matched)
+    return dict(ours=len(a), theirs=len(b), matched=len(matched),
+                min_iou=min(ious) if ious else float("nan"), equal_rle=equal, ious=ious)
+
+
+def _coco(seg) -> dict:
+    if isinstance(seg, np.ndarray):
+        return coco_mask.encode(np.asfortranarray(seg.astype(np.uint8)))
+    counts = seg["counts"]
+    if isinstance(counts, list):
+        return coco_mask.frPyObjects(seg, *seg["size"])
+    return {"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
