@@ -78,22 +78,39 @@ def decode_crop(
         coords = torch.as_tensor(scale_coords(batch, crop_size, model.image_size), device=model.device)
         labels = torch.ones(len(batch), 1, dtype=torch.int64, device=model.device)
         with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
-            low_res, iou = model.decode(embedding, coords[:, None, :], labels, multimask_output=True)
-        m = low_res.shape[1]
-        low_res, iou = low_res.flatten(0, 1).float(), iou.flatten(0, 1).float()
-        prompt_points = torch.as_tensor(batch).repeat_interleave(m, dim=0)
-        funnel["candidates"] += len(iou)
-        keep = iou > params.pred_iou_thresh if params.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
-        idx = keep.nonzero().squeeze(1)
-        funnel["iou"] += len(idx)
-        for chunk in idx.split(UPSAMPLE_CHUNK):
-            part = _filter_chunk(model, low_res[chunk], iou[chunk], prompt_points[chunk.cpu()],
+            low_res, iou, prompt_idx = _decode_survivors(model, embedding, coords, params.pred_iou_thresh)
+        funnel["candidates"] += 3 * len(batch)
+        funnel["iou"] += len(iou)
+        prompt_points = torch.as_tensor(batch)[prompt_idx.cpu()]
+        for chunk in torch.arange(len(iou)).split(UPSAMPLE_CHUNK):
+            part = _filter_chunk(model, low_res[chunk], iou[chunk], prompt_points[chunk],
                                  input_size, crop_size, crop_box, orig_size, params, funnel)
             if part is not None:
                 parts.append(part)
     out = _concat(crop_box, parts)
     out.num_prompts, out.funnel = len(points), funnel
     return out
+
+
+def _decode_survivors(model: Sam, embedding: torch.Tensor, coords: torch.Tensor, iou_thresh: float):
+    """Single-point prompts B x 2 -> the multimask candidates whose predicted IoU is
+    above iou_thresh, in (prompt, token) order: low-res logits N x 4e x 4e, IoU N and
+    the prompt index of each. Masks are computed only for surviving tokens."""
+    labels = torch.ones(len(coords), 1, dtype=torch.int64, device=coords.device)
+    sparse, dense = model.prompt_encoder((coords[:, None, :], labels), None, None)
+    decoder = model.mask_decoder
+    tokens, image, iou = decoder.attend(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense)
+    iou = iou[:, 1:].float()  # the multimask tokens
+    keep = iou > iou_thresh if iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+    rows = keep.any(dim=1).nonzero().squeeze(1)
+    if len(rows) == 0:
+        e = 4 * image.shape[1]
+        return iou.new_zeros(0, e, e), iou.new_zeros(0), rows
+    token_index = torch.arange(1, decoder.num_mask_tokens)
+    low_res = decoder.masks_from(tokens[rows], image[rows], token_index).float()
+    kept = keep[rows]
+    prompt_idx = rows[:, None].expand_as(kept)[kept]
+    return low_res[kept], iou[rows][kept], prompt_idx
 
 
 def _filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, orig_size, params, funnel):

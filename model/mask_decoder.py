@@ -68,6 +68,21 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All mask tokens: B x (1 + num_multimask_outputs) masks and IoU predictions."""
+        tokens, image, iou_pred = self.attend(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        return self.masks_from(tokens, image), iou_pred
+
+    def attend(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The two-way transformer and the IoU head, without mask upscaling: returns mask
+        tokens B x T x C, image features B x h x w x C and IoU predictions B x T. Callers
+        that filter by predicted IoU upscale only the survivors (masks_from)."""
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])
         tokens = torch.cat([output_tokens.expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
@@ -78,16 +93,20 @@ class MaskDecoder(nn.Module):
         src = image_embeddings + dense_prompt_embeddings  # 1 or B x C x h x w
         c, h, w = src.shape[1:]
         hs, src = self.transformer(src, image_pe, tokens)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
+        iou_pred = self.iou_prediction_head(hs[:, 0])
+        return hs[:, 1 : 1 + self.num_mask_tokens], src.view(b, h, w, c), iou_pred
 
-        upscaled = self.upscale(src.view(b, h, w, c))  # B x 4h x 4w x C/8
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )
-        _, h2, w2, c2 = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, h2 * w2, c2).transpose(1, 2)).view(b, -1, h2, w2)
-        return masks, self.iou_prediction_head(iou_token_out)
+    def masks_from(
+        self, mask_tokens: torch.Tensor, image: torch.Tensor, token_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Low-res mask logits B x T x 4h x 4w from mask tokens B x T x C and image
+        features B x h x w x C. token_index (T' values) computes only those tokens."""
+        upscaled = self.upscale(image)  # B x 4h x 4w x C/8
+        index = range(self.num_mask_tokens) if token_index is None else token_index.tolist()
+        mlps = self.output_hypernetworks_mlps
+        hyper_in = torch.stack([mlps[i](mask_tokens[:, i]) for i in index], dim=1)
+        b, h2, w2, c2 = upscaled.shape
+        return (hyper_in @ upscaled.view(b, h2 * w2, c2).transpose(1, 2)).view(b, -1, h2, w2)
 
     def upscale(self, x: torch.Tensor) -> torch.Tensor:
         """The output_upscaling layers in channels-last layout (B x h x w x C), where
