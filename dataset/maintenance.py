@@ -1,0 +1,39 @@
+"""Upkeep of the dataset's tables: thin wrappers over delta-rs optimize and vacuum.
+
+Compaction rewrites the small files of many chunk commits into files of about target_size
+(a new version with the same rows; old versions stay readable until vacuumed). Vacuum
+deletes files no version within the retention window needs, including the orphan Parquet
+files of writers killed before their commit. After a vacuum with retention R, time travel
+reaches back only R hours: pin the versions a training round reads for less than that.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from deltalake import CommitProperties, DeltaTable
+
+from .storage import storage_options, table_uri
+from .writer import METADATA_KEY, WRITER_PROPERTIES
+
+TARGET_FILE_SIZE = 256 * 1024 * 1024
+DEFAULT_RETENTION_HOURS = 7 * 24
+
+
+def _table(root: str, name: str, options: dict[str, str] | None) -> DeltaTable:
+    return DeltaTable(table_uri(root, name), storage_options=options if options is not None else storage_options(root))
+
+
+def compact(root: str, name: str = "annotations", *, target_size: int = TARGET_FILE_SIZE,
+            options: dict[str, str] | None = None) -> dict[str, Any]:
+    """Merge small files into files of about target_size bytes; returns delta-rs' metrics."""
+    return _table(root, name, options).optimize.compact(
+        target_size=target_size, writer_properties=WRITER_PROPERTIES,
+        commit_properties=CommitProperties(custom_metadata={METADATA_KEY: {"maintenance": "compact"}}))
+
+
+def vacuum(root: str, name: str = "annotations", *, retention_hours: int = DEFAULT_RETENTION_HOURS,
+           dry_run: bool = False, options: dict[str, str] | None = None) -> list[str]:
+    """Delete files unneeded by versions younger than retention_hours; returns their paths.
+    A retention below the table's minimum (7 days by default) is allowed on purpose."""
+    return _table(root, name, options).vacuum(
+        retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False, full=True)

@@ -1,0 +1,127 @@
+"""Reading a dataset version: pinned by number, or the last version of a run or a round.
+
+Every entry point takes the dataset root and one of `version=`, `run_id=`, `round=` (none:
+the latest version) and hands back the images table of that version as a DeltaTable,
+pyarrow, pandas, a Ray Dataset, plain Parquet files, or an iterator of images / masks.
+DuckDB and Polars read the same table directly (`delta_scan(...)`, `pl.read_delta(...)`).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+from deltalake import DeltaTable
+
+from schemas import IMAGES, TABLES, conform
+
+from .storage import arrow_dataset, storage_options, table_uri
+from .writer import METADATA_KEY
+
+
+def _options(root: str, options: dict[str, str] | None) -> dict[str, str]:
+    return options if options is not None else storage_options(root)
+
+
+def history(root: str, name: str = "annotations", options: dict[str, str] | None = None) -> list[dict]:
+    """Commits of a table, oldest first: version, timestamp, operation and our metadata
+    (run_id, round, stage, ...) flattened into each entry (empty for commits we did not tag,
+    such as table creation or compaction)."""
+    dt = DeltaTable(table_uri(root, name), storage_options=_options(root, options))
+    out = []
+    for c in dt.history():
+        ours = c.get(METADATA_KEY) or {}
+        out.append({"version": c["version"], "timestamp": c["timestamp"], "operation": c["operation"], **ours})
+    return sorted(out, key=lambda c: c["version"])
+
+
+def resolve_version(root: str, *, version: int | None = None, run_id: str | None = None,
+                    round: int | None = None, options: dict[str, str] | None = None) -> int:
+    """The annotations version to read: `version` itself, the last commit of `run_id` or of
+    `round`, or (none given) the latest."""
+    if sum(x is not None for x in (version, run_id, round)) > 1:
+        raise ValueError("give at most one of version, run_id, round")
+    if version is not None:
+        return version
+    if run_id is None and round is None:
+        return DeltaTable(table_uri(root, "annotations"), storage_options=_options(root, options)).version()
+    for c in reversed(history(root, options=options)):
+        if c.get("table") != "annotations":
+            continue
+        if (run_id is not None and c.get("run_id") == run_id) or (round is not None and c.get("round") == round):
+            return c["version"]
+    raise LookupError(f"no commit of run_id={run_id!r} round={round!r} in {root}")
+
+
+def open_version(root: str, *, version: int | None = None, run_id: str | None = None,
+                 round: int | None = None, options: dict[str, str] | None = None) -> DeltaTable:
+    """The annotations table pinned at the resolved version."""
+    options = _options(root, options)
+    v = resolve_version(root, version=version, run_id=run_id, round=round, options=options)
+    return DeltaTable(table_uri(root, "annotations"), version=v, storage_options=options)
+
+
+def open_dataset(root: str, *, options: dict[str, str] | None = None, **pin: Any) -> pads.Dataset:
+    """The pyarrow dataset of the resolved version (lazy: nothing is read yet)."""
+    options = _options(root, options)
+    return arrow_dataset(open_version(root, options=options, **pin), table_uri(root, "annotations"), options)
+
+
+def read_images(root: str, *, columns: list[str] | None = None, filter: Any = None, **pin: Any) -> pa.Table:
+    """A version's images as a pyarrow table in our schema (all columns unless `columns`)."""
+    table = open_dataset(root, **pin).to_table(columns=columns, filter=filter)
+    if columns is None:
+        return conform(table)
+    return table.cast(pa.schema([IMAGES.field(c) for c in columns]))
+
+
+def read_pandas(root: str, **kwargs: Any):
+    """A version's images as a pandas DataFrame (annotations as lists of dicts)."""
+    return read_images(root, **kwargs).to_pandas()
+
+
+def iter_images(root: str, *, batch_rows: int = 256, **pin: Any) -> Iterator[dict]:
+    """Image rows of a version as dicts, streamed a batch of rows at a time."""
+    ds = open_dataset(root, **pin)
+    for batch in ds.to_batches(batch_size=batch_rows):
+        yield from conform(pa.Table.from_batches([batch])).to_pylist()
+
+
+def iter_masks(root: str, **kwargs: Any) -> Iterator[tuple[dict, dict]]:
+    """(image without its annotations, mask) pairs of a version."""
+    for image in iter_images(root, **kwargs):
+        masks = image.pop("annotations")
+        for mask in masks:
+            yield image, mask
+
+
+def read_ray(root: str, *, options: dict[str, str] | None = None, **pin: Any):
+    """A version's images as a Ray Dataset (ray.data.read_delta at the pinned version)."""
+    import ray.data  # Ray is heavy to import; only this reader needs it.
+
+    options = _options(root, options)
+    v = resolve_version(root, options=options, **pin)
+    return ray.data.read_delta(table_uri(root, "annotations"), version=v, storage_options=options)
+
+
+def export_parquet(root: str, dest: str, *, max_rows_per_file: int = 50_000, **pin: Any) -> list[str]:
+    """Write a version as plain Parquet files under dest (for Hugging Face `datasets`, or any
+    tool without Delta support); returns the files written. dest is a local folder."""
+    written: list[str] = []
+    ds = open_dataset(root, **pin)
+    pads.write_dataset(
+        ds.scanner(), dest, format="parquet", max_rows_per_file=max_rows_per_file,
+        max_rows_per_group=min(max_rows_per_file, 10_000),
+        file_options=pads.ParquetFileFormat().make_write_options(compression="zstd"),
+        file_visitor=lambda f: written.append(f.path), existing_data_behavior="overwrite_or_ignore",
+    )
+    return sorted(written)
+
+
+def read_table(root: str, name: str, *, version: int | None = None,
+               options: dict[str, str] | None = None) -> pa.Table:
+    """A side table (quarantine, duplicates, listing, lineage) in our schema."""
+    schema, _ = TABLES[name]
+    options, uri = _options(root, options), table_uri(root, name)
+    dt = DeltaTable(uri, version=version, storage_options=options)
+    return conform(arrow_dataset(dt, uri, options).to_table(), schema)

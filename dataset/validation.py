@@ -1,0 +1,167 @@
+"""Checks of a dataset version: every fault found, by kind, with the rows it is in.
+
+Kinds (each has a test that plants it):
+  schema             a column is missing, extra, or of a type that does not cast to ours
+  image_id           not a sha256 hex string
+  duplicate_image    the same image_id in two rows
+  duplicate_key      two images share an integer image_key
+  duplicate_id       two masks share an annotation id
+  rle                the counts string is not a valid COCO RLE of the image's size
+                     (malformed, runs that do not sum to height x width, or not the
+                     canonical string pycocotools writes for those runs)
+  stage              a mask's stage is not one of schemas.Stage, or its round is negative
+  rle_size           segmentation size is not [height, width]
+  area               area differs from the mask's pixel count
+  bbox               bbox differs from pycocotools.mask.toBbox of the mask
+  decode             (decode=True) pycocotools' decoded mask disagrees with the runs
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, get_args
+
+import numpy as np
+import pyarrow as pa
+from pycocotools import mask as coco_mask
+
+from schemas import IMAGES, Stage, conform
+from schemas.records import SHA256_HEX
+
+from .reader import open_dataset, resolve_version
+
+
+@dataclass
+class Report:
+    version: int
+    images: int = 0
+    masks: int = 0
+    faults: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, kind: str, where: str) -> None:
+        self.faults[kind].append(where)
+
+    @property
+    def ok(self) -> bool:
+        return not self.faults
+
+    def text(self, examples: int = 5) -> str:
+        lines = [f"version {self.version}: {self.images} images, {self.masks} masks: "
+                 + ("OK" if self.ok else f"{sum(map(len, self.faults.values()))} faults")]
+        for kind, where in sorted(self.faults.items()):
+            lines.append(f"  {kind}: {len(where)}")
+            lines += [f"    {w}" for w in where[:examples]]
+        return "\n".join(lines)
+
+
+def validate(root: str, *, decode: bool = False, batch_rows: int = 256, **pin: Any) -> Report:
+    """Check a version (pinned as in dataset.reader) and report every fault found."""
+    options = pin.pop("options", None)
+    version = resolve_version(root, options=options, **pin)
+    report = Report(version=version)
+    ds = open_dataset(root, version=version, options=options)
+    if not _check_schema(ds.schema, report):
+        return report  # rows of an unknown shape cannot be checked further
+    image_ids: Counter = Counter()
+    image_keys: Counter = Counter()
+    ann_ids: list[np.ndarray] = []
+    for batch in ds.to_batches(batch_size=batch_rows):
+        table = conform(pa.Table.from_batches([batch], schema=ds.schema))
+        for image in table.to_pylist():
+            report.images += 1
+            image_ids[image["image_id"]] += 1
+            image_keys[image["image_key"]] += 1
+            ann_ids.append(np.array([a["id"] for a in image["annotations"]], np.int64))
+            _check_image(image, report, decode)
+    for kind, counter in (("duplicate_image", image_ids), ("duplicate_key", image_keys)):
+        for value, n in counter.items():
+            if n > 1:
+                report.add(kind, f"{value} in {n} rows")
+    ids, counts = np.unique(np.concatenate(ann_ids or [np.zeros(0, np.int64)]), return_counts=True)
+    for value, n in zip(ids[counts > 1], counts[counts > 1]):
+        report.add("duplicate_id", f"annotation id {value} used {n} times")
+    return report
+
+
+def _check_schema(schema: pa.Schema, report: Report) -> bool:
+    missing = [n for n in IMAGES.names if n not in schema.names]
+    extra = [n for n in schema.names if n not in IMAGES.names]
+    for n in missing:
+        report.add("schema", f"missing column {n}")
+    for n in extra:
+        report.add("schema", f"unexpected column {n}")
+    for f in IMAGES:
+        if f.name in schema.names:
+            try:
+                pa.array([], schema.field(f.name).type).cast(f.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                report.add("schema", f"column {f.name}: {schema.field(f.name).type} does not cast to {f.type}: {e}")
+    return not report.faults
+
+
+_STAGES = set(get_args(Stage))
+
+
+def _check_image(image: dict, report: Report, decode: bool) -> None:
+    image_id, h, w = image["image_id"], image["height"], image["width"]
+    if not SHA256_HEX.match(image_id):
+        report.add("image_id", f"{image_id!r}")
+    for ann in image["annotations"]:
+        report.masks += 1
+        where = f"image {image_id[:16]} mask {ann['id']}"
+        if ann["stage"] not in _STAGES or ann["round"] < 0:
+            report.add("stage", f"{where}: stage {ann['stage']!r}, round {ann['round']}")
+        seg = ann["segmentation"]
+        if list(seg["size"]) != [h, w]:
+            report.add("rle_size", f"{where}: size {seg['size']} != [{h}, {w}]")
+            continue
+        counts = rle_counts(seg["counts"])
+        if counts is None or counts.sum() != h * w or np.any(counts[1:] <= 0) or counts[0] < 0:
+            report.add("rle", f"{where}: malformed counts or runs not summing to {h}x{w}")
+            continue
+        rle = {"size": [h, w], "counts": seg["counts"].encode("ascii")}
+        canonical = coco_mask.frPyObjects({"size": [h, w], "counts": counts.astype(np.uint32)}, h, w)
+        if canonical["counts"] != rle["counts"]:
+            report.add("rle", f"{where}: not the canonical pycocotools string for its runs")
+            continue
+        area = int(counts[1::2].sum())
+        if ann["area"] != area:
+            report.add("area", f"{where}: area {ann['area']} != {area}")
+        bbox = [int(v) for v in coco_mask.toBbox(rle)]
+        if list(ann["bbox"]) != bbox:
+            report.add("bbox", f"{where}: bbox {ann['bbox']} != {bbox}")
+        if decode and int(coco_mask.decode(rle).sum()) != area:
+            report.add("decode", f"{where}: decoded mask has {int(coco_mask.decode(rle).sum())} pixels")
+
+
+def rle_counts(s: str) -> np.ndarray | None:
+    """Run lengths of a compressed COCO counts string, or None if it is malformed.
+
+    Written out here because pycocotools parses these strings without bounds checks: a
+    corrupt string could make it write past its buffer, so runs are checked before any
+    pycocotools call sees the string. Format: each count is a little-endian sequence of
+    5-bit groups in chars offset by 48, 0x20 = more groups follow, 0x10 in the last group =
+    negative; from the third count on, each is stored as the difference to the count two
+    places before it.
+    """
+    counts: list[int] = []
+    value, shift = 0, 0
+    for ch in s:
+        c = ord(ch) - 48
+        if not 0 <= c < 64:
+            return None
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            if shift > 60:
+                return None
+            continue
+        if c & 0x10:
+            value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+        value, shift = 0, 0
+    if shift:
+        return None  # the last count was cut off mid-way
+    return np.array(counts, np.int64)

@@ -1,0 +1,48 @@
+"""Export a dataset version as SA-1B JSON, COCO instances JSON, or plain Parquet.
+
+    python jobs/export.py ROOT --to sa1b --dest DIR             # <image_key>.json + image_keys.parquet
+    python jobs/export.py ROOT --to coco --dest FILE.json       # class-agnostic instances
+    python jobs/export.py ROOT --to parquet --dest DIR --round 2  # for Hugging Face datasets
+
+The version is the latest unless --version, --run-id or --round pins it. dest is local.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataset.coco import export_coco  # noqa: E402
+from dataset.reader import export_parquet, resolve_version  # noqa: E402
+from dataset.sa1b import export_sa1b  # noqa: E402
+from dataset.storage import storage_options  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
+    ap.add_argument("--to", required=True, choices=["sa1b", "coco", "parquet"])
+    ap.add_argument("--dest", required=True)
+    pin = ap.add_mutually_exclusive_group()
+    pin.add_argument("--version", type=int)
+    pin.add_argument("--run-id")
+    pin.add_argument("--round", type=int)
+    ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    args = ap.parse_args(argv)
+    options = storage_options(args.root, args.endpoint_url)
+    version = resolve_version(args.root, version=args.version, run_id=args.run_id, round=args.round,
+                              options=options)
+    if args.to == "sa1b":
+        n = f"{export_sa1b(args.root, args.dest, version=version, options=options)} images"
+    elif args.to == "coco":
+        n = f"{export_coco(args.root, args.dest, version=version, options=options)} images"
+    else:
+        n = f"{len(export_parquet(args.root, args.dest, version=version, options=options))} files"
+    print(f"exported version {version} of {args.root} to {args.dest}: {n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

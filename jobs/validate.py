@@ -1,0 +1,39 @@
+"""Check a dataset version and print a report; exit status 1 on any fault.
+
+    python jobs/validate.py ROOT                    # latest version
+    python jobs/validate.py ROOT --version 3        # or --run-id ID, or --round R
+    python jobs/validate.py s3://bucket/ds --decode # also decode every mask with pycocotools
+
+The checks and fault kinds are listed in dataset/validation.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataset.storage import storage_options  # noqa: E402
+from dataset.validation import validate  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
+    pin = ap.add_mutually_exclusive_group()
+    pin.add_argument("--version", type=int, help="Delta version of the annotations table")
+    pin.add_argument("--run-id", help="the last version committed by this run")
+    pin.add_argument("--round", type=int, help="the last version committed in this round")
+    ap.add_argument("--decode", action="store_true", help="decode every mask with pycocotools too (slow)")
+    ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    ap.add_argument("--examples", type=int, default=5, help="faults listed per kind")
+    args = ap.parse_args(argv)
+    report = validate(args.root, decode=args.decode, version=args.version, run_id=args.run_id,
+                      round=args.round, options=storage_options(args.root, args.endpoint_url))
+    print(report.text(args.examples))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""SA-1B and COCO interchange: round trips with byte-identical RLE, imports of foreign files."""
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+
+from dataset import DatasetWriter, read_images
+from dataset.coco import export_coco, import_coco, read_coco
+from dataset.lineage import new_lineage
+from dataset.sa1b import KEY_TABLE, export_sa1b, import_sa1b, read_sa1b
+from dataset.synthetic import blob_masks, encode_masks, image_records
+from dataset.validation import validate
+
+SA1B_IMAGE_KEYS = ["image_id", "width", "height", "file_name"]
+SA1B_MASK_KEYS = ["id", "segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score",
+                  "crop_box"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A dataset of 5 images x 8 masks, written as the pipeline would."""
+    root = str(tmp_path_factory.mktemp("src"))
+    DatasetWriter(root, new_lineage(round=0, stage="auto")).commit_images(image_records(5, 8))
+    return root
+
+
+def _sorted_rows(root):
+    return sorted(read_images(root).to_pylist(), key=lambda r: r["image_id"])
+
+
+def test_sa1b_round_trip_is_identical(source, tmp_path):
+    assert export_sa1b(source, tmp_path / "sa1b") == 5
+    doc = json.loads(next((tmp_path / "sa1b").glob("*.json")).read_text())
+    assert list(doc) == ["image", "annotations"]
+    assert list(doc["image"]) == SA1B_IMAGE_KEYS and isinstance(doc["image"]["image_id"], int)
+    assert list(doc["annotations"][0]) == SA1B_MASK_KEYS
+    assert list(doc["annotations"][0]["segmentation"]) == ["size", "counts"]
+    assert (tmp_path / "sa1b" / KEY_TABLE).exists()
+    back = str(tmp_path / "back")
+    import_sa1b([tmp_path / "sa1b"], DatasetWriter(back, new_lineage(round=0, stage="auto")))
+    assert _sorted_rows(back) == _sorted_rows(source)  # ids, RLE strings, scores: everything
+    assert validate(back).ok
+
+
+def test_coco_export_loads_in_pycocotools_with_identical_rle(source, tmp_path):
+    path = tmp_path / "instances.json"
+    assert export_coco(source, path) == 5
+    coco = COCO(str(path))
+    rows = read_images(source).to_pylist()
+    assert sorted(coco.getImgIds()) == sorted(r["image_key"] for r in rows)
+    assert coco.getCatIds() == [1]
+    for row in rows:
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[row["image_key"]]))
+        assert [a["id"] for a in anns] == [m["id"] for m in row["annotations"]]
+        for ann, mask in zip(anns, row["annotations"]):
+            rle = coco.annToRLE(ann)
+            counts = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
+            assert counts == mask["segmentation"]["counts"]
+            assert coco.annToMask(ann).sum() == mask["area"]
+    back = str(tmp_path / "back")
+    import_coco(path, DatasetWriter(back, new_lineage(round=5, stage="manual")))
+    assert _sorted_rows(back) == _sorted_rows(source)  # stage and round come from the file
+
+
+def _jpeg(rng, h, w):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _sa1b_mask(ann_id, rle):
+    """An annotation as SA-1B files have it (float area and bbox)."""
+    encoded = {"size": rle["size"], "counts": rle["counts"].encode()}
+    return {"id": ann_id, "segmentation": rle, "area": float(coco_mask.area(encoded)),
+            "bbox": [float(v) for v in coco_mask.toBbox(encoded)], "predicted_iou": 0.9,
+            "point_coords": [[1.5, 2.5]], "stability_score": 0.97, "crop_box": [0, 0, 64, 48]}
+
+
+def test_import_of_sa1b_tar_shard_hashes_the_images(tmp_path):
+    rng = np.random.default_rng(3)
+    shard = tmp_path / "sa_000000.tar"
+    hashes = []
+    with tarfile.open(shard, "w") as tar:
+        for i in (1, 2):
+            jpg = _jpeg(rng, 48, 64)
+            rles = encode_masks(blob_masks(48, 64, 3, rng))
+            doc = {"image": {"image_id": i, "width": 64, "height": 48, "file_name": f"sa_{i}.jpg"},
+                   "annotations": [_sa1b_mask(100 * i + k, r) for k, r in enumerate(rles)]}
+            for name, data in ((f"sa_{i}.jpg", jpg), (f"sa_{i}.json", json.dumps(doc).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            hashes.append(hashlib.sha256(jpg).hexdigest())
+    records = list(read_sa1b(shard))
+    assert [r["image_id"] for r in records] == hashes
+    assert all(r["phash"] for r in records) and records[0]["uri"].endswith("#sa_1.jpg")
+    root = str(tmp_path / "ds")
+    import_sa1b([shard], DatasetWriter(root, new_lineage(round=0, stage="imported")))
+    assert validate(root).ok and read_images(root).num_rows == 2
+
+
+def test_import_of_foreign_coco_polygons_and_rle(tmp_path):
+    rng = np.random.default_rng(4)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(_jpeg(rng, 40, 50))
+    mask = blob_masks(40, 50, 1, rng)[0]
+    uncompressed = {"size": [40, 50], "counts": [int(c) for c in _runs(mask)]}
+    coco = {"images": [{"id": 7, "width": 50, "height": 40, "file_name": "a.jpg"}],
+            "categories": [{"id": 3, "name": "cat"}],
+            "annotations": [
+                {"id": 1, "image_id": 7, "category_id": 3, "iscrowd": 0, "area": 99.5, "bbox": [0, 0, 1, 1],
+                 "segmentation": [[5.0, 5.0, 30.0, 5.0, 30.0, 20.0, 5.0, 20.0]]},
+                {"id": 2, "image_id": 7, "category_id": 3, "iscrowd": 1, "area": 1, "bbox": [0, 0, 1, 1],
+                 "segmentation": uncompressed, "score": 0.5}]}
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="images_dir"):
+        next(read_coco(path))
+    root = str(tmp_path / "ds")
+    import_coco(path, DatasetWriter(root, new_lineage(round=0, stage="manual")), images_dir=tmp_path / "img")
+    (row,) = read_images(root).to_pylist()
+    square, blob = row["annotations"]
+    assert square["bbox"] == [5, 5, 25, 15] and square["predicted_iou"] is None and square["stage"] == "manual"
+    assert blob["area"] == mask.sum() and blob["predicted_iou"] == 0.5
+    assert validate(root, decode=True).ok
+
+
+def _runs(mask):
+    """Uncompressed COCO runs of an H x W mask (column-major, starting with zeros)."""
+    flat = mask.T.ravel()
+    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    edges = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(edges)
+    return np.concatenate([[0], runs]) if flat[0] else runs

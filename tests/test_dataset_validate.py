@@ -1,0 +1,102 @@
+"""The validator finds each kind of fault it claims to, and the job exits non-zero on them."""
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from deltalake import write_deltalake
+
+from dataset import DatasetWriter, read_images
+from dataset.lineage import new_lineage
+from dataset.synthetic import image_records
+from dataset.validation import validate
+from schemas import IMAGES, to_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """Rows of a valid dataset (writer-completed) to corrupt, one fault at a time."""
+    root = str(tmp_path_factory.mktemp("good"))
+    DatasetWriter(root, new_lineage(round=0, stage="auto")).commit_images(image_records(3, 4))
+    assert validate(root, decode=True).ok
+    return read_images(root).to_pylist()
+
+
+def _mask(rows):
+    return rows[1]["annotations"][2]
+
+
+def _flip_char(s):
+    return s[:3] + ("1" if s[3] != "1" else "2") + s[4:]
+
+
+CORRUPTIONS = {
+    "image_id": lambda rows: rows[0].update(image_id="not-a-sha"),
+    "duplicate_image": lambda rows: rows.append({**copy.deepcopy(rows[0]), "image_key": 1,
+                                                 "annotations": []}),
+    "duplicate_key": lambda rows: rows[1].update(image_key=rows[0]["image_key"]),
+    "duplicate_id": lambda rows: _mask(rows).update(id=rows[0]["annotations"][0]["id"]),
+    "stage": lambda rows: _mask(rows).update(stage="guessed"),
+    "rle_size": lambda rows: _mask(rows)["segmentation"].update(size=[7, 9]),
+    "area": lambda rows: _mask(rows).update(area=_mask(rows)["area"] + 1),
+    "bbox": lambda rows: _mask(rows).update(bbox=[0, 0, 1, 1]),
+}
+RLE_CORRUPTIONS = {
+    "truncated": lambda c: c[:-3],
+    "bad character": lambda c: c[:2] + "~" + c[3:],
+    "changed run": _flip_char,
+    "not canonical": lambda c: c[:-1] + chr(ord(c[-1]) + 32) + "0" if ord(c[-1]) < 64 + 16 else None,
+}
+
+
+def _write(tmp_path, rows, schema=IMAGES):
+    root = str(tmp_path)
+    table = to_table(rows) if schema is IMAGES else pa.Table.from_pylist(rows, schema=schema)
+    write_deltalake(f"{root}/annotations", table, mode="append")
+    return root
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_each_corruption_is_reported_under_its_kind(tmp_path, good, kind):
+    rows = copy.deepcopy(good)
+    CORRUPTIONS[kind](rows)
+    report = validate(_write(tmp_path, rows))
+    assert set(report.faults) == {kind}, report.text()
+
+
+@pytest.mark.parametrize("how", sorted(RLE_CORRUPTIONS))
+def test_bad_rle_strings_are_reported_before_pycocotools_sees_them(tmp_path, good, how):
+    rows = copy.deepcopy(good)
+    seg = _mask(rows)["segmentation"]
+    bad = RLE_CORRUPTIONS[how](seg["counts"])
+    if bad is None:
+        pytest.skip("last char cannot carry a redundant continuation")
+    seg["counts"] = bad
+    report = validate(_write(tmp_path, rows), decode=True)
+    assert "rle" in report.faults, report.text()
+    assert set(report.faults) <= {"rle", "area", "bbox"}  # a changed run may leave a valid but other mask
+
+
+def test_schema_faults(tmp_path, good):
+    schema = pa.schema([f for f in IMAGES if f.name != "phash"] + [pa.field("extra", pa.int8())])
+    rows = [{**{k: v for k, v in r.items() if k != "phash"}, "extra": 1} for r in good]
+    report = validate(_write(tmp_path, rows, schema))
+    assert set(report.faults) == {"schema"}
+    assert any("missing column phash" in f for f in report.faults["schema"])
+    assert any("unexpected column extra" in f for f in report.faults["schema"])
+
+
+def test_job_exit_codes_and_report(tmp_path, good):
+    ok_root = _write(tmp_path / "ok", copy.deepcopy(good))
+    rows = copy.deepcopy(good)
+    CORRUPTIONS["area"](rows)
+    bad_root = _write(tmp_path / "bad", rows)
+    job = [sys.executable, str(ROOT / "jobs" / "validate.py")]
+    ok = subprocess.run(job + [ok_root, "--version", "0"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(job + [bad_root, "--decode"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
+    assert bad.returncode == 1 and "area: 1" in bad.stdout, bad.stdout + bad.stderr
