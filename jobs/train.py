@@ -1,0 +1,111 @@
+"""Train a SAM checkpoint with Ray Train, then measure it on held-out synthetic scenes.
+
+    python jobs/train.py --steps 3000 --output checkpoints/vit_tiny256.pt
+    python jobs/train.py --config train.yaml --workers 4 --gpu
+    python jobs/train.py --init-checkpoint old.pt --parquet data/annotations --steps 500
+
+Settings come from TrainConfig's defaults, then --config (YAML or JSON of TrainConfig),
+then the flags given. ray.init() finds a running cluster (RAY_ADDRESS, or one started on
+this machine) or starts a local one. Running the same command again with the same
+--storage and --name resumes from the run's latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# A local Ray cluster started below inherits this, so its workers import our packages too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+import yaml  # noqa: E402
+
+from model import load_checkpoint, save_checkpoint  # noqa: E402
+from training.data import synthetic_example  # noqa: E402
+from training.evaluate import single_point_miou  # noqa: E402
+from training.loop import ParquetSource, SyntheticSource, TrainConfig, run_training  # noqa: E402
+
+# flag -> TrainConfig field, for the flags that set a field directly.
+FIELD_FLAGS = {
+    "model_type": str, "init_checkpoint": str, "steps": int, "images_per_step": int,
+    "masks_per_image": int, "prompt_iterations": int, "mask_only_iterations": int, "lr": float,
+    "weight_decay": float, "warmup_steps": int, "decay": str, "seed": int,
+    "checkpoint_every": int, "eval_every": int, "log_every": int,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML or JSON file of TrainConfig fields")
+    for field, kind in FIELD_FLAGS.items():
+        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (GPU)")
+    parser.add_argument("--synthetic-size", type=int, help="side of the synthetic scenes, px")
+    parser.add_argument("--no-synthetic", action="store_true", help="train on --parquet data only")
+    parser.add_argument("--parquet", action="append", help="Parquet file/folder or Delta table (repeatable)")
+    parser.add_argument("--output", help="checkpoint file to write (default: <storage>/<name>/final.pt)")
+    parser.add_argument("--storage", default="runs", help="Ray Train storage path (local folder or s3://)")
+    parser.add_argument("--name", help="run name under --storage; the same name resumes")
+    parser.add_argument("--no-resume", action="store_true", help="start a new run even if one exists")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--eval-images", type=int, default=50, help="held-out scenes for the final evaluation")
+    parser.add_argument("--eval-seed", type=int, help="seed of the held-out scenes (must differ from the data seed)")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    fields: dict = {}
+    if args.config:
+        text = Path(args.config).read_text()
+        fields = (json.loads(text) if args.config.endswith(".json") else yaml.safe_load(text)) or {}
+    fields |= {field: getattr(args, field) for field in FIELD_FLAGS if getattr(args, field) is not None}
+    if args.bf16 is not None:
+        fields["bf16"] = args.bf16
+    if args.eval_seed is not None:
+        fields["eval_seed"] = args.eval_seed
+    if args.no_synthetic:
+        fields["synthetic"] = None
+    elif args.synthetic_size:
+        fields["synthetic"] = SyntheticSource(**(fields.get("synthetic") or {}), size=args.synthetic_size).model_dump()
+    if args.parquet:
+        fields["parquet"] = ParquetSource(**{**(fields.get("parquet") or {}), "paths": args.parquet}).model_dump()
+    return TrainConfig(**fields)
+
+
+def init_ray() -> None:
+    import ray
+
+    try:
+        # Starts a local cluster sized to this machine when no cluster is found...
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    except ValueError:
+        # ...and refuses those arguments (before connecting) when one is found.
+        ray.init()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = build_config(args)
+    init_ray()
+    path, metrics = run_training(
+        cfg, args.storage, num_workers=args.workers, use_gpu=args.gpu, resume=not args.no_resume,
+        name=args.name, output=args.output,
+    )
+    model, meta = load_checkpoint(path)
+    size = cfg.synthetic.size if cfg.synthetic else model.image_size
+    scenes = (synthetic_example(cfg.eval_seed, i, size) for i in range(args.eval_images))
+    evaluation = single_point_miou(model, scenes) | {"seed": cfg.eval_seed, "images": args.eval_images, "size": size}
+    meta["eval_single_point"] = evaluation
+    save_checkpoint(model, path, meta)
+    summary = {k: v for k, v in metrics.items() if k != "history"}
+    print(json.dumps({"checkpoint": path, "train": summary, "eval_single_point": evaluation}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Training examples and batches.
+
+An example is an image with its instance masks, from the synthetic generator or from Parquet
+rows (encoded image bytes + COCO RLE annotations, the layout of our annotation tables). A
+batch resizes examples to the model's input frame and keeps a few masks of each.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from pycocotools import mask as coco_mask
+from torch.nn import functional as F
+
+from model.transforms import input_shape, resize_image
+
+from .synthetic import make_scene, scene_seed
+
+
+@dataclass
+class Example:
+    """image: H x W x 3 uint8 RGB; masks: N x H x W bool instances."""
+
+    image: np.ndarray
+    masks: np.ndarray
+
+
+@dataclass
+class Batch:
+    """images: B resized float images 3 x h x w (0-255, longest side = image_size);
+    masks: M x S x S bool ground truth in the padded S x S input frame;
+    image_index: M int64, the image each mask belongs to."""
+
+    images: list[torch.Tensor]
+    masks: torch.Tensor
+    image_index: torch.Tensor
+
+
+def synthetic_example(seed: int, index: int, size: int) -> Example:
+    """Scene `index` of the synthetic stream `seed` (the same as `make_scenes(seed, ...)`)."""
+    scene = make_scene(scene_seed(seed, index), size)
+    return Example(scene.image, scene.masks)
+
+
+class ParquetExamples:
+    """Random access to examples stored one image per row in Parquet files.
+
+    paths: Parquet files, folders of them, or Delta tables (a folder with _delta_log: only
+    the files of its current version are read). Each row holds the image in image_column,
+    as encoded bytes (PNG/JPEG) or as a URI to read (local path or s3://; the defaults fit
+    our annotations table, schemas.IMAGES), and a list of annotations in
+    annotations_column, each a struct with a COCO RLE "segmentation" {"size", "counts"}.
+    """
+
+    def __init__(self, paths: Sequence[str], image_column: str = "uri", annotations_column: str = "annotations"):
+        import pyarrow.dataset as ds
+
+        files: list[str] = []
+        for path in paths:
+            if (Path(path) / "_delta_log").is_dir():
+                from deltalake import DeltaTable
+
+                files += DeltaTable(path).file_uris()
+            else:  # a file, or a folder searched recursively (names starting with . or _ skipped)
+                files += ds.dataset(path, format="parquet").files
+        self.dataset = ds.dataset(files, format="parquet")
+        self.columns = [image_column, annotations_column]
+        self.length = self.dataset.count_rows()
+        if self.length == 0:
+            raise ValueError(f"no rows in {list(paths)}")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def take(self, indices: Sequence[int]) -> list[Example]:
+        table = self.dataset.take(list(indices), columns=self.columns)
+        image_column, annotations_column = self.columns
+        return [
+            parquet_example(image, annotations)
+            for image, annotations in zip(
+                table.column(image_column).to_pylist(), table.column(annotations_column).to_pylist()
+            )
+        ]
+
+
+def parquet_example(image: bytes | str, annotations: list[dict]) -> Example:
+    """Decode one row: image bytes or URI, and annotations with COCO RLE segmentations."""
+    if isinstance(image, str):
+        import fsspec
+
+        with fsspec.open(image, "rb") as f:
+            image = f.read()
+    image = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(image))).convert("RGB"))
+    h, w = image.shape[:2]
+    rles = [dict(annotation["segmentation"]) for annotation in annotations or []]
+    for rle in rles:
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode()
+    masks = coco_mask.decode(rles).transpose(2, 0, 1).astype(bool) if rles else np.zeros((0, h, w), bool)
+    return Example(image, masks)
+
+
+def make_batch(examples: Sequence[Example], image_size: int, masks_per_image: int, rng: np.random.Generator) -> Batch:
+    """Resize examples to the input frame and keep up to masks_per_image random masks of
+    each (masks that vanish in the resize are dropped first)."""
+    images, masks, image_index = [], [], []
+    for example in examples:
+        h, w = input_shape(*example.image.shape[:2], image_size)
+        image = example.image if (h, w) == example.image.shape[:2] else resize_image(example.image, image_size)
+        instance_masks = torch.from_numpy(example.masks)
+        if (h, w) != tuple(instance_masks.shape[-2:]):
+            instance_masks = F.interpolate(instance_masks[None].float(), (h, w), mode="nearest")[0] > 0.5
+        instance_masks = instance_masks[instance_masks.flatten(1).any(1)]
+        if len(instance_masks) > masks_per_image:
+            # Sample in proportion to area^0.75: scenes are full of objects of a patch or
+            # less, and a small model learns localisation far faster from larger ones first.
+            weight = instance_masks.flatten(1).sum(1).double().pow(0.75).numpy()
+            pick = rng.choice(len(instance_masks), masks_per_image, replace=False, p=weight / weight.sum())
+            instance_masks = instance_masks[torch.from_numpy(pick)]
+        # Ground truth lives in the padded square frame the decoder predicts; the padding is
+        # background, which the model learns to predict there as well.
+        padded = torch.zeros((len(instance_masks), image_size, image_size), dtype=torch.bool)
+        padded[:, :h, :w] = instance_masks
+        image_index += [len(images)] * len(instance_masks)
+        images.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float())
+        masks.append(padded)
+    return Batch(images, torch.cat(masks), torch.tensor(image_index, dtype=torch.long))
