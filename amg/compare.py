@@ -2,16 +2,17 @@
 one-to-one matching by mask IoU, for tests and benchmarks."""
 from __future__ import annotations
 
-import numpy as np
 from pycocotools import mask as coco_mask
+
+from .rle import to_coco_rle
 
 
 def match_records(ours: list[dict], theirs: list[dict]) -> dict:
     """Records with COCO RLE segmentations of the same image. Each of theirs is matched
     to the unused one of ours with the highest mask IoU (greedy, best pairs first).
     Returns counts, the matched IoUs and how many matched pairs have equal RLE."""
-    a = [_coco(r["segmentation"]) for r in ours]
-    b = [_coco(r["segmentation"]) for r in theirs]
+    a = [to_coco_rle(r["segmentation"]) for r in ours]
+    b = [to_coco_rle(r["segmentation"]) for r in theirs]
     if not a or not b:
         return dict(ours=len(a), theirs=len(b), matched=0, min_iou=float("nan"), equal_rle=0, ious=[])
     iou = coco_mask.iou(a, b, [0] * len(b))  # len(a) x len(b)
@@ -26,11 +27,3 @@ def match_records(ours: list[dict], theirs: list[dict]) -> dict:
     return dict(ours=len(a), theirs=len(b), matched=len(matched),
                 min_iou=min(ious) if ious else float("nan"), equal_rle=equal, ious=ious)
 
-
-def _coco(seg) -> dict:
-    if isinstance(seg, np.ndarray):
-        return coco_mask.encode(np.asfortranarray(seg.astype(np.uint8)))
-    counts = seg["counts"]
-    if isinstance(counts, list):
-        return coco_mask.frPyObjects(seg, *seg["size"])
-    return {"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+from pycocotools import mask as coco_mask
 
-from .postprocess import counts_to_mask
+from .rle import to_coco_rle
 
 
 def overlay(image: np.ndarray, masks: list[np.ndarray], alpha: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -19,17 +20,6 @@ def overlay(image: np.ndarray, masks: list[np.ndarray], alpha: float = 0.5, seed
     return out.clip(0, 255).astype(np.uint8)
 
 
-def record_masks(records: list[dict], size: tuple[int, int]) -> list[np.ndarray]:
+def record_masks(records: list[dict]) -> list[np.ndarray]:
     """Binary masks of generator records in any output mode."""
-    from pycocotools import mask as coco_mask
-
-    out = []
-    for r in records:
-        seg = r["segmentation"]
-        if isinstance(seg, np.ndarray):
-            out.append(seg)
-        elif isinstance(seg["counts"], list):
-            out.append(counts_to_mask(np.asarray(seg["counts"]), size))
-        else:
-            out.append(coco_mask.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool))
-    return out
+    return [coco_mask.decode(to_coco_rle(r["segmentation"])).astype(bool) for r in records]

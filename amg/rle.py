@@ -148,3 +148,14 @@ def rle_bbox(counts: np.ndarray, size: Sequence[int]) -> list[int]:
     else:
         y0, y1 = int(first_y.min()), int(last_y.max())
     return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
+
+
+def to_coco_rle(segmentation) -> dict[str, Any]:
+    """A generator segmentation in any output mode (H x W bool array, uncompressed or
+    compressed RLE dict) -> pycocotools' compressed RLE with bytes counts."""
+    if isinstance(segmentation, np.ndarray):
+        return coco_mask.encode(np.asfortranarray(segmentation.astype(np.uint8)))
+    counts = segmentation["counts"]
+    if isinstance(counts, list):
+        return coco_mask.frPyObjects(segmentation, *segmentation["size"])
+    return {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}

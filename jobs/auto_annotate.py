@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                          "width": image.shape[1]},
                "annotations": [{"id": i, **r} for i, r in enumerate(records)]}
         (out / f"{path.stem}.json").write_text(json.dumps(doc))
-        masks = record_masks(records, image.shape[:2])
+        masks = record_masks(records)
         Image.fromarray(overlay(image, masks)).save(out / f"{path.stem}_overlay.png")
         print(f"  {path.name}: {len(records)} masks in {dt:.2f} s")
     return 0
