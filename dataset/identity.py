@@ -1,18 +1,37 @@
-"""An image's identity from its bytes: sha256 (the image_id) and perceptual hash."""
+"""An image's identity from its bytes: sha256 (the image_id) and perceptual hash.
+
+One implementation of each, shared with the pipeline (`pipeline.images` re-exports them):
+the phash is always that of the decoded, upright RGB image (`pipeline.images.decode_image`),
+so an image imported here and the same bytes annotated by the pipeline get the same hash.
+"""
 from __future__ import annotations
 
 import hashlib
-import io
+
+import numpy as np
+
+
+def sha256_hex(data: bytes) -> str:
+    """The image_id: sha256 hex of the file's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def phash_rgb(rgb: np.ndarray) -> str:
+    """imagehash.phash (hex) of an H x W x 3 uint8 RGB image."""
+    import imagehash  # only importers need these
+    from PIL import Image
+
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an H x W x 3 uint8 image, got {rgb.shape} {rgb.dtype}")
+    return str(imagehash.phash(Image.fromarray(rgb)))
 
 
 def image_identity(data: bytes) -> tuple[str, str | None]:
     """(sha256 hex, phash hex or None if the bytes do not decode as an image)."""
-    import imagehash  # only importers need these
-    from PIL import Image, UnidentifiedImageError
+    from pipeline.images import BadImage, ImageLimits, decode_image  # decoding lives with the pipeline's reader
 
-    sha = hashlib.sha256(data).hexdigest()
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return sha, str(imagehash.phash(im))
-    except (UnidentifiedImageError, OSError):
+    sha = sha256_hex(data)
+    try:  # any size or shape the decoder can read has a phash; the pipeline's limits are its own
+        return sha, phash_rgb(decode_image(data, limits=ImageLimits(min_side=1, max_aspect_ratio=float("inf"))))
+    except BadImage:
         return sha, None
