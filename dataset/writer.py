@@ -11,7 +11,7 @@ Two ways to keep a retried chunk from duplicating rows:
   happened before and with several writers, but every commit scans the table's image_id
   column.
 - mode="append": skip images the writer knows are committed and make the commit
-  idempotent per (run_id, chunk) with a Delta app transaction. Costs nothing per commit
+  idempotent per (app_id, chunk) with a Delta app transaction (app_id: the run id by default). Costs nothing per commit
   beyond the write; assumes no two writers commit the same image at the same time (each
   image goes to one writer), which is how the pipeline shards its input.
 """
@@ -51,8 +51,12 @@ class DatasetWriter:
     """Writes one run (one round and stage, one lineage) into the dataset at root."""
 
     def __init__(self, root: str, lineage: LineageRecord, *, mode: Literal["merge", "append"] = "merge",
-                 endpoint_url: str | None = None, options: dict[str, str] | None = None):
+                 endpoint_url: str | None = None, options: dict[str, str] | None = None,
+                 app_id: str | None = None):
         self.root, self.lineage, self.mode = str(root), lineage, mode
+        # Delta app-transaction id of this writer's chunk numbers: the run id, or one id per
+        # writer when several writers of one run number their chunks independently.
+        self.app_id = app_id or lineage.run_id
         self.options = options if options is not None else storage_options(self.root, endpoint_url)
         self.images = open_table(table_uri(self.root, "annotations"), IMAGES, self.options)
         self._keys: np.ndarray | None = None  # sorted image_keys of the table, loaded on first use
@@ -92,7 +96,7 @@ class DatasetWriter:
             raise ValueError("mode='append' needs the chunk number: it is what makes a retry idempotent")
         self.images.update_incremental()
         if self.mode == "append":
-            done = self.images.transaction_version(self.lineage.run_id)
+            done = self.images.transaction_version(self.app_id)
             if done is not None and chunk <= done:
                 return None
         images = list(images)
@@ -107,7 +111,7 @@ class DatasetWriter:
         props = CommitProperties(
             custom_metadata=commit_metadata(self.lineage, table="annotations", chunk=chunk,
                                             images=table.num_rows, masks=n_masks),
-            app_transactions=[Transaction(self.lineage.run_id, chunk)] if chunk is not None else None,
+            app_transactions=[Transaction(self.app_id, chunk)] if chunk is not None else None,
         )
         try:
             if self.mode == "merge":
@@ -127,7 +131,7 @@ class DatasetWriter:
     def commit_all(self, images: Iterable[dict], chunk_images: int = 1000) -> list[int]:
         """Commit an image stream in chunks of chunk_images; returns the versions made.
         Chunks are numbered on from the run's last committed chunk, so nothing is skipped."""
-        last = self.images.transaction_version(self.lineage.run_id)
+        last = self.images.transaction_version(self.app_id)
         versions, buf, chunk = [], [], (last + 1 if last is not None else 0)
         for image in images:
             buf.append(image)

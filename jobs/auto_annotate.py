@@ -1,84 +1,123 @@
-"""Automatic annotation of a folder of images.
+"""Automatic annotation: images in (folder, glob, manifest or s3:// prefix), a Delta Lake
+dataset of COCO RLE masks out, on Ray Data.
 
-Until the Ray Data pipeline lands this runs the automatic mask generator in-process:
-for every image it writes an SA-1B-style JSON file (COCO RLE masks) and an overlay PNG.
+    python jobs/auto_annotate.py          # bundled photos and checkpoint -> out/auto_annotate
+    python jobs/auto_annotate.py --input s3://bucket/images --output s3://bucket/dataset \\
+        --checkpoint sam_vit_h_4b8939.pth --model-type vit_h
+    ray job submit --working-dir . -- python jobs/auto_annotate.py --input ... --output ...
 
-    python jobs/auto_annotate.py                      # bundled photos and checkpoint
-    python jobs/auto_annotate.py --input DIR --output DIR --checkpoint sam_vit_b.pth --model-type vit_b
+Without a cluster it starts an embedded local Ray. Rerunning the same command on the same
+output resumes: inputs already committed are skipped. Settings come from --config (YAML or
+JSON of schemas.annotate.AnnotateConfig) and flags; a flag wins over the file. The
+generator's flags are those of the official scripts/amg.py.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 
-from amg import AmgParams, AutomaticMaskGenerator  # noqa: E402
-from amg.overlay import overlay, record_masks  # noqa: E402
-from model import load_checkpoint  # noqa: E402
+from amg.params import AmgParams  # noqa: E402
+from schemas.annotate import AnnotateConfig  # noqa: E402
 
-DEFAULT_INPUT = ROOT / "examples" / "images"
-DEFAULT_OUTPUT = ROOT / "out" / "auto_annotate"
-DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "samengine_tiny256.pt"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# Official scripts/amg.py flags that set generator parameters (same names, same meaning).
+AMG_FLAGS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+             "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
+             "crop_n_points_downscale_factor", "min_mask_region_area")
+TOP_FLAGS = ("input", "output", "checkpoint", "model_type", "device", "precision", "embedding_dtype", "endpoint_url",
+             "near_duplicate_distance", "chunk_images", "writers", "read_batch_size", "round", "run_id", "ray_address")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", default=str(DEFAULT_INPUT), help="an image file or a folder of images")
-    ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="output folder")
-    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    ap.add_argument("--model-type", default=None, help="config of an official checkpoint (vit_b, vit_l, vit_h)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+def _pool(text: str) -> dict:
+    """'N' or 'MIN,MAX' -> ActorPool bounds."""
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError("expected N or MIN,MAX")
+    return {"min": parts[0], "max": parts[-1]}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 argument_default=argparse.SUPPRESS)
+    fields = AnnotateConfig.model_fields
+    ap.add_argument("--config", help="YAML or JSON file of the run's settings")
+    for name in TOP_FLAGS:
+        ap.add_argument("--" + name.replace("_", "-"), help=f"{fields[name].description or ''} "
+                        f"(default: {fields[name].get_default(call_default_factory=False)})")
+    ap.add_argument("--address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
     ap.add_argument("--convert-to-rle", action="store_true", help="accepted for compatibility: masks are always RLE")
-    defaults = AmgParams()
-    for name, field in AmgParams.model_fields.items():
-        if name in ("point_grids", "output_mode"):
-            continue
-        kind = int if field.annotation in (int, int | None) else float
-        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
-                        help=field.description)
-    return ap.parse_args(argv)
+    ap.add_argument("--fuse-stages", dest="fuse_stages", action="store_true", help="encode+decode+post-process in one actor")
+    ap.add_argument("--split-stages", dest="fuse_stages", action="store_false", help="separate encoder/decoder pools")
+    ap.add_argument("--encoder-actors", type=_pool, help="N or MIN,MAX encoder (or fused) actors")
+    ap.add_argument("--decoder-actors", type=_pool, help="N or MIN,MAX decoder actors (split stages)")
+    ap.add_argument("--gpus-per-actor", type=float, help="GPUs per encoder/decoder actor (default 1 on CUDA)")
+    ap.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per encoder/decoder actor")
+    ap.add_argument("--encoder-batch-size", type=int, help="images per encoder (or fused) call")
+    amg_fields = AmgParams.model_fields
+    for name in AMG_FLAGS:
+        ap.add_argument("--" + name.replace("_", "-"), help=f"{amg_fields[name].description or ''} "
+                        f"(default: {amg_fields[name].default})")
+    return ap
+
+
+def load_config(argv=None) -> AnnotateConfig:
+    """Settings file, then flags on top; raises ValidationError naming a bad field."""
+    args = vars(parser().parse_args(argv))
+    data: dict = {}
+    if "config" in args:
+        text = Path(args.pop("config")).read_text()
+        import yaml
+        data = yaml.safe_load(text) or {}  # YAML is a superset of JSON
+        if not isinstance(data, dict):
+            raise SystemExit("--config must hold a mapping of settings")
+    args.pop("convert_to_rle", None)
+    amg = dict(data.get("amg") or {})
+    amg.update({k: args.pop(k) for k in AMG_FLAGS if k in args})
+    if amg:
+        data["amg"] = amg
+    for pool_name, flag in (("encoder", "encoder_actors"), ("decoder", "decoder_actors")):
+        pool = dict(data.get(pool_name) or {})
+        if flag in args:
+            pool.update(args[flag])
+        for key, src in (("num_gpus", "gpus_per_actor"), ("num_cpus", "cpus_per_actor")):
+            if src in args:
+                pool[key] = args[src]
+        if pool_name == "encoder" and "encoder_batch_size" in args:
+            pool["batch_size"] = args["encoder_batch_size"]
+        if pool:
+            data[pool_name] = pool
+    for k in ("encoder_actors", "decoder_actors", "gpus_per_actor", "cpus_per_actor", "encoder_batch_size"):
+        args.pop(k, None)
+    data.update(args)
+    return AnnotateConfig.model_validate(data)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    fields = {k: getattr(args, k) for k in AmgParams.model_fields if k not in ("point_grids", "output_mode")}
-    params = AmgParams(**fields, output_mode="coco_rle")
-    model, meta = load_checkpoint(args.checkpoint, model_type=args.model_type, device=args.device)
-    generator = AutomaticMaskGenerator(model, params, precision=args.precision)
-    src, out = Path(args.input), Path(args.output)
-    paths = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"annotating {len(paths)} images from {src} into {out} with {args.checkpoint}")
-    for path in paths:
-        data = path.read_bytes()
-        try:
-            image = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
-        except Exception as e:  # a broken file is reported and skipped, never fatal
-            print(f"  {path.name}: skipped, cannot decode ({e})")
-            continue
-        t = time.perf_counter()
-        records = generator.generate(image)
-        dt = time.perf_counter() - t
-        image_id = hashlib.sha256(data).hexdigest()
-        doc = {"image": {"image_id": image_id, "file_name": path.name, "height": image.shape[0],
-                         "width": image.shape[1]},
-               "annotations": [{"id": i, **r} for i, r in enumerate(records)]}
-        (out / f"{path.stem}.json").write_text(json.dumps(doc))
-        masks = record_masks(records)
-        Image.fromarray(overlay(image, masks)).save(out / f"{path.stem}_overlay.png")
-        print(f"  {path.name}: {len(records)} masks in {dt:.2f} s")
+    try:
+        config = load_config(argv)
+    except ValidationError as e:
+        print(f"invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    import ray
+
+    from pipeline.graph import run
+    from pipeline.sources import InputError
+
+    print(f"output: {config.output}", flush=True)
+    if not ray.is_initialized():
+        ray.init(address=config.ray_address, log_to_driver=False)
+    try:
+        summary = run(config)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
 

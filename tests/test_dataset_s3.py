@@ -1,12 +1,6 @@
 """The dataset on S3 through delta-rs with conditional-put commits, against a moto server
 run as its own process (a moto thread beside delta-rs in one process can stall)."""
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
 
@@ -14,48 +8,13 @@ from dataset import DatasetWriter, committed_image_ids, history, read_images, re
 from dataset.lineage import new_lineage
 from dataset.synthetic import image_records
 from dataset.validation import validate
-
-MOTO = Path(sys.executable).parent / "moto_server"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.s3server import moto_server
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    if not MOTO.exists():
-        pytest.skip("moto_server not installed")
-    boto3 = pytest.importorskip("boto3")
-    port = _free_port()
-    server = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=endpoint)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("moto_server did not start")
-                time.sleep(0.2)
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="data")
+    with moto_server("data") as endpoint:
         yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_write_and_read_a_dataset_on_s3(s3_endpoint):

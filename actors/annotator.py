@@ -1,0 +1,151 @@
+"""The model stages: encoder, grid-prompt decoder and post-processing, split across actors
+or fused in one (`Annotator`: no embedding transfer, the better choice on CPU)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+
+from amg import AmgParams, EncodedImage, decode_image, encode_image, postprocess
+from model import load_checkpoint
+from model.sam import Sam
+
+from .batch import drop, map_ok, objects
+
+FUNNEL = ("candidates", "iou", "stability", "crop_edge")
+
+
+def local_checkpoint(uri: str, endpoint_url: str | None = None) -> str:
+    """A local path of the checkpoint; an s3:// one is downloaded once per node into the
+    temp folder (keyed by its URI and ETag, written atomically)."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return uri
+    from pipeline.sources import s3_filesystem
+
+    fs = s3_filesystem(endpoint_url)
+    path = uri.split("://", 1)[1]
+    tag = hashlib.sha256(f"{uri}|{fs.info(path).get('ETag')}".encode()).hexdigest()[:16]
+    local = os.path.join(tempfile.gettempdir(), "samengine-checkpoints", f"{tag}-{os.path.basename(path)}")
+    if not os.path.exists(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{local}.{os.getpid()}.part"
+        fs.get_file(path, tmp)
+        shutil.move(tmp, local)
+    return local
+
+
+class _ModelStage:
+    def __init__(self, checkpoint: str, model_type: str | None, device: str, precision: str, amg: dict,
+                 num_threads: int = 1, endpoint_url: str | None = None):
+        if device == "cpu":
+            torch.set_num_threads(max(1, num_threads))
+        self.model: Sam
+        self.model, _ = load_checkpoint(local_checkpoint(checkpoint, endpoint_url), model_type=model_type, device=device)
+        self.params = AmgParams(**amg)
+        self.precision = precision
+
+    def _encode(self, image: np.ndarray) -> EncodedImage:
+        return encode_image(self.model, image, self.params, self.precision)
+
+    def _candidates(self, encoded: EncodedImage) -> list:
+        return decode_image(self.model, encoded, self.params, self.precision)
+
+
+def _post(crops: list, orig_size: tuple[int, int], params: AmgParams) -> tuple[list[dict], dict]:
+    records = postprocess(crops, orig_size, params)
+    funnel = {k: sum(c.funnel.get(k, 0) for c in crops) for k in FUNNEL}
+    funnel["kept"] = len(records)
+    return records, funnel
+
+
+def _finish(batch: dict, records: list, funnels: list) -> dict:
+    # JSON text: Ray Data would otherwise infer Arrow types for these nested records.
+    batch["annotations"] = objects([json.dumps(r) if r is not None else "" for r in records])
+    batch["funnel"] = objects([json.dumps(f) if f is not None else "" for f in funnels])
+    batch["masks"] = np.array([len(r) if r is not None else 0 for r in records], np.int64)
+    return batch
+
+
+class Encoder(_ModelStage):
+    """image -> embeddings of the image and its crops (plus crop geometry)."""
+
+    def __init__(self, *args, embedding_dtype: str = "float32", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dtype = np.dtype(embedding_dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        encoded = [None] * len(batch["uri"])
+
+        def run(i: int) -> None:
+            e = self._encode(batch["image"][i])
+            encoded[i] = dict(embeddings=e.embeddings.float().cpu().numpy().astype(self.dtype),
+                              crop_boxes=e.crop_boxes, crop_layers=e.crop_layers,
+                              input_sizes=e.input_sizes, orig_size=e.orig_size)
+
+        batch = map_ok(batch, "encode", run)
+        batch["encoded"] = objects(encoded)
+        return drop(batch, "image")
+
+
+class Decoder(_ModelStage):
+    """embeddings -> candidate masks of every crop (IoU-filtered, stability-filtered, RLE)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model.image_encoder = torch.nn.Identity()  # never used here: free its memory
+
+    def __call__(self, batch: dict) -> dict:
+        crops = [None] * len(batch["uri"])
+
+        def run(i: int) -> None:
+            e = dict(batch["encoded"][i])
+            e["embeddings"] = torch.from_numpy(np.asarray(e["embeddings"], np.float32)).to(self.model.device)
+            crops[i] = self._candidates(EncodedImage(**e))
+
+        batch = map_ok(batch, "decode", run)
+        batch["crops"] = objects(crops)
+        return drop(batch, "encoded")
+
+
+def postprocess_batch(batch: dict, *, amg: dict) -> dict:
+    """candidates -> the image's mask records (NMS within and across crops, cleanup, COCO RLE)."""
+    params = AmgParams(**amg)
+    n = len(batch["uri"])
+    records, funnels = [None] * n, [None] * n
+
+    def run(i: int) -> None:
+        records[i], funnels[i] = _post(batch["crops"][i], encoded_size(batch, i), params)
+
+    batch = map_ok(batch, "postprocess", run)
+    return _finish(drop(batch, "crops"), records, funnels)
+
+
+class Annotator(_ModelStage):
+    """All three model stages in one actor: image -> mask records."""
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["uri"])
+        encoded, crops, records, funnels = [None] * n, [None] * n, [None] * n, [None] * n
+
+        def enc(i: int) -> None:
+            encoded[i] = self._encode(batch["image"][i])
+
+        def dec(i: int) -> None:
+            crops[i], encoded[i] = self._candidates(encoded[i]), None
+
+        def post(i: int) -> None:
+            records[i], funnels[i] = _post(crops[i], encoded_size(batch, i), self.params)
+            crops[i] = None
+
+        for stage, fn in (("encode", enc), ("decode", dec), ("postprocess", post)):
+            batch = map_ok(batch, stage, fn)
+        return _finish(drop(batch, "image"), records, funnels)
+
+
+def encoded_size(batch: dict, i: int) -> tuple[int, int]:
+    return int(batch["height"][i]), int(batch["width"][i])

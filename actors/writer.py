@@ -1,0 +1,55 @@
+"""The writer: each batch it receives is one chunk, committed to the dataset before the
+call returns (quarantine and duplicate records first, then the images in one Delta
+transaction), so whatever Ray Data has seen finish is durable. It hands back one small row
+per input for the run summary."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import numpy as np
+
+from dataset import DatasetWriter
+from schemas import LineageRecord
+
+from .batch import DUPLICATE, OK, QUARANTINED, objects
+
+SUMMARY_COLUMNS = ("uri", "status", "reason", "masks", "funnel", "t_read", "t_dedup", "t_encode", "t_decode",
+                   "t_postprocess", "t_write")
+
+
+class Writer:
+    def __init__(self, root: str, lineage: dict, endpoint_url: str | None = None):
+        self.lineage = LineageRecord(**lineage)
+        # Each writer numbers its chunks under its own app id, so several writers of one run
+        # never mistake each other's chunks for their own.
+        self.writer = DatasetWriter(root, self.lineage, mode="append", endpoint_url=endpoint_url,
+                                    app_id=f"{self.lineage.run_id}/{uuid.uuid4().hex[:12]}")
+        self.chunk = 0
+
+    def __call__(self, batch: dict) -> dict:
+        t = time.perf_counter()
+        status, run_id = list(batch["status"]), self.lineage.run_id
+        rows = range(len(status))
+        self.writer.append("quarantine", [
+            {"uri": str(batch["uri"][i]), "reason": str(batch["reason"][i]),
+             "image_id": batch["image_id"][i] or None, "run_id": run_id}
+            for i in rows if status[i] == QUARANTINED])
+        self.writer.append("duplicates", [
+            {"uri": str(batch["uri"][i]), "image_id": batch["image_id"][i], "duplicate_of": batch["duplicate_of"][i],
+             "kind": batch["kind"][i], "distance": int(batch["distance"][i]), "run_id": run_id}
+            for i in rows if status[i] == DUPLICATE])
+        images = [
+            {"image_id": batch["image_id"][i], "uri": str(batch["uri"][i]), "width": int(batch["width"][i]),
+             "height": int(batch["height"][i]), "phash": batch["phash"][i] or None,
+             "annotations": json.loads(batch["annotations"][i])}
+            for i in rows if status[i] == OK]
+        if images:
+            self.writer.commit_images(images, chunk=self.chunk)
+            self.chunk += 1
+        n = len(status)
+        out = {k: batch[k] for k in SUMMARY_COLUMNS if k in batch}
+        out["t_write"] = np.full(n, (time.perf_counter() - t) / max(n, 1))
+        out["status"] = objects(["annotated" if s == OK else s for s in status])
+        return out

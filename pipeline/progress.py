@@ -1,0 +1,42 @@
+"""What a dataset already holds, so that a rerun picks up where the last one stopped.
+
+Done inputs (by URI) are those in the annotations or duplicates tables, and those
+quarantined for a lasting reason; an input quarantined for a transient storage error
+("read_error") is tried again. Images are also known by content: the (image_id, phash) of
+every committed image seeds the deduplicator, so the same bytes under a new name are a
+duplicate, never a second row.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+
+from dataset.storage import arrow_dataset, table_uri
+
+RETRIED_REASON = "read_error"
+
+
+def _read(root: str, name: str, columns: list[str], options: dict[str, str]) -> pa.Table | None:
+    uri = table_uri(root, name)
+    if not DeltaTable.is_deltatable(uri, storage_options=options):
+        return None
+    return arrow_dataset(DeltaTable(uri, storage_options=options), uri, options).to_table(columns=columns)
+
+
+def committed_state(root: str, options: dict[str, str]) -> tuple[pa.Array, list[tuple[str, str | None]]]:
+    """(URIs already done, [(image_id, phash)] of committed images) of the latest versions."""
+    done = []
+    images = _read(root, "annotations", ["uri", "image_id", "phash"], options)
+    if images is not None:
+        done.append(images["uri"])
+    dups = _read(root, "duplicates", ["uri"], options)
+    if dups is not None:
+        done.append(dups["uri"])
+    bad = _read(root, "quarantine", ["uri", "reason"], options)
+    if bad is not None:
+        done.append(bad.filter(pc.invert(pc.starts_with(bad["reason"], RETRIED_REASON)))["uri"])
+    uris = pa.chunked_array([c.cast(pa.string()) for col in done for c in col.chunks], type=pa.string()).combine_chunks() \
+        if done else pa.array([], pa.string())
+    committed = [] if images is None else list(zip(images["image_id"].to_pylist(), images["phash"].to_pylist()))
+    return pc.unique(uris), committed

@@ -1,0 +1,146 @@
+"""Where images come from: list an input spec and read one object's bytes, on local disk or
+any S3-compatible store (s3fs; endpoint from the config or AWS_ENDPOINT_URL).
+
+Input specs:
+    /data/images            a folder, walked recursively, image suffixes only
+    /data/img.jpg           one file
+    /data/**/*.png          a glob (everything it matches)
+    s3://bucket/prefix      every image object under the prefix
+    /data/list.txt          a manifest: one URI (local path or s3://) per line, '#' comments
+"""
+from __future__ import annotations
+
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+MANIFEST_SUFFIXES = (".txt", ".lst")
+LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string())])
+
+
+class InputError(ValueError):
+    """The input spec itself is unusable (nothing to list, unreadable manifest)."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+@lru_cache(maxsize=8)
+def s3_filesystem(endpoint_url: str | None = None):
+    """An s3fs filesystem (cached per process). Credentials and region come from the standard
+    AWS environment; the endpoint from the argument or AWS_ENDPOINT_URL."""
+    import s3fs
+
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    client = {"endpoint_url": endpoint} if endpoint else {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        client["region_name"] = region
+    return s3fs.S3FileSystem(client_kwargs=client, retries=3)
+
+
+def _s3_path(uri: str) -> str:
+    return uri.split("://", 1)[1]
+
+
+def list_inputs(spec: str, endpoint_url: str | None = None) -> pa.Table:
+    """The objects an input spec names, as a table (uri, size, etag), sorted by uri.
+    size/etag are None where the source does not give them cheaply (manifests)."""
+    if is_s3(spec):
+        rows = _list_s3(spec, endpoint_url)
+    elif any(c in spec for c in "*?["):
+        rows = [_local_row(p) for p in sorted(Path("/").glob(os.path.abspath(spec).lstrip("/"))) if p.is_file()]
+    elif os.path.isdir(spec):
+        rows = [_local_row(p) for p in sorted(Path(spec).rglob("*"))
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    elif os.path.isfile(spec) and spec.lower().endswith(MANIFEST_SUFFIXES):
+        rows = _read_manifest(spec, endpoint_url)
+    elif os.path.isfile(spec):
+        rows = [_local_row(Path(spec))]
+    else:
+        raise InputError(f"input {spec!r} is not a folder, file, glob, manifest or s3:// prefix")
+    rows = sorted({r["uri"]: r for r in rows}.values(), key=lambda r: r["uri"])
+    return pa.Table.from_pylist(rows, schema=LISTING)
+
+
+def _local_row(path: Path) -> dict:
+    st = path.stat()
+    return {"uri": str(path.resolve()), "size": st.st_size, "etag": f"mtime:{st.st_mtime_ns}"}
+
+
+def _list_s3(spec: str, endpoint_url: str | None) -> list[dict]:
+    fs = s3_filesystem(endpoint_url)
+    scheme = spec.split("://", 1)[0]
+    try:
+        found = fs.find(_s3_path(spec), detail=True)
+    except FileNotFoundError:
+        found = {}
+    rows = []
+    for path, info in found.items():
+        if info.get("type") == "directory" or not path.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        etag = info.get("ETag") or info.get("etag")
+        rows.append({"uri": f"{scheme}://{path}", "size": info.get("size"),
+                     "etag": etag.strip('"') if isinstance(etag, str) else None})
+    return rows
+
+
+def _read_manifest(path: str, endpoint_url: str | None) -> list[dict]:
+    base = Path(path).resolve().parent
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        uri = line if is_s3(line) else str((base / line).resolve())
+        rows.append({"uri": uri, "size": None, "etag": None})
+    return rows
+
+
+# -- reading ------------------------------------------------------------------------------
+class ReadError(OSError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def read_bytes(uri: str, *, max_bytes: int, size: int | None = None, endpoint_url: str | None = None,
+               retries: int = 4, backoff_s: float = 0.5) -> bytes:
+    """The object's bytes. Transient errors are retried with exponential backoff; a missing,
+    forbidden or oversize object (by its listed size, else by what arrives) raises ReadError
+    at once with its reason."""
+    if size is not None and size > max_bytes:
+        raise ReadError("too_large_file", f"{size} bytes > limit {max_bytes}")
+    for attempt in range(retries + 1):
+        try:
+            return _read_once(uri, max_bytes, endpoint_url)
+        except ReadError:
+            raise
+        except FileNotFoundError as e:
+            raise ReadError("missing", str(e) or uri) from e
+        except PermissionError as e:
+            raise ReadError("forbidden", str(e) or uri) from e
+        except Exception as e:  # network / server errors: try again
+            if attempt == retries:
+                raise ReadError("read_error", f"{type(e).__name__}: {e}") from e
+            time.sleep(backoff_s * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _read_once(uri: str, max_bytes: int, endpoint_url: str | None) -> bytes:
+    if is_s3(uri):
+        data = s3_filesystem(endpoint_url).cat_file(_s3_path(uri), start=0, end=max_bytes + 1)
+    else:
+        size = os.path.getsize(uri)
+        if size > max_bytes:
+            raise ReadError("too_large_file", f"{size} bytes > limit {max_bytes}")
+        with open(uri, "rb") as f:
+            data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ReadError("too_large_file", f"more than {max_bytes} bytes")
+    return data

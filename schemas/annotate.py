@@ -1,0 +1,93 @@
+"""The configuration of an auto-annotation run (`jobs/auto_annotate.py`), validated.
+
+One pydantic model, read from a YAML/JSON file and/or flags. Flags keep the names of the
+official `scripts/amg.py` (`--points-per-side`, `--pred-iou-thresh`, ...); they fill the
+nested `amg` section. A bad value raises a ValidationError that names the field.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from amg.params import AmgParams
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_INPUT = str(ROOT / "examples" / "images")
+DEFAULT_OUTPUT = str(ROOT / "out" / "auto_annotate")
+DEFAULT_CHECKPOINT = str(ROOT / "checkpoints" / "samengine_tiny256.pt")
+
+
+class ActorPool(BaseModel):
+    """Size bounds of an autoscaling actor pool and what each actor asks of the cluster."""
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs per actor (also its torch threads)")
+    num_gpus: float | None = Field(None, ge=0.0, description="GPUs per actor; None: 1 on CUDA, 0 on CPU")
+    batch_size: int = Field(1, ge=1, description="images per call")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources, e.g. a node group")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ActorPool":
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class ImageLimitsConfig(BaseModel):
+    """Bounds on input files; past them an input is quarantined with the reason."""
+    model_config = ConfigDict(extra="forbid")
+
+    max_bytes: int = Field(256 << 20, gt=0)
+    max_pixels: int = Field(100_000_000, gt=0, description="decompression-bomb guard, checked before decoding")
+
+
+class AnnotateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(DEFAULT_INPUT, description="folder, file, glob, s3://bucket/prefix, or a .txt manifest of URIs")
+    output: str = Field(DEFAULT_OUTPUT, description="dataset root: local folder or s3://bucket/prefix")
+    checkpoint: str = Field(DEFAULT_CHECKPOINT, description="ours or an official sam_vit_*.pth (local or s3://)")
+    model_type: str | None = Field(None, description="config of an official checkpoint: vit_b, vit_l, vit_h")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    embedding_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="embeddings between encoder and decoder actors; float16 halves the transfer")
+    amg: AmgParams = Field(default_factory=lambda: AmgParams(output_mode="coco_rle"))
+    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, moto); default AWS_ENDPOINT_URL")
+    limits: ImageLimitsConfig = Field(default_factory=ImageLimitsConfig)
+    near_duplicate_distance: int = Field(
+        4, ge=-1, le=32, description="pHash Hamming distance counted as a near duplicate; -1 turns it off")
+
+    fuse_stages: bool | None = Field(
+        None, description="encode, decode and post-process in one actor (no embedding transfer); "
+                          "None: fused on CPU, split on GPU")
+    read_batch_size: int = Field(8, ge=1, description="files per read/decode task")
+    read_num_cpus: float = Field(0.5, gt=0.0)
+    encoder: ActorPool = Field(default_factory=ActorPool)
+    decoder: ActorPool = Field(default_factory=ActorPool)
+    postprocess_num_cpus: float = Field(0.5, gt=0.0)
+    chunk_images: int = Field(64, ge=1, description="images per Delta commit (one transaction each)")
+    writers: int = Field(1, ge=1, description="writer actors committing chunks in parallel")
+
+    round: int = Field(0, ge=0, description="data-engine round whose checkpoint is used")
+    run_id: str | None = Field(None, description="default: a fresh id per invocation")
+    ray_address: str | None = Field(None, description="default: RAY_ADDRESS, a running local cluster, or embedded")
+
+    @field_validator("amg")
+    @classmethod
+    def _rle_output(cls, v: AmgParams) -> AmgParams:
+        # The dataset stores COCO RLE whatever mode was asked for (`--convert-to-rle` is implied).
+        return v if v.output_mode == "coco_rle" else v.model_copy(update={"output_mode": "coco_rle"})
+
+    def resolved_device(self, cluster_gpus: float) -> str:
+        """"auto" is CUDA when the cluster has GPUs (the driver itself may have none)."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if cluster_gpus > 0 else "cpu"
+
+    def fused(self, device: str) -> bool:
+        return self.fuse_stages if self.fuse_stages is not None else device == "cpu"
