@@ -11,18 +11,24 @@ Order of the checks (cheapest first, nothing is decoded before the header passed
    only the formats in `ImageLimits.formats` ever reach Pillow (no EPS/Ghostscript, no
    exotic parsers); anything else is `not_an_image` (text, HTML, random bytes) or
    `unsupported_format` (a recognised image format we do not decode: HEIC, PSD, ...);
-3. structure: a JPEG without its end-of-image marker, a PNG without IEND, a WebP shorter
-   than its RIFF size is `truncated`, whether or not Pillow could decode part of it (and
-   whatever `ImageFile.LOAD_TRUNCATED_IMAGES` says);
+3. structure, walked without decoding: a JPEG without its end-of-image marker (bytes after
+   it, like a motion photo's video, are fine), a PNG without IEND, a WebP shorter than its
+   RIFF size, a GIF whose first image's blocks are cut (a lost trailer alone is fine), a TIFF
+   whose first IFD, tag values or strips lie past the end, a BMP cut inside its headers are
+   `truncated`, whether or not Pillow could decode part of them and whatever the process-wide
+   `ImageFile.LOAD_TRUNCATED_IMAGES` says (never changed here; a BMP cut in its pixels is
+   caught by Pillow only while that global is False);
 4. the header's dimensions: `too_many_pixels` (the decompression-bomb guard, per call),
-   `too_small`, `extreme_aspect_ratio`;
+   `too_small` (default min_side 16: a 1 x 1 tracking pixel or an icon is not a photo to
+   segment; min_side=1 decodes it), `extreme_aspect_ratio` (default 20: at 1024 px on the
+   long side the short one keeps >= 51 px);
 5. the pixel decode of the first frame: errors are `truncated` or `decode_error`;
 6. conversion to RGB (`unsupported_mode` if there is none) and the EXIF orientation.
 
 Conversions:
 
 - 1, L, P, RGB, RGBX, YCbCr, CMYK: Pillow's conversion to RGB. CMYK is the plain formula
-  (R = 255 - C - K clipped; Adobe-inverted JPEGs are handled by Pillow's JPEG reader); an
+  R = (255 - C)(255 - K) / 255 (Adobe-inverted JPEGs are handled by Pillow's JPEG reader); an
   embedded ICC profile is not applied, for any mode (as OpenCV and the official SAM scripts
   read images).
 - Anything with alpha (RGBA, LA, PA, RGBa, La, or P/L/RGB with a transparency key) is
@@ -31,7 +37,8 @@ Conversions:
 - 16-bit grayscale (I;16, I;16B, ...) is scaled to 8 bit with rounding (v / 257), not
   clipped; "I" (32-bit int) likewise when its values lie in 0..65535, else stretched from its
   min..max; "F" (32-bit float) is scaled by 255 when its values lie in 0..1, else stretched
-  from min..max (NaN/inf become 0). Pillow itself reads 16-bit RGB(A) as 8-bit (high byte).
+  from min..max (NaN/inf become 0). Pillow itself reads 16-bit RGB, RGBA and gray+alpha PNGs
+  as 8-bit by keeping the high byte (v // 256, at most 1 below v / 257 rounded).
 - Multi-frame files (GIF, APNG, TIFF pages, animated WebP, MPO) give their first frame.
 - EXIF orientation 2..8 is applied; an unreadable or corrupt EXIF block is ignored (the image
   still decodes, as orientation 1).
@@ -39,7 +46,12 @@ Conversions:
 Pillow's own decompression-bomb check (the process-wide `Image.MAX_IMAGE_PIXELS`) is never
 changed: its warning is silenced during the call (our `max_pixels` check replaces it) and its
 error becomes `too_many_pixels`. So a `max_pixels` above 2 x `Image.MAX_IMAGE_PIXELS` is capped
-by Pillow's guard unless the process raises that global itself.
+by Pillow's guard unless the process raises that global itself. Silencing uses
+`warnings.catch_warnings`, process-wide state on Python < 3.14, so decodes in one process are
+serialised by a lock (Ray runs reader tasks in separate processes: no cost there).
+
+Every other exception Pillow raises on hostile bytes becomes `decode_error` (or `truncated`
+when it says so); only MemoryError passes through (a worker's problem, not the file's).
 """
 from __future__ import annotations
 
@@ -48,9 +60,8 @@ import threading
 import warnings
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from dataset.identity import phash_rgb, sha256_hex
 
 REASONS = frozenset({
     "empty_file", "too_large_file", "not_an_image", "unsupported_format", "truncated",
@@ -105,12 +116,16 @@ class BadImage(ValueError):
 
 
 def image_identity(data: bytes) -> str:
-    """The image_id: sha256 hex of the file's bytes."""
+    """The image_id: sha256 hex of the file's bytes (dataset.identity's, the one definition)."""
+    from dataset.identity import sha256_hex  # imported on use: the dataset package loads deltalake
+
     return sha256_hex(data)
 
 
 def phash(rgb: np.ndarray) -> str:
-    """Perceptual hash (imagehash.phash, hex) of a decoded H x W x 3 uint8 image."""
+    """Perceptual hash (imagehash.phash, hex) of a decoded H x W x 3 uint8 image (dataset.identity's)."""
+    from dataset.identity import phash_rgb
+
     return phash_rgb(rgb)
 
 
@@ -315,8 +330,8 @@ def _bmp_complete(data: bytes) -> bool:
     return int.from_bytes(data[10:14], "little") < n
 
 
-_COMPLETE = {"BMP": _bmp_complete, "JPEG": _jpeg_complete, "PNG": _png_complete, "WEBP": _webp_complete, "GIF": _gif_complete,
-             "TIFF": _tiff_complete}
+_COMPLETE = {"BMP": _bmp_complete, "JPEG": _jpeg_complete, "PNG": _png_complete, "WEBP": _webp_complete,
+             "GIF": _gif_complete, "TIFF": _tiff_complete}
 
 _TRUNCATION_WORDS = ("truncated", "premature end", "unexpected end", "end of file", "not enough data",
                      "buffer is not large enough", "read past end")
@@ -333,7 +348,6 @@ class _quiet:
     during a decode: each is replaced by one of our checks or is harmless."""
 
     def __enter__(self):
-        from PIL import Image
         _WARNINGS_LOCK.acquire()
         self._cm = warnings.catch_warnings()
         self._cm.__enter__()
@@ -375,7 +389,6 @@ def decode_image(data: bytes, *, limits: ImageLimits = ImageLimits()) -> np.ndar
     except MemoryError:
         raise  # a resource problem of this worker, not a property of the file
     except Exception as e:  # Pillow raises many kinds on hostile input; all mean "cannot decode"
-        from PIL import Image
         if isinstance(e, Image.DecompressionBombError):
             raise BadImage("too_many_pixels", f"{e} (Pillow's Image.MAX_IMAGE_PIXELS)") from None
         message = f"{type(e).__name__}: {e}"[:300]
@@ -385,8 +398,6 @@ def decode_image(data: bytes, *, limits: ImageLimits = ImageLimits()) -> np.ndar
 
 
 def _decode(data: bytes, fmt: str, limits: ImageLimits) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         im = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as e:
@@ -407,7 +418,8 @@ def _decode(data: bytes, fmt: str, limits: ImageLimits) -> np.ndarray:
 
 def _check_dimensions(width: int, height: int, limits: ImageLimits) -> None:
     if width * height > limits.max_pixels:
-        raise BadImage("too_many_pixels", f"{width} x {height} = {width * height} pixels > max_pixels {limits.max_pixels}")
+        raise BadImage("too_many_pixels",
+                       f"{width} x {height} = {width * height} pixels > max_pixels {limits.max_pixels}")
     if min(width, height) < limits.min_side:
         raise BadImage("too_small", f"{width} x {height}: a side is below min_side {limits.min_side}")
     ratio = max(width, height) / min(width, height)

@@ -253,7 +253,7 @@ def _truncation_cases():
         # an APP1 that holds a whole small JPEG (FF D8 .. FF DA .. FF D9) in a MakerNote
         "jpeg-embedded-jpeg": encode(rgb, "JPEG", exif=_exif(1, x927C=encode(rgb.resize((20, 16)), "JPEG"))),
         "png": encode(rgb, "PNG"),
-        "png-interlaced": encode(rgb.convert("P"), "PNG"),
+        "png-palette": encode(rgb.convert("P"), "PNG"),
         "gif": encode(rgb.convert("P"), "GIF"),
         "webp-lossless": encode(rgb, "WEBP", lossless=True),
         "webp-lossy": encode(rgb, "WEBP", quality=80),
@@ -376,7 +376,9 @@ def test_cmyk_jpeg():
     out = decode(data)
     expected = [(255, 255, 255), (0, 255, 255), (255, 0, 255), (255, 255, 0), (0, 0, 0)]
     assert np.abs(out[16, 8::16].astype(int) - np.array(expected)).max() <= 4
-    # also a CMYK TIFF (lossless): exact
+    # also a CMYK TIFF (lossless): exact, with a mixed ink R = (255 - C)(255 - K) / 255
+    cmyk[:, :16] = (128, 0, 64, 128)
+    expected[0] = (63, 127, 95)
     out = decode(encode(Image.fromarray(cmyk, "CMYK"), "TIFF"))
     assert out[16, 8::16].tolist() == [list(c) for c in expected]
 
@@ -390,6 +392,30 @@ def test_16_bit_grayscale_is_scaled_not_clipped():
         expected = np.rint(values / 257).astype(np.uint8)  # 257 * k -> k exactly
         assert out[0, :11, 0].tolist() == expected.tolist() == [0, 0, 0, 1, 1, 4, 117, 128, 254, 255, 255]
         assert np.array_equal(out[..., 0], out[..., 2])
+
+
+def png16(samples: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB): rows of big-endian samples."""
+    h, w, _ = samples.shape
+    raw = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(raw))
+            + png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("colour_type, channels", [(2, 3), (6, 4), (4, 2)])
+def test_16_bit_colour_and_alpha_pngs_keep_the_high_byte(colour_type, channels):
+    """Pillow reads 16-bit RGB, RGBA and gray+alpha PNGs as 8 bit by keeping the high byte
+    (v // 256): never clipped, at most 1 below the rounded v / 257 of 16-bit grayscale."""
+    values = np.array([0, 255, 256, 384, 385, 30000, 32896, 65535] * 2, np.uint16)
+    samples = np.zeros((16, 16, channels), np.uint16)
+    samples[..., 0] = values
+    if channels in (2, 4):
+        samples[..., -1] = 65535  # opaque
+    out = decode(png16(samples, colour_type))
+    assert out[0, :8, 0].tolist() == (values[:8] // 256).tolist() == [0, 0, 1, 1, 1, 117, 128, 255]
+    assert np.abs(out[0, :, 0].astype(int) - np.rint(values / 257)).max() <= 1
+    assert np.array_equal(decode(png16(samples[..., :1], 0))[0, :8, 0], np.rint(values[:8] / 257))
 
 
 def test_32_bit_int_and_float_tiffs():
@@ -551,6 +577,30 @@ def test_concurrent_decodes_from_threads_leave_warning_filters_as_they_were():
     assert warnings.filters == filters
 
 
+def test_png_metadata_bomb_is_refused_quickly():
+    """50 MB of zeros compressed into a zTXt chunk: Pillow's text limit stops it (decode_error)."""
+    import tracemalloc
+    good = encode(Image.fromarray(unique_colours(20, 20)), "PNG")
+    bomb = good[:33] + png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(bytes(50_000_000), 9)) + good[33:]
+    assert len(bomb) < 300_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadImage) as info:
+            decode_image(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.reason == "decode_error" and "too large" in info.value.detail
+    assert peak < 50e6
+
+
+def test_bytes_like_inputs():
+    img = unique_colours(20, 20)
+    data = encode(Image.fromarray(img), "PNG")
+    for view in (bytearray(data), memoryview(data)):
+        assert np.array_equal(decode_image(view), img)
+
+
 def test_sniffing_picks_the_one_plugin():
     img = Image.fromarray(unique_colours(20, 20))
     for fmt in ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"):
@@ -581,3 +631,15 @@ def test_phash_is_the_dataset_ones_and_imagehash_of_the_file():
     assert dataset_identity(tiny)[1] == phash(decode(tiny, min_side=1))
     with pytest.raises(ValueError, match="H x W x 3 uint8"):
         phash(np.zeros((4, 4), np.uint8))
+
+
+def test_module_is_ray_free():
+    """The decode step runs inside Ray tasks but must not need Ray (nor the dataset's Delta stack)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, pipeline.images as m; m.decode_image; "
+            "print(sorted(k for k in ('ray', 'deltalake', 'torch') if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
