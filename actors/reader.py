@@ -13,11 +13,10 @@ from .batch import OK, QUARANTINED, objects
 _EMPTY = np.zeros((0, 0, 3), np.uint8)
 
 
-def read_images(batch: dict[str, np.ndarray], *, max_bytes: int, max_pixels: int,
-                endpoint_url: str | None = None) -> dict[str, np.ndarray]:
+def read_images(batch: dict[str, np.ndarray], *, limits: dict, endpoint_url: str | None = None) -> dict[str, np.ndarray]:
     """uri, size -> image (H x W x 3 uint8 RGB, upright), image_id (sha256 of the bytes),
     phash, width, height; a row that cannot be read or decoded is quarantined with the reason."""
-    limits = ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels)
+    limits = ImageLimits(**limits)
     n = len(batch["uri"])
     status, reason = [OK] * n, [""] * n
     ids, hashes, images = [""] * n, [""] * n, [_EMPTY] * n
@@ -26,7 +25,7 @@ def read_images(batch: dict[str, np.ndarray], *, max_bytes: int, max_pixels: int
         t = time.perf_counter()
         size = batch["size"][i]
         try:
-            data = read_bytes(str(uri), max_bytes=max_bytes, endpoint_url=endpoint_url,
+            data = read_bytes(str(uri), max_bytes=limits.max_bytes, endpoint_url=endpoint_url,
                               size=None if size is None or np.isnan(size) else int(size))
             ids[i] = image_identity(data)
             images[i] = decode_image(data, limits=limits)

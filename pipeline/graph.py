@@ -49,8 +49,7 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
                     resources=p.resources or None, **extra)
 
     ds = ds.map_batches(read_images, batch_size=config.read_batch_size, num_cpus=config.read_num_cpus,
-                        fn_kwargs=dict(max_bytes=config.limits.max_bytes, max_pixels=config.limits.max_pixels,
-                                       endpoint_url=config.endpoint_url))
+                        fn_kwargs=dict(limits=config.limits.model_dump(), endpoint_url=config.endpoint_url))
     ds = ds.map_batches(Deduplicator, fn_constructor_args=(committed, config.near_duplicate_distance),
                         concurrency=1, num_cpus=0, batch_size=config.read_batch_size)
     if config.fused(device):

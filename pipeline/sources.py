@@ -41,7 +41,7 @@ def s3_filesystem(endpoint_url: str | None = None):
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         client["region_name"] = region
-    return s3fs.S3FileSystem(client_kwargs=client, retries=3)
+    return s3fs.S3FileSystem(client_kwargs=client)
 
 
 def _s3_path(uri: str) -> str:
@@ -118,7 +118,7 @@ def read_bytes(uri: str, *, max_bytes: int, size: int | None = None, endpoint_ur
         raise ReadError("too_large_file", f"{size} bytes > limit {max_bytes}")
     for attempt in range(retries + 1):
         try:
-            return _read_once(uri, max_bytes, endpoint_url)
+            return _read_once(uri, max_bytes, size, endpoint_url)
         except ReadError:
             raise
         except FileNotFoundError as e:
@@ -132,9 +132,14 @@ def read_bytes(uri: str, *, max_bytes: int, size: int | None = None, endpoint_ur
     raise AssertionError("unreachable")
 
 
-def _read_once(uri: str, max_bytes: int, endpoint_url: str | None) -> bytes:
+def _read_once(uri: str, max_bytes: int, size: int | None, endpoint_url: str | None) -> bytes:
     if is_s3(uri):
-        data = s3_filesystem(endpoint_url).cat_file(_s3_path(uri), start=0, end=max_bytes + 1)
+        fs = s3_filesystem(endpoint_url)
+        if size is None:  # not listed (a manifest): ask before fetching
+            size = fs.size(_s3_path(uri))
+            if size > max_bytes:
+                raise ReadError("too_large_file", f"{size} bytes > limit {max_bytes}")
+        data = fs.cat_file(_s3_path(uri)) if size else b""
     else:
         size = os.path.getsize(uri)
         if size > max_bytes:

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from amg.params import AmgParams
+from pipeline.images import ImageLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_INPUT = str(ROOT / "examples" / "images")
@@ -37,14 +38,6 @@ class ActorPool(BaseModel):
         return self
 
 
-class ImageLimitsConfig(BaseModel):
-    """Bounds on input files; past them an input is quarantined with the reason."""
-    model_config = ConfigDict(extra="forbid")
-
-    max_bytes: int = Field(256 << 20, gt=0)
-    max_pixels: int = Field(100_000_000, gt=0, description="decompression-bomb guard, checked before decoding")
-
-
 class AnnotateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,7 +51,7 @@ class AnnotateConfig(BaseModel):
         "float32", description="embeddings between encoder and decoder actors; float16 halves the transfer")
     amg: AmgParams = Field(default_factory=lambda: AmgParams(output_mode="coco_rle"))
     endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, moto); default AWS_ENDPOINT_URL")
-    limits: ImageLimitsConfig = Field(default_factory=ImageLimitsConfig)
+    limits: ImageLimits = Field(default_factory=ImageLimits, description="bounds on input files; past them an input is quarantined")
     near_duplicate_distance: int = Field(
         4, ge=-1, le=32, description="pHash Hamming distance counted as a near duplicate; -1 turns it off")
 

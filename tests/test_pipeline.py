@@ -22,6 +22,7 @@ from model import load_checkpoint
 from pipeline.graph import run
 from pipeline.images import decode_image
 from schemas.annotate import DEFAULT_CHECKPOINT
+from tests.s3server import moto_server
 from training.synthetic import make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,15 @@ AMG_FLAGS = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-sc
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def s3():
+    """An S3 server, its endpoint in the standard AWS environment (AWS_ENDPOINT_URL) before
+    Ray starts, so that Ray's workers reach it the way they would reach any S3 store."""
+    with moto_server("data") as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -75,6 +84,23 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# Copies of one image: whichever reaches the deduplicator first is kept, the other recorded.
+PAIRS = (("chelsea.jpg", "sub_copy_of_chelsea.jpg"), ("scene1.png", "scene1_recompressed.jpg"))
+
+
+def assert_each_input_once(root: str, expected: dict[str, str]) -> dict[str, str]:
+    """Every input is in exactly one table, the one expected (up to which copy of a pair is
+    kept). Returns name -> table."""
+    went = where_each_input_went(root)
+    assert sorted(went) == sorted(expected) and all(len(t) == 1 for t in went.values()), went
+    got = {name: tables[0] for name, tables in went.items()}
+    for a, b in PAIRS:
+        assert sorted([got[a], got[b]]) == ["annotations", "duplicates"], (a, b, got)
+    assert {n: t for n, t in got.items() if n not in sum(PAIRS, ())} == \
+        {n: t for n, t in expected.items() if n not in sum(PAIRS, ())}
+    return got
+
+
 def where_each_input_went(root: str) -> dict[str, list[str]]:
     seen: dict[str, list[str]] = {}
     for table in ("annotations", "duplicates", "quarantine"):
@@ -90,12 +116,12 @@ def test_local_folder_in_and_out_every_input_once_and_resume(ray_session, tmp_pa
     config = load_config(["--input", str(tmp_path / "in"), "--output", out, *AMG_FLAGS, "--chunk-images", "3"])
     summary = run(config)
 
-    assert where_each_input_went(out) == {name: [table] for name, table in expected.items()}
+    got = assert_each_input_once(out, expected)
     assert summary["listed"] == len(expected) and summary["processed"] == len(expected)
     assert summary["annotated"] == 5 and summary["duplicate"] == 2 and summary["quarantined"] == 3
     dups = read_table(out, "duplicates").to_pylist()
-    assert {Path(d["uri"]).name: d["kind"] for d in dups} == {"sub_copy_of_chelsea.jpg": "exact",
-                                                               "scene1_recompressed.jpg": "near"}
+    kinds = {Path(d["uri"]).name: d["kind"] for d in dups}
+    assert kinds == {(a if got[a] == "duplicates" else b): kind for (a, b), kind in zip(PAIRS, ("exact", "near"))}
     reasons = {Path(q["uri"]).name: q["reason"] for q in read_table(out, "quarantine").to_pylist()}
     assert reasons["empty.png"].startswith("empty_file") and reasons["notes.jpg"].startswith("not_an_image")
     assert reasons["truncated.jpg"].startswith("truncated")
@@ -150,3 +176,31 @@ def test_pipeline_masks_equal_the_in_process_generator(ray_session, tmp_path):
             assert g["stage"] == "auto" and g["round"] == 0
         total += len(got)
     assert total == summary["masks"] and total >= 10
+
+
+def test_s3_in_and_out(ray_session, s3, tmp_path):
+    import boto3
+
+    expected = make_inputs(tmp_path / "in")
+    client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1")
+    for path in (tmp_path / "in").iterdir():
+        client.put_object(Bucket="data", Key=f"images/{path.name}", Body=path.read_bytes())
+    client.put_object(Bucket="data", Key="images/README.md", Body=b"not listed: not an image suffix")
+    root = "s3://data/datasets/auto"
+    summary = run(load_config(["--input", "s3://data/images", "--output", root, *AMG_FLAGS]))
+
+    assert (summary["annotated"], summary["duplicate"], summary["quarantined"]) == (5, 2, 3)
+    assert_each_input_once(root, expected)
+    rows = read_images(root).to_pylist()
+    assert all(r["uri"].startswith("s3://data/images/") for r in rows)
+    listing = read_table(root, "listing").to_pylist()
+    assert len(listing) == len(expected) and all(e["etag"] and e["size"] > 0 for e in listing if "empty" not in e["uri"])
+    masks = [coco_mask.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
+             for r in rows for a in r["annotations"]]
+    assert len(masks) == summary["masks"] > 0 and all(m.sum() == a["area"] for m, a in
+                                                        zip(masks, [a for r in rows for a in r["annotations"]]))
+    summary_key = f"datasets/auto/runs/{summary['run_id']}.json"
+    assert json.loads(client.get_object(Bucket="data", Key=summary_key)["Body"].read())["masks"] == summary["masks"]
+    # Resume on S3 too.
+    again = run(load_config(["--input", "s3://data/images", "--output", root, *AMG_FLAGS]))
+    assert again["processed"] == 0 and again["already_done"] == len(expected)

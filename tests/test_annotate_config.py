@@ -1,0 +1,68 @@
+"""jobs/auto_annotate.py settings: official amg.py flags, a settings file under flags, and
+errors that name the bad field."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from jobs.auto_annotate import load_config
+from schemas.annotate import DEFAULT_CHECKPOINT, DEFAULT_INPUT, DEFAULT_OUTPUT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+OFFICIAL = ["--input", "in", "--output", "out", "--model-type", "vit_b", "--checkpoint", "sam_vit_b_01ec64.pth",
+            "--device", "cpu", "--convert-to-rle", "--points-per-side", "16", "--points-per-batch", "32",
+            "--pred-iou-thresh", "0.8", "--stability-score-thresh", "0.9", "--stability-score-offset", "0.5",
+            "--box-nms-thresh", "0.6", "--crop-n-layers", "1", "--crop-nms-thresh", "0.5",
+            "--crop-overlap-ratio", "0.25", "--crop-n-points-downscale-factor", "2", "--min-mask-region-area", "50"]
+
+
+def test_defaults_are_the_bundled_sample_run():
+    c = load_config([])
+    assert (c.input, c.output, c.checkpoint) == (DEFAULT_INPUT, DEFAULT_OUTPUT, DEFAULT_CHECKPOINT)
+    assert Path(c.checkpoint).is_file() and any(Path(c.input).iterdir())
+    assert c.amg.points_per_side == 32 and c.amg.pred_iou_thresh == 0.88 and c.amg.output_mode == "coco_rle"
+
+
+def test_every_official_amg_flag_is_accepted_with_its_meaning():
+    c = load_config(OFFICIAL)
+    assert (c.input, c.output, c.model_type, c.checkpoint, c.device) == ("in", "out", "vit_b", "sam_vit_b_01ec64.pth", "cpu")
+    a = c.amg
+    assert (a.points_per_side, a.points_per_batch, a.pred_iou_thresh, a.stability_score_thresh) == (16, 32, 0.8, 0.9)
+    assert (a.stability_score_offset, a.box_nms_thresh, a.crop_n_layers, a.crop_nms_thresh) == (0.5, 0.6, 1, 0.5)
+    assert (a.crop_overlap_ratio, a.crop_n_points_downscale_factor, a.min_mask_region_area) == (0.25, 2, 50)
+
+
+def test_settings_file_then_flags(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("input: s3://bucket/images\noutput: s3://bucket/ds\namg:\n  points_per_side: 8\n"
+                 "  pred_iou_thresh: 0.5\nencoder: {min: 1, max: 4, num_gpus: 0.5}\nchunk_images: 500\n")
+    c = load_config(["--config", str(f), "--pred-iou-thresh", "0.7", "--decoder-actors", "2,6"])
+    assert (c.input, c.output, c.chunk_images) == ("s3://bucket/images", "s3://bucket/ds", 500)
+    assert (c.amg.points_per_side, c.amg.pred_iou_thresh) == (8, 0.7)  # the flag wins
+    assert (c.encoder.min, c.encoder.max, c.encoder.num_gpus) == (1, 4, 0.5)
+    assert (c.decoder.min, c.decoder.max) == (2, 6)
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--pred-iou-thresh", "high"], "amg.pred_iou_thresh"),
+    (["--points-per-side", "0"], "amg.points_per_side"),
+    (["--crop-overlap-ratio", "1.5"], "amg.crop_overlap_ratio"),
+    (["--device", "tpu"], "device"),
+    (["--chunk-images", "0"], "chunk_images"),
+    (["--encoder-actors", "4,2"], "encoder"),
+])
+def test_a_bad_value_names_its_field(argv, field):
+    with pytest.raises(ValidationError) as e:
+        load_config(argv)
+    assert str(e.value).splitlines()[1] == field  # pydantic's first error line is the field's path
+
+
+def test_a_bad_value_exits_with_a_message_naming_the_field():
+    r = subprocess.run([sys.executable, "jobs/auto_annotate.py", "--box-nms-thresh", "2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "box_nms_thresh" in r.stderr and "Traceback" not in r.stderr

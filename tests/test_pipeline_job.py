@@ -1,0 +1,73 @@
+"""The job as users submit it: a `ray start --head` cluster on 127.0.0.1 with token auth,
+and `ray job submit --working-dir . -- python jobs/auto_annotate.py ...`."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dataset import read_images, read_table
+from tests.s3server import free_port
+from tests.test_pipeline import AMG_FLAGS, make_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """A one-node cluster of its own (own ports and temp dir, so that it neither finds nor
+    disturbs any other Ray on the machine), stopped by killing its process group."""
+    port, dash = free_port(), free_port()
+    temp = f"/tmp/rj{port}"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_DISABLE_USAGE_STATS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--temp-dir", temp, "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError as e:
+                if "401" in str(e) or "403" in str(e):  # up, and asking for the token
+                    break
+                if time.time() > deadline or head.poll() is not None:
+                    raise RuntimeError("ray head did not start")
+                time.sleep(1)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_of_auto_annotate(head_node, tmp_path):
+    address, env = head_node
+    expected = make_inputs(tmp_path / "in")
+    out = tmp_path / "dataset"
+    r = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+         "python", "jobs/auto_annotate.py", "--input", str(tmp_path / "in"), "--output", str(out), *AMG_FLAGS],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in r.stdout
+    images = read_images(str(out), columns=["uri", "annotations"]).to_pylist()
+    quarantined = read_table(str(out), "quarantine").num_rows
+    duplicates = read_table(str(out), "duplicates").num_rows
+    assert (len(images), duplicates, quarantined) == (5, 2, 3) and len(expected) == 10
+    assert sum(len(i["annotations"]) for i in images) > 0
