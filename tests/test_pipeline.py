@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import ray
+import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
@@ -153,13 +154,16 @@ def test_pipeline_masks_equal_the_in_process_generator(ray_session, tmp_path):
     folder = tmp_path / "in"
     make_inputs(folder)
     out = str(tmp_path / "dataset")
+    # The weights as an official-style file: a bare state dict, its config named by --model-type.
+    model, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    torch.save(model.state_dict(), tmp_path / "sam_vit_tiny256.pth")
     config = load_config(["--input", str(folder), "--output", out, *AMG_FLAGS, "--split-stages",
-                          "--cpus-per-actor", "0.5", "--encoder-batch-size", "2"])
+                          "--cpus-per-actor", "0.5", "--encoder-batch-size", "2",
+                          "--checkpoint", str(tmp_path / "sam_vit_tiny256.pth"), "--model-type", "vit_tiny256"])
     assert not config.fused("cpu")
     summary = run(config)
     assert summary["annotated"] == 5
 
-    model, _ = load_checkpoint(DEFAULT_CHECKPOINT)
     generator = AutomaticMaskGenerator(model, config.amg)
     total = 0
     for row in read_images(out).to_pylist():

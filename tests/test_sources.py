@@ -1,0 +1,65 @@
+"""Listing inputs (folder, glob, manifest, file) and reading them with retries."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline import sources
+from pipeline.sources import InputError, ReadError, list_inputs, read_bytes
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "deep").mkdir()
+    for rel in ("x.jpg", "a/y.PNG", "a/deep/z.webp", "a/notes.txt", "a/deep/data.json"):
+        (tmp_path / rel).write_bytes(b"0123456789"[: len(rel)])
+    return tmp_path
+
+
+def test_folder_is_walked_for_image_suffixes(tree):
+    t = list_inputs(str(tree))
+    assert [u.split(str(tree))[1] for u in t["uri"].to_pylist()] == ["/a/deep/z.webp", "/a/y.PNG", "/x.jpg"]
+    assert t["size"].to_pylist() == [10, 7, 5]  # bytes written: the name's length, at most 10
+    assert all(e.startswith("mtime:") for e in t["etag"].to_pylist())
+
+
+def test_glob_file_and_manifest(tree):
+    assert [u.rsplit("/", 1)[1] for u in list_inputs(str(tree / "a" / "*")).column("uri").to_pylist()] == \
+        ["notes.txt", "y.PNG"]  # a glob takes what it matches (files only)
+    assert list_inputs(str(tree / "x.jpg"))["uri"].to_pylist() == [str(tree / "x.jpg")]
+    manifest = tree / "list.txt"
+    manifest.write_text("# inputs\nx.jpg\n\na/y.PNG\ns3://bucket/key.jpg\nx.jpg\n")
+    t = list_inputs(str(manifest))
+    assert t["uri"].to_pylist() == [str(tree / "a" / "y.PNG"), str(tree / "x.jpg"), "s3://bucket/key.jpg"]
+    assert t["size"].null_count == 3  # a manifest does not stat millions of objects
+
+
+def test_a_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="not a folder, file, glob, manifest or s3"):
+        list_inputs(str(tmp_path / "nope"))
+
+
+def test_reads_retry_transient_errors_and_not_permanent_ones(tree, monkeypatch):
+    calls = []
+    real = sources._read_once
+
+    def flaky(uri, max_bytes, size, endpoint):
+        calls.append(uri)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return real(uri, max_bytes, size, endpoint)
+
+    monkeypatch.setattr(sources, "_read_once", flaky)
+    assert read_bytes(str(tree / "x.jpg"), max_bytes=100, backoff_s=0.01) == b"01234"
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(ReadError) as e:
+        read_bytes(str(tree / "x.jpg"), max_bytes=100, retries=1, backoff_s=0.01)
+    assert e.value.reason == "read_error" and len(calls) == 2
+    monkeypatch.setattr(sources, "_read_once", real)
+    with pytest.raises(ReadError) as e:
+        read_bytes(str(tree / "missing.jpg"), max_bytes=100)
+    assert e.value.reason == "missing"
+    with pytest.raises(ReadError) as e:
+        read_bytes(str(tree / "a" / "deep" / "z.webp"), max_bytes=5)
+    assert e.value.reason == "too_large_file"
