@@ -4,11 +4,19 @@ side by side in one run. Prints wall time per image, the speed-up ratio, peak me
 
     python benchmarks/amg.py                                # bundled checkpoint and photos
     python benchmarks/amg.py --size 768x1024 --points-per-side 32 --precision fp32 bf16
-    python benchmarks/amg.py --model-type vit_b --random-weights --stages-only
+    python benchmarks/amg.py --model-type vit_b --random-weights --skip-official
+    python benchmarks/amg.py --skip-official --precision fp32 --threads 1 \
+        --results-json benchmarks/results/cpu-2core.json --results-name cpu-2core
+
+--results-json writes per-stage throughput (images/s of one actor: read, encode,
+decode_prompts, postprocess, write) for the first --precision in the format of
+schemas/throughput.py, which jobs/plan.py reads.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import platform
 import sys
 import threading
 import time
@@ -16,14 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import os
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amg import AmgParams, AutomaticMaskGenerator, decode_image, encode_image, postprocess  # noqa: E402
 from amg.compare import match_records  # noqa: E402
 from model import Sam, get_config, load_checkpoint  # noqa: E402
+from schemas.throughput import FORMAT, ThroughputResults, write_results  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "samengine_tiny256.pt"
 IMAGES = Path(__file__).resolve().parents[1] / "examples" / "images"
@@ -61,6 +72,7 @@ def official_generator(model: Sam, params: AmgParams):
 
     official = build_official(model.config)
     official.load_state_dict(model.state_dict())
+    official.to(model.device)
     return SamAutomaticMaskGenerator(official, **params.model_dump(exclude={"point_grids"}))
 
 
@@ -83,16 +95,78 @@ def timed(fn, *args):
     return out, dt, mem.mb
 
 
+def _sync(model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
 def stage_times(model, image, params, precision):
     """Seconds spent in encode, decode and post-process."""
     t0 = time.perf_counter()
     enc = encode_image(model, image, params, precision)
+    _sync(model)
     t1 = time.perf_counter()
     crops = decode_image(model, enc, params, precision)
+    _sync(model)
     t2 = time.perf_counter()
     postprocess(crops, enc.orig_size, params)
     t3 = time.perf_counter()
     return t1 - t0, t2 - t1, t3 - t2
+
+
+def read_seconds(image: np.ndarray) -> float:
+    """JPEG bytes of an image of this size -> RGB array, as the pipeline's read stage
+    decodes them (no storage I/O)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    decode = lambda: np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))  # noqa: E731
+    decode()  # warm-up
+    t = time.perf_counter()
+    decode()
+    return time.perf_counter() - t
+
+
+def write_seconds(records: list[dict]) -> float:
+    """Records of one image -> one zstd Parquet row group in memory (no storage I/O)."""
+    def write():
+        rows = [{"counts": r["segmentation"]["counts"], "size": list(r["segmentation"]["size"]),
+                 "bbox": [float(v) for v in r["bbox"]], "area": int(r["area"]),
+                 "predicted_iou": float(r["predicted_iou"]), "stability_score": float(r["stability_score"]),
+                 "point_coords": [[float(v) for v in p] for p in r["point_coords"]],
+                 "crop_box": [float(v) for v in r["crop_box"]]} for r in records]
+        table = pa.table({"image_id": ["0" * 64], "annotations": [rows]})
+        pq.write_table(table, io.BytesIO(), compression="zstd")
+
+    write()  # warm-up
+    t = time.perf_counter()
+    write()
+    return time.perf_counter() - t
+
+
+def throughput_results(args, model, params, seconds: dict[str, float], n_images: int,
+                       masks: int) -> ThroughputResults:
+    gpu = model.device.type == "cuda"
+    threads = torch.get_num_threads()
+    model_stage = {"CPU": 1, "GPU": 1} if gpu else {"CPU": threads}
+    resources = {"read": {"CPU": 1}, "encode": model_stage, "decode_prompts": model_stage,
+                 "postprocess": {"CPU": threads}, "write": {"CPU": 1}}
+    device = torch.cuda.get_device_name(model.device) if gpu else platform.processor() or platform.machine()
+    return ThroughputResults(
+        format=FORMAT, name=args.results_name, device=args.results_device or ("gpu" if gpu else "cpu"),
+        machine=f"{device}, {os.cpu_count()} CPUs visible, torch threads {threads}, "
+                f"load average at the end {os.getloadavg()[0]:.1f}", source="measured",
+        config={"model_type": model.config.name, "points_per_side": params.points_per_side,
+                "crop_n_layers": params.crop_n_layers, "image_size": args.size, "precision": args.precision[0],
+                "pred_iou_thresh": params.pred_iou_thresh,
+                "stability_score_thresh": params.stability_score_thresh,
+                "random_weights": args.random_weights, "images": n_images,
+                "masks_per_image": masks / n_images},
+        notes="benchmarks/amg.py: one warm-up generate per image, then one timed pass per stage; "
+              "read and write exclude storage I/O",
+        stages=[{"stage": s, "items_per_s": n_images / seconds[s], "resources": resources[s]}
+                for s in ("read", "encode", "decode_prompts", "postprocess", "write")],
+    )
 
 
 def main() -> None:
@@ -110,6 +184,12 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--skip-official", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="torch device of our model (and the official one)")
+    ap.add_argument("--results-json", default=None, metavar="PATH",
+                    help="write per-stage throughput of the first --precision (schemas/throughput.py)")
+    ap.add_argument("--results-name", default="amg", help="name of the run in --results-json")
+    ap.add_argument("--results-device", default=None,
+                    help="device type in --results-json that jobs/plan.py prices, e.g. H100 (default: cpu or gpu)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,6 +199,7 @@ def main() -> None:
         model = Sam(get_config(args.model_type or "vit_tiny256")).eval()
     else:
         model, _ = load_checkpoint(args.checkpoint, model_type=args.model_type)
+    model = model.to(args.device)
     params = AmgParams(points_per_side=args.points_per_side, crop_n_layers=args.crop_n_layers,
                        min_mask_region_area=args.min_mask_region_area, pred_iou_thresh=args.pred_iou_thresh,
                        stability_score_thresh=args.stability_score_thresh, output_mode="coco_rle")
@@ -126,7 +207,10 @@ def main() -> None:
           f"points, crop_n_layers={params.crop_n_layers}, min_mask_region_area={params.min_mask_region_area}, "
           f"threads={torch.get_num_threads()}")
     official = None if args.skip_official else official_generator(model, params)
-    for name, image in load_images(args.size)[: args.images]:
+    seconds = dict.fromkeys(("read", "encode", "decode_prompts", "postprocess", "write"), 0.0)
+    images = load_images(args.size)[: args.images]
+    masks = 0
+    for name, image in images:
         print(f"\n{name} {image.shape[0]}x{image.shape[1]}")
         ref = None
         if official is not None:
@@ -137,6 +221,12 @@ def main() -> None:
             gen.generate(image)  # warm-up
             out, t, m = timed(gen.generate, image)
             enc, dec, post = stage_times(model, image, params, precision)
+            if args.results_json and precision == args.precision[0]:
+                for stage, dt in zip(("encode", "decode_prompts", "postprocess"), (enc, dec, post)):
+                    seconds[stage] += dt
+                seconds["read"] += read_seconds(image)
+                seconds["write"] += write_seconds(out)
+                masks += len(out)
             line = (f"  ours {precision:5s}     {t:8.2f} s  peak +{m:7.0f} MB  {len(out)} masks"
                     f"  [encode {enc:.2f} s, decode {dec:.2f} s, post {post:.2f} s]")
             if ref is not None:
@@ -145,6 +235,9 @@ def main() -> None:
                          f" (min IoU {m['min_iou']:.4f}), equal RLE {m['equal_rle']}, ours unmatched "
                          f"{m['ours'] - m['matched']}")
             print(line)
+    if args.results_json:
+        write_results(args.results_json, throughput_results(args, model, params, seconds, len(images), masks))
+        print(f"\nwrote {args.results_json}")
 
 
 if __name__ == "__main__":

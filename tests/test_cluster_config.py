@@ -120,3 +120,30 @@ def test_safe_defaults_for_ports_and_auth(config):
     # No extra inbound rule may open Ray's ports to the outside.
     for rule in config["provider"].get("security_group", {}).get("IpPermissions", []):
         assert rule["FromPort"] == rule["ToPort"] == 22, rule
+
+
+def test_kuberay_manifest_matches_the_launcher_config(config):
+    job = yaml.safe_load((ROOT / "deploy" / "kuberay.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == ray.__version__
+    assert spec["authOptions"] == {"mode": "token"} and spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {}
+    for group in spec["workerGroupSpecs"]:
+        # KubeRay passes this string to `ray start --resources`: quoted JSON.
+        custom = json.loads(json.loads(group["rayStartParams"]["resources"]))
+        (container,) = group["template"]["spec"]["containers"]
+        groups[group["groupName"]] = (custom, container["resources"]["limits"], group)
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["maxReplicas"] > 0
+    launcher = config["available_node_types"]
+    gpu_custom, gpu_limits, gpu_group = groups["gpu-group"]
+    assert set(gpu_custom) == {"gpu_group"} and gpu_custom["gpu_group"] == launcher["gpu_worker"]["resources"]["gpu_group"]
+    assert gpu_limits["nvidia.com/gpu"] == str(launcher["gpu_worker"]["resources"]["GPU"])
+    cpu_custom, cpu_limits, _ = groups["cpu-group"]
+    assert set(cpu_custom) == {"cpu_group"} and "nvidia.com/gpu" not in cpu_limits
+    # The image is built from the pinned Ray image with the project installed from the lock.
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile
+    assert "-c requirements-lock.txt -e ." in dockerfile
+    assert "jobs/auto_annotate.py" in job["spec"]["entrypoint"]
