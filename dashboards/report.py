@@ -1,0 +1,132 @@
+"""One dataset version -> one self-contained HTML page (see page.py for its structure).
+
+    html, data = build_report(root, version=None, run_id=None, round=None)
+    path = write_report(root)          # <root>/reports/version-<N>.html, local or s3://
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+
+import numpy as np
+
+from dataset import open_dataset, resolve_version, storage_options
+from dataset.reader import open_version
+
+from . import figures, page, sources, stats
+from .gallery import tile
+
+FUNNEL_STEPS = (("candidates", "candidates"), ("iou", "after IoU filter"), ("stability", "after stability filter"),
+                ("crop_edge", "after crop-edge filter"), ("kept", "kept (after NMS + cleanup)"))
+
+
+def build_report(root: str, *, version: int | None = None, run_id: str | None = None, round: int | None = None,
+                 endpoint_url: str | None = None, sample_images: int = 64, max_concavity_masks: int = 1000,
+                 gallery_images: int = 8) -> tuple[str, dict]:
+    """The page and the numbers on it, for the version pinned by version / run_id / round
+    (none: the latest)."""
+    options = storage_options(root, endpoint_url)
+    latest = open_version(root, options=options).version()
+    pinned_by = ("latest" if version is None and run_id is None and round is None else
+                 f"version {version}" if version is not None else
+                 f"last commit of run {run_id}" if run_id is not None else f"last commit of round {round}")
+    v = resolve_version(root, version=version, run_id=run_id, round=round, options=options)
+    dataset = open_dataset(root, options=options, version=v)
+
+    st = stats.VersionStats()
+    stats.scan(dataset, st, sample_images)
+    rows = list(stats.read_sample(dataset, st))
+    stats.measure_concavity(st, rows, max_concavity_masks)
+    tiles = [tile(r, endpoint_url) for r in rows[:gallery_images]]
+
+    fs = sources.root_filesystem(root, options)
+    runs = sources.version_runs(root, v, options)
+    # Side tables and run summaries carry run ids, not versions: the latest version takes
+    # every run (also those that committed no image); an older one the runs it holds.
+    run_ids = None if v == latest else {r["run_id"] for r in runs}
+    summaries = {s["run_id"]: s for s in sources.read_json_dir(fs, sources.RUNS_DIR) if "run_id" in s}
+    funnel_runs = [s for rid, s in summaries.items() if run_ids is None or rid in run_ids]
+    funnel = Counter()
+    for s in funnel_runs:
+        funnel.update({k: int(n) for k, n in (s.get("funnel") or {}).items()})
+    by_run = {r["run_id"]: r for r in runs}
+    run_table = [{**by_run.get(s["run_id"], {"run_id": s["run_id"]}), **{k: s.get(k) for k in (
+        "processed", "annotated", "duplicate", "quarantined", "masks", "seconds")}} for s in funnel_runs]
+    run_table += [r for rid, r in by_run.items() if rid not in summaries]
+
+    round_files = sources.rounds(fs)
+    data = {
+        "root": root, "version": v, "latest_version": latest, "pinned_by": pinned_by,
+        "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "images": st.images, "masks": st.masks, "empty_masks": st.empty_masks,
+        "mean_masks_per_image": st.masks / st.images if st.images else None,
+        "images_without_masks": st.masks_per_image.get(0, 0),
+        "masks_per_image": {str(k): n for k, n in sorted(st.masks_per_image.items())},
+        "unit_bins": stats.UNIT_BINS.tolist(),
+        "relative_size": st.relative_size.tolist(),
+        "mean_relative_size": st.relative_size_sum / st.masks if st.masks else 0.0,
+        "centres_bins": stats.CENTRE_BINS, "centres": st.centres.tolist(),
+        "predicted_iou": st.predicted_iou.tolist(), "stability_score": st.stability.tolist(),
+        "scores_missing": dict(st.scores_missing),
+        "concavity": {"counts": st.concavity.tolist(), "mask_ids": st.concavity_mask_ids,
+                      "images": st.concavity_images},
+        "sample": {"images": len(st.sample), "image_ids": [s.image_id for s in st.sample],
+                   "max_concavity_masks": max_concavity_masks},
+        "funnel": {k: funnel.get(k, 0) for k, _ in FUNNEL_STEPS},
+        "funnel_steps": [(label, funnel.get(k, 0)) for k, label in FUNNEL_STEPS],
+        "funnel_runs": [s["run_id"] for s in funnel_runs],
+        "runs": run_table,
+        "side_scope": "every run" if run_ids is None else f"the {len(run_ids)} run(s) of this version",
+        "duplicates": dict(sources.side_counts(root, "duplicates", "kind", run_ids, options)),
+        "quarantine": dict(sources.side_counts(root, "quarantine", "reason", run_ids, options)),
+        "rounds": _rounds(st, round_files),
+        "gallery": [t["image_id"] for t in tiles if "src" in t],
+        "gallery_skipped": {t["image_id"]: t["skipped"] for t in tiles if "skipped" in t},
+    }
+    data["held_out_metrics"] = sorted({m for r in data["rounds"] for m in r["held_out"]})
+    edges = data["unit_bins"]
+    svgs = {
+        "masks_per_image": figures.masks_per_image(dict(st.masks_per_image)),
+        "relative_size": figures.unit_histogram(edges, data["relative_size"], "√(mask area / image area)", "size"),
+        "centres": figures.centres(data["centres"]),
+        "concavity": figures.unit_histogram(edges, data["concavity"]["counts"], "concavity (1 − area / hull area)",
+                                            "concavity", color=figures.ACCENT_2, empty="no masks in the sample"),
+        "scores": figures.scores(edges, data["predicted_iou"], data["stability_score"]),
+        "funnel": figures.funnel(data["funnel_steps"]),
+        "rejects": figures.rejects(data["quarantine"], data["duplicates"]),
+        "rounds": figures.rounds(data["rounds"], data["held_out_metrics"]),
+    }
+    return page.render(data, svgs, tiles), data
+
+
+def _rounds(st: stats.VersionStats, files: dict[int, dict]) -> list[dict]:
+    masks = Counter()
+    for (r, _stage), n in st.masks_by_round_stage.items():
+        masks[int(r)] += n
+    out = []
+    for r in sorted(set(masks) | set(files)):
+        f = files.get(r, {})
+        images = st.images_by_round.get(r, 0)
+        out.append({"round": r, "images": images, "masks": masks.get(r, 0),
+                    "masks_per_image": masks.get(r, 0) / images if images else None,
+                    "engine_masks_per_image": f.get("masks_per_image"),
+                    "held_out": {k: float(v) for k, v in (f.get("held_out") or {}).items()
+                                 if isinstance(v, (int, float)) and np.isfinite(v)},
+                    "promoted": f.get("promoted"), "checkpoint": f.get("checkpoint")})
+    return out
+
+
+def write_report(root: str, *, out: str | None = None, **kwargs) -> str:
+    """Build the report and write it to `out` (a local path) or, by default, to
+    <root>/reports/version-<N>.html; returns where it went."""
+    html, data = build_report(root, **kwargs)
+    if out is not None:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(html)
+        return out
+    fs = sources.root_filesystem(root, storage_options(root, kwargs.get("endpoint_url")))
+    fs.create_dir(sources.REPORTS_DIR, recursive=True)
+    path = f"{sources.REPORTS_DIR}/version-{data['version']}.html"
+    with fs.open_output_stream(path) as f:
+        f.write(html.encode("utf-8"))
+    return f"{root.rstrip('/')}/{path}"

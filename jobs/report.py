@@ -1,0 +1,42 @@
+"""Write the data-quality report of a dataset version: one self-contained HTML page.
+
+    python jobs/report.py ROOT                       # latest version -> ROOT/reports/version-N.html
+    python jobs/report.py ROOT --version 3           # or --run-id ID, or --round R
+    python jobs/report.py s3://bucket/ds --out report.html
+
+What the page shows and how each figure is computed (and sampled) is written on the page;
+the code is in dashboards/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dashboards import write_report  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
+    pin = ap.add_mutually_exclusive_group()
+    pin.add_argument("--version", type=int, help="Delta version of the annotations table")
+    pin.add_argument("--run-id", help="the last version committed by this run")
+    pin.add_argument("--round", type=int, help="the last version committed in this round")
+    ap.add_argument("--out", help="local HTML file to write (default: <root>/reports/version-<N>.html)")
+    ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    ap.add_argument("--sample-images", type=int, default=64, help="random images for concavity and the gallery")
+    ap.add_argument("--concavity-masks", type=int, default=1000, help="most masks decoded for concavity")
+    ap.add_argument("--gallery", type=int, default=8, help="images shown in the gallery")
+    args = ap.parse_args(argv)
+    path = write_report(args.root, out=args.out, version=args.version, run_id=args.run_id, round=args.round,
+                        endpoint_url=args.endpoint_url, sample_images=args.sample_images,
+                        max_concavity_masks=args.concavity_masks, gallery_images=args.gallery)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
