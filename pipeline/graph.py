@@ -97,6 +97,7 @@ def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["already_done"] = listing.num_rows - todo.num_rows
     _write_summary(config, summary)
+    summary["report"] = _write_report(config, log)
     return summary
 
 
@@ -144,3 +145,15 @@ def _write_summary(config: AnnotateConfig, summary: dict) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write(text)
+
+
+def _write_report(config: AnnotateConfig, log) -> str | None:
+    """The data-quality report of the dataset as this run left it (dashboards/); a failure
+    is logged as a warning and never fails the run."""
+    try:
+        from dashboards import write_report
+
+        return write_report(config.output, endpoint_url=config.endpoint_url)
+    except Exception as e:
+        log(f"warning: data-quality report not written: {type(e).__name__}: {e}")
+        return None
