@@ -20,11 +20,12 @@ SUMMARY_COLUMNS = ("uri", "status", "reason", "masks", "funnel", "t_read", "t_de
 
 
 class Writer:
-    def __init__(self, root: str, lineage: dict, endpoint_url: str | None = None):
+    def __init__(self, root: str, lineage: dict, endpoint_url: str | None = None, replace: bool = False):
         self.lineage = LineageRecord(**lineage)
         # Each writer numbers its chunks under its own app id, so several writers of one run
-        # never mistake each other's chunks for their own.
-        self.writer = DatasetWriter(root, self.lineage, mode="append", endpoint_url=endpoint_url,
+        # never mistake each other's chunks for their own. A full rebuild replaces rows.
+        self.writer = DatasetWriter(root, self.lineage, mode="replace" if replace else "append",
+                                    endpoint_url=endpoint_url,
                                     app_id=f"{self.lineage.run_id}/{uuid.uuid4().hex[:12]}")
         self.chunk = 0
 

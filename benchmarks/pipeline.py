@@ -137,7 +137,7 @@ def main() -> None:
     amg_args = ["--points-per-side", args.points_per_side, "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         small = make_images(work / "n", args.images, tuple(args.size))
         loop_s = in_process(small, amg_args)
         results = {"images": args.images, "size": args.size, "points_per_side": int(args.points_per_side),

@@ -10,6 +10,9 @@ Two ways to keep a retried chunk from duplicating rows:
 - mode="merge" (default): MERGE ... ON image_id WHEN NOT MATCHED INSERT. Safe whatever
   happened before and with several writers, but every commit scans the table's image_id
   column.
+- mode="replace": MERGE ... ON image_id, updating rows that exist and inserting the rest:
+  a full rebuild re-annotates images already in the table, one chunk at a time, so the
+  latest version always holds every image once (old or new annotations).
 - mode="append": skip images the writer knows are committed and make the commit
   idempotent per (app_id, chunk) with a Delta app transaction (app_id: the run id by default). Costs nothing per commit
   beyond the write; assumes no two writers commit the same image at the same time (each
@@ -50,7 +53,7 @@ def commit_metadata(lineage: LineageRecord, **extra: Any) -> dict[str, Any]:
 class DatasetWriter:
     """Writes one run (one round and stage, one lineage) into the dataset at root."""
 
-    def __init__(self, root: str, lineage: LineageRecord, *, mode: Literal["merge", "append"] = "merge",
+    def __init__(self, root: str, lineage: LineageRecord, *, mode: Literal["merge", "replace", "append"] = "merge",
                  endpoint_url: str | None = None, options: dict[str, str] | None = None,
                  app_id: str | None = None):
         self.root, self.lineage, self.mode = str(root), lineage, mode
@@ -103,7 +106,8 @@ class DatasetWriter:
         self._prefetch_owners([natural_image_key(im["image_id"]) for im in images])
         keys = assign_image_keys([im["image_id"] for im in images], self._owner)
         keys.update({im["image_id"]: im["image_key"] for im in images if "image_key" in im})
-        new = [im for im in images if self._owner(keys[im["image_id"]]) != im["image_id"]]
+        new = images if self.mode == "replace" else \
+            [im for im in images if self._owner(keys[im["image_id"]]) != im["image_id"]]
         if not new:
             return None
         table = to_table([self._complete(im, keys[im["image_id"]]) for im in new])
@@ -114,10 +118,12 @@ class DatasetWriter:
             app_transactions=[Transaction(self.app_id, chunk)] if chunk is not None else None,
         )
         try:
-            if self.mode == "merge":
-                (self.images.merge(table, "t.image_id = s.image_id", source_alias="s", target_alias="t",
-                                   writer_properties=WRITER_PROPERTIES, commit_properties=props)
-                 .when_not_matched_insert_all().execute())
+            if self.mode in ("merge", "replace"):
+                merge = self.images.merge(table, "t.image_id = s.image_id", source_alias="s", target_alias="t",
+                                          writer_properties=WRITER_PROPERTIES, commit_properties=props)
+                if self.mode == "replace":
+                    merge = merge.when_matched_update_all()
+                merge.when_not_matched_insert_all().execute()
             else:
                 write_deltalake(self.images, table, mode="append", writer_properties=WRITER_PROPERTIES,
                                 commit_properties=props)
@@ -147,7 +153,7 @@ class DatasetWriter:
         for i, ann in enumerate(image.get("annotations", ())):
             anns.append({"id": annotation_id(key, i), "stage": self.lineage.stage,
                          "round": self.lineage.round, **ann})
-        return {"phash": None, **image, "image_key": key, "annotations": anns}
+        return {"phash": None, **image, "image_key": key, "annotations": anns, "run_id": self.lineage.run_id}
 
     # -- which keys the table holds ------------------------------------------------------------
     def _table_keys(self) -> np.ndarray:

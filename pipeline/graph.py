@@ -63,7 +63,7 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
             num_threads=int(config.decoder.num_cpus), endpoint_url=config.endpoint_url)))
         ds = ds.map_batches(postprocess_batch, num_cpus=config.postprocess_num_cpus, batch_size=1,
                             fn_kwargs=dict(amg=amg))
-    return ds.map_batches(Writer, fn_constructor_args=(config.output, lineage, config.endpoint_url),
+    return ds.map_batches(Writer, fn_constructor_args=(config.output, lineage, config.endpoint_url, config.replace),
                           concurrency=config.writers, num_cpus=0, batch_size=config.chunk_images)
 
 
@@ -78,25 +78,26 @@ def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
         checkpoint_hash=_checkpoint_hash(config), run_id=config.run_id,
         listing_hash=listing_hash(listing.to_pylist()))
     options = storage_options(config.output, config.endpoint_url)
-    done_uris, committed = committed_state(config.output, options)
+    done_uris, committed = committed_state(config.output, options, lineage.run_id if config.replace else None)
     todo = listing.filter(pc.invert(pc.is_in(listing["uri"], value_set=done_uris)))
     log(f"run {lineage.run_id}: {listing.num_rows} inputs in {config.input}, {listing.num_rows - todo.num_rows} "
         f"already done, {todo.num_rows} to go -> {config.output} ({device}, "
         f"{'fused' if config.fused(device) else 'split'} stages)")
 
-    writer = DatasetWriter(config.output, lineage, mode="append", options=options)
-    writer.start_run([{**r, "listing_hash": lineage.listing_hash, "run_id": lineage.run_id} for r in listing.to_pylist()])
-    summary = _summarize([], config, lineage.run_id, listing.num_rows, device)
-    if todo.num_rows:
+    tally = Tally()
+    if todo.num_rows:  # a run with nothing to do writes nothing
+        writer = DatasetWriter(config.output, lineage, mode="append", options=options)
+        writer.start_run([{**r, "listing_hash": lineage.listing_hash, "run_id": lineage.run_id}
+                          for r in listing.to_pylist()])
         blocks = [todo.slice(i, config.read_batch_size) for i in range(0, todo.num_rows, config.read_batch_size)]
         ds = build(ray.data.from_arrow(blocks), config, lineage.model_dump(), committed, device)
-        rows = []
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            rows.extend(_summary_rows(batch))
-        summary = _summarize(rows, config, lineage.run_id, listing.num_rows, device)
+            tally.add(batch)
+    summary = _summarize(tally, config, lineage.run_id, listing.num_rows, device)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["already_done"] = listing.num_rows - todo.num_rows
-    _write_summary(config, summary)
+    if summary["processed"]:
+        _write_summary(config, summary)
     summary["report"] = _write_report(config, log)
     return summary
 
@@ -105,30 +106,39 @@ def _checkpoint_hash(config: AnnotateConfig) -> str:
     return "" if config.checkpoint.startswith(("s3://", "s3a://")) else file_sha256(config.checkpoint)
 
 
-def _summary_rows(batch: dict) -> list[dict]:
-    n = len(batch["uri"])
-    return [{k: (batch[k][i] if k in batch else None) for k in ("uri", "status", "reason", "masks", "funnel",
-                                                                  *(f"t_{s}" for s in STAGES))} for i in range(n)]
+class Tally:
+    """Running totals of the summary rows as they stream out (nothing kept per input)."""
+
+    def __init__(self):
+        self.status, self.reasons, self.funnel = Counter(), Counter(), Counter()
+        self.busy = dict.fromkeys(STAGES, 0.0)
+        self.rows = self.masks = 0
+
+    def add(self, batch: dict) -> None:
+        self.rows += len(batch["uri"])
+        self.status.update(str(s) for s in batch["status"])
+        self.reasons.update(str(r).split(":")[0] for r, s in zip(batch["reason"], batch["status"]) if s == "quarantined")
+        self.masks += int(sum(int(m) for m in batch.get("masks", ())))
+        for f in batch.get("funnel", ()):
+            if f:
+                self.funnel.update(json.loads(f))
+        for stage in STAGES:
+            if f"t_{stage}" in batch:
+                self.busy[stage] += float(sum(batch[f"t_{stage}"]))
 
 
-def _summarize(rows: list[dict], config: AnnotateConfig, run_id: str, listed: int, device: str) -> dict[str, Any]:
-    counts = Counter(r["status"] for r in rows)
-    funnel = Counter()
-    for r in rows:
-        funnel.update(json.loads(r["funnel"]) if r["funnel"] else {})
-    busy = {s: float(sum(r[f"t_{s}"] or 0.0 for r in rows)) for s in STAGES}
-    annotated = counts.get("annotated", 0)
+def _summarize(tally: Tally, config: AnnotateConfig, run_id: str, listed: int, device: str) -> dict[str, Any]:
     return {
         "run_id": run_id, "input": config.input, "output": config.output, "device": device,
-        "fused_stages": config.fused(device), "listed": listed, "processed": len(rows),
-        "annotated": annotated, "duplicate": counts.get("duplicate", 0), "quarantined": counts.get("quarantined", 0),
-        "masks": int(sum(int(r["masks"] or 0) for r in rows)),
-        "quarantine_reasons": dict(Counter(str(r["reason"]).split(":")[0] for r in rows if r["status"] == "quarantined")),
-        "funnel": {k: int(funnel.get(k, 0)) for k in (*FUNNEL, "kept")},
+        "fused_stages": config.fused(device), "listed": listed, "processed": tally.rows,
+        "annotated": tally.status.get("annotated", 0), "duplicate": tally.status.get("duplicate", 0),
+        "quarantined": tally.status.get("quarantined", 0), "masks": tally.masks,
+        "quarantine_reasons": dict(tally.reasons),
+        "funnel": {k: int(tally.funnel.get(k, 0)) for k in (*FUNNEL, "kept")},
         # busy seconds of each stage summed over its workers, and images per busy second:
         # the per-worker throughput that capacity planning scales from.
-        "stage_seconds": {s: round(v, 3) for s, v in busy.items()},
-        "stage_images_per_s": {s: round(len(rows) / v, 3) if v > 0 else None for s, v in busy.items()},
+        "stage_seconds": {s: round(v, 3) for s, v in tally.busy.items()},
+        "stage_images_per_s": {s: round(tally.rows / v, 3) if v > 0 else None for s, v in tally.busy.items()},
     }
 
 

@@ -17,23 +17,26 @@ from dataset.storage import arrow_dataset, table_uri
 RETRIED_REASON = "read_error"
 
 
-def _read(root: str, name: str, columns: list[str], options: dict[str, str]) -> pa.Table | None:
+def _read(root: str, name: str, columns: list[str], options: dict[str, str], run_id: str | None) -> pa.Table | None:
     uri = table_uri(root, name)
     if not DeltaTable.is_deltatable(uri, storage_options=options):
         return None
-    return arrow_dataset(DeltaTable(uri, storage_options=options), uri, options).to_table(columns=columns)
+    where = pc.field("run_id") == run_id if run_id is not None else None
+    return arrow_dataset(DeltaTable(uri, storage_options=options), uri, options).to_table(columns=columns, filter=where)
 
 
-def committed_state(root: str, options: dict[str, str]) -> tuple[pa.Array, list[tuple[str, str | None]]]:
-    """(URIs already done, [(image_id, phash)] of committed images) of the latest versions."""
+def committed_state(root: str, options: dict[str, str], run_id: str | None = None
+                    ) -> tuple[pa.Array, list[tuple[str, str | None]]]:
+    """(URIs already done, [(image_id, phash)] of committed images) of the latest versions;
+    with run_id, only what that run wrote (a full rebuild redoes everything else)."""
     done = []
-    images = _read(root, "annotations", ["uri", "image_id", "phash"], options)
+    images = _read(root, "annotations", ["uri", "image_id", "phash"], options, run_id)
     if images is not None:
         done.append(images["uri"])
-    dups = _read(root, "duplicates", ["uri"], options)
+    dups = _read(root, "duplicates", ["uri"], options, run_id)
     if dups is not None:
         done.append(dups["uri"])
-    bad = _read(root, "quarantine", ["uri", "reason"], options)
+    bad = _read(root, "quarantine", ["uri", "reason"], options, run_id)
     if bad is not None:
         done.append(bad.filter(pc.invert(pc.starts_with(bad["reason"], RETRIED_REASON)))["uri"])
     uris = pa.chunked_array([c.cast(pa.string()) for col in done for c in col.chunks], type=pa.string()).combine_chunks() \

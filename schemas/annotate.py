@@ -66,6 +66,8 @@ class AnnotateConfig(BaseModel):
     chunk_images: int = Field(64, ge=1, description="images per Delta commit (one transaction each)")
     writers: int = Field(1, ge=1, description="writer actors committing chunks in parallel")
 
+    replace: bool = Field(False, description="re-annotate images the dataset already holds, replacing their rows "
+                                             "(a full rebuild); resume then skips only what this run_id wrote")
     round: int = Field(0, ge=0, description="data-engine round whose checkpoint is used")
     run_id: str | None = Field(None, description="default: a fresh id per invocation")
     ray_address: str | None = Field(None, description="default: RAY_ADDRESS, a running local cluster, or embedded")

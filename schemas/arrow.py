@@ -42,6 +42,7 @@ IMAGES = pa.schema([
     pa.field("height", pa.int32(), nullable=False),
     pa.field("phash", pa.string()),
     pa.field("annotations", pa.list_(pa.field("element", MASK, nullable=False)), nullable=False),
+    pa.field("run_id", pa.string()),  # the run that wrote this row (a full rebuild replaces rows)
 ])
 
 QUARANTINE = pa.schema([

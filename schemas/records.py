@@ -52,6 +52,7 @@ class ImageRecord(_Record):
     height: int = Field(gt=0)
     phash: str | None = Field(None, description="perceptual hash (imagehash.phash) as hex")
     annotations: list[MaskAnnotation] = Field(default_factory=list)
+    run_id: str | None = Field(None, description="the run that wrote this row (filled in by the writer)")
 
     @field_validator("image_id")
     @classmethod

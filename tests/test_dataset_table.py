@@ -198,7 +198,7 @@ def test_ray_dataset_reads_a_pinned_version(tmp_path, records):
     w = DatasetWriter(root, new_lineage(round=0, stage="auto"))
     v = w.commit_images(records[:4])
     w.commit_images(records[4:])
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         rows = read_ray(root, version=v).take_all()
     finally:

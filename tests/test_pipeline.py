@@ -41,7 +41,7 @@ def s3():
 
 @pytest.fixture(scope="module")
 def ray_session(s3):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
