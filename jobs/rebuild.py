@@ -1,0 +1,56 @@
+"""Scheduled dataset rebuild: incremental (only objects new or changed at the source) or
+full (re-annotate everything with a new checkpoint or parameters). Idempotent: run it as
+often as you like; a run with nothing to do writes nothing.
+
+    python jobs/rebuild.py --input s3://bucket/images --output s3://bucket/dataset
+    python jobs/rebuild.py --full --checkpoint new.pt --input ... --output ...
+    ray job submit --working-dir . -- python jobs/rebuild.py --input ... --output ...
+
+Every other flag is that of jobs/auto_annotate.py (generator, actors, --config, ...).
+From cron:  0 3 * * *  cd /srv/samengine && RAY_AUTH_MODE=token ray job submit \\
+                --address http://127.0.0.1:8265 --working-dir . -- python jobs/rebuild.py ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pydantic import ValidationError  # noqa: E402
+
+from jobs.auto_annotate import load_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 add_help=False)
+    ap.add_argument("--full", action="store_true", help="re-annotate every input (new checkpoint or parameters)")
+    ap.add_argument("--prune-deleted", action="store_true", help="drop records of objects gone from the source")
+    ap.add_argument("--retention-hours", type=int, help="afterwards, vacuum files older versions no longer need")
+    ap.add_argument("-h", "--help", action="store_true")
+    args, rest = ap.parse_known_args(argv)
+    if args.help:
+        ap.print_help()
+        print("\nand every flag of jobs/auto_annotate.py (python jobs/auto_annotate.py --help)")
+        return 0
+    try:
+        config = load_config(rest)
+    except ValidationError as e:
+        print(f"invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    import ray
+
+    from pipeline.rebuild import rebuild
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray_address, log_to_driver=False)
+    report = rebuild(config, full=args.full, prune_deleted=args.prune_deleted, retention_hours=args.retention_hours)
+    print(json.dumps(report, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
