@@ -1,0 +1,85 @@
+"""The images a service annotates: listed once at start, read and decoded on demand with the
+pipeline's own reader and decoder, so an image annotated here has the same image_id
+(sha256 of its bytes), orientation and pixels as when the automatic pipeline annotates it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+
+from dataset.identity import phash_rgb, sha256_hex
+from pipeline.images import ImageLimits, decode_image
+from pipeline.sources import list_inputs, read_bytes
+
+# Any image the decoder can read may be annotated by hand; the pipeline's size limits are its own.
+LIMITS = ImageLimits(min_side=1, max_aspect_ratio=float("inf"))
+
+
+@dataclass
+class LoadedImage:
+    index: int
+    uri: str
+    image_id: str
+    rgb: np.ndarray  # H x W x 3 uint8, upright
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+
+class ImageCatalog:
+    def __init__(self, uris: list[str], *, max_bytes: int, endpoint_url: str | None = None):
+        self.uris = list(uris)
+        self.max_bytes = max_bytes
+        self.endpoint_url = endpoint_url
+
+    @classmethod
+    def from_spec(cls, spec: str, **kwargs) -> "ImageCatalog":
+        """The images an input spec names (folder, file, glob, s3:// prefix, manifest)."""
+        return cls(list_inputs(spec)["uri"].to_pylist(), **kwargs)
+
+    @classmethod
+    def from_dataset(cls, root: str, *, run_id: str | None = None, **kwargs) -> "ImageCatalog":
+        """The images of a dataset version (its latest, or the last of run_id), by uri."""
+        from dataset import read_images
+
+        table = read_images(root, columns=["uri"], run_id=run_id)
+        return cls(sorted(set(table["uri"].to_pylist())), **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def load(self, index: int) -> LoadedImage:
+        if not 0 <= index < len(self.uris):
+            raise IndexError(f"image index {index} out of range (0..{len(self.uris) - 1})")
+        uri = self.uris[index]
+        data = read_bytes(uri, max_bytes=self.max_bytes, endpoint_url=self.endpoint_url)
+        return LoadedImage(index, uri, sha256_hex(data), decode_image(data, limits=LIMITS))
+
+    def load_checked(self, index: int, image_id: str) -> LoadedImage:
+        """Image `index`, which must still be the image_id the client opened."""
+        image = self.load(index)
+        if image.image_id != image_id:
+            raise KeyError(f"image {index} ({image.uri}) is not {image_id[:16]}...: changed on disk?")
+        return image
+
+
+def phash(image: LoadedImage) -> str:
+    return phash_rgb(image.rgb)
+
+
+def committed(root: str, image_id: str) -> bool:
+    """Whether the dataset at root holds image_id (one row per image)."""
+    from dataset import open_dataset
+
+    try:
+        ds = open_dataset(root)
+    except Exception:  # no table yet
+        return False
+    return ds.count_rows(filter=pc.field("image_id") == image_id) > 0

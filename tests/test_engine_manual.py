@@ -1,0 +1,206 @@
+"""Assisted-manual stage: the annotation service on a real Ray Serve app over HTTP on
+127.0.0.1, driven by the simulated annotator over synthetic scenes with ground truth.
+
+Asserts protocol and data correctness (one encoder run per image, every click answered
+from the cache, accepted masks committed as stage "manual" and decoding to what the
+service returned), not model quality: the bundled checkpoint is an early, weak one."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from engine.annotator import EngineClient, EngineError, SimulatedAnnotator, as_pycoco, next_click
+from engine.cache import EmbeddingCache
+from training.synthetic import make_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUND = 1
+
+
+def write_scenes(folder: Path, seeds: list[int], size=(200, 272)) -> dict[str, np.ndarray]:
+    """Synthetic scenes as PNG files; returns ground-truth masks by file path."""
+    folder.mkdir(parents=True)
+    truth = {}
+    for seed in seeds:
+        scene = make_scene(seed, size)
+        path = folder / f"scene_{seed}.png"
+        Image.fromarray(scene.image).save(path)
+        truth[str(path)] = scene.masks
+    return truth
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from engine.service import free_port, start
+
+    tmp = tmp_path_factory.mktemp("manual")
+    truth = write_scenes(tmp / "images", [11, 12, 13])
+    output = str(tmp / "dataset")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        url = start({"images": str(tmp / "images"), "output": output, "stage": "manual", "round": ROUND,
+                     "run_id": "manual-test", "torch_threads": 1}, port=free_port())
+        yield {"url": url, "truth": truth, "output": output}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def session(service):
+    """The simulated annotator's pass over every image: what the other tests inspect."""
+    client = EngineClient(service["url"])
+    listing = client.images()
+    annotator = SimulatedAnnotator(client, max_clicks=3, target_iou=0.9, max_objects=3)
+    results = [annotator.annotate(e["index"], service["truth"][e["uri"]]) for e in listing["images"]]
+    return {"client": client, "listing": listing, "results": results}
+
+
+def test_page_is_served(service):
+    page = requests.get(service["url"] + "/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script src="app.js"></script>' in page.text and 'id="overlay"' in page.text
+    script = requests.get(service["url"] + "/app.js", timeout=30)
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    for endpoint in ("/api/images", "/api/predict", "/api/commit"):
+        assert endpoint in script.text
+    png = requests.get(service["url"] + "/api/images/0/image.png", timeout=30)
+    decoded = np.asarray(Image.open(__import__("io").BytesIO(png.content)))
+    first = sorted(service["truth"])[0]
+    assert np.array_equal(decoded, np.asarray(Image.open(first).convert("RGB")))
+
+
+def test_clicks_are_answered_from_the_cached_embedding(session):
+    client, results = session["client"], session["results"]
+    stats = client.stats()
+    n_images = len(session["listing"]["images"])
+    assert n_images == 3 and all(r["opened"]["encoded"] for r in results)
+    # One encoder run per image, at open; every click after it came from the cache.
+    assert stats["encodes"] == n_images
+    assert stats["predicts"] == len(client.clicks) > n_images
+    assert not any(c["encoded"] for c in client.clicks)
+    assert stats["cache_items"] == n_images and stats["cache_hits"] >= len(client.clicks)
+    again = client.open(0)
+    assert not again["encoded"] and again["committed"]
+    assert client.stats()["encodes"] == n_images
+
+    round_trip = np.array([c["round_trip_ms"] for c in client.clicks])
+    server = np.array([c["server_ms"] for c in client.clicks])
+    report = {"clicks": len(round_trip), "round_trip_ms_median": float(np.median(round_trip)),
+              "round_trip_ms_p90": float(np.percentile(round_trip, 90)),
+              "server_ms_median": float(np.median(server)),
+              "encode_ms_median": float(np.median([r["opened"]["encode_ms"] for r in results]))}
+    print("\nper-click latency from the cached embedding:", json.dumps(report))
+
+
+def test_accepted_masks_land_in_the_dataset_as_manual(service, session):
+    from dataset import history, read_images, read_table
+    from schemas import annotation_id
+
+    results = session["results"]
+    rows = {r["image_id"]: r for r in read_images(service["output"]).to_pylist()}
+    assert len(rows) == len(results)
+    total = 0
+    for result in results:
+        opened, outcomes = result["opened"], result["outcomes"]
+        assert outcomes, "the annotator accepted no mask on an image"
+        row = rows[opened["image_id"]]
+        assert opened["image_id"] == hashlib.sha256(Path(opened["uri"]).read_bytes()).hexdigest()
+        assert (row["uri"], row["width"], row["height"]) == (opened["uri"], opened["width"], opened["height"])
+        assert result["commit"] == {"image_id": opened["image_id"], "version": result["commit"]["version"],
+                                    "masks": len(outcomes), "stage": "manual", "round": ROUND}
+        assert len(row["annotations"]) == len(outcomes)
+        for i, (ann, outcome) in enumerate(zip(row["annotations"], outcomes.values())):
+            sent = outcome.response
+            assert ann["stage"] == "manual" and ann["round"] == ROUND
+            assert ann["id"] == annotation_id(row["image_key"], i)
+            # Stored exactly as the service returned it, and it decodes to that mask.
+            assert ann["segmentation"]["counts"] == sent["segmentation"]["counts"]
+            stored = coco_mask.decode(as_pycoco(ann["segmentation"]))
+            returned = coco_mask.decode(as_pycoco(sent["segmentation"]))
+            assert stored.shape == (opened["height"], opened["width"]) and np.array_equal(stored, returned)
+            assert ann["area"] == int(stored.sum()) == sent["area"]
+            assert list(ann["bbox"]) == [int(v) for v in coco_mask.toBbox(as_pycoco(ann["segmentation"]))]
+            assert ann["predicted_iou"] == pytest.approx(sent["score"])
+            assert [tuple(p) for p in ann["point_coords"]] == outcome.points
+            total += 1
+    lineage = read_table(service["output"], "lineage").to_pylist()
+    assert [(r["run_id"], r["stage"], r["round"]) for r in lineage] == [("manual-test", "manual", ROUND)]
+    commits = [c for c in history(service["output"]) if c.get("table") == "annotations"]
+    assert len(commits) == len(results) and {c["stage"] for c in commits} == {"manual"}
+    assert total == sum(c["masks"] for c in commits)
+
+
+def test_protocol_refuses_bad_requests(service, session):
+    client = session["client"]
+    opened = session["results"][0]["opened"]
+    ref = {"index": 0, "image_id": opened["image_id"]}
+    mask = session["results"][0]["masks"][0]
+
+    with pytest.raises(EngineError) as e:  # an image is committed once
+        client.commit(0, opened["image_id"], [mask])
+    assert e.value.status == 409
+    with pytest.raises(EngineError) as e:
+        client.predict(**ref, points=[[5, 5]], labels=[1], mask_input="AAAA")
+    assert e.value.status == 422 and "float16" in e.value.detail
+    with pytest.raises(EngineError) as e:
+        client.predict(**ref)  # no prompt at all
+    assert e.value.status == 422
+    with pytest.raises(EngineError) as e:
+        client.commit(1, opened["image_id"], [mask])
+    assert e.value.status == 409  # index 1 is another image
+    with pytest.raises(EngineError) as e:
+        client.open(99)
+    assert e.value.status == 404
+    bad = {**mask, "segmentation": {"size": mask["segmentation"]["size"], "counts": "0" + mask["segmentation"]["counts"]}}
+    other = session["results"][1]["opened"]
+    with pytest.raises(EngineError) as e:
+        client.commit(1, other["image_id"], [bad])
+    assert e.value.status == 422
+    # A box with the previous mask as prompt is answered too, at the model's low-res size.
+    first = client.predict(**ref, box=[10, 10, 120, 90])
+    out = client.predict(**ref, box=[10, 10, 120, 90], points=[[60, 50]], labels=[0], mask_input=first["low_res"])
+    assert out["low_res_shape"] == [64, 64] and not out["encoded"]
+    assert out["segmentation"]["size"] == [opened["height"], opened["width"]]
+
+
+def test_next_click_follows_the_error_region():
+    truth = np.zeros((20, 30), bool)
+    truth[5:15, 5:15] = True
+    x, y, label = next_click(None, truth)
+    assert label == 1 and truth[int(y), int(x)] and (int(x), int(y)) in {(9, 9), (9, 10), (10, 9), (10, 10)}
+    spill = truth.copy()
+    spill[0:20, 18:30] = True  # a large false positive on the right
+    x, y, label = next_click(spill, truth)
+    assert label == 0 and x >= 18 and not truth[int(y), int(x)]
+    miss = truth.copy()
+    miss[5:15, 5:12] = False  # most of the object missed
+    x, y, label = next_click(miss, truth)
+    assert label == 1 and 5 <= x < 12
+
+
+def test_embedding_cache_is_lru_bounded_by_bytes():
+    cache = EmbeddingCache(max_bytes=3 * 4096)
+    item = lambda: (torch.zeros(1, 4, 16, 16), (16, 16))  # noqa: E731  4096 bytes
+    for key in "abc":
+        assert cache.put(key, item())
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.put("d", item())  # evicts b, the least recently used
+    assert "b" not in cache and all(k in cache for k in "acd") and cache.nbytes == 3 * 4096
+    assert not cache.put("huge", (torch.zeros(4096),))  # 16 KiB: larger than the cache
+    assert "huge" not in cache and len(cache) == 3
+    assert (cache.hits, cache.misses) == (1, 0)
+    assert cache.get("b") is None and cache.misses == 1
