@@ -6,6 +6,10 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,7 @@ from model import load_checkpoint
 from pipeline.graph import run
 from pipeline.images import decode_image
 from schemas.annotate import DEFAULT_CHECKPOINT
-from tests.s3server import moto_server
+from tests.s3server import free_port, moto_server
 from training.synthetic import make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,3 +212,36 @@ def test_s3_in_and_out(ray_session, s3, tmp_path):
     # Resume on S3 too.
     again = run(load_config(["--input", "s3://data/images", "--output", root, *AMG_FLAGS]))
     assert again["processed"] == 0 and again["already_done"] == len(expected)
+
+
+def test_flaky_storage_every_input_once(ray_session, s3, tmp_path):
+    """Input and output through a proxy that fails every 4th request (503 SlowDown, dropped
+    connections, slow 500s): retries absorb it, and every input still ends up once."""
+    import boto3
+
+    expected = make_inputs(tmp_path / "in")
+    client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1")
+    for path in (tmp_path / "in").iterdir():
+        client.put_object(Bucket="data", Key=f"flaky/{path.name}", Body=path.read_bytes())
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, str(ROOT / "tests" / "faulty_proxy.py"), "--target", s3,
+                              "--port", str(port), "--fail-every", "4"], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        root = "s3://data/datasets/flaky"
+        flags = ["--input", "s3://data/flaky", "--output", root, "--endpoint-url", f"http://127.0.0.1:{port}",
+                 *AMG_FLAGS, "--chunk-images", "2"]
+        summary = run(load_config(flags))
+    finally:
+        proxy.terminate()
+        stats = json.loads(proxy.communicate(timeout=30)[0].strip().splitlines()[-1])
+    assert sum(stats["faults"].values()) >= 10 and all(v > 0 for v in stats["faults"].values()), stats
+    assert (summary["annotated"], summary["duplicate"], summary["quarantined"]) == (5, 2, 3)
+    assert_each_input_once(root, expected)  # read back directly, not through the proxy
+    reasons = {Path(q["uri"]).name: q["reason"] for q in read_table(root, "quarantine").to_pylist()}
+    assert not any(r.startswith("read_error") for r in reasons.values()), reasons
