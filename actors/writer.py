@@ -13,6 +13,7 @@ import numpy as np
 from dataset import DatasetWriter
 from schemas import LineageRecord
 
+from . import metrics
 from .batch import DUPLICATE, OK, QUARANTINED, objects
 
 SUMMARY_COLUMNS = ("uri", "status", "reason", "masks", "funnel", "t_read", "t_dedup", "t_encode", "t_decode",
@@ -53,4 +54,5 @@ class Writer:
         out = {k: batch[k] for k in SUMMARY_COLUMNS if k in batch}
         out["t_write"] = np.full(n, (time.perf_counter() - t) / max(n, 1))
         out["status"] = objects(["annotated" if s == OK else s for s in status])
+        metrics.record(out)  # live metrics (Ray dashboard / Prometheus): every row ends here
         return out
