@@ -98,7 +98,7 @@ def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
     summary["already_done"] = listing.num_rows - todo.num_rows
     if summary["processed"]:
         _write_summary(config, summary)
-    summary["report"] = _write_report(config, log)
+    summary["report"] = _write_report(config, log) if summary["processed"] else None
     return summary
 
 
