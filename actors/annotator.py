@@ -50,10 +50,25 @@ class _ModelStage:
         self.precision = precision
 
     def _encode(self, image: np.ndarray) -> EncodedImage:
-        return encode_image(self.model, image, self.params, self.precision)
+        return split_on_oom(lambda b: encode_image(self.model, image, self.params, self.precision, batch_size=b), 4)
 
     def _candidates(self, encoded: EncodedImage) -> list:
-        return decode_image(self.model, encoded, self.params, self.precision)
+        return split_on_oom(lambda b: decode_image(self.model, encoded, self.params.model_copy(
+            update={"points_per_batch": b}), self.precision), self.params.points_per_batch)
+
+
+def split_on_oom(fn, batch: int):
+    """fn(batch), and on a GPU out-of-memory error again with half the batch (down to 1):
+    a big image or crop stack costs time, never the image."""
+    while True:
+        try:
+            return fn(batch)
+        except torch.OutOfMemoryError:
+            if batch <= 1:
+                raise
+            batch //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def _post(crops: list, orig_size: tuple[int, int], params: AmgParams) -> tuple[list[dict], dict]:
