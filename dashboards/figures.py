@@ -69,12 +69,15 @@ def masks_per_image(hist: dict[int, int]) -> str:
         width = max(1, int(np.ceil((top + 1) / 40)))  # at most ~40 bars
         edges = np.arange(0, top + width + 1, width)
         binned = np.histogram(values, bins=edges, weights=counts)[0]
-        ax.bar(edges[:-1], _share(binned), width=width * 0.9, align="edge", color=ACCENT)
+        if width == 1:  # one bar per count, centred on it
+            ax.bar(edges[:-1], _share(binned), width=0.8, color=ACCENT)
+        else:
+            ax.bar(edges[:-1], _share(binned), width=width * 0.9, align="edge", color=ACCENT)
         mean = float((values * counts).sum() / counts.sum())
         ax.axvline(mean, color=ACCENT_2, lw=1.5, ls="--", label=f"mean {mean:.1f}")
         ax.set_xlabel("masks per image" + (f" (bins of {width})" if width > 1 else ""))
         ax.set_ylabel("images")
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="best")
         return _svg(fig, "masks-per-image")
@@ -96,15 +99,25 @@ def unit_histogram(edges: list[float], counts: list[int], xlabel: str, salt: str
             ax.set_xlim(0, 1)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
-            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
         return _svg(fig, salt) if fig is not None else None
 
 
-def scores(edges: list[float], iou: list[int], stability: list[int]) -> str:
+def scores(edges: list[float], iou: list[int], stability: list[int],
+           thresholds: dict[str, list[float]] | None = None) -> str:
+    """Two histograms; the runs' filter thresholds (pred_iou_thresh, stability_score_thresh)
+    as dashed lines where they are above 0 (0 turns a filter off)."""
+    thresholds = thresholds or {}
     with rc_context(STYLE):
         fig, axes = _figure(width=FULL, height=3.0, ncols=2)
-        unit_histogram(edges, iou, "predicted IoU", "", ax=axes[0], color=ACCENT, empty="no predicted IoU")
-        unit_histogram(edges, stability, "stability score", "", ax=axes[1], color=ACCENT_2, empty="no stability score")
+        for ax, counts, label, color, key in (
+                (axes[0], iou, "predicted IoU", ACCENT, "pred_iou_thresh"),
+                (axes[1], stability, "stability score", ACCENT_2, "stability_score_thresh")):
+            unit_histogram(edges, counts, label, "", ax=ax, color=color, empty=f"no {label}")
+            for i, t in enumerate(sorted({t for t in thresholds.get(key, []) if 0 < t <= 1})):
+                ax.axvline(t, color=INK, lw=1.2, ls="--", label="filter threshold" if i == 0 else None)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="upper right")
         axes[1].set_ylabel("")
         return _svg(fig, "scores")
 
@@ -122,7 +135,7 @@ def centres(counts: list[list[int]]) -> str:
         ax.set_ylabel("box centre y / image height")
         bar = fig.colorbar(image, ax=ax, shrink=0.85, format=PercentFormatter(1.0, decimals=1))
         bar.outline.set_visible(False)
-        bar.set_label("masks per cell")
+        bar.set_label("share of masks")
         return _svg(fig, "centres")
 
 
@@ -160,14 +173,16 @@ def rejects(quarantine: dict[str, int], duplicates: dict[str, int]) -> str:
                 continue
             items = sorted(counts.items(), key=lambda kv: kv[1])
             y = np.arange(len(items))
-            ax.barh(y, [v for _, v in items], color=color, height=0.6)
+            ax.barh(y, [v for _, v in items], color=color, height=0.55)
             ax.set_yticks(y, [k for k, _ in items])
+            ax.set_ylim(-0.7, max(len(items), 2) - 0.3)
             ax.set_title(title, loc="left")
             ax.grid(axis="y", visible=False)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlim(0, max(counts.values()) * 1.2)
+            ax.set_xlim(0, max(counts.values()) * 1.25)
             for yi, (_, v) in zip(y, items):
-                ax.text(v, yi, f" {v:,}", va="center", fontsize=9, color=INK)
+                ax.annotate(f"{v:,}", (v, yi), xytext=(4, 0), textcoords="offset points", va="center",
+                            fontsize=9, color=INK)
         return _svg(fig, "rejects")
 
 
@@ -194,11 +209,13 @@ def rounds(table: list[dict], metric_names: list[str]) -> str:
                 ys = [r["held_out"].get(name, np.nan) for r in table]
                 right.plot(x, ys, marker="o", color=color, lw=2, label=f"held-out {name}")
             right.set_ylabel("held-out metric")
+            top = max([v for r in table for v in r["held_out"].values()] + [0.0])
+            right.set_ylim(0, 1.05 if top <= 1 else top * 1.15)  # scores in [0, 1] keep their scale
             h2, l2 = right.get_legend_handles_labels()
             handles, labels = handles + h2, labels + l2
         else:
             ax.text(0.99, 0.95, "no held-out metrics yet (rounds/<round>.json)", ha="right", va="top",
                     transform=ax.transAxes, color="#6b7a8f")
-        ax.legend(handles, labels, loc="upper left", ncols=min(4, len(labels)))
-        ax.set_ylim(0, max(mpi + [1.0]) * 1.35)
+        fig.legend(handles, labels, loc="outside upper left", ncols=min(5, len(labels)))
+        ax.set_ylim(0, max(mpi + [1.0]) * 1.15)
         return _svg(fig, "rounds")

@@ -30,16 +30,17 @@ h2 { font-size:17px; margin:34px 0 12px; padding-bottom:6px; border-bottom:1px s
 figure { margin:0; background:var(--card); border:1px solid var(--line); border-radius:10px; padding:14px 16px 12px;
   box-shadow:0 1px 2px rgba(20,30,60,.06); }
 figure h3 { margin:0 0 6px; font-size:14px; }
+main > figure + figure { margin-top:16px; }
 figure svg { display:block; max-width:100%; height:auto; margin:0 auto; }
 figcaption { color:var(--muted); font-size:12.5px; margin-top:6px; }
-table { border-collapse:collapse; width:100%; font-size:13px; margin-top:10px; font-variant-numeric:tabular-nums; }
+table { border-collapse:collapse; width:100%; max-width:900px; font-size:13px; margin-top:10px; font-variant-numeric:tabular-nums; }
 th, td { text-align:right; padding:5px 10px; border-bottom:1px solid var(--line); white-space:nowrap; }
 th:first-child, td:first-child { text-align:left; }
 th { color:var(--muted); font-weight:600; font-size:12px; }
 td code { font-size:12px; }
-.tiles { display:grid; grid-template-columns:repeat(auto-fill,minmax(260px,1fr)); gap:12px; }
-.tile { margin:0; }
-.tile img { display:block; width:100%; border-radius:6px; background:#e9edf3; }
+.tiles { display:grid; grid-template-columns:repeat(auto-fill,minmax(260px,1fr)); gap:14px; }
+figure.tile { margin:0; border:none; padding:0; box-shadow:none; border-radius:0; }
+.tile img { display:block; width:100%; aspect-ratio:4/3; object-fit:contain; border-radius:6px; background:#e9edf3; }
 .tile .cap { color:var(--muted); font-size:12px; margin-top:4px; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
 .note { color:var(--muted); font-size:12.5px; }
 ul.method { color:var(--muted); font-size:13px; padding-left:18px; }
@@ -82,7 +83,9 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
                   escape(str(r.get("stage") or "–")), _num(r.get("processed")), _num(r.get("annotated")),
                   _num(r.get("duplicate")), _num(r.get("quarantined")), _num(r.get("masks")),
                   _num(r.get("seconds"), 1)] for r in d["runs"]]
-    rounds_rows = [[escape(str(r["round"])), _num(r["images"]), _num(r["masks"]), _num(r["masks_per_image"], 2),
+    stages = sorted({st for r in d["rounds"] for st in r["masks_by_stage"]})
+    rounds_rows = [[escape(str(r["round"])), _num(r["images"]), _num(r["masks"]),
+                    *[_num(r["masks_by_stage"].get(st, 0)) for st in stages], _num(r["masks_per_image"], 2),
                     *[_num(r["held_out"].get(m), 3) if r["held_out"].get(m) is not None else "–"
                       for m in d["held_out_metrics"]],
                     {True: "yes", False: "no"}.get(r.get("promoted"), "–")] for r in d["rounds"]]
@@ -94,10 +97,9 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
     skipped_note = (f'<p class="note">{len(skipped)} sampled image(s) skipped: '
                     + "; ".join(escape(f'{t["uri"].rsplit("/", 1)[-1]} ({t["skipped"]})') for t in skipped) + "</p>"
                     if skipped else "")
-    funnel_rows = [[escape(label), _num(v), f"{v / d['funnel_steps'][0][1]:.1%}" if d["funnel_steps"][0][1] else "–"]
-                   for label, v in d["funnel_steps"]]
-    sampled = (f"{s['images']:,} of {d['images']:,} images" if s["images"] < d["images"]
-               else f"all {d['images']:,} images")
+    steps, first = d["funnel_steps"], d["funnel_steps"][0][1]
+    funnel_rows = [[escape(label), _num(v), f"{v / first:.1%}" if first else "–",
+                    _num(steps[i - 1][1] - v) if i else ""] for i, (label, v) in enumerate(steps)]
     pinned = escape(d["pinned_by"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -131,15 +133,18 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
 <h2>Model scores</h2>
 {_figure("fig-scores", "Predicted IoU and stability score", svgs["scores"],
          f"Every mask ({d['masks']:,}); values outside [0, 1] are counted in the end bins"
-         + (f"; masks without a score: {d['scores_missing']}" if any(d['scores_missing'].values()) else "") + ".")}
+         + "".join(f"; {n:,} without {k.replace('_', ' ')}" for k, n in d["scores_missing"].items() if n)
+         + ". Dashed lines: the filter thresholds of this version's runs (where a filter was on).")}
 
 <h2>Automatic stage yield</h2>
 {_figure("fig-funnel", "Candidate masks left after each filter", svgs["funnel"],
          f"Summed over the run summaries (<code>runs/&lt;run_id&gt;.json</code>) of the {len(d['funnel_runs'])} "
          "run(s) found for this version. NMS and small-region cleanup act together between the crop-edge "
-         "filter and the kept masks." + _table(["step", "masks", "of candidates"], funnel_rows, "funnel-table"))}
-{_table(["run", "round", "stage", "processed", "annotated", "duplicate", "quarantined", "masks", "seconds"],
-        runs_rows, "runs-table") if runs_rows else '<p class="note">No runs recorded for this version.</p>'}
+         "filter and the kept masks." + _table(["step", "masks", "of candidates", "dropped by this step"], funnel_rows, "funnel-table"))}
+<figure id="runs"><h3>Runs in this version</h3>{_table(["run", "round", "stage", "inputs", "annotated",
+  "duplicate", "quarantined", "masks", "seconds"], runs_rows, "runs-table") if runs_rows
+  else '<p class="note">No runs recorded for this version.</p>'}
+<figcaption>From the run summaries and the commits of the annotations table.</figcaption></figure>
 
 <h2>Rejected inputs</h2>
 {_figure("fig-rejects", "Duplicates and quarantine", svgs["rejects"],
@@ -151,7 +156,7 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
          "Masks / image of a round = masks tagged with that round ÷ images holding at least one of them. "
          "Held-out metrics come from <code>rounds/&lt;round&gt;.json</code> (written by the data engine) "
          "where present."
-         + _table(["round", "images", "masks", "masks / image", *[f"held-out {m}" for m in d["held_out_metrics"]],
+         + _table(["round", "images", "masks", *[f"{st} masks" for st in stages], "masks / image", *[f"held-out {m}" for m in d["held_out_metrics"]],
                    "promoted"], rounds_rows, "rounds-table"))}
 
 <h2>Sample gallery</h2>
@@ -161,8 +166,8 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
 
 <h2>How this page was computed</h2>
 <ul class="method">
-<li>One pass over {sampled} of version {d['version']}, reading only the small mask columns (no RLE): masks per image,
-sizes, centres and scores are exact.</li>
+<li>One pass over all {d['images']:,} images of version {d['version']}, a row group at a time, reading only the small
+mask columns (no RLE): masks per image, sizes, centres and scores are exact.</li>
 <li>Random sample: the {s['images']:,} images with the smallest SHA-256 of their <code>image_id</code>
 (uniform, the same on every report of this version). Concavity and the gallery use it; only the row groups
 holding it were read with their RLE.</li>

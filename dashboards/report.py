@@ -79,6 +79,7 @@ def build_report(root: str, *, version: int | None = None, run_id: str | None = 
         "side_scope": "every run" if run_ids is None else f"the {len(run_ids)} run(s) of this version",
         "duplicates": dict(sources.side_counts(root, "duplicates", "kind", run_ids, options)),
         "quarantine": dict(sources.side_counts(root, "quarantine", "reason", run_ids, options)),
+        "thresholds": sources.run_thresholds(root, run_ids, options),
         "rounds": _rounds(st, round_files),
         "gallery": [t["image_id"] for t in tiles if "src" in t],
         "gallery_skipped": {t["image_id"]: t["skipped"] for t in tiles if "skipped" in t},
@@ -91,7 +92,7 @@ def build_report(root: str, *, version: int | None = None, run_id: str | None = 
         "centres": figures.centres(data["centres"]),
         "concavity": figures.unit_histogram(edges, data["concavity"]["counts"], "concavity (1 − area / hull area)",
                                             "concavity", color=figures.ACCENT_2, empty="no masks in the sample"),
-        "scores": figures.scores(edges, data["predicted_iou"], data["stability_score"]),
+        "scores": figures.scores(edges, data["predicted_iou"], data["stability_score"], data["thresholds"]),
         "funnel": figures.funnel(data["funnel_steps"]),
         "rejects": figures.rejects(data["quarantine"], data["duplicates"]),
         "rounds": figures.rounds(data["rounds"], data["held_out_metrics"]),
@@ -100,14 +101,16 @@ def build_report(root: str, *, version: int | None = None, run_id: str | None = 
 
 
 def _rounds(st: stats.VersionStats, files: dict[int, dict]) -> list[dict]:
-    masks = Counter()
-    for (r, _stage), n in st.masks_by_round_stage.items():
+    masks, by_stage = Counter(), {}
+    for (r, stage), n in st.masks_by_round_stage.items():
         masks[int(r)] += n
+        by_stage.setdefault(int(r), Counter())[stage] += n
     out = []
     for r in sorted(set(masks) | set(files)):
         f = files.get(r, {})
         images = st.images_by_round.get(r, 0)
         out.append({"round": r, "images": images, "masks": masks.get(r, 0),
+                    "masks_by_stage": dict(sorted(by_stage.get(r, {}).items())),
                     "masks_per_image": masks.get(r, 0) / images if images else None,
                     "engine_masks_per_image": f.get("masks_per_image"),
                     "held_out": {k: float(v) for k, v in (f.get("held_out") or {}).items()

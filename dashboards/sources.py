@@ -97,3 +97,24 @@ def side_counts(root: str, name: str, column: str, run_ids: set[str] | None, opt
         if run_ids is None or run_id in run_ids:
             out[str(value).split(":")[0]] += 1
     return out
+
+
+def run_thresholds(root: str, run_ids: set[str] | None, options: dict[str, str]) -> dict[str, list[float]]:
+    """The generator's score thresholds (pred_iou_thresh, stability_score_thresh) each run
+    used, from the lineage table's params_json."""
+    try:
+        table = read_table(root, "lineage", options=options)
+    except Exception:
+        return {}
+    out: dict[str, list[float]] = {}
+    for run_id, params in zip(table["run_id"].to_pylist(), table["params_json"].to_pylist()):
+        if run_ids is not None and run_id not in run_ids:
+            continue
+        try:
+            amg = json.loads(params).get("amg") or {}
+        except (ValueError, AttributeError):
+            continue
+        for key in ("pred_iou_thresh", "stability_score_thresh"):
+            if isinstance(amg.get(key), (int, float)):
+                out.setdefault(key, []).append(float(amg[key]))
+    return out

@@ -102,7 +102,8 @@ def _add_images(stats: VersionStats, table: pa.Table) -> None:
     ann = table["annotations"].combine_chunks()
     lengths = pc.list_value_length(ann).to_numpy(zero_copy_only=False)
     stats.images += len(lengths)
-    stats.masks_per_image.update(lengths.tolist())
+    values, counts = np.unique(lengths, return_counts=True)
+    stats.masks_per_image.update(dict(zip(values.tolist(), counts.tolist())))
     masks = pc.list_flatten(ann)
     if len(masks) == 0:
         return
@@ -130,11 +131,14 @@ def _add_images(stats: VersionStats, table: pa.Table) -> None:
         hist += unit_histogram(values[known])
         stats.scores_missing[name] += int((~known).sum())
 
-    rounds = masks.field("round").to_numpy(zero_copy_only=False)
-    stages = masks.field("stage").to_pylist()
-    stats.masks_by_round_stage.update(zip(rounds.tolist(), stages))
-    for r in np.unique(rounds):
-        stats.images_by_round[int(r)] += len(np.unique(parent[rounds == r]))
+    groups = pa.table({"round": masks.field("round"), "stage": masks.field("stage")}) \
+        .group_by(["round", "stage"]).aggregate([([], "count_all")])
+    stats.masks_by_round_stage.update({(r, st): n for r, st, n in zip(
+        groups["round"].to_pylist(), groups["stage"].to_pylist(), groups["count_all"].to_pylist())})
+    rounds = masks.field("round").to_numpy(zero_copy_only=False).astype(np.int64)
+    pairs = np.unique(np.stack([rounds, parent]), axis=1)  # (round, image) with a mask of that round
+    values, counts = np.unique(pairs[0], return_counts=True)
+    stats.images_by_round.update(dict(zip(values.tolist(), counts.tolist())))
 
 
 def read_sample(dataset: pads.FileSystemDataset, stats: VersionStats) -> Iterator[dict]:

@@ -218,6 +218,7 @@ def test_report_numbers_match_the_parquet_files(made, report):
     assert data["funnel"] == {k: sum(s["funnel"][k] for s in stored) for k in summary["funnel"]}
     assert data["funnel"]["kept"] == want["masks"] and data["funnel"]["candidates"] == 5 * 3 * 16
     assert data["funnel"]["iou"] < data["funnel"]["candidates"]  # the filters did filter
+    assert data["thresholds"] == {"pred_iou_thresh": [0.1], "stability_score_thresh": [0.05]}  # drawn on fig-scores
     assert [r["run_id"] for r in data["runs"]] == [summary["run_id"]]
 
     # Side tables by reason / kind.
@@ -252,6 +253,31 @@ def test_report_of_an_older_version(made, tmp_path):
     assert data["version"] == first and 0 < data["images"] == len(rows) < 5
     assert data["masks"] == sum(len(r["annotations"]) for r in rows)
     assert data["side_scope"] == "the 1 run(s) of this version" and sum(data["quarantine"].values()) == 3
+
+
+def test_report_of_a_dataset_on_s3(made, report, tmp_path):
+    """The same version copied to an S3 server: same numbers; the page is written beside it."""
+    from tests.s3server import moto_server
+
+    with moto_server("data") as endpoint:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        local = Path(made["root"])
+        for path in local.rglob("*"):
+            if path.is_file() and path.relative_to(local).parts[0] != "reports":
+                client.put_object(Bucket="data", Key=f"ds/{path.relative_to(local)}", Body=path.read_bytes())
+        written = report_main(["s3://data/ds", "--sample-images", str(SAMPLE), "--gallery", "3"]) == 0
+        version = report["page"].data["version"]
+        key = f"ds/reports/version-{version}.html"
+        data = parse(client.get_object(Bucket="data", Key=key)["Body"].read().decode()).data
+    assert written
+    mine = report["page"].data
+    for name in ("images", "masks", "masks_per_image", "relative_size", "centres", "predicted_iou",
+                 "stability_score", "concavity", "sample", "funnel", "duplicates", "quarantine", "rounds",
+                 "gallery", "thresholds"):
+        assert data[name] == mine[name], name
+    assert data["root"] == "s3://data/ds"
 
 
 # -- (a) in a browser --------------------------------------------------------------------------
