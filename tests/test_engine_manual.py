@@ -7,8 +7,12 @@ service returned), not model quality: the bundled checkpoint is an early, weak o
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +82,7 @@ def test_page_is_served(service):
     for endpoint in ("/api/images", "/api/predict", "/api/commit"):
         assert endpoint in script.text
     png = requests.get(service["url"] + "/api/images/0/image.png", timeout=30)
-    decoded = np.asarray(Image.open(__import__("io").BytesIO(png.content)))
+    decoded = np.asarray(Image.open(io.BytesIO(png.content)))
     first = sorted(service["truth"])[0]
     assert np.array_equal(decoded, np.asarray(Image.open(first).convert("RGB")))
 
@@ -175,6 +179,38 @@ def test_protocol_refuses_bad_requests(service, session):
     out = client.predict(**ref, box=[10, 10, 120, 90], points=[[60, 50]], labels=[0], mask_input=first["low_res"])
     assert out["low_res_shape"] == [64, 64] and not out["encoded"]
     assert out["segmentation"]["size"] == [opened["height"], opened["width"]]
+
+
+def chromium() -> str | None:
+    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium on this machine")
+def test_page_draws_a_click_mask_in_headless_chromium(service, session, tmp_path):
+    """The real page in a real browser: ?image=0&click=x,y opens image 0 and clicks once;
+    the mask it draws on the canvas is pixel for pixel the service's mask for that click."""
+    client = session["client"]
+    opened = client.open(0)
+    x, y, _ = next_click(None, service["truth"][opened["uri"]][0])
+    expected = client.predict(index=0, image_id=opened["image_id"], points=[[x, y]], labels=[1])
+    bits = coco_mask.decode(as_pycoco(expected["segmentation"])).astype(bool)
+    flat = np.flatnonzero(bits.ravel())  # row-major, as the page indexes its canvas
+    url = f"{service['url']}/?image=0&click={int(x)},{int(y)}"
+    browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=60000",
+               f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    canvas = re.search(r'<canvas id="overlay"[^>]*>', dom)
+    assert canvas, dom[-2000:]
+    drawn = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', canvas.group(0)))
+    assert int(drawn["mask-pixels"]) == len(flat) == expected["area"]
+    assert int(drawn["mask-index-sum"]) == int(flat.sum())
+    assert "predicted IoU" in dom  # the status line of a click
+    shot = tmp_path / "page.png"
+    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=900,600", url], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape == (600, 900, 3) and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
+    if os.environ.get("SAMENGINE_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["SAMENGINE_SCREENSHOTS"]) / "annotation_page.png")
 
 
 def test_next_click_follows_the_error_region():

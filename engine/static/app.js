@@ -76,7 +76,11 @@ function render() {
     if (prompt.box) strokeBox(ctx, prompt.box, "#2255ff");
   }
   if (drag) strokeBox(ctx, [drag.x0, drag.y0, drag.x1, drag.y1], "#ffffff");
-  overlay.dataset.maskArea = prompt && prompt.response ? prompt.response.area : 0;
+  // For automation and debugging: the current mask as drawn (pixels, sum of row-major indices).
+  let pixels = 0, indexSum = 0;
+  if (prompt && prompt.bits) prompt.bits.forEach((b, p) => { if (b) { pixels++; indexSum += p; } });
+  overlay.dataset.maskPixels = pixels;
+  overlay.dataset.maskIndexSum = indexSum;
   overlay.dataset.accepted = accepted.length;
 }
 
@@ -108,7 +112,14 @@ async function openImage(index) {
   const img = new Image();
   img.src = `/api/images/${index}/image.png`;
   await img.decode();
-  for (const c of [imageCanvas, overlay]) { c.width = opened.width; c.height = opened.height; }
+  // Fit the stage (small images are enlarged, up to 4x); clicks map back through the CSS size.
+  const stage = $("stage");
+  const scale = Math.min(4, (stage.clientWidth - 16) / opened.width, (stage.clientHeight - 16) / opened.height);
+  for (const c of [imageCanvas, overlay]) {
+    c.width = opened.width; c.height = opened.height;
+    c.style.width = `${Math.round(opened.width * scale)}px`;
+    c.style.height = `${Math.round(opened.height * scale)}px`;
+  }
   imageCanvas.getContext("2d").drawImage(img, 0, 0);
   prefill = opened.prefill.map((m) => ({ mask: m, bits: rleBits(m.segmentation), dropped: false }));
   accepted = []; prompt = null; history = [];

@@ -1,0 +1,69 @@
+"""Run the annotation service (assisted-manual or semi-automatic stage) and its page.
+
+    python jobs/annotate_service.py --images examples/images --output out/manual
+    python jobs/annotate_service.py --images-from out/auto_annotate --output out/semi \\
+        --stage semi_auto --prefill dataset --prefill-min-iou 0.92
+    python jobs/annotate_service.py --images DIR --output ROOT --stage semi_auto --prefill generator
+
+Serve listens on 127.0.0.1 only (open http://127.0.0.1:PORT/; reach it from elsewhere
+through an SSH tunnel). It runs on the Ray cluster that ray.init() finds, or a local one,
+until Ctrl-C. Every "Save & next" commits one image to the output dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from schemas.interactive import EngineConfig  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder, file, glob, s3:// prefix or .txt manifest of images")
+    src.add_argument("--images-from", help="a dataset root: annotate the images it lists")
+    ap.add_argument("--output", required=True, help="dataset root the accepted masks go to")
+    ap.add_argument("--stage", choices=["manual", "semi_auto"], default="manual")
+    ap.add_argument("--round", type=int, default=0)
+    ap.add_argument("--run-id")
+    ap.add_argument("--checkpoint", default=EngineConfig.model_fields["checkpoint"].default)
+    ap.add_argument("--model-type")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--prefill", choices=["none", "generator", "dataset"], default="none")
+    ap.add_argument("--prefill-from", help="dataset root of --prefill dataset (default: --images-from)")
+    ap.add_argument("--prefill-run-id", help="pin the pre-fill dataset to this run")
+    ap.add_argument("--prefill-min-iou", type=float, default=0.92)
+    ap.add_argument("--cache-mb", type=int, default=512, help="embedding cache per replica")
+    ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--port", type=int, default=8000)
+    args = ap.parse_args(argv)
+    config = EngineConfig(
+        images=args.images, images_from=args.images_from, output=args.output, stage=args.stage, round=args.round,
+        run_id=args.run_id, checkpoint=args.checkpoint, model_type=args.model_type, device=args.device,
+        precision=args.precision, prefill=args.prefill, prefill_from=args.prefill_from,
+        prefill_run_id=args.prefill_run_id, prefill_min_iou=args.prefill_min_iou, cache_bytes=args.cache_mb << 20,
+        num_replicas=args.replicas)
+
+    import ray
+    from ray import serve
+
+    from engine.service import start
+
+    ray.init()
+    url = start(config, port=args.port)
+    print(f"annotation page: {url}/  (stage {config.stage}, round {config.round}, output {config.output})", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete("annotate")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

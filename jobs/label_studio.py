@@ -1,0 +1,61 @@
+"""Semi-automatic stage through Label Studio: tasks out with pre-annotations, finished tasks in.
+
+    python jobs/label_studio.py export AUTO_ROOT DIR [--min-iou 0.92] [--run-id RUN]
+        [--local-files-root FOLDER]     # tasks.json + label_config.xml for a Label Studio project
+    python jobs/label_studio.py import EXPORT.json ROOT --round R [--run-id RUN]
+        # a Label Studio JSON export -> dataset ROOT, stage semi_auto
+
+Pre-annotations are the masks of the dataset version (an automatic run) whose predicted
+IoU is at least --min-iou, as brush labels in Label Studio's RLE. Images are referenced by
+their uri, or under Label Studio's local file serving with --local-files-root (the folder
+Label Studio's LOCAL_FILES_DOCUMENT_ROOT points at).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataset import iter_images  # noqa: E402
+from dataset.lineage import new_lineage  # noqa: E402
+from engine.semi_auto import confident, export_tasks, import_tasks, local_files_url, write_project  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    out = sub.add_parser("export")
+    out.add_argument("root", help="dataset root holding the automatic run")
+    out.add_argument("dest", help="folder for tasks.json and label_config.xml")
+    out.add_argument("--min-iou", type=float, default=0.92)
+    out.add_argument("--run-id", help="pin the dataset to this run's last version")
+    out.add_argument("--local-files-root")
+    back = sub.add_parser("import")
+    back.add_argument("export", help="Label Studio JSON export of the finished tasks")
+    back.add_argument("root", help="dataset root to commit into (stage semi_auto)")
+    back.add_argument("--round", type=int, required=True)
+    back.add_argument("--run-id")
+    args = ap.parse_args(argv)
+
+    if args.command == "export":
+        images = [{**im, "annotations": confident(im["annotations"], args.min_iou)}
+                  for im in iter_images(args.root, run_id=args.run_id)]
+        url = local_files_url(args.local_files_root) if args.local_files_root else (lambda uri: uri)
+        tasks = export_tasks(images, model_version=args.run_id or "", image_url=url)
+        tasks_path, config_path = write_project(args.dest, tasks)
+        n = sum(len(im["annotations"]) for im in images)
+        print(f"{len(tasks)} tasks, {n} pre-annotations: {tasks_path}, labeling config {config_path}")
+    else:
+        tasks = json.loads(Path(args.export).read_text())
+        lineage = new_lineage(round=args.round, stage="semi_auto", run_id=args.run_id,
+                              params={"source": "label_studio", "export": str(args.export)})
+        summary = import_tasks(tasks, args.root, lineage)
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
