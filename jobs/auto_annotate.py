@@ -104,14 +104,12 @@ def main(argv=None) -> int:
     except ValidationError as e:
         print(f"invalid settings:\n{e}", file=sys.stderr)
         return 2
-    import ray
-
+    from pipeline.cluster import connect
     from pipeline.graph import run
     from pipeline.sources import InputError
 
     print(f"output: {config.output}", flush=True)
-    if not ray.is_initialized():
-        ray.init(address=config.ray_address, log_to_driver=False)
+    connect(config.ray_address)
     try:
         summary = run(config)
     except InputError as e:

@@ -41,12 +41,10 @@ def main(argv=None) -> int:
     except ValidationError as e:
         print(f"invalid settings:\n{e}", file=sys.stderr)
         return 2
-    import ray
-
+    from pipeline.cluster import connect
     from pipeline.rebuild import rebuild
 
-    if not ray.is_initialized():
-        ray.init(address=config.ray_address, log_to_driver=False)
+    connect(config.ray_address)
     report = rebuild(config, full=args.full, prune_deleted=args.prune_deleted, retention_hours=args.retention_hours)
     print(json.dumps(report, indent=2, sort_keys=True, default=str))
     return 0

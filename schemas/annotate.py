@@ -69,7 +69,8 @@ class AnnotateConfig(BaseModel):
     replace: bool = Field(False, description="re-annotate images the dataset already holds, replacing their rows "
                                              "(a full rebuild); resume then skips only what this run_id wrote")
     round: int = Field(0, ge=0, description="data-engine round whose checkpoint is used")
-    run_id: str | None = Field(None, description="default: a fresh id per invocation")
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                               description="default: a fresh id per invocation (letters, digits, . _ -)")
     ray_address: str | None = Field(None, description="default: RAY_ADDRESS, a running local cluster, or embedded")
 
     @field_validator("amg")

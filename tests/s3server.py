@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 MOTO = Path(sys.executable).parent / "moto_server"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+# A secret no output should ever contain (tests look for it in what runs write).
+SECRET = "s3cr3t-samengine-never-written"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1"}
 
 
 def free_port() -> int:

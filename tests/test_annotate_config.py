@@ -55,6 +55,7 @@ def test_settings_file_then_flags(tmp_path):
     (["--device", "tpu"], "device"),
     (["--chunk-images", "0"], "chunk_images"),
     (["--encoder-actors", "4,2"], "encoder"),
+    (["--run-id", "../../etc/cron.d/x"], "run_id"),  # a run id names files under the output only
 ])
 def test_a_bad_value_names_its_field(argv, field):
     with pytest.raises(ValidationError) as e:

@@ -27,7 +27,7 @@ from model import load_checkpoint
 from pipeline.graph import run
 from pipeline.images import decode_image
 from schemas.annotate import DEFAULT_CHECKPOINT
-from tests.s3server import free_port, moto_server
+from tests.s3server import SECRET, free_port, moto_server
 from training.synthetic import make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,6 +209,10 @@ def test_s3_in_and_out(ray_session, s3, tmp_path):
                                                         zip(masks, [a for r in rows for a in r["annotations"]]))
     summary_key = f"datasets/auto/runs/{summary['run_id']}.json"
     assert json.loads(client.get_object(Bucket="data", Key=summary_key)["Body"].read())["masks"] == summary["masks"]
+    # No credential is written anywhere: not in commit logs, tables, the summary or the report.
+    for obj in client.list_objects_v2(Bucket="data", Prefix="datasets/auto/")["Contents"]:
+        assert SECRET.encode() not in client.get_object(Bucket="data", Key=obj["Key"])["Body"].read(), obj["Key"]
+    assert SECRET not in json.dumps(summary)
     # Resume on S3 too.
     again = run(load_config(["--input", "s3://data/images", "--output", root, *AMG_FLAGS]))
     assert again["processed"] == 0 and again["already_done"] == len(expected)
