@@ -48,6 +48,8 @@ def _figure(width: float = HALF, height: float = 3.2, ncols: int = 1) -> tuple[F
 
 
 def _empty(ax, text: str) -> None:
+    if len(ax.figure.axes) == 1:  # a figure with nothing to draw stays short
+        ax.figure.set_size_inches(ax.figure.get_size_inches()[0], 1.2)
     ax.set_axis_off()
     ax.text(0.5, 0.5, text, ha="center", va="center", color="#6b7a8f", transform=ax.transAxes, wrap=True)
 
