@@ -52,7 +52,15 @@ def map_ok(batch: dict[str, np.ndarray], stage: str, fn: Callable[[int], None]) 
             quarantine(batch, i, f"{stage}_error: {type(e).__name__}: {e}"[:500])
         seconds[i] = time.perf_counter() - t
     batch[f"t_{stage}"] = seconds
+    batch[f"node_{stage}"] = objects([node_id()] * len(seconds))
     return batch
+
+
+def node_id() -> str:
+    """The Ray node this code runs on ("" outside Ray): the summary reports where each stage ran."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def ok_rows(batch: dict[str, np.ndarray]) -> Iterator[int]:

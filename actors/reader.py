@@ -8,7 +8,7 @@ import numpy as np
 from pipeline.images import BadImage, ImageLimits, decode_image, image_identity, phash
 from pipeline.sources import ReadError, read_bytes
 
-from .batch import OK, QUARANTINED, objects
+from .batch import OK, QUARANTINED, node_id, objects
 
 _EMPTY = np.zeros((0, 0, 3), np.uint8)
 
@@ -40,5 +40,5 @@ def read_images(batch: dict[str, np.ndarray], *, limits: dict, endpoint_url: str
         "image_id": objects(ids), "phash": objects(hashes), "image": objects(images),
         "height": np.array([im.shape[0] for im in images], np.int64),
         "width": np.array([im.shape[1] for im in images], np.int64),
-        "t_read": seconds,
+        "t_read": seconds, "node_read": objects([node_id()] * n),
     }

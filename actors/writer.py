@@ -14,7 +14,7 @@ from dataset import DatasetWriter
 from schemas import LineageRecord
 
 from . import metrics
-from .batch import DUPLICATE, OK, QUARANTINED, objects
+from .batch import DUPLICATE, OK, QUARANTINED, node_id, objects
 
 SUMMARY_COLUMNS = ("uri", "status", "reason", "masks", "funnel", "t_read", "t_dedup", "t_encode", "t_decode",
                    "t_postprocess", "t_write")
@@ -51,8 +51,9 @@ class Writer:
             self.writer.commit_images(images, chunk=self.chunk)
             self.chunk += 1
         n = len(status)
-        out = {k: batch[k] for k in SUMMARY_COLUMNS if k in batch}
+        out = {k: batch[k] for k in batch if k in SUMMARY_COLUMNS or k.startswith("node_")}
         out["t_write"] = np.full(n, (time.perf_counter() - t) / max(n, 1))
+        out["node_write"] = objects([node_id()] * n)
         out["status"] = objects(["annotated" if s == OK else s for s in status])
         metrics.record(out)  # live metrics (Ray dashboard / Prometheus): every row ends here
         return out

@@ -49,6 +49,7 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
                     resources=p.resources or None, **extra)
 
     ds = ds.map_batches(read_images, batch_size=config.read_batch_size, num_cpus=config.read_num_cpus,
+                        resources=config.read_resources or None,
                         fn_kwargs=dict(limits=config.limits.model_dump(), endpoint_url=config.endpoint_url))
     ds = ds.map_batches(Deduplicator, fn_constructor_args=(committed, config.near_duplicate_distance),
                         concurrency=1, num_cpus=0, batch_size=config.read_batch_size)
@@ -62,6 +63,7 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
         ds = ds.map_batches(Decoder, **pool(config.decoder, fn_constructor_args=model_args, fn_constructor_kwargs=dict(
             num_threads=int(config.decoder.num_cpus), endpoint_url=config.endpoint_url)))
         ds = ds.map_batches(postprocess_batch, num_cpus=config.postprocess_num_cpus, batch_size=1,
+                            resources=config.postprocess_resources or None,
                             fn_kwargs=dict(amg=amg))
     return ds.map_batches(Writer, fn_constructor_args=(config.output, lineage, config.endpoint_url, config.replace),
                           concurrency=config.writers, num_cpus=0, batch_size=config.chunk_images)
@@ -112,6 +114,7 @@ class Tally:
     def __init__(self):
         self.status, self.reasons, self.funnel = Counter(), Counter(), Counter()
         self.busy = dict.fromkeys(STAGES, 0.0)
+        self.nodes: dict[str, set[str]] = {}
         self.rows = self.masks = 0
 
     def add(self, batch: dict) -> None:
@@ -125,6 +128,8 @@ class Tally:
         for stage in STAGES:
             if f"t_{stage}" in batch:
                 self.busy[stage] += float(sum(batch[f"t_{stage}"]))
+            if f"node_{stage}" in batch:
+                self.nodes.setdefault(stage, set()).update(str(n) for n in batch[f"node_{stage}"] if n)
 
 
 def _summarize(tally: Tally, config: AnnotateConfig, run_id: str, listed: int, device: str) -> dict[str, Any]:
@@ -139,6 +144,7 @@ def _summarize(tally: Tally, config: AnnotateConfig, run_id: str, listed: int, d
         # the per-worker throughput that capacity planning scales from.
         "stage_seconds": {s: round(v, 3) for s, v in tally.busy.items()},
         "stage_images_per_s": {s: round(tally.rows / v, 3) if v > 0 else None for s, v in tally.busy.items()},
+        "stage_nodes": {s: sorted(v) for s, v in tally.nodes.items()},  # Ray node ids each stage ran on
     }
 
 

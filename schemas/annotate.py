@@ -60,9 +60,12 @@ class AnnotateConfig(BaseModel):
                           "None: fused on CPU, split on GPU")
     read_batch_size: int = Field(8, ge=1, description="files per read/decode task")
     read_num_cpus: float = Field(0.5, gt=0.0)
+    read_resources: dict[str, float] = Field(default_factory=dict, description="custom resources of read tasks")
     encoder: ActorPool = Field(default_factory=ActorPool)
     decoder: ActorPool = Field(default_factory=ActorPool)
     postprocess_num_cpus: float = Field(0.5, gt=0.0)
+    postprocess_resources: dict[str, float] = Field(default_factory=dict,
+                                                    description="custom resources of post-process tasks")
     chunk_images: int = Field(64, ge=1, description="images per Delta commit (one transaction each)")
     writers: int = Field(1, ge=1, description="writer actors committing chunks in parallel")
 
