@@ -22,17 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-STATIC = Path(__file__).resolve().parent / "static"
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import FileResponse, Response
+from ray import serve
 
-from fastapi import FastAPI, HTTPException  # noqa: E402  (after STATIC: the page needs no Ray)
-from fastapi.responses import FileResponse, Response  # noqa: E402
-from ray import serve  # noqa: E402
-
-from schemas.interactive import (  # noqa: E402
+from schemas.interactive import (
     CommitRequest, CommitResponse, EngineConfig, EngineStats, ImageEntry, ImageList, OpenResponse, PredictRequest,
     PredictResponse, PrefillMask,
 )
 
+STATIC = Path(__file__).resolve().parent / "static"
 app = FastAPI(title="samengine annotation", docs_url=None, redoc_url=None)
 
 

@@ -12,6 +12,7 @@ until Ctrl-C. Every "Save & next" commits one image to the output dataset.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-mb", type=int, default=512, help="embedding cache per replica")
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--address", help="Ray cluster to use (default: the one ray.init() finds, else a local one)")
     args = ap.parse_args(argv)
     config = EngineConfig(
         images=args.images, images_from=args.images_from, output=args.output, stage=args.stage, round=args.round,
@@ -54,15 +56,19 @@ def main(argv=None) -> int:
 
     from engine.service import start
 
-    ray.init()
-    url = start(config, port=args.port)
-    print(f"annotation page: {url}/  (stage {config.stage}, round {config.round}, output {config.output})", flush=True)
+    # SIGTERM (and SIGINT, which a background shell may ignore) end the service cleanly.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    ray.init(address=args.address)
     try:
+        url = start(config, port=args.port)
+        print(f"annotation page: {url}/  (stage {config.stage}, round {config.round}, output {config.output})",
+              flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    finally:
         serve.delete("annotate")
-    return 0
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -110,8 +110,11 @@ async function openImage(index) {
   const t0 = performance.now();
   opened = await api("POST", `/api/images/${index}/open`);
   const img = new Image();
-  img.src = `/api/images/${index}/image.png`;
-  await img.decode();
+  await new Promise((resolve, reject) => {
+    img.onload = resolve;
+    img.onerror = () => reject(new Error(`cannot load image ${index}`));
+    img.src = `/api/images/${index}/image.png`;
+  });
   // Fit the stage (small images are enlarged, up to 4x); clicks map back through the CSS size.
   const stage = $("stage");
   const scale = Math.min(4, (stage.clientWidth - 16) / opened.width, (stage.clientHeight - 16) / opened.height);
