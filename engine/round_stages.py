@@ -1,0 +1,229 @@
+"""The stages of a data-engine round (see engine.rounds): the round's inputs, the automatic
+stage on the Ray Data pipeline, training on a pinned dataset version with Ray Train, and
+the held-out evaluation; plus a ground-truth manual stage for synthetic inputs.
+
+Each stage returns a small JSON-able dict, which engine.rounds stores as the stage's result.
+"""
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dataset.lineage import file_sha256
+
+from .rounds import RoundContext, RoundsConfig, checkpoint_path, read_json, rounds_dir, spec_hash, write_json
+
+SCENE_NAME = re.compile(r"scene_(\d+)_(\d+)\.png$")
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+
+def round_input(config: RoundsConfig, r: int) -> str:
+    """Round r's input URI; synthetic inputs are written on first use (idempotent)."""
+    spec = config.synthetic_inputs
+    if spec is None:
+        return config.inputs[r]
+    folder = Path(spec.folder or Path(config.root) / "inputs") / f"round_{r}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(r * spec.images_per_round, (r + 1) * spec.images_per_round):
+        path = folder / f"scene_{spec.seed}_{index:06d}.png"
+        if not path.exists():
+            _write_png(path, _scene(spec.seed, index, spec.size).image)
+    return str(folder)
+
+
+def _scene(seed: int, index: int, size: int):
+    from training.synthetic import make_scene, scene_seed
+
+    return make_scene(scene_seed(seed, index), size)
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    tmp = path.with_name("." + path.name + ".tmp")  # a dot name: listings skip it
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+def scene_truth(path: str | Path) -> np.ndarray | None:
+    """The ground-truth instance masks (N x H x W bool) of a synthetic input written by
+    round_input, from its name and size; None for any other file."""
+    from PIL import Image
+
+    match = SCENE_NAME.search(Path(path).name)
+    if match is None:
+        return None
+    with Image.open(path) as im:
+        width, height = im.size
+    if width != height:
+        return None
+    return _scene(int(match[1]), int(match[2]), width).masks
+
+
+# ---- annotation stages --------------------------------------------------------------------------
+
+
+def annotate_auto(ctx: RoundContext) -> dict:
+    """The fully automatic stage: the Ray Data pipeline over the round's inputs with
+    checkpoint r, its commits tagged with the round (stage auto) and run id ctx.run_id, so a
+    rerun after a crash resumes the same run."""
+    from jobs.auto_annotate import load_config
+    from pipeline.graph import run
+
+    argv = ["--input", ctx.input, "--output", ctx.root, "--checkpoint", ctx.checkpoint,
+            "--round", str(ctx.round), "--run-id", ctx.run_id, *ctx.config.annotate_args]
+    summary = run(load_config(argv), log=ctx.log)
+    keep = ("run_id", "listed", "processed", "annotated", "duplicate", "quarantined", "already_done", "funnel")
+    return {k: summary[k] for k in keep if k in summary}
+
+
+def ground_truth_manual(images_per_round: int | None = None):
+    """A manual-stage hook for synthetic inputs: a perfect annotator who outlines every
+    instance of the first `images_per_round` scenes of the round's input folder (all when
+    None) and commits them with stage "manual". It stands in for the assisted-manual
+    service's simulated annotator where a round needs exact masks fast."""
+
+    def hook(ctx: RoundContext) -> dict:
+        from pycocotools import mask as coco_mask
+
+        from dataset import DatasetWriter
+        from dataset.identity import image_identity
+        from dataset.lineage import new_lineage
+
+        paths = sorted(p for p in Path(ctx.input).glob("scene_*.png") if SCENE_NAME.search(p.name))
+        records = []
+        for path in paths[:images_per_round]:
+            truth = scene_truth(path)
+            if truth is None:
+                continue
+            image_id, phash = image_identity(path.read_bytes())
+            annotations = []
+            for mask in truth:
+                rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+                annotations.append({
+                    "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
+                    "area": int(coco_mask.area(rle)), "bbox": [int(v) for v in coco_mask.toBbox(rle)],
+                    "predicted_iou": None, "point_coords": [], "stability_score": None,
+                    "crop_box": [0, 0, mask.shape[1], mask.shape[0]],
+                })
+            records.append({"image_id": image_id, "uri": str(path), "width": truth.shape[2],
+                            "height": truth.shape[1], "phash": phash, "annotations": annotations})
+        writer = DatasetWriter(ctx.root, new_lineage(round=ctx.round, stage="manual", run_id=ctx.run_id,
+                                                     checkpoint_hash="ground truth"))
+        writer.start_run()
+        writer.commit_images(records)  # merge on image_id: a retry adds nothing
+        return {"run_id": ctx.run_id, "offered": len(records)}
+
+    return hook
+
+
+def _annotation_commits(root: str) -> list[dict]:
+    from deltalake import DeltaTable
+
+    from dataset import history
+    from dataset.storage import table_uri
+
+    if not DeltaTable.is_deltatable(table_uri(root, "annotations")):
+        return []
+    return [c for c in history(root) if c.get("table") == "annotations" and c.get("round") is not None]
+
+
+def dataset_counts(root: str, r: int, stage: str) -> dict:
+    """Images and masks that round r's stage committed, from the commits' metadata (so a
+    stage resumed across invocations is counted whole), and its versions."""
+    commits = [c for c in _annotation_commits(root) if int(c["round"]) == r and c.get("stage") == stage]
+    return {"images": sum(int(c.get("images") or 0) for c in commits),
+            "masks": sum(int(c.get("masks") or 0) for c in commits),
+            "versions": [c["version"] for c in commits]}
+
+
+def pinned_version(root: str, r: int) -> int:
+    """The dataset version that round r trains on: the last commit of a round <= r."""
+    versions = [c["version"] for c in _annotation_commits(root) if int(c["round"]) <= r]
+    if not versions:
+        raise ValueError(f"round {r}: the dataset at {root} has no annotated images of rounds <= {r}")
+    return max(versions)
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def train(ctx: RoundContext, version: int) -> dict:
+    """Checkpoint r+1: fine-tune checkpoint r with Ray Train on the dataset pinned at
+    version (the data files of that Delta version, read where they are), mixed with
+    synthetic ground truth if the config asks. The run is named after the round, so an
+    interrupted one resumes from its last Ray Train checkpoint."""
+    from dataset.reader import open_version
+    from training.loop import ParquetSource, SyntheticSource, TrainConfig, run_training
+
+    config = ctx.config
+    files = open_version(ctx.root, version=version).file_uris()
+    extra = dict(config.train)
+    synthetic = None
+    if config.synthetic_fraction > 0:
+        synthetic = SyntheticSource(**(extra.pop("synthetic", None) or {}))
+    cfg = TrainConfig(**{
+        **extra, "steps": config.train_steps, "init_checkpoint": ctx.checkpoint, "synthetic": synthetic,
+        "parquet": ParquetSource(paths=files, fraction=1 - config.synthetic_fraction),
+    })
+    output = checkpoint_path(ctx.root, ctx.round + 1)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path, metrics = run_training(cfg, str(Path(ctx.root) / "train_runs"), num_workers=config.train_workers,
+                                 use_gpu=config.train_gpu, resume=True, name=f"round_{ctx.round}", output=str(output))
+    return {"checkpoint": path, "checkpoint_sha256": file_sha256(path), "dataset_version": version,
+            "data_files": len(files), "init_checkpoint": ctx.checkpoint,
+            "metrics": {k: v for k, v in metrics.items() if k != "history"}}
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+
+def evaluate(config: RoundsConfig, checkpoint: str) -> dict[str, float]:
+    """Held-out metrics of a checkpoint: single-point mIoU (miou, oracle_miou) and, unless
+    turned off, COCO AR/AP of its automatic masks (AR100, AR1000, AP, ...) and their
+    masks_per_image. Stored per (checkpoint sha256, held-out set), so a checkpoint kept
+    from one round to the next is measured once."""
+    spec = config.held_out.model_dump(mode="json")
+    path = rounds_dir(config.root) / "evaluations" / f"{file_sha256(checkpoint)[:16]}-{spec_hash(spec)}.json"
+    stored = read_json(path)
+    if stored is not None:
+        return stored["metrics"]
+    from amg import AmgParams
+    from model import load_checkpoint
+    from training.automatic_eval import automatic_metrics
+    from training.evaluate import single_point_miou
+
+    model, _ = load_checkpoint(checkpoint)
+    examples = held_out_examples(config)
+    metrics = single_point_miou(model, examples)
+    if config.held_out.automatic:
+        params = AmgParams(**{**config.held_out.amg, "output_mode": "coco_rle"})
+        metrics |= automatic_metrics(model, examples, params)
+    write_json(path, {"checkpoint": checkpoint, "held_out": spec, "metrics": metrics})
+    return metrics
+
+
+def held_out_examples(config: RoundsConfig) -> list[Any]:
+    """The held-out images with their ground-truth masks (.image, .masks)."""
+    spec = config.held_out
+    if spec.dataset is None:
+        from training.automatic_eval import held_out_scenes
+
+        return list(held_out_scenes(spec.seed, spec.count, spec.size))
+    from dataset import iter_images
+    from training.data import parquet_example
+
+    examples = []
+    for row in iter_images(spec.dataset, version=spec.version):
+        examples.append(parquet_example(row["uri"], row["annotations"]))
+        if len(examples) == spec.count:
+            break
+    return examples

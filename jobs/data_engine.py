@@ -1,0 +1,114 @@
+"""The data engine: rounds of annotate -> train -> evaluate -> promote (engine.rounds).
+
+    python jobs/data_engine.py --root out/engine --rounds 3 --synthetic-inputs 16 --steps 200
+    python jobs/data_engine.py --root out/engine --input imgs/r0 --input imgs/r1 --rounds 2 \\
+        --promote-metric miou --promote-margin 0.01 -- --points-per-side 16 --pred-iou-thresh 0.8
+    python jobs/data_engine.py --config engine.yaml --until 0:train    # stop after a stage
+
+Settings: RoundsConfig's defaults, then --config (YAML or JSON), then flags. Flags after
+`--` go to the automatic stage (jobs/auto_annotate.py's flags). Rerunning the same command
+resumes: finished rounds and stages are skipped. Round records: <root>/rounds/<r>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# A local Ray cluster started below inherits this, so its workers import our packages too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+from pydantic import ValidationError  # noqa: E402
+
+from engine.rounds import RoundsConfig  # noqa: E402
+
+
+def parse_args(argv: list[str] | None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    annotate_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML or JSON file of RoundsConfig fields")
+    ap.add_argument("--root", help="dataset root (local folder)")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--stages", help="comma-separated annotation stages per round (default: auto)")
+    ap.add_argument("--input", action="append", help="round r's inputs, one --input per round")
+    ap.add_argument("--synthetic-inputs", type=int, metavar="N", help="N synthetic scenes per round as the inputs")
+    ap.add_argument("--checkpoint", dest="initial_checkpoint", help="checkpoint 0")
+    ap.add_argument("--steps", dest="train_steps", type=int, help="training steps per round")
+    ap.add_argument("--synthetic-fraction", type=float, help="share of synthetic ground truth in training")
+    ap.add_argument("--held-out", type=int, metavar="N", help="held-out synthetic scenes")
+    ap.add_argument("--promote-metric")
+    ap.add_argument("--promote-margin", type=float)
+    ap.add_argument("--manual-ground-truth", type=int, metavar="N",
+                    help="manual stage: a ground-truth annotator outlines N synthetic scenes per round")
+    ap.add_argument("--until", help="R:STAGE: stop after that stage of round R (stage-by-stage runs)")
+    ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+    return ap.parse_args(argv), annotate_args
+
+
+def build_config(args: argparse.Namespace, annotate_args: list[str]) -> RoundsConfig:
+    fields: dict = {}
+    if args.config:
+        import yaml
+
+        fields = yaml.safe_load(Path(args.config).read_text()) or {}  # YAML reads JSON too
+    for name in ("root", "rounds", "initial_checkpoint", "train_steps", "synthetic_fraction", "promote_metric",
+                 "promote_margin"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.stages:
+        fields["stages"] = args.stages.split(",")
+    elif args.manual_ground_truth:
+        fields["stages"] = ["manual", "auto"]
+    if args.input:
+        fields["inputs"] = args.input
+    if args.synthetic_inputs:
+        fields["synthetic_inputs"] = {**(fields.get("synthetic_inputs") or {}), "images_per_round": args.synthetic_inputs}
+    if args.held_out:
+        fields["held_out"] = {**(fields.get("held_out") or {}), "count": args.held_out}
+    if annotate_args:
+        fields["annotate_args"] = [*fields.get("annotate_args", []), *annotate_args]
+    return RoundsConfig(**fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, annotate_args = parse_args(argv)
+    try:
+        config = build_config(args, annotate_args)
+    except ValidationError as e:
+        print(f"invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    until = None
+    if args.until:
+        r, _, stage = args.until.partition(":")
+        until = (int(r), stage)
+    hooks = {}
+    if args.manual_ground_truth:
+        from engine.round_stages import ground_truth_manual
+
+        hooks["manual"] = ground_truth_manual(args.manual_ground_truth)
+    import ray
+
+    from engine.rounds import run_rounds
+
+    if not ray.is_initialized():
+        ray.init(address=args.address, log_to_driver=False)
+    try:
+        records = run_rounds(config, hooks, until=until)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps([{k: rec[k] for k in ("round", "promoted", "images", "masks", "masks_per_image")}
+                      | {"metric": rec["metrics"].get(config.promote_metric),
+                         "candidate_metric": rec["candidate_metrics"].get(config.promote_metric)}
+                      for rec in records], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

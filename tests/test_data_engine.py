@@ -1,0 +1,217 @@
+"""The data-engine loop (engine.rounds, jobs/data_engine.py) on a real local Ray: two tiny
+rounds of ground-truth manual + automatic annotation, Ray Train fine-tuning and held-out
+evaluation, run stage by stage and through an interrupted round; round records, lineage
+of every commit, resume without redoing a stage, and the quality gate both ways."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine.round_stages as round_stages
+from dataset import history, read_images
+from engine.round_stages import evaluate, ground_truth_manual
+from engine.rounds import ROUND_KEYS, HeldOut, RoundsConfig, promote, record_path, run_rounds, stage_path
+from jobs.data_engine import main as cli_main
+from model import load_checkpoint, save_checkpoint
+from schemas.annotate import DEFAULT_CHECKPOINT
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small grid, filters off, so that the weak bundled checkpoint still keeps masks.
+AMG = {"points_per_side": 4, "pred_iou_thresh": 0, "stability_score_thresh": 0}
+HELD_OUT = HeldOut(count=2, size=128, amg=AMG)
+
+
+def engine_config(root: Path, **overrides) -> RoundsConfig:
+    return RoundsConfig(**{
+        "root": str(root), "rounds": 2, "stages": ["manual", "auto"],
+        "synthetic_inputs": {"images_per_round": 3, "size": 128},
+        "annotate_args": ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"],
+        "train_steps": 2,
+        "train": {"images_per_step": 1, "masks_per_image": 4, "prompt_iterations": 2, "mask_only_iterations": 1,
+                  "warmup_steps": 1, "lr": 1e-4, "log_every": 1},
+        "held_out": HELD_OUT, "promote_metric": "miou", "promote_margin": -math.inf, **overrides,
+    })
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    old = os.environ.get("PYTHONPATH")
+    # Ray Train's workers import our packages through the environment they inherit.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), old]))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old
+
+
+@pytest.fixture(scope="module")
+def engine_run(ray_session, tmp_path_factory):
+    """Two rounds, run the hard way: round 0 stopped after its automatic stage, then a
+    run that dies in round 1's manual stage, then a rerun that finishes. Every call of a
+    stage is counted."""
+    root = tmp_path_factory.mktemp("engine")
+    config = engine_config(root)
+    calls: Counter = Counter()
+    manual = ground_truth_manual(images_per_round=1)
+    failed = []
+
+    def manual_hook(ctx):
+        calls[ctx.round, "manual"] += 1
+        if ctx.round == 1 and not failed:
+            failed.append(ctx.round)
+            raise Interrupted("annotator walked away")
+        return manual(ctx)
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[args[0].round, name] += 1
+            return fn(*args)
+        return wrapper
+
+    logs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(round_stages, "annotate_auto", counted("auto", round_stages.annotate_auto))
+        mp.setattr(round_stages, "train", counted("train", round_stages.train))
+        first = run_rounds(config, {"manual": manual_hook}, until=(0, "auto"), log=logs.append)
+        after_first = {name: stage_path(str(root), 0, name).exists() for name in ("manual", "auto", "train")}
+        with pytest.raises(Interrupted):
+            run_rounds(config, {"manual": manual_hook}, log=logs.append)
+        after_crash = {"round0": record_path(str(root), 0).exists(), "round1": record_path(str(root), 1).exists()}
+        records = run_rounds(config, {"manual": manual_hook}, log=logs.append)
+    return dict(root=root, config=config, calls=calls, first=first, after_first=after_first,
+                after_crash=after_crash, records=records, logs=logs)
+
+
+def test_rounds_run_stage_by_stage_and_resume_without_redoing_a_stage(engine_run):
+    assert engine_run["first"] == []  # stopped inside round 0: no record yet
+    assert engine_run["after_first"] == {"manual": True, "auto": True, "train": False}
+    assert engine_run["after_crash"] == {"round0": True, "round1": False}
+    # Each stage ran once per round; only the manual stage that raised ran again.
+    assert engine_run["calls"] == {(0, "manual"): 1, (0, "auto"): 1, (0, "train"): 1,
+                                   (1, "manual"): 2, (1, "auto"): 1, (1, "train"): 1}
+    logs = engine_run["logs"]
+    assert "round 0: manual already done" in logs and "round 0: auto already done" in logs
+    assert "round 0: done (promoted=True)" in logs
+
+
+def test_round_records(engine_run):
+    root, records = engine_run["root"], engine_run["records"]
+    assert [rec["round"] for rec in records] == [0, 1]
+    for r, rec in enumerate(records):
+        text = record_path(str(root), r).read_text()
+        on_disk = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in round {r}"))
+        assert on_disk == rec and set(ROUND_KEYS) <= set(rec)
+        assert rec["parent_round"] == (None if r == 0 else r - 1)
+        assert Path(rec["checkpoint"]).exists() and Path(rec["candidate_checkpoint"]).exists()
+        assert rec["checkpoint_sha256"] == round_stages.file_sha256(rec["checkpoint"])
+        assert rec["candidate_sha256"] == round_stages.file_sha256(rec["candidate_checkpoint"])
+        assert rec["candidate_sha256"] != rec["checkpoint_sha256"]  # training changed the weights
+        for metrics in (rec["metrics"], rec["candidate_metrics"]):
+            assert metrics["instances"] > 0 and 0 <= metrics["miou"] <= metrics["oracle_miou"] <= 1
+            assert {"AR100", "AP", "masks_per_image"} <= set(metrics)
+        # 3 inputs: 1 outlined by the manual stage, 2 annotated automatically.
+        assert rec["stages"]["manual"]["images"] == 1 and rec["stages"]["auto"]["images"] == 2
+        assert rec["images"] == 3 and rec["masks"] == rec["stages"]["manual"]["masks"] + rec["stages"]["auto"]["masks"]
+        assert rec["masks_per_image"] == pytest.approx(rec["masks"] / 3) and rec["stages"]["auto"]["masks"] > 0
+        assert rec["seconds"] > 0 and rec["train"]["metrics"]["steps"] == 2
+        assert rec["promoted"] and rec["next_checkpoint"] == rec["candidate_checkpoint"]  # margin -inf
+    assert records[0]["checkpoint"] == DEFAULT_CHECKPOINT
+    # Round 1 annotates and trains from the checkpoint round 0 promoted.
+    assert records[1]["checkpoint"] == records[0]["candidate_checkpoint"]
+    assert load_checkpoint(records[1]["candidate_checkpoint"])[1]["train_config"]["init_checkpoint"] == records[1]["checkpoint"]
+
+
+def test_lineage_of_the_rounds_commits(engine_run):
+    root, records = str(engine_run["root"]), engine_run["records"]
+    commits = [c for c in history(root) if c.get("table") == "annotations"]
+    assert {(c["round"], c["stage"]) for c in commits} == {(0, "manual"), (0, "auto"), (1, "manual"), (1, "auto")}
+    for c in commits:
+        rec = records[c["round"]]
+        assert c["run_id"] == f"engine-r{c['round']}-{c['stage']}"
+        if c["stage"] == "auto":  # annotated with that round's checkpoint
+            assert c["checkpoint_hash"] == rec["checkpoint_sha256"]
+    # Each round trains on the last version of rounds <= r: round 0 never sees round 1's images.
+    by_round = {r: max(c["version"] for c in commits if c["round"] <= r) for r in (0, 1)}
+    assert [rec["dataset_version"] for rec in records] == [by_round[0], by_round[1]]
+    assert by_round[0] < min(c["version"] for c in commits if c["round"] == 1)
+    rows = read_images(root, version=records[0]["dataset_version"]).to_pylist()
+    assert len(rows) == 3 and {a["round"] for row in rows for a in row["annotations"]} == {0}
+    latest = read_images(root).to_pylist()
+    assert len(latest) == 6
+    stages = Counter((a["round"], a["stage"]) for row in latest for a in row["annotations"])
+    assert set(stages) == {(0, "manual"), (0, "auto"), (1, "manual"), (1, "auto")}
+
+
+def test_a_rerun_of_a_finished_engine_does_nothing(engine_run):
+    calls, logs = Counter(), []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(round_stages, "annotate_auto", lambda ctx: calls.update(["auto"]))
+        mp.setattr(round_stages, "train", lambda ctx, v: calls.update(["train"]))
+        again = run_rounds(engine_run["config"], {"manual": lambda ctx: calls.update(["manual"])}, log=logs.append)
+    assert not calls and again == engine_run["records"]
+    assert logs == ["round 0: done (promoted=True)", "round 1: done (promoted=True)"]
+
+
+def test_the_gate_can_be_redecided_from_stored_evaluations(engine_run):
+    """A round without its record decides its gate again from the stored stages: with an
+    infinite margin round 1's candidate is kept out, and nothing is annotated or trained."""
+    root, first = engine_run["root"], engine_run["records"][1]
+    record_path(str(root), 1).unlink()
+    strict = engine_config(root, promote_margin=math.inf)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(round_stages, "annotate_auto", lambda ctx: pytest.fail("auto stage redone"))
+        mp.setattr(round_stages, "train", lambda ctx, v: pytest.fail("training redone"))
+        records = run_rounds(strict, {"manual": lambda ctx: pytest.fail("manual stage redone")}, log=lambda m: None)
+    kept = records[1]
+    assert not kept["promoted"] and kept["next_checkpoint"] == kept["checkpoint"] == first["checkpoint"]
+    assert kept["metrics"] == first["metrics"] and kept["candidate_metrics"] == first["candidate_metrics"]
+    assert kept["gate"] == {"metric": "miou", "margin": "inf"}
+
+
+def test_the_gate_promotes_a_better_checkpoint_and_keeps_out_a_worse_or_equal_one(tmp_path):
+    """Real held-out evaluations of the bundled checkpoint and of a broken copy of it (its
+    mask hypernetworks zeroed: every mask empty, mIoU 0)."""
+    model, meta = load_checkpoint(DEFAULT_CHECKPOINT)
+    with torch.no_grad():
+        for p in model.mask_decoder.output_hypernetworks_mlps.parameters():
+            p.zero_()
+    broken = tmp_path / "broken.pt"
+    save_checkpoint(model, broken, meta)
+    config = RoundsConfig(root=str(tmp_path), rounds=1, inputs=["unused"], held_out=HELD_OUT.model_copy(
+        update={"automatic": False}), promote_metric="miou")
+    good, bad = evaluate(config, DEFAULT_CHECKPOINT), evaluate(config, str(broken))
+    assert bad["miou"] == 0 < good["miou"] and bad["instances"] == good["instances"] > 0
+    assert promote(bad, good, "miou", 0.0)  # better: promoted
+    assert not promote(good, bad, "miou", 0.0)  # worse: kept out
+    assert not promote(good, dict(good), "miou", 0.0)  # equal: kept out
+    assert not promote(bad, good, "miou", good["miou"])  # better, but not by the margin
+    assert promote(good, bad, "miou", -math.inf) and not promote(bad, good, "miou", math.inf)
+    assert not promote(good, {**good, "miou": math.nan}, "miou", -math.inf)
+    with pytest.raises(KeyError, match="AR100"):
+        promote(good, bad, "AR100", 0.0)
+    # Evaluations are stored by checkpoint hash and held-out set: a second call reads them.
+    assert len(list((tmp_path / "rounds" / "evaluations").glob("*.json"))) == 2
+    assert evaluate(config, DEFAULT_CHECKPOINT) == good
+
+
+def test_cli_refuses_bad_settings_before_starting_anything(tmp_path, capsys):
+    assert cli_main(["--root", str(tmp_path), "--rounds", "2", "--input", "only-one"]) == 2
+    assert "2 rounds need 2 inputs" in capsys.readouterr().err
+    assert cli_main(["--root", str(tmp_path), "--synthetic-inputs", "4", "--stages", "manual"]) == 2
+    assert "automatic stage" in capsys.readouterr().err
+    assert not (tmp_path / "rounds").exists()
