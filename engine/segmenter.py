@@ -52,6 +52,8 @@ class Segmenter:
         image = load()
         start = time.perf_counter()
         with self._lock:
+            if image_id in self.cache:  # encoded by a concurrent request while this one waited
+                return self.cache.get(image_id), False, 0.0
             if self.generator is not None:
                 # The generator encodes the whole image as its first crop: cache that one.
                 encoded = encode_image(self.model, image.rgb, self.generator, self.precision)

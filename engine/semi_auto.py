@@ -79,8 +79,10 @@ def export_tasks(images: Iterable[dict], *, model_version: str = "",
         task = {"data": {"image": image_url(image["uri"]), "image_id": image["image_id"], "uri": image["uri"],
                          "width": image["width"], "height": image["height"]}}
         if results:
-            task["predictions"] = [{"model_version": model_version, "result": results,
-                                    "score": sum(scores) / len(scores) if scores else None}]
+            prediction = {"model_version": model_version, "result": results}
+            if scores:
+                prediction["score"] = sum(scores) / len(scores)
+            task["predictions"] = [prediction]
         tasks.append(task)
     return tasks
 
@@ -137,7 +139,8 @@ def task_to_record(task: dict) -> dict | None:
         rle = brush_to_coco(result["value"]["rle"], h, w)
         encoded = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
         kept = predicted.get(result.get("id"))
-        unchanged = kept is not None and kept["value"]["rle"] == result["value"]["rle"]
+        # Compared as masks: Label Studio's front end may re-encode a mask it did not change.
+        unchanged = kept is not None and brush_to_coco(kept["value"]["rle"], h, w) == rle
         masks.append({
             "segmentation": rle,
             "area": int(coco_mask.area(encoded)),

@@ -240,3 +240,20 @@ def test_embedding_cache_is_lru_bounded_by_bytes():
     assert "huge" not in cache and len(cache) == 3
     assert (cache.hits, cache.misses) == (1, 0)
     assert cache.get("b") is None and cache.misses == 1
+
+
+def test_engine_config_refuses_inconsistent_settings():
+    from pydantic import ValidationError
+
+    from schemas.interactive import EngineConfig
+
+    EngineConfig(images="imgs", output="out", stage="semi_auto", prefill="generator")
+    for bad, message in [
+        ({"output": "out"}, "exactly one of images"),
+        ({"images": "imgs", "images_from": "ds", "output": "out"}, "exactly one of images"),
+        ({"images": "imgs", "output": "out", "prefill": "generator"}, "semi_auto stage"),
+        ({"images_from": "ds", "output": "ds"}, "different dataset root"),
+        ({"images": "imgs", "output": "out", "stage": "auto"}, "stage"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            EngineConfig(**bad)

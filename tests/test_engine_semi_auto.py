@@ -172,7 +172,13 @@ def test_label_studio_tasks_round_trip(tmp_path):
     edited = {**results[3], "value": {**results[3]["value"], "rle": mask_to_brush(edited_mask)}}
     drawn = {**results[0], "id": "new-1", "value": {**results[0]["value"], "rle": mask_to_brush(drawn_mask)}}
     drawn.pop("score")
-    tasks[0]["annotations"] = [{"id": 7, "result": [results[0], results[1], edited, drawn], "was_cancelled": False}]
+    # The browser re-encodes a kept mask its own way: the label colour in RGB, literal chunks.
+    kept_mask = brush_to_mask(results[1]["value"]["rle"], 60, 80)
+    rgba = np.zeros((60, 80, 4), np.uint8)
+    rgba[kept_mask] = (255, 77, 77, 255)
+    reencoded = {**results[1], "value": {**results[1]["value"], "rle": reference_encode_literals(rgba.ravel())}}
+    assert reencoded["value"]["rle"] != results[1]["value"]["rle"]
+    tasks[0]["annotations"] = [{"id": 7, "result": [results[0], reencoded, edited, drawn], "was_cancelled": False}]
     tasks[1]["annotations"] = [{"id": 8, "result": [], "was_cancelled": True}]
     other = tasks[2]["predictions"][0]["result"]
     tasks[2]["annotations"] = [{"id": 9, "result": other[:1], "ground_truth": True},
