@@ -65,8 +65,8 @@ class Segmenter:
                 self.predictor.set_image(image.rgb)
                 features = self.predictor.features
             self.encodes += 1
-        cached = (features, (image.height, image.width))
-        self.cache.put(image_id, cached)  # not kept if larger than the whole cache
+            cached = (features, (image.height, image.width))
+            self.cache.put(image_id, cached)  # not kept if larger than the whole cache
         return cached, True, (time.perf_counter() - start) * 1000
 
     # -- clicks ------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ app = FastAPI(title="samengine annotation", docs_url=None, redoc_url=None)
 @serve.ingress(app)
 class AnnotationService:
     def __init__(self, config: dict[str, Any]):
+        # Heavy imports here, in the replica: the driver that deploys the app needs none of them.
         import torch
 
         from actors.annotator import local_checkpoint
@@ -99,7 +100,7 @@ class AnnotationService:
         return ImageList(stage=self.config.stage, round=self.config.round, output=self.config.output, images=entries)
 
     @app.post("/api/images/{index}/open", response_model=OpenResponse)
-    def open(self, index: int) -> OpenResponse:
+    def open_image(self, index: int) -> OpenResponse:
         from .images import committed
 
         image = self._load(index)
