@@ -67,7 +67,11 @@ class DatasetWriter:
 
     # -- the run's own records -------------------------------------------------------------
     def start_run(self, listing: Iterable[Any] = ()) -> None:
-        """Record the run's lineage and input listing, once per run_id (a resumed run adds nothing)."""
+        """Record the run's lineage and input listing, once per run_id (a resumed run adds nothing).
+        Every table of the layout exists afterwards, empty or not, so readers need no special case."""
+        for name in ("quarantine", "duplicates"):
+            schema, _ = TABLES[name]
+            open_table(table_uri(self.root, name), schema, self.options)
         if not self._run_recorded("lineage"):
             self.append("lineage", [self.lineage])
         listing = list(listing)

@@ -247,5 +247,10 @@ def test_flaky_storage_every_input_once(ray_session, s3, tmp_path):
     assert sum(stats["faults"].values()) >= 10 and all(v > 0 for v in stats["faults"].values()), stats
     assert (summary["annotated"], summary["duplicate"], summary["quarantined"]) == (5, 2, 3)
     assert_each_input_once(root, expected)  # read back directly, not through the proxy
+    # The same output as a clean run of the same inputs (local, no faults).
+    clean = str(tmp_path / "clean")
+    run(load_config(["--input", str(tmp_path / "in"), "--output", clean, *AMG_FLAGS]))
+    masks = lambda r: {x["image_id"]: json.dumps(x["annotations"]) for x in read_images(r).to_pylist()}  # noqa: E731
+    assert masks(root) == masks(clean)
     reasons = {Path(q["uri"]).name: q["reason"] for q in read_table(root, "quarantine").to_pylist()}
     assert not any(r.startswith("read_error") for r in reasons.values()), reasons
