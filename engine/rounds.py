@@ -87,6 +87,7 @@ class RoundsConfig(BaseModel):
     promote_metric: str = Field("AR100", description="a key of the held-out metrics: miou, AR100, AP, ...")
     promote_margin: float = Field(0.0, description="promote when candidate > incumbent + margin (-inf: always)")
     name: str = Field("engine", description="prefix of the run ids of the rounds' commits")
+    report: bool = Field(True, description="write the data-quality report (dashboards/) after each round")
 
     @model_validator(mode="after")
     def _check(self) -> "RoundsConfig":
@@ -228,6 +229,8 @@ def run_rounds(config: RoundsConfig, hooks: dict[str, StageHook] | None = None, 
                 return list(records.values())
         records[r] = write_record(config, r, incumbent, results, time.perf_counter() - started)
         rec = records[r]
+        if config.report:
+            write_report(config.root, log)
         log(f"round {r}: {config.promote_metric} {rec['metrics'].get(config.promote_metric)} -> candidate "
             f"{rec['candidate_metrics'].get(config.promote_metric)}: "
             f"{'promoted' if rec['promoted'] else 'kept checkpoint ' + str(r)}")
@@ -236,10 +239,12 @@ def run_rounds(config: RoundsConfig, hooks: dict[str, StageHook] | None = None, 
 
 def promote(incumbent: dict, candidate: dict, metric: str, margin: float) -> bool:
     """The quality gate: the candidate is promoted only if its metric beats the incumbent's
-    by more than margin. A missing or NaN value never wins; -inf promotes anything finite."""
+    by more than margin. A NaN (null) candidate never wins, a NaN incumbent loses to any
+    number; margin -inf promotes any number, +inf nothing. An unknown metric is an error."""
     if metric not in incumbent or metric not in candidate:
         raise KeyError(f"promotion metric {metric!r} not among the held-out metrics {sorted(candidate)}")
-    new, old = float(candidate[metric]), float(incumbent[metric])
+    # Stored results hold null where a value was NaN (strict JSON).
+    new, old = (math.nan if d[metric] is None else float(d[metric]) for d in (candidate, incumbent))
     if math.isnan(new):
         return False
     if math.isnan(old):
@@ -268,7 +273,9 @@ def write_record(config: RoundsConfig, r: int, incumbent: str, results: dict[str
         "masks_per_image": masks / images if images else 0.0,
         # The round's work, summed over invocations if it was resumed (stage seconds).
         "seconds": round(sum(stage_seconds.values()), 3),
-        # extras
+        # extras; "held_out" and "checkpoint_hash" are the names the report (dashboards/) reads
+        "held_out": _numbers(evaluation["incumbent"]),
+        "checkpoint_hash": file_sha256(incumbent),
         "candidate_sha256": trained["checkpoint_sha256"],
         "next_checkpoint": trained["checkpoint"] if promoted else incumbent,
         "gate": {"metric": config.promote_metric, "margin": _margin_text(config.promote_margin)},
@@ -279,6 +286,24 @@ def write_record(config: RoundsConfig, r: int, incumbent: str, results: dict[str
     }
     write_json(record_path(config.root, r), record)
     return record
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    """The metrics a chart can show: finite scores, without counts and COCO's -1 (undefined)."""
+    return {k: float(v) for k, v in metrics.items()
+            if k != "instances" and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0}
+
+
+def write_report(root: str, log: Callable[[str], None]) -> str | None:
+    """The data-quality report of the latest version, now with this round's record; a
+    failure only warns (a report is a view, the round is done)."""
+    try:
+        from dashboards import write_report as write
+
+        return write(root)
+    except Exception as e:  # noqa: BLE001
+        log(f"warning: report not written: {type(e).__name__}: {e}")
+        return None
 
 
 def _margin_text(margin: float) -> float | str:

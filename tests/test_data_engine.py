@@ -157,6 +157,18 @@ def test_lineage_of_the_rounds_commits(engine_run):
     assert set(stages) == {(0, "manual"), (0, "auto"), (1, "manual"), (1, "auto")}
 
 
+def test_the_report_after_the_last_round_shows_every_rounds_held_out_metrics(engine_run):
+    root, records = engine_run["root"], engine_run["records"]
+    version = records[-1]["dataset_version"]
+    html = (root / "reports" / f"version-{version}.html").read_text()
+    data = json.loads(html.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+    shown = {r["round"]: r for r in data["rounds"]}
+    for rec in records:
+        assert shown[rec["round"]]["held_out"] == pytest.approx(rec["held_out"])
+        assert shown[rec["round"]]["promoted"] is True and shown[rec["round"]]["engine_masks_per_image"] == rec["masks_per_image"]
+        assert rec["held_out"]["miou"] == rec["metrics"]["miou"] and "instances" not in rec["held_out"]
+
+
 def test_a_rerun_of_a_finished_engine_does_nothing(engine_run):
     calls, logs = Counter(), []
     with pytest.MonkeyPatch.context() as mp:
@@ -202,6 +214,8 @@ def test_the_gate_promotes_a_better_checkpoint_and_keeps_out_a_worse_or_equal_on
     assert not promote(bad, good, "miou", good["miou"])  # better, but not by the margin
     assert promote(good, bad, "miou", -math.inf) and not promote(bad, good, "miou", math.inf)
     assert not promote(good, {**good, "miou": math.nan}, "miou", -math.inf)
+    assert not promote(good, {**good, "miou": None}, "miou", -math.inf)  # NaN as stored in JSON
+    assert promote({**good, "miou": None}, good, "miou", 0.0)
     with pytest.raises(KeyError, match="AR100"):
         promote(good, bad, "AR100", 0.0)
     # Evaluations are stored by checkpoint hash and held-out set: a second call reads them.
