@@ -1,0 +1,104 @@
+"""Upkeep of a dataset's Delta tables: compaction of small files, vacuum of unneeded ones.
+
+    python jobs/maintain.py ROOT compact                        # every table, ~256 MB files
+    python jobs/maintain.py ROOT compact --table annotations --dry-run
+    python jobs/maintain.py ROOT vacuum --retention-hours 168 --dry-run   # list, delete nothing
+    python jobs/maintain.py s3://bucket/ds vacuum --table all --retention-hours 24
+
+compact rewrites the small files of many chunk commits into files of about --target-size
+bytes as one new version with the same rows (older versions stay readable until vacuumed);
+--dry-run prints the files it would merge. vacuum deletes the files that no version younger
+than --retention-hours needs: files removed by compactions and MERGE rewrites longer ago than
+that, and files no version names (a writer killed before its commit) last modified longer ago
+than that, so a writer still writing its chunk is safe whenever the retention is longer than
+one chunk's write. After it, time travel reaches back only that many hours.
+
+Prints what it did (or would do) per table; exit status 1 when a named table is absent.
+Operations in dataset/maintenance.py; S3 settings as in dataset/storage.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa  # noqa: E402
+from deltalake import DeltaTable  # noqa: E402
+
+from dataset.maintenance import DEFAULT_RETENTION_HOURS, TARGET_FILE_SIZE, compact, vacuum  # noqa: E402
+from dataset.storage import TABLE_NAMES, storage_options, table_uri  # noqa: E402
+
+
+def _files(dt: DeltaTable) -> pa.Table:
+    """path, size_bytes and num_records of the files of the table's loaded version."""
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    return actions.select([c for c in ("path", "size_bytes", "num_records") if c in actions.column_names])
+
+
+def _summary(dt: DeltaTable) -> str:
+    files = _files(dt)
+    rows = sum(v or 0 for v in files["num_records"].to_pylist()) if "num_records" in files.column_names else "?"
+    return f"version {dt.version()}: {files.num_rows} files, {sum(files['size_bytes'].to_pylist())} bytes, {rows} rows"
+
+
+def _compact(root: str, name: str, dt: DeltaTable, args, options) -> None:
+    before = _summary(dt)
+    if args.dry_run:
+        files = _files(dt)
+        small = [(p, s) for p, s in zip(files["path"].to_pylist(), files["size_bytes"].to_pylist())
+                 if s < args.target_size]
+        if len(small) < 2:
+            print(f"{name}: {before}; nothing to compact ({len(small)} file below {args.target_size} bytes)")
+            return
+        total = sum(s for _, s in small)
+        print(f"{name}: {before}; would merge {len(small)} files ({total} bytes) "
+              f"into about {max(1, -(-total // args.target_size))}:")
+        for p, s in small:
+            print(f"  {p}  {s}")
+        return
+    metrics = compact(root, name, target_size=args.target_size, options=options)
+    dt.update_incremental()
+    print(f"{name}: before {before}; removed {metrics['numFilesRemoved']} files, "
+          f"added {metrics['numFilesAdded']}; now {_summary(dt)}")
+
+
+def _vacuum(root: str, name: str, dt: DeltaTable, args, options) -> None:
+    deleted = vacuum(root, name, retention_hours=args.retention_hours, dry_run=args.dry_run, options=options)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{name}: {_summary(dt)}; {verb} {len(deleted)} files "
+          f"unneeded by versions of the last {args.retention_hours} h" + (":" if deleted else ""))
+    for path in sorted(deleted):
+        print(f"  {path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
+    ap.add_argument("action", choices=["compact", "vacuum"])
+    ap.add_argument("--table", default="all", choices=[*TABLE_NAMES, "all"], help="default: all")
+    ap.add_argument("--retention-hours", type=int, default=DEFAULT_RETENTION_HOURS,
+                    help=f"vacuum: keep what versions of the last H hours need (default {DEFAULT_RETENTION_HOURS})")
+    ap.add_argument("--target-size", type=int, default=TARGET_FILE_SIZE, help="compact: bytes per file")
+    ap.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
+    ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    args = ap.parse_args(argv)
+    if args.retention_hours < 0:
+        ap.error("--retention-hours must be >= 0")
+    options = storage_options(args.root, args.endpoint_url)
+    names = TABLE_NAMES if args.table == "all" else (args.table,)
+    status = 0
+    for name in names:
+        uri = table_uri(args.root, name)
+        if not DeltaTable.is_deltatable(uri, storage_options=options):
+            print(f"{name}: no table at {uri}")
+            status = status if args.table == "all" else 1
+            continue
+        dt = DeltaTable(uri, storage_options=options)
+        (_compact if args.action == "compact" else _vacuum)(args.root, name, dt, args, options)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""jobs/maintain.py end to end: compaction keeps every row in fewer files, vacuum lists then
+deletes a killed writer's orphan file, and versions within the retention stay readable."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+
+from dataset import DatasetWriter, read_images, read_table, resolve_version, storage_options, table_uri
+from dataset.lineage import new_lineage
+from dataset.synthetic import image_records
+from dataset.validation import validate
+from jobs.maintain import main as maintain_main
+from tests.s3server import moto_server
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = [sys.executable, str(ROOT / "jobs" / "maintain.py")]
+
+# A writer killed after writing its chunk's Parquet file, before the commit that would name it.
+_KILLED_WRITER = """
+import os, signal, sys, uuid
+sys.path.insert(0, {repo!r})
+import pyarrow.parquet as pq
+from dataset import DatasetWriter
+from dataset.lineage import new_lineage
+from dataset.synthetic import image_records
+from schemas import to_table
+w = DatasetWriter({root!r}, new_lineage(round=1, stage="auto"))
+chunk = [w._complete(r, 1000 + i) for i, r in enumerate(image_records(14, 2)[12:])]
+pq.write_table(to_table(chunk), {root!r} + "/annotations/part-00000-" + uuid.uuid4().hex + "-c000.zstd.parquet")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _run(*args, check=0):
+    out = subprocess.run(JOB + [str(a) for a in args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == check, out.stdout + out.stderr
+    return out.stdout
+
+
+def _live_files(root, name="annotations"):
+    return len(DeltaTable(table_uri(root, name)).file_uris())
+
+
+def _on_disk(root):
+    return sorted(p.name for p in (Path(root) / "annotations").glob("*.parquet"))
+
+
+def test_compact_and_vacuum_a_local_dataset(tmp_path):
+    root = str(tmp_path / "ds")
+    records = image_records(10, 3)
+    w = DatasetWriter(root, new_lineage(round=0, stage="auto", run_id="r0"))
+    w.start_run()
+    for i in range(0, 10, 2):
+        last = w.commit_images(records[i:i + 2], chunk=i // 2)
+    for uri in ("a.jpg", "b.jpg"):
+        w.append("quarantine", [{"uri": uri, "reason": "truncated JPEG", "run_id": "r0"}])
+    before = read_images(root)
+    assert _live_files(root) == 5 and _live_files(root, "quarantine") == 2
+
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER.format(repo=str(ROOT), root=root)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    committed = {Path(u).name for u in DeltaTable(table_uri(root, "annotations")).file_uris()}
+    orphans = [f for f in _on_disk(root) if f not in committed]
+    assert len(orphans) == 1
+    hours_ago = time.time() - 3 * 3600  # the writer died three hours ago
+    os.utime(Path(root) / "annotations" / orphans[0], (hours_ago, hours_ago))
+
+    # compact --dry-run: lists the five chunk files, changes nothing.
+    out = _run(root, "compact", "--table", "annotations", "--dry-run")
+    assert "would merge 5 files" in out, out
+    assert len(re.findall(r"^  part-.*\.parquet  \d+$", out, re.M)) == 5, out
+    assert resolve_version(root) == last and _live_files(root) == 5
+
+    # compact (all tables): one file per table, every row kept, the old version untouched.
+    out = _run(root, "compact")
+    assert re.search(r"^annotations: .*removed 5 files, added 1; now version \d+: 1 files, \d+ bytes, 10 rows$",
+                     out, re.M), out
+    assert re.search(r"^quarantine: .*removed 2 files, added 1;", out, re.M), out
+    assert re.search(r"^lineage: .*removed 0 files, added 0;", out, re.M), out  # a single file: left alone
+    assert resolve_version(root) == last + 1 and _live_files(root) == 1 and _live_files(root, "quarantine") == 1
+    assert sorted(read_images(root)["image_id"].to_pylist()) == sorted(before["image_id"].to_pylist())
+    assert read_images(root, version=last).equals(before)
+    assert read_table(root, "quarantine").num_rows == 2
+    assert resolve_version(root, round=0) == last  # a compaction is no round's commit
+
+    # vacuum --dry-run, retention 1 h: only the orphan (older than 1 h) is listed; nothing is deleted.
+    on_disk = _on_disk(root)
+    out = _run(root, "vacuum", "--retention-hours", "1", "--dry-run")
+    assert re.search(r"^annotations: .*would delete 1 files .*:\n  " + re.escape(orphans[0]) + "$", out, re.M), out
+    assert re.search(r"^quarantine: .*would delete 0 files", out, re.M), out
+    assert _on_disk(root) == on_disk
+
+    # vacuum, retention 1 h: the orphan goes; the files compaction replaced a moment ago stay,
+    # so the pre-compaction version is still readable.
+    out = _run(root, "vacuum", "--retention-hours", "1")
+    assert re.search(r"^annotations: .*deleted 1 files", out, re.M), out
+    assert _on_disk(root) == [f for f in on_disk if f != orphans[0]]
+    assert read_images(root, version=last).equals(before)
+    assert validate(root).ok and validate(root, version=last).ok
+
+    # vacuum, retention 0: the replaced files go too; the latest version is whole, time
+    # travel to before the compaction is gone.
+    out = _run(root, "vacuum", "--table", "annotations", "--retention-hours", "0")
+    assert re.search(r"^annotations: .*deleted 5 files", out, re.M), out
+    assert len(_on_disk(root)) == 1
+    assert read_images(root).num_rows == 10 and validate(root).ok
+    with pytest.raises(Exception):
+        read_images(root, version=last)
+
+
+def test_absent_table_and_bad_arguments(tmp_path, capsys):
+    root = str(tmp_path)
+    DatasetWriter(root, new_lineage(round=0, stage="auto")).commit_images(image_records(2, 1))
+    out = _run(root, "vacuum", "--table", "listing", "--dry-run", check=1)
+    assert out.startswith("listing: no table at")
+    assert maintain_main([root, "compact", "--dry-run"]) == 0  # all tables: absent ones are only reported
+    out = capsys.readouterr().out
+    assert "annotations: version 1: 1 files" in out and "nothing to compact" in out
+    assert "duplicates: no table at" in out
+    for bad in (["vacuum", "--retention-hours", "-1"], ["shrink"], ["vacuum", "--table", "images"]):
+        with pytest.raises(SystemExit) as exit_:
+            maintain_main([root, *bad])
+        assert exit_.value.code == 2
+
+
+def test_compact_on_s3():
+    with moto_server("maint") as endpoint:
+        root = "s3://maint/ds"
+        records = image_records(6, 2)
+        w = DatasetWriter(root, new_lineage(round=0, stage="auto"))
+        for i in range(0, 6, 2):
+            last = w.commit_images(records[i:i + 2])
+        before = read_images(root)
+        out = _run(root, "compact", "--table", "annotations", "--endpoint-url", endpoint)
+        assert "removed 3 files, added 1" in out, out
+        opts = storage_options(root)
+        assert len(DeltaTable(table_uri(root, "annotations"), storage_options=opts).file_uris()) == 1
+        assert read_images(root).sort_by("image_id").equals(before.sort_by("image_id"))
+        assert read_images(root, version=last).equals(before)
+        out = _run(root, "vacuum", "--table", "annotations", "--retention-hours", "0", "--dry-run")
+        assert "would delete 3 files" in out, out
