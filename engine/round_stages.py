@@ -125,6 +125,50 @@ def ground_truth_manual(images_per_round: int | None = None):
     return hook
 
 
+def simulated_annotator(stage: str = "manual", images_per_round: int | None = None, **annotator_options):
+    """A manual or semi-automatic stage done the way a person would do it: the
+    assisted-manual service (engine.service, on Ray Serve in the connected cluster) is
+    started on the round's inputs with checkpoint r, and engine.annotator's simulated
+    annotator clicks each of the first `images_per_round` synthetic scenes' objects (ground
+    truth from scene_truth) and commits them through it, with the round, this stage and
+    ctx.run_id. semi_auto pre-fills the generator's confident masks first. Images the
+    dataset already holds are skipped, so a rerun after a crash goes on where it stopped."""
+    if stage not in ("manual", "semi_auto"):
+        raise ValueError(f"stage must be manual or semi_auto, not {stage!r}")
+
+    def hook(ctx: RoundContext) -> dict:
+        from ray import serve
+
+        from dataset.identity import sha256_hex
+        from dataset.writer import committed_image_ids
+
+        from .annotator import EngineClient, SimulatedAnnotator
+        from .service import free_port, start
+
+        url = start({"images": ctx.input, "output": ctx.root, "stage": stage, "round": ctx.round,
+                     "run_id": ctx.run_id, "checkpoint": ctx.checkpoint, "torch_threads": 1,
+                     "prefill": "generator" if stage == "semi_auto" else "none"},
+                    port=free_port(), name=f"{stage}-r{ctx.round}")
+        try:
+            client = EngineClient(url)
+            annotator = SimulatedAnnotator(client, **annotator_options)
+            done = committed_image_ids(ctx.root)
+            entries = [e for e in client.images()["images"] if scene_truth(e["uri"]) is not None][:images_per_round]
+            committed = skipped = 0
+            for entry in entries:
+                if sha256_hex(Path(entry["uri"]).read_bytes()) in done:
+                    skipped += 1
+                    continue
+                annotator.annotate(entry["index"], scene_truth(entry["uri"]))
+                committed += 1
+            return {"run_id": ctx.run_id, "committed": committed, "skipped": skipped,
+                    "clicks": len(client.clicks)}
+        finally:
+            serve.shutdown()
+
+    return hook
+
+
 def _annotation_commits(root: str) -> list[dict]:
     from deltalake import DeltaTable
 

@@ -223,6 +223,26 @@ def test_the_gate_promotes_a_better_checkpoint_and_keeps_out_a_worse_or_equal_on
     assert evaluate(config, DEFAULT_CHECKPOINT) == good
 
 
+def test_manual_stage_through_the_serve_service_and_its_simulated_annotator(ray_session, tmp_path):
+    """The manual-stage hook over HTTP: the assisted-manual service on Ray Serve, clicked by
+    engine.annotator's simulated annotator; its commits carry the round, stage and run id,
+    and a rerun skips the image already committed."""
+    from engine.round_stages import round_input, simulated_annotator
+    from engine.rounds import RoundContext
+
+    config = engine_config(tmp_path, rounds=1, synthetic_inputs={"images_per_round": 2, "size": 128})
+    ctx = RoundContext(0, str(tmp_path), DEFAULT_CHECKPOINT, round_input(config, 0), "engine-r0-manual", config, print)
+    hook = simulated_annotator("manual", images_per_round=1, max_clicks=2, max_objects=2)
+    first = hook(ctx)
+    assert first["committed"] == 1 and first["skipped"] == 0 and first["clicks"] >= 1
+    commits = [c for c in history(str(tmp_path)) if c.get("table") == "annotations"]
+    assert [(c["round"], c["stage"], c["run_id"]) for c in commits] == [(0, "manual", "engine-r0-manual")]
+    (row,) = read_images(str(tmp_path)).to_pylist()
+    assert row["uri"].endswith("scene_7001_000000.png") and 1 <= len(row["annotations"]) <= 2
+    assert {(a["round"], a["stage"]) for a in row["annotations"]} == {(0, "manual")}
+    assert hook(ctx) | {"clicks": 0} == {"run_id": "engine-r0-manual", "committed": 0, "skipped": 1, "clicks": 0}
+
+
 def test_cli_refuses_bad_settings_before_starting_anything(tmp_path, capsys):
     assert cli_main(["--root", str(tmp_path), "--rounds", "2", "--input", "only-one"]) == 2
     assert "2 rounds need 2 inputs" in capsys.readouterr().err
