@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--promote-margin", type=float)
     ap.add_argument("--manual-ground-truth", type=int, metavar="N",
                     help="manual stage: a ground-truth annotator outlines N synthetic scenes per round")
+    ap.add_argument("--simulated-manual", type=int, metavar="N",
+                    help="manual stage: the simulated annotator clicks N synthetic scenes per round through the "
+                         "assisted-manual Serve service")
+    ap.add_argument("--simulated-semi-auto", type=int, metavar="N",
+                    help="semi_auto stage: the same, with the generator's confident masks pre-filled")
     ap.add_argument("--until", help="R:STAGE: stop after that stage of round R (stage-by-stage runs)")
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
     return ap.parse_args(argv), annotate_args
@@ -63,8 +68,9 @@ def build_config(args: argparse.Namespace, annotate_args: list[str]) -> RoundsCo
             fields[name] = getattr(args, name)
     if args.stages:
         fields["stages"] = args.stages.split(",")
-    elif args.manual_ground_truth:
-        fields["stages"] = ["manual", "auto"]
+    elif args.manual_ground_truth or args.simulated_manual or args.simulated_semi_auto:
+        fields["stages"] = [*(["manual"] if args.manual_ground_truth or args.simulated_manual else []),
+                            *(["semi_auto"] if args.simulated_semi_auto else []), "auto"]
     if args.input:
         fields["inputs"] = args.input
     if args.synthetic_inputs:
@@ -92,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         from engine.round_stages import ground_truth_manual
 
         hooks["manual"] = ground_truth_manual(args.manual_ground_truth)
+    for stage, n in (("manual", args.simulated_manual), ("semi_auto", args.simulated_semi_auto)):
+        if n:
+            from engine.round_stages import simulated_annotator
+
+            hooks[stage] = simulated_annotator(stage, images_per_round=n)
     import ray
 
     from engine.rounds import run_rounds
