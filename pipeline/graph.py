@@ -44,7 +44,8 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
     model_args = (config.checkpoint, config.model_type, device, config.precision, amg)
 
     def pool(p, **extra):
-        return dict(concurrency=(p.min, p.max), batch_size=p.batch_size, num_cpus=p.num_cpus,
+        return dict(compute=ray.data.ActorPoolStrategy(min_size=p.min, max_size=p.max), batch_size=p.batch_size,
+                    num_cpus=p.num_cpus,
                     num_gpus=p.num_gpus if p.num_gpus is not None else (1 if gpu else 0),
                     resources=p.resources or None, **extra)
 
@@ -52,7 +53,7 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
                         resources=config.read_resources or None,
                         fn_kwargs=dict(limits=config.limits.model_dump(), endpoint_url=config.endpoint_url))
     ds = ds.map_batches(Deduplicator, fn_constructor_args=(committed, config.near_duplicate_distance),
-                        concurrency=1, num_cpus=0, batch_size=config.read_batch_size)
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0, batch_size=config.read_batch_size)
     if config.fused(device):
         ds = ds.map_batches(Annotator, **pool(config.encoder, fn_constructor_args=model_args, fn_constructor_kwargs=dict(
             num_threads=int(config.encoder.num_cpus), endpoint_url=config.endpoint_url)))
@@ -66,7 +67,8 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
                             resources=config.postprocess_resources or None,
                             fn_kwargs=dict(amg=amg))
     return ds.map_batches(Writer, fn_constructor_args=(config.output, lineage, config.endpoint_url, config.replace),
-                          concurrency=config.writers, num_cpus=0, batch_size=config.chunk_images)
+                          compute=ray.data.ActorPoolStrategy(size=config.writers), num_cpus=0,
+                          batch_size=config.chunk_images)
 
 
 def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
