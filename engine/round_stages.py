@@ -202,14 +202,14 @@ def pinned_version(root: str, r: int) -> int:
 
 def train(ctx: RoundContext, version: int) -> dict:
     """Checkpoint r+1: fine-tune checkpoint r with Ray Train on the dataset pinned at
-    version (the data files of that Delta version, read where they are), mixed with
-    synthetic ground truth if the config asks. The run is named after the round, so an
-    interrupted one resumes from its last Ray Train checkpoint."""
-    from dataset.reader import open_version
+    version (see training_snapshot), mixed with synthetic ground truth if the config asks.
+    The run is named after the round, so an interrupted one resumes from its last Ray
+    Train checkpoint."""
     from training.loop import ParquetSource, SyntheticSource, TrainConfig, run_training
 
     config = ctx.config
-    files = open_version(ctx.root, version=version).file_uris()
+    files, kept = training_snapshot(ctx.root, version, Path(ctx.root) / "train_data" / f"round_{ctx.round}",
+                                    config.min_train_mask_area)
     extra = dict(config.train)
     synthetic = None
     if config.synthetic_fraction > 0:
@@ -223,8 +223,45 @@ def train(ctx: RoundContext, version: int) -> dict:
     path, metrics = run_training(cfg, str(Path(ctx.root) / "train_runs"), num_workers=config.train_workers,
                                  use_gpu=config.train_gpu, resume=True, name=f"round_{ctx.round}", output=str(output))
     return {"checkpoint": path, "checkpoint_sha256": file_sha256(path), "dataset_version": version,
-            "data_files": len(files), "init_checkpoint": ctx.checkpoint,
+            "train_data": kept, "init_checkpoint": ctx.checkpoint,
             "metrics": {k: v for k, v in metrics.items() if k != "history"}}
+
+
+def training_snapshot(root: str, version: int, folder: Path, min_area: int) -> tuple[list[str], dict]:
+    """The images of a dataset version that can teach something, as plain Parquet in folder
+    (uri + annotations): masks smaller than min_area px dropped, then images left without a
+    mask. The automatic stage with its filters off keeps empty masks, and a training step
+    that draws only such images has nothing to learn from. Derived from the pinned version
+    alone, so rewriting it on a resumed round gives the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dataset.reader import open_dataset
+
+    dataset = open_dataset(root, version=version)
+    schema = pa.schema([dataset.schema.field("uri"), dataset.schema.field("annotations")])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "part-0.parquet"
+    tmp = folder / ".part-0.parquet.tmp"
+    kept = {"images": 0, "masks": 0, "dropped_images": 0, "dropped_masks": 0}
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for batch in dataset.to_batches(columns=["uri", "annotations"], batch_size=256):
+            rows = []
+            for row in batch.to_pylist():
+                masks = [a for a in row["annotations"] or () if (a.get("area") or 0) >= max(min_area, 1)]
+                kept["dropped_masks"] += len(row["annotations"] or ()) - len(masks)
+                if masks:
+                    rows.append({"uri": row["uri"], "annotations": masks})
+                    kept["masks"] += len(masks)
+                else:
+                    kept["dropped_images"] += 1
+            kept["images"] += len(rows)
+            if rows:
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+    tmp.replace(path)
+    if not kept["images"]:
+        raise ValueError(f"version {version} of {root} has no image with a mask of {min_area} px or more to train on")
+    return [str(path)], kept
 
 
 # ---- evaluation -----------------------------------------------------------------------------------

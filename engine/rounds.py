@@ -80,6 +80,7 @@ class RoundsConfig(BaseModel):
     annotate_args: list[str] = Field(default_factory=list, description="extra jobs/auto_annotate.py flags")
     train_steps: int = Field(200, gt=0, description="Ray Train steps per round")
     train: dict[str, Any] = Field(default_factory=dict, description="other training.loop.TrainConfig fields")
+    min_train_mask_area: int = Field(16, ge=1, description="px; smaller masks (and images left without any) are not trained on")
     synthetic_fraction: float = Field(0.0, ge=0, lt=1, description="share of synthetic ground-truth images in training")
     train_workers: int = Field(1, gt=0)
     train_gpu: bool = False
