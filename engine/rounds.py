@@ -13,7 +13,7 @@ Everything lives under the dataset root:
     <root>/rounds/<r>.json                the round record, written last: the round is done
     <root>/rounds/<r>/<stage>.json        a finished stage (manual, semi_auto, auto, train, evaluate)
     <root>/rounds/evaluations/*.json      held-out metrics per checkpoint sha256 and held-out set
-    <root>/checkpoints/round_<r>.pt       checkpoint r (trained in round r-1)
+    <root>/checkpoints/round_<r>.pt       checkpoint r (trained in round r-1; round_0: a copy of the initial one)
     <root>/train_runs/round_<r>/          the Ray Train run of round r (resumes by name)
 
 Rerunning the same command resumes: rounds with a record are skipped, and so are stages
@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,12 +192,13 @@ def run_rounds(config: RoundsConfig, hooks: dict[str, StageHook] | None = None, 
         raise ValueError(f"stages {missing} are configured but have no hook")
     hooks["auto"] = annotate_auto
     records = {rec["round"]: rec for rec in load_records(config.root)}
+    first = snapshot_initial_checkpoint(config)
     for r in range(config.rounds):
         if r in records:
             log(f"round {r}: done (promoted={records[r]['promoted']})")
             continue
         started = time.perf_counter()
-        incumbent = config.initial_checkpoint if r == 0 else records[r - 1]["next_checkpoint"]
+        incumbent = first if r == 0 else records[r - 1]["next_checkpoint"]
         if r > 0 and not Path(incumbent).exists():
             raise FileNotFoundError(f"round {r}: checkpoint {incumbent} of round {r - 1} is gone")
         ctx = RoundContext(r, config.root, incumbent, round_input(config, r), "", config, log)
@@ -236,6 +238,18 @@ def run_rounds(config: RoundsConfig, hooks: dict[str, StageHook] | None = None, 
             f"{rec['candidate_metrics'].get(config.promote_metric)}: "
             f"{'promoted' if rec['promoted'] else 'kept checkpoint ' + str(r)}")
     return [records[r] for r in sorted(records)]
+
+
+def snapshot_initial_checkpoint(config: RoundsConfig) -> str:
+    """Checkpoint 0 is a copy of initial_checkpoint under the root, made once: the rounds'
+    records and commits then name a file that nothing else rewrites."""
+    path = checkpoint_path(config.root, 0)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.copyfile(config.initial_checkpoint, tmp)
+        os.replace(tmp, path)
+    return str(path)
 
 
 def promote(incumbent: dict, candidate: dict, metric: str, margin: float) -> bool:
@@ -278,6 +292,7 @@ def write_record(config: RoundsConfig, r: int, incumbent: str, results: dict[str
         "held_out": _numbers(evaluation["incumbent"]),
         "checkpoint_hash": file_sha256(incumbent),
         "candidate_sha256": trained["checkpoint_sha256"],
+        "initial_checkpoint": config.initial_checkpoint if r == 0 else None,
         "next_checkpoint": trained["checkpoint"] if promoted else incumbent,
         "gate": {"metric": config.promote_metric, "margin": _margin_text(config.promote_margin)},
         "stages": {s: {k: v for k, v in results[s].items() if k != "seconds"} for s in config.stages},

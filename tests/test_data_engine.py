@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -129,8 +131,13 @@ def test_round_records(engine_run):
         assert rec["images"] == 3 and rec["masks"] == rec["stages"]["manual"]["masks"] + rec["stages"]["auto"]["masks"]
         assert rec["masks_per_image"] == pytest.approx(rec["masks"] / 3) and rec["stages"]["auto"]["masks"] > 0
         assert rec["seconds"] > 0 and rec["train"]["metrics"]["steps"] == 2
+        # Trained on the images of rounds <= r that have a mask of 16 px or more.
+        data = rec["train"]["train_data"]
+        assert 1 <= data["images"] <= 3 * (r + 1) == data["images"] + data["dropped_images"] and data["masks"] > 0
         assert rec["promoted"] and rec["next_checkpoint"] == rec["candidate_checkpoint"]  # margin -inf
-    assert records[0]["checkpoint"] == DEFAULT_CHECKPOINT
+    # Checkpoint 0 is a copy of the initial one under the root (the source may be rewritten later).
+    assert records[0]["checkpoint"] == str(engine_run["root"] / "checkpoints" / "round_0.pt")
+    assert records[0]["initial_checkpoint"] == DEFAULT_CHECKPOINT and records[1]["initial_checkpoint"] is None
     # Round 1 annotates and trains from the checkpoint round 0 promoted.
     assert records[1]["checkpoint"] == records[0]["candidate_checkpoint"]
     assert load_checkpoint(records[1]["candidate_checkpoint"])[1]["train_config"]["init_checkpoint"] == records[1]["checkpoint"]
@@ -155,6 +162,16 @@ def test_lineage_of_the_rounds_commits(engine_run):
     assert len(latest) == 6
     stages = Counter((a["round"], a["stage"]) for row in latest for a in row["annotations"])
     assert set(stages) == {(0, "manual"), (0, "auto"), (1, "manual"), (1, "auto")}
+
+
+def test_training_snapshot_keeps_only_masks_worth_training_on(engine_run, tmp_path):
+    root, records = str(engine_run["root"]), engine_run["records"]
+    version = records[1]["dataset_version"]
+    files, kept = round_stages.training_snapshot(root, version, tmp_path, 16)
+    snapshot = [a["area"] for f in files for row in pq.read_table(f).to_pylist() for a in row["annotations"]]
+    source = [a["area"] for row in read_images(root, version=version).to_pylist() for a in row["annotations"]]
+    assert sorted(snapshot) == sorted(a for a in source if a >= 16) and len(snapshot) == kept["masks"]
+    assert kept["dropped_masks"] == len(source) - len(snapshot)
 
 
 def test_the_report_after_the_last_round_shows_every_rounds_held_out_metrics(engine_run):
@@ -198,7 +215,9 @@ def test_the_gate_can_be_redecided_from_stored_evaluations(engine_run):
 def test_the_gate_promotes_a_better_checkpoint_and_keeps_out_a_worse_or_equal_one(tmp_path):
     """Real held-out evaluations of the bundled checkpoint and of a broken copy of it (its
     mask hypernetworks zeroed: every mask empty, mIoU 0)."""
-    model, meta = load_checkpoint(DEFAULT_CHECKPOINT)
+    bundled = tmp_path / "bundled.pt"  # a copy: the bundled file may be replaced while tests run
+    shutil.copyfile(DEFAULT_CHECKPOINT, bundled)
+    model, meta = load_checkpoint(bundled)
     with torch.no_grad():
         for p in model.mask_decoder.output_hypernetworks_mlps.parameters():
             p.zero_()
@@ -206,7 +225,7 @@ def test_the_gate_promotes_a_better_checkpoint_and_keeps_out_a_worse_or_equal_on
     save_checkpoint(model, broken, meta)
     config = RoundsConfig(root=str(tmp_path), rounds=1, inputs=["unused"], held_out=HELD_OUT.model_copy(
         update={"automatic": False}), promote_metric="miou")
-    good, bad = evaluate(config, DEFAULT_CHECKPOINT), evaluate(config, str(broken))
+    good, bad = evaluate(config, str(bundled)), evaluate(config, str(broken))
     assert bad["miou"] == 0 < good["miou"] and bad["instances"] == good["instances"] > 0
     assert promote(bad, good, "miou", 0.0)  # better: promoted
     assert not promote(good, bad, "miou", 0.0)  # worse: kept out
@@ -220,7 +239,7 @@ def test_the_gate_promotes_a_better_checkpoint_and_keeps_out_a_worse_or_equal_on
         promote(good, bad, "AR100", 0.0)
     # Evaluations are stored by checkpoint hash and held-out set: a second call reads them.
     assert len(list((tmp_path / "rounds" / "evaluations").glob("*.json"))) == 2
-    assert evaluate(config, DEFAULT_CHECKPOINT) == good
+    assert evaluate(config, str(bundled)) == good
 
 
 def test_manual_stage_through_the_serve_service_and_its_simulated_annotator(ray_session, tmp_path):
