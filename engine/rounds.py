@@ -236,7 +236,7 @@ def run_rounds(config: RoundsConfig, hooks: dict[str, StageHook] | None = None, 
             write_report(config.root, log)
         log(f"round {r}: {config.promote_metric} {rec['metrics'].get(config.promote_metric)} -> candidate "
             f"{rec['candidate_metrics'].get(config.promote_metric)}: "
-            f"{'promoted' if rec['promoted'] else 'kept checkpoint ' + str(r)}")
+            f"{'promoted ' + Path(rec['candidate_checkpoint']).name if rec['promoted'] else 'kept ' + Path(incumbent).name}")
     return [records[r] for r in sorted(records)]
 
 
