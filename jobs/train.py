@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,7 @@ import yaml  # noqa: E402
 
 from model import load_checkpoint, save_checkpoint  # noqa: E402
 from training.data import synthetic_example  # noqa: E402
+from training.automatic_eval import automatic_metrics, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
 from training.loop import ParquetSource, SyntheticSource, TrainConfig, run_training  # noqa: E402
 
@@ -34,8 +36,11 @@ FIELD_FLAGS = {
     "model_type": str, "init_checkpoint": str, "steps": int, "images_per_step": int,
     "masks_per_image": int, "prompt_iterations": int, "mask_only_iterations": int, "lr": float,
     "weight_decay": float, "warmup_steps": int, "decay": str, "seed": int,
-    "checkpoint_every": int, "eval_every": int, "log_every": int,
+    "checkpoint_every": int, "eval_every": int, "log_every": int, "box_probability": float,
+    "torch_threads": int,
 }
+# flag -> TrainConfig field, for on/off switches (--x / --no-x).
+SWITCH_FLAGS = ("bf16", "low_res_loss", "vit_init")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for field, kind in FIELD_FLAGS.items():
         parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (GPU)")
+    parser.add_argument("--low-res-loss", action=argparse.BooleanOptionalAction, default=None,
+                        help="focal + dice on the decoder's low-res logits (soft targets); much cheaper on CPU")
+    parser.add_argument("--vit-init", action=argparse.BooleanOptionalAction, default=None,
+                        help="from scratch: ViT-style encoder init with a sin-cos position embedding")
     parser.add_argument("--synthetic-size", type=int, help="side of the synthetic scenes, px")
     parser.add_argument("--no-synthetic", action="store_true", help="train on --parquet data only")
     parser.add_argument("--parquet", action="append", help="Parquet file/folder or Delta table (repeatable)")
@@ -55,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--eval-images", type=int, default=50, help="held-out scenes for the final evaluation")
     parser.add_argument("--eval-seed", type=int, help="seed of the held-out scenes (must differ from the data seed)")
+    parser.add_argument("--amg-eval-images", type=int, default=0,
+                        help="held-out scenes for the automatic-mode COCO metrics (AR@100, AR@1000, AP); 0: skip")
     return parser.parse_args(argv)
 
 
@@ -64,8 +75,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         text = Path(args.config).read_text()
         fields = (json.loads(text) if args.config.endswith(".json") else yaml.safe_load(text)) or {}
     fields |= {field: getattr(args, field) for field in FIELD_FLAGS if getattr(args, field) is not None}
-    if args.bf16 is not None:
-        fields["bf16"] = args.bf16
+    fields |= {field: getattr(args, field) for field in SWITCH_FLAGS if getattr(args, field) is not None}
     if args.eval_seed is not None:
         fields["eval_seed"] = args.eval_seed
     if args.no_synthetic:
@@ -92,18 +102,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = build_config(args)
     init_ray()
+    started = time.time()
     path, metrics = run_training(
         cfg, args.storage, num_workers=args.workers, use_gpu=args.gpu, resume=not args.no_resume,
         name=args.name, output=args.output,
     )
+    wall_seconds = time.time() - started
+    if cfg.torch_threads:  # the evaluation below runs in this process
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     model, meta = load_checkpoint(path)
     size = cfg.synthetic.size if cfg.synthetic else model.image_size
     scenes = (synthetic_example(cfg.eval_seed, i, size) for i in range(args.eval_images))
     evaluation = single_point_miou(model, scenes) | {"seed": cfg.eval_seed, "images": args.eval_images, "size": size}
     meta["eval_single_point"] = evaluation
+    report = {"checkpoint": path, "train": {k: v for k, v in metrics.items() if k != "history"},
+              "eval_single_point": evaluation}
+    if args.amg_eval_images:
+        automatic = automatic_metrics(model, held_out_scenes(cfg.eval_seed, args.amg_eval_images, size))
+        meta["eval_automatic"] = report["eval_automatic"] = automatic | {
+            "seed": cfg.eval_seed, "images": args.amg_eval_images, "size": size, "amg_params": "AmgParams defaults",
+        }
+    # How the file was made: the command line as given, and the training wall time.
+    meta["command"] = " ".join(["python", "jobs/train.py", *(argv if argv is not None else sys.argv[1:])])
+    history = metrics.get("history", [])
+    meta["train_seconds"] = report["train_seconds"] = float(sum(row["seconds"] for row in history))
+    meta["wall_seconds_this_invocation"] = report["wall_seconds_this_invocation"] = wall_seconds
     save_checkpoint(model, path, meta)
-    summary = {k: v for k, v in metrics.items() if k != "history"}
-    print(json.dumps({"checkpoint": path, "train": summary, "eval_single_point": evaluation}, indent=2))
+    print(json.dumps(report, indent=2))
     return 0
 
 

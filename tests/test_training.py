@@ -106,6 +106,39 @@ def test_the_best_candidate_alone_carries_the_mask_loss(scene_masks):
     assert torch.isclose(loss.iou_mse, torch.tensor(1 / 3), atol=1e-3)
 
 
+def test_soft_targets_need_measured_ious_and_score_a_right_mask_well(scene_masks):
+    from torch.nn import functional as F
+
+    targets = scene_masks[:6]
+    coverage = F.adaptive_avg_pool2d(targets[:, None].float(), (32, 32))[:, 0]  # 128 -> 32, soft
+    with pytest.raises(ValueError, match="actual_iou"):
+        segmentation_loss(torch.zeros(6, 1, 32, 32), coverage, torch.zeros(6, 1))
+    # Logits that say "covered more than half" agree with the coverage far better than the
+    # opposite; the IoU head's target is the IoU given.
+    right = (coverage[:, None] - 0.5) * 40
+    good = segmentation_loss(right, coverage, torch.ones(6, 1), actual_iou=torch.ones(6, 1))
+    bad = segmentation_loss(-right, coverage, torch.ones(6, 1), actual_iou=torch.ones(6, 1))
+    assert good.dice < 0.3 < bad.dice and good.focal < bad.focal and good.iou_mse == 0
+
+
+def test_low_res_loss_step_trains_every_part_and_measures_full_resolution_iou():
+    from training.interactive import SimulatedInteraction
+    from training.loop import sincos_2d, vit_init_
+
+    torch.manual_seed(0)
+    model = build_sam("vit_tiny256")
+    vit_init_(model)
+    pos = model.image_encoder.pos_embed[0]
+    assert torch.equal(pos, sincos_2d(16, 128)) and not torch.equal(pos[0, 0], pos[5, 9])
+    batch = make_batch([synthetic_example(0, i, 256) for i in range(2)], 256, 3, np.random.default_rng(0))
+    step = SimulatedInteraction(model, iterations=2, mask_only_iterations=1, low_res_loss=True)
+    stats = step(batch.images, batch.masks, batch.image_index, generator(4))
+    stats["loss"].backward()
+    assert torch.isfinite(stats["loss"]) and 0 <= stats["miou"] <= 1
+    assert model.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert model.mask_decoder.iou_prediction_head.layers[-1].weight.grad.abs().sum() > 0
+
+
 def test_mask_iou():
     a = torch.zeros(1, 4, 4, dtype=torch.bool)
     b = a.clone()

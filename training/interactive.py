@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from model import Sam
 
-from .losses import segmentation_loss
+from .losses import mask_iou, segmentation_loss
 from .prompts import error_points, first_boxes, first_points
 
 STATS = ("loss", "focal", "dice", "iou_mse", "miou_first", "miou")
@@ -26,12 +26,20 @@ class SimulatedInteraction(nn.Module):
     mask_only_iterations: how many of the last passes add no new click and only refine
     from the previous mask, as in the paper.
     box_probability: chance that a mask's first prompt is a noisy box rather than a point.
+    low_res_loss: compute focal and dice on the decoder's own low-res logits against the
+    ground truth's coverage per low-res pixel (a soft target), instead of on logits
+    upscaled to the input frame: 16x fewer pixels for the losses and their gradients.
+    IoUs (the IoU head's target, the choice of clicks) stay measured at full resolution.
     """
 
-    def __init__(self, sam: Sam, iterations: int = 4, mask_only_iterations: int = 1, box_probability: float = 0.5):
+    def __init__(
+        self, sam: Sam, iterations: int = 4, mask_only_iterations: int = 1, box_probability: float = 0.5,
+        low_res_loss: bool = False,
+    ):
         super().__init__()
         if iterations < 1 or not 0 <= mask_only_iterations < iterations:
             raise ValueError("need iterations >= 1 and 0 <= mask_only_iterations < iterations")
+        self.low_res_loss = low_res_loss
         self.sam = sam
         self.iterations = iterations
         self.mask_only_iterations = mask_only_iterations
@@ -70,10 +78,19 @@ class SimulatedInteraction(nn.Module):
         rows = torch.arange(len(masks), device=masks.device)
         totals = {"loss": 0.0, "focal": 0.0, "dice": 0.0, "iou_mse": 0.0}
         clicks_until = self.iterations - self.mask_only_iterations
+        coverage = None
         for step in range(self.iterations):
             low_res, iou_predictions = self.sam.decode(embeddings, **prompts.decode_kwargs(), multimask_output=step == 0)
-            logits = F.interpolate(low_res.float(), size, mode="bilinear", align_corners=False)
-            loss = segmentation_loss(logits, masks, iou_predictions)
+            if self.low_res_loss:
+                if coverage is None:
+                    coverage = F.adaptive_avg_pool2d(masks[:, None].float(), low_res.shape[-2:])[:, 0]
+                with torch.no_grad():
+                    logits = F.interpolate(low_res.detach().float(), size, mode="bilinear", align_corners=False)
+                    actual_iou = mask_iou(logits > 0, masks[:, None])
+                loss = segmentation_loss(low_res, coverage, iou_predictions, actual_iou=actual_iou)
+            else:
+                logits = F.interpolate(low_res.float(), size, mode="bilinear", align_corners=False)
+                loss = segmentation_loss(logits, masks, iou_predictions)
             for name, value in (("loss", loss.total), ("focal", loss.focal), ("dice", loss.dice), ("iou_mse", loss.iou_mse)):
                 totals[name] = totals[name] + value
             if step == 0:

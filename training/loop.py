@@ -60,6 +60,7 @@ class TrainConfig(BaseModel):
     prompt_iterations: int = Field(4, gt=0, description="decoder passes per mask")
     mask_only_iterations: int = Field(1, ge=0, description="last passes that add no new click")
     box_probability: float = Field(0.5, ge=0, le=1)
+    low_res_loss: bool = Field(False, description="focal + dice on the decoder's low-res logits vs soft coverage targets")
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.05, ge=0, le=1, description="cosine decay ends at lr * this")
     weight_decay: float = Field(0.1, ge=0)
@@ -69,6 +70,8 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
     seed: int = 0
     bf16: bool = False
+    torch_threads: int = Field(0, ge=0, description="torch threads per worker; 0: the CPUs Ray gives the worker")
+    vit_init: bool = Field(True, description="from scratch: ViT-style encoder init with sin-cos position embedding")
     synthetic: SyntheticSource | None = SyntheticSource()
     parquet: ParquetSource | None = None
     log_every: int = Field(10, gt=0, description="steps between ray.train.report calls")
@@ -145,7 +148,38 @@ def initial_model(cfg: TrainConfig) -> Sam:
         model, _ = load_checkpoint(cfg.init_checkpoint)
         return model.train()
     torch.manual_seed(cfg.seed)
-    return build_sam(cfg.model_type).train()
+    model = build_sam(cfg.model_type)
+    if cfg.vit_init:
+        vit_init_(model)
+    return model.train()
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """grid x grid x dim fixed 2-D sine-cosine position embedding (half the channels for
+    y, half for x), as MAE starts its ViTs with."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid, dtype=torch.float64)
+    angles = pos[:, None] * omega[None]  # grid x quarter
+    one_axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # grid x dim/2
+    y = one_axis[:, None, :].expand(grid, grid, -1)
+    x = one_axis[None, :, :].expand(grid, grid, -1)
+    return torch.cat([y, x], dim=-1).float()
+
+
+@torch.no_grad()
+def vit_init_(model: Sam) -> None:
+    """From-scratch initialisation of the image encoder in the usual ViT way: truncated
+    normal (std 0.02) linear weights with zero biases, and a 2-D sine-cosine absolute
+    position embedding instead of zeros (the official zeros assume pretrained weights:
+    from scratch, windowed blocks with zero position terms cannot tell patches apart)."""
+    encoder = model.image_encoder
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.trunc_normal_(module.weight, std=0.02)
+            torch.nn.init.zeros_(module.bias)
+    _, grid, _, dim = encoder.pos_embed.shape
+    encoder.pos_embed.copy_(sincos_2d(grid, dim)[None])
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -180,8 +214,12 @@ def train_loop_per_worker(config: dict) -> dict:
     cfg = TrainConfig(**config)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    # Ray sets OMP_NUM_THREADS to the CPUs given to this worker; use them all.
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
+    # Ray sets OMP_NUM_THREADS to the CPUs given to this worker; use them all, unless told
+    # otherwise: on a CPU shared with other work, one thread per worker avoids the stalls of
+    # a parallel region waiting for a descheduled thread (measured several times slower).
+    torch.set_num_threads(cfg.torch_threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
+    # Denormal floats are many times slower on CPUs; tiny gradients and Adam moments make them.
+    torch.set_flush_denormal(True)
     device = ray.train.torch.get_device()
 
     start_step, history = 0, []
@@ -196,7 +234,9 @@ def train_loop_per_worker(config: dict) -> dict:
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
 
-    step_module = SimulatedInteraction(model, cfg.prompt_iterations, cfg.mask_only_iterations, cfg.box_probability)
+    step_module = SimulatedInteraction(
+        model, cfg.prompt_iterations, cfg.mask_only_iterations, cfg.box_probability, cfg.low_res_loss
+    )
     if world_size > 1:
         # Box and point embeddings go unused in a step without boxes or points.
         step_module = ray.train.torch.prepare_model(step_module, parallel_strategy_kwargs={"find_unused_parameters": True})

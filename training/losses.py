@@ -60,12 +60,16 @@ def segmentation_loss(
     focal_weight: float = FOCAL_WEIGHT,
     dice_weight: float = DICE_WEIGHT,
     iou_weight: float = IOU_WEIGHT,
+    actual_iou: torch.Tensor | None = None,
 ) -> SegmentationLoss:
     """Loss of M prompts with K candidate masks each.
 
-    logits: M x K x H x W at the resolution the targets have; targets: M x H x W bool;
+    logits: M x K x H x W at the resolution the targets have; targets: M x H x W, bool or
+    soft (the fraction of each pixel the object covers, for a loss at reduced resolution);
     iou_predictions: M x K. The IoU head is trained on every candidate: it has to rank
-    them at inference time."""
+    them at inference time. actual_iou (M x K, no gradient): the IoUs of the binary
+    candidates when they are measured elsewhere (at full resolution); required for soft
+    targets."""
     logits, iou_predictions = logits.float(), iou_predictions.float()
     targets = targets[:, None].expand_as(logits)
     focal = focal_loss(logits, targets)  # M x K
@@ -74,8 +78,11 @@ def segmentation_loss(
     best = mask_loss.detach().argmin(dim=1)
     rows = torch.arange(len(best), device=best.device)
 
-    with torch.no_grad():
-        actual_iou = mask_iou(logits > 0, targets)  # M x K
+    if actual_iou is None:
+        if targets.dtype != torch.bool:
+            raise ValueError("soft targets need actual_iou measured on binary masks")
+        with torch.no_grad():
+            actual_iou = mask_iou(logits > 0, targets)  # M x K
     iou_mse = ((iou_predictions - actual_iou) ** 2).mean()
     total = mask_loss[rows, best].mean() + iou_weight * iou_mse
     return SegmentationLoss(
