@@ -66,7 +66,11 @@ def validate(root: str, *, decode: bool = False, batch_rows: int = 256, **pin: A
     image_keys: Counter = Counter()
     ann_ids: list[np.ndarray] = []
     for batch in ds.to_batches(batch_size=batch_rows):
-        table = conform(pa.Table.from_batches([batch], schema=ds.schema))
+        try:
+            table = conform(pa.Table.from_batches([batch], schema=ds.schema))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:  # a type that casts, values that do not
+            report.add("schema", f"values do not cast to the schema: {e}")
+            return report
         for image in table.to_pylist():
             report.images += 1
             image_ids[image["image_id"]] += 1

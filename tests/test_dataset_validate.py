@@ -128,9 +128,6 @@ def test_column_of_a_type_that_does_not_cast(tmp_path, good):
     assert report.images == 0  # rows of an unknown shape are not checked further
 
 
-@pytest.mark.xfail(strict=True, raises=pa.ArrowInvalid, reason=(
-    "known gap: the schema check casts an empty array, and string -> int32 casts when empty; "
-    "the values then fail to cast inside validate() instead of being reported"))
 def test_column_whose_values_do_not_cast(tmp_path, good):
     schema = pa.schema([pa.field("width", pa.string()) if f.name == "width" else f for f in IMAGES])
     rows = [{**r, "width": "wide"} for r in good]
