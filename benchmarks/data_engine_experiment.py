@@ -1,7 +1,7 @@
 """Experiment (not CI): several data-engine rounds on synthetic scenes, held-out metrics per round.
 
     python benchmarks/data_engine_experiment.py --rounds 3 --images-per-round 16 --steps 200
-    python benchmarks/data_engine_experiment.py --root out/engine_exp --results-json benchmarks/results/engine.json
+    python benchmarks/data_engine_experiment.py --root out/engine_exp --results-json benchmarks/results/experiments/engine.json
 
 Round 0 starts from --checkpoint (default: the bundled weak one). A ground-truth annotator
 outlines --manual-images scenes of each of the first --manual-rounds rounds (the manual
