@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from amg import AmgParams, EncodedImage, decode_image, encode_image, postprocess
+from amg.text import decode_texts
 from model import load_checkpoint
 from model.sam import Sam
 
@@ -40,19 +41,27 @@ def local_checkpoint(uri: str, endpoint_url: str | None = None) -> str:
 
 
 class _ModelStage:
+    """texts / text_embeddings: phrases (and their vectors, embedded once by the driver) that
+    prompt every image instead of the point grid (amg.text)."""
+
     def __init__(self, checkpoint: str, model_type: str | None, device: str, precision: str, amg: dict,
-                 num_threads: int = 1, endpoint_url: str | None = None):
+                 num_threads: int = 1, endpoint_url: str | None = None, texts: list[str] | None = None,
+                 text_embeddings: list[list[float]] | None = None):
         if device == "cpu":
             torch.set_num_threads(max(1, num_threads))
         self.model: Sam
         self.model, _ = load_checkpoint(local_checkpoint(checkpoint, endpoint_url), model_type=model_type, device=device)
         self.params = AmgParams(**amg)
         self.precision = precision
+        self.texts = list(texts or [])
+        self.text_embeddings = np.asarray(text_embeddings if self.texts else [], np.float32)
 
     def _encode(self, image: np.ndarray) -> EncodedImage:
         return split_on_oom(lambda b: encode_image(self.model, image, self.params, self.precision, batch_size=b), 4)
 
     def _candidates(self, encoded: EncodedImage) -> list:
+        if self.texts:
+            return decode_texts(self.model, encoded, self.texts, self.text_embeddings, self.params, self.precision)
         return split_on_oom(lambda b: decode_image(self.model, encoded, self.params.model_copy(
             update={"points_per_batch": b}), self.precision), self.params.points_per_batch)
 

@@ -41,6 +41,7 @@ class Candidates:
     points: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.float64))
     num_prompts: int = 0
     funnel: dict = field(default_factory=dict)
+    texts: list[str] | None = None  # the phrase of each mask, when phrases prompted (amg.text)
 
 
 @torch.inference_mode()
@@ -113,25 +114,30 @@ def _decode_survivors(model: Sam, embedding: torch.Tensor, coords: torch.Tensor,
     return low_res[kept], iou[rows][kept], prompt_idx
 
 
-def _filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, orig_size, params, funnel):
+def _filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, orig_size, params, funnel,
+                  with_index=False):
     """Upsample a few surviving candidates to crop resolution and apply the stability
-    and crop-edge filters; returns their RLE, boxes and scores (or None)."""
+    and crop-edge filters; returns their RLE, boxes and scores (or None), and with_index
+    the positions in the chunk of those kept."""
     logits = model.postprocess_masks(low_res[:, None], input_size, crop_size)[:, 0]
+    index = torch.arange(len(logits), device=logits.device)
     stability = stability_score(logits, model.mask_threshold, params.stability_score_offset)
     keep = stability >= params.stability_score_thresh if params.stability_score_thresh > 0 else None
     if keep is not None:
-        logits, iou, stability, points = logits[keep], iou[keep], stability[keep], points[keep.cpu()]
+        logits, iou, stability, points, index = logits[keep], iou[keep], stability[keep], points[keep.cpu()], index[keep]
     funnel["stability"] += len(logits)
     masks = logits > model.mask_threshold
     boxes = masks_to_boxes_xyxy(masks)
     keep = ~box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
     if not keep.all():
-        masks, boxes, iou, stability, points = masks[keep], boxes[keep], iou[keep], stability[keep], points[keep.cpu()]
+        masks, boxes, iou, stability, points, index = (masks[keep], boxes[keep], iou[keep], stability[keep],
+                                                       points[keep.cpu()], index[keep])
     funnel["crop_edge"] += len(masks)
     if len(masks) == 0:
         return None
     counts = masks_to_rle_counts(uncrop_masks(masks, crop_box, *orig_size))
-    return Candidates(crop_box, counts, boxes.cpu(), iou.cpu(), stability.cpu(), points)
+    out = Candidates(crop_box, counts, boxes.cpu(), iou.cpu(), stability.cpu(), points)
+    return (out, index.cpu()) if with_index else out
 
 
 def _concat(crop_box, parts: list[Candidates]) -> Candidates:

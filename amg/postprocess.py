@@ -15,16 +15,21 @@ from .rle import masks_to_rle_counts, rle_area, rle_bbox, rle_to_coco
 def postprocess(crops: list[Candidates], orig_size: tuple[int, int], params: AmgParams) -> list[dict]:
     """Candidates of every crop of one image -> the generator's output records:
     segmentation (per params.output_mode), area, bbox (XYWH, as pycocotools' toBbox),
-    predicted_iou, point_coords, stability_score, crop_box (XYWH)."""
-    merged = _merge_crops([_nms_within_crop(c, params.box_nms_thresh) for c in crops], params)
+    predicted_iou, point_coords, stability_score, crop_box (XYWH).
+
+    Candidates of phrases (amg.text: one mask per phrase, whole image) are not suppressed
+    by NMS: two phrases may well name the same object, and each asked for its mask. Their
+    records carry text_prompt and an empty point list."""
+    by_text = crops[0].texts is not None
+    merged = _merge_crops([_nms_within_crop(c, params.box_nms_thresh, not by_text) for c in crops], params)
     if params.min_mask_region_area > 0 and merged["counts"]:
-        merged = _clean_small_regions(merged, orig_size, params)
+        merged = _clean_small_regions(merged, orig_size, params, suppress=not by_text)
     return _records(merged, orig_size, params.output_mode)
 
 
-def _nms_within_crop(c: Candidates, thresh: float) -> dict:
-    keep = _nms(c.boxes, c.iou_preds, thresh)
-    return dict(
+def _nms_within_crop(c: Candidates, thresh: float, suppress: bool = True) -> dict:
+    keep = _nms(c.boxes, c.iou_preds, thresh) if suppress else torch.arange(len(c.boxes))
+    out = dict(
         counts=[c.rle_counts[i] for i in keep.tolist()],
         boxes=uncrop_boxes(c.boxes[keep], c.crop_box),
         iou=c.iou_preds[keep],
@@ -32,10 +37,13 @@ def _nms_within_crop(c: Candidates, thresh: float) -> dict:
         points=uncrop_points(c.points[keep], c.crop_box),
         crop_boxes=torch.tensor([c.crop_box], dtype=torch.int64).expand(len(keep), 4),
     )
+    if c.texts is not None:
+        out["texts"] = [c.texts[i] for i in keep.tolist()]
+    return out
 
 
 def _merge_crops(parts: list[dict], params: AmgParams) -> dict:
-    merged = {k: [c for p in parts for c in p[k]] if k == "counts" else torch.cat([p[k] for p in parts])
+    merged = {k: [c for p in parts for c in p[k]] if isinstance(parts[0][k], list) else torch.cat([p[k] for p in parts])
               for k in parts[0]}
     if len(parts) > 1:
         # Prefer masks from smaller crops: they saw the object at a higher resolution.
@@ -44,9 +52,10 @@ def _merge_crops(parts: list[dict], params: AmgParams) -> dict:
     return merged
 
 
-def _clean_small_regions(data: dict, orig_size: tuple[int, int], params: AmgParams) -> dict:
+def _clean_small_regions(data: dict, orig_size: tuple[int, int], params: AmgParams, suppress: bool = True) -> dict:
     """Fill small holes and drop small islands of every mask, then NMS again preferring
-    masks that needed no change; re-encode the changed masks that survive."""
+    masks that needed no change (unless suppress is off); re-encode the changed masks
+    that survive."""
     masks, unchanged = [], []
     for counts in data["counts"]:
         mask = counts_to_mask(counts, orig_size)
@@ -57,7 +66,8 @@ def _clean_small_regions(data: dict, orig_size: tuple[int, int], params: AmgPara
     masks_t = torch.as_tensor(np.stack(masks))
     scores = torch.tensor(unchanged, dtype=torch.float32)
     boxes = masks_to_boxes_xyxy(masks_t)
-    keep = _nms(boxes, scores, max(params.box_nms_thresh, params.crop_nms_thresh))
+    keep = _nms(boxes, scores, max(params.box_nms_thresh, params.crop_nms_thresh)) if suppress \
+        else torch.arange(len(masks))
     changed = [i for i in keep.tolist() if not unchanged[i]]
     counts = list(data["counts"])
     for i, c in zip(changed, masks_to_rle_counts(masks_t[changed])):
@@ -75,6 +85,7 @@ def _records(data: dict, orig_size: tuple[int, int], output_mode: str) -> list[d
         segmentations = [{"size": list(orig_size), "counts": c.tolist()} for c in counts]
     else:
         segmentations = [counts_to_mask(c, orig_size) for c in counts]
+    texts = data.get("texts")
     records = []
     for i, seg in enumerate(segmentations):
         x0, y0, x1, y1 = data["crop_boxes"][i].tolist()
@@ -83,10 +94,12 @@ def _records(data: dict, orig_size: tuple[int, int], output_mode: str) -> list[d
             area=rle_area(counts[i]),
             bbox=rle_bbox(counts[i], orig_size),
             predicted_iou=float(data["iou"][i]),
-            point_coords=[data["points"][i].tolist()],
+            point_coords=[] if texts is not None else [data["points"][i].tolist()],
             stability_score=float(data["stability"][i]),
             crop_box=[x0, y0, x1 - x0, y1 - y0],
         ))
+        if texts is not None:
+            records[-1]["text_prompt"] = texts[i]
     return records
 
 
@@ -105,4 +118,4 @@ def _nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tens
 
 def _select(data: dict, keep: torch.Tensor) -> dict:
     idx = keep.tolist()
-    return {k: [v[i] for i in idx] if k == "counts" else v[keep] for k, v in data.items()}
+    return {k: [v[i] for i in idx] if isinstance(v, list) else v[keep] for k, v in data.items()}

@@ -49,6 +49,8 @@ def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
                 entry = {"id": ann["id"], "image_id": image["image_key"], "category_id": CATEGORY["id"],
                          "segmentation": ann["segmentation"], "area": ann["area"], "bbox": ann["bbox"],
                          "iscrowd": 0, **{k: ann[k] for k in _EXTRAS}}
+                if ann.get("text_prompt") is not None:
+                    entry["text_prompt"] = ann["text_prompt"]
                 f.write(("" if first else ",") + json.dumps(entry))
                 first = False
         f.write("]}")
@@ -88,7 +90,7 @@ def _mask(ann: dict, h: int, w: int) -> dict:
             "predicted_iou": ann.get("predicted_iou", ann.get("score")),
             "stability_score": ann.get("stability_score"),
             "point_coords": ann.get("point_coords") or [], "crop_box": ann.get("crop_box") or [0, 0, w, h]}
-    mask.update({k: ann[k] for k in ("stage", "round") if k in ann})
+    mask.update({k: ann[k] for k in ("stage", "round", "text_prompt") if k in ann})
     return mask
 
 

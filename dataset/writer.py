@@ -123,14 +123,15 @@ class DatasetWriter:
         )
         try:
             if self.mode in ("merge", "replace"):
+                # merge_schema: a table written before a mask field was added takes it on.
                 merge = self.images.merge(table, "t.image_id = s.image_id", source_alias="s", target_alias="t",
-                                          writer_properties=WRITER_PROPERTIES, commit_properties=props)
+                                          merge_schema=True, writer_properties=WRITER_PROPERTIES, commit_properties=props)
                 if self.mode == "replace":
                     merge = merge.when_matched_update_all()
                 merge.when_not_matched_insert_all().execute()
             else:
-                write_deltalake(self.images, table, mode="append", writer_properties=WRITER_PROPERTIES,
-                                commit_properties=props)
+                write_deltalake(self.images, table, mode="append", schema_mode="merge",
+                                writer_properties=WRITER_PROPERTIES, commit_properties=props)
         except BaseException:
             self._keys = None  # the commit may or may not have landed: reload the keys next time
             raise

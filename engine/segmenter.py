@@ -79,14 +79,18 @@ class Segmenter:
         labels = np.asarray(request.labels, np.int64)
         box = np.asarray(request.box, np.float32) if request.box is not None else None
         mask_input = self._mask_input(request.mask_input)
+        text = " ".join(request.text.split()) if request.text is not None else None
         multimask = request.multimask
-        if multimask is None:  # a lone click is ambiguous (whole, part, subpart): pick the best of three
-            multimask = len(points) == 1 and box is None and mask_input is None
+        if multimask is None:
+            # A lone click is ambiguous (whole, part, subpart): pick the best of three. Words
+            # alone become one click (model.text_grounding), as ambiguous.
+            alone = box is None and mask_input is None
+            multimask = alone and ((len(points) == 1 and text is None) or (not len(points) and text is not None))
         with self._lock:
             self.predictor.set_embedding(features, size)
             masks, scores, low_res = self.predictor.predict(
                 point_coords=points if len(points) else None, point_labels=labels if len(points) else None,
-                box=box, mask_input=mask_input, multimask_output=multimask)
+                box=box, mask_input=mask_input, text=text, multimask_output=multimask)
             self.predicts += 1
         best = int(np.argmax(scores))
         counts = masks_to_rle_counts(torch.from_numpy(masks[best][None]))[0]
@@ -102,6 +106,10 @@ class Segmenter:
             encoded=encoded,
             server_ms=(time.perf_counter() - start) * 1000,
         )
+
+    @property
+    def takes_text(self) -> bool:
+        return self.model.config.text_embed_dim > 0 and bool(self.model.config.text_embedder)
 
     def _mask_input(self, text: str | None) -> np.ndarray | None:
         if text is None:
@@ -140,4 +148,5 @@ def annotation_record(mask: AcceptedMask, height: int, width: int) -> dict:
         point_coords=[list(p) for p in mask.point_coords],
         stability_score=mask.stability_score,
         crop_box=[0, 0, width, height],
+        text_prompt=mask.text_prompt,
     )

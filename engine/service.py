@@ -6,7 +6,7 @@ and the JSON protocol of `schemas.interactive`:
     GET  /api/images                the images to annotate, the stage and round
     POST /api/images/{i}/open       read image i, cache its embedding, pre-fill (semi_auto)
     GET  /api/images/{i}/image.png  image i as decoded (upright RGB) for the page
-    POST /api/predict               a click: points / box / previous mask -> best mask
+    POST /api/predict               a click: points / box / previous mask / text -> best mask
     POST /api/commit                the accepted masks of an image -> one dataset commit
     GET  /api/stats                 encoder runs, cache hits and bytes of this replica
 
@@ -97,7 +97,8 @@ class AnnotationService:
     @app.get("/api/images", response_model=ImageList)
     def images(self) -> ImageList:
         entries = [ImageEntry(index=i, uri=u) for i, u in enumerate(self.catalog.uris)]
-        return ImageList(stage=self.config.stage, round=self.config.round, output=self.config.output, images=entries)
+        return ImageList(stage=self.config.stage, round=self.config.round, output=self.config.output, images=entries,
+                         text_prompts=self.segmenter.takes_text)
 
     @app.post("/api/images/{index}/open", response_model=OpenResponse)
     def open_image(self, index: int) -> OpenResponse:

@@ -5,6 +5,7 @@ dataset of COCO RLE masks out, on Ray Data.
     python jobs/auto_annotate.py --input s3://bucket/images --output s3://bucket/dataset \\
         --checkpoint sam_vit_h_4b8939.pth --model-type vit_h
     ray job submit --working-dir . -- python jobs/auto_annotate.py --input ... --output ...
+    python jobs/auto_annotate.py --text "red ellipse" --text "blue star"   # text prompts
 
 Without a cluster it starts an embedded local Ray. Rerunning the same command on the same
 output resumes: inputs already committed are skipped. Settings come from --config (YAML or
@@ -51,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
         ap.add_argument("--" + name.replace("_", "-"), help=f"{fields[name].description or ''} "
                         f"(default: {fields[name].get_default(call_default_factory=False)})")
     ap.add_argument("--address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+    ap.add_argument("--text", action="append", help="a phrase that prompts every image instead of the point grid "
+                    "(repeatable: one mask per phrase, recorded as text_prompt); default checkpoint: the bundled "
+                    "text one")
     ap.add_argument("--convert-to-rle", action="store_true", help="accepted for compatibility: masks are always RLE")
     ap.add_argument("--fuse-stages", dest="fuse_stages", action="store_true", help="encode+decode+post-process in one actor")
     ap.add_argument("--split-stages", dest="fuse_stages", action="store_false", help="separate encoder/decoder pools")

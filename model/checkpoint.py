@@ -122,8 +122,8 @@ def infer_config(state: dict[str, torch.Tensor], source: Any = "state dict") -> 
             ),
             iou_head_hidden_dim=state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
         )
-        if "prompt_encoder.text_proj.0.weight" in state:
-            fields["text_embed_dim"] = state["prompt_encoder.text_proj.0.weight"].shape[1]
+        if "text_grounding.query.0.weight" in state:
+            fields["text_embed_dim"] = state["text_grounding.query.0.weight"].shape[1]
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"{source}: not a SAM state dict (cannot read its architecture: {e})") from e
     for config in CONFIGS.values():

@@ -30,6 +30,8 @@ class SamConfig(BaseModel):
     iou_head_depth: int = Field(3, gt=0)
     iou_head_hidden_dim: int = Field(256, gt=0)
     text_embed_dim: int = Field(0, ge=0, description="0 disables the text prompt input")
+    text_embedder: str = Field("", description="the embedder (model.text.load_embedder name) the text input "
+                                               "was trained with")
     pixel_mean: tuple[float, float, float] = PIXEL_MEAN
     pixel_std: tuple[float, float, float] = PIXEL_STD
 
@@ -41,6 +43,8 @@ class SamConfig(BaseModel):
             raise ValueError("encoder_num_heads must divide encoder_embed_dim")
         if any(not 0 <= i < self.encoder_depth for i in self.encoder_global_attn_indexes):
             raise ValueError("encoder_global_attn_indexes must lie in [0, encoder_depth)")
+        if self.text_embedder and not self.text_embed_dim:
+            raise ValueError("text_embedder is set but text_embed_dim is 0")
         if self.prompt_embed_dim % 8 or (self.prompt_embed_dim // 2) % self.decoder_num_heads:
             raise ValueError("prompt_embed_dim must be a multiple of 8 and of 2 * decoder_num_heads")
         return self

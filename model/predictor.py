@@ -3,23 +3,42 @@ prompts from the stored embedding."""
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .sam import Sam
+from .text import TextEmbedder, embed_texts, load_embedder
 from .transforms import input_shape, resize_image, scale_boxes, scale_coords
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class SamPredictor:
-    def __init__(self, model: Sam, precision: str = "fp32") -> None:
+    def __init__(self, model: Sam, precision: str = "fp32", text_embedder: TextEmbedder | None = None) -> None:
+        """text_embedder turns `predict(text=...)` into vectors; default: the one the
+        checkpoint names (model.config.text_embedder), loaded on first use."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.model = model.eval()
         self.precision = precision
+        self._text_embedder = text_embedder
         self.reset_image()
+
+    @property
+    def text_embedder(self) -> TextEmbedder:
+        if self._text_embedder is None:
+            if self.model.config.text_embed_dim <= 0:
+                raise ValueError("this model has no text prompt input (text_embed_dim = 0)")
+            self._text_embedder = load_embedder(self.model.config.text_embedder)
+        return self._text_embedder
+
+    def embed_text(self, text: str | Sequence[str]) -> np.ndarray:
+        """One text -> D, or a list of texts -> B x D, in the model's text input space."""
+        texts = [text] if isinstance(text, str) else list(text)
+        out = embed_texts(self.text_embedder, texts, self.model.config.text_embed_dim)
+        return out[0] if isinstance(text, str) else out
 
     # ---- image -------------------------------------------------------------------
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
@@ -61,16 +80,24 @@ class SamPredictor:
         text_embedding: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text: str | Sequence[str] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Prompts in original-image pixels. One prompt: point_coords N x 2, point_labels
         N (1 foreground, 0 background), box 4 (XYXY), mask_input 1 x 4e x 4e (low-res
-        logits from a previous call), text_embedding D. Many prompts at once: add a
-        leading batch dimension B to every prompt given.
+        logits from a previous call), text ("red ellipse") or its text_embedding D. Many
+        prompts at once: add a leading batch dimension B to every prompt given (a list of
+        B texts).
 
         Returns masks (M x H x W bool, or logits), IoU predictions M and low-res logits
         M x 4e x 4e, with M = 3 if multimask_output else 1, and a leading B if batched."""
         if not self.is_image_set:
             raise RuntimeError("call set_image (or set_embedding) before predict")
+        if text is not None:
+            if text_embedding is not None:
+                raise ValueError("give text or text_embedding, not both")
+            if not isinstance(text, str) and not (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
+                raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}")
+            text_embedding = self.embed_text(text)
         prompts, batched = self._prompts(point_coords, point_labels, box, mask_input, text_embedding)
         with torch.inference_mode(), self._autocast():
             low_res, iou = self.model.decode(self.features, **prompts, multimask_output=multimask_output)
@@ -85,7 +112,7 @@ class SamPredictor:
         if (coords is None) != (labels is None):
             raise ValueError("point_coords and point_labels must be given together")
         if coords is None and box is None and mask_input is None and text is None:
-            raise ValueError("give at least one prompt: point_coords, box, mask_input or text_embedding")
+            raise ValueError("give at least one prompt: point_coords, box, mask_input, text or text_embedding")
         batched = None
 
         def check(name, value, item_ndim, item_shape=None):

@@ -1,5 +1,5 @@
-"""Prompt encoder: sparse tokens for points, box corners and (optionally) text, and a
-dense embedding for a low-resolution mask prompt."""
+"""Prompt encoder: sparse tokens for points and box corners, and a dense embedding for a
+low-resolution mask prompt. (Text reaches the decoder as a click: model.text_grounding.)"""
 from __future__ import annotations
 
 import math
@@ -21,10 +21,7 @@ class PromptEncoder(nn.Module):
         image_embedding_size: tuple[int, int],
         input_image_size: tuple[int, int],
         mask_in_chans: int,
-        text_embed_dim: int = 0,
     ) -> None:
-        """text_embed_dim > 0 adds a projection of a precomputed text embedding into one
-        extra sparse token (off by default, so official checkpoints load strictly)."""
         super().__init__()
         self.embed_dim = embed_dim
         self.image_embedding_size = tuple(image_embedding_size)
@@ -43,11 +40,6 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
-        self.text_embed_dim = text_embed_dim
-        if text_embed_dim > 0:
-            self.text_proj = nn.Sequential(
-                nn.Linear(text_embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim)
-            )
 
     def get_dense_pe(self) -> torch.Tensor:
         """1 x C x h x w positional encoding of the image embedding grid."""
@@ -80,21 +72,16 @@ class PromptEncoder(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None,
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
-        text: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns sparse B x N x C tokens and dense B x C x h x w embeddings.
-        masks: B x 1 x 4h x 4w logits; text: B x text_embed_dim."""
-        bs = self._batch_size(points, boxes, masks, text)
+        masks: B x 1 x 4h x 4w logits."""
+        bs = self._batch_size(points, boxes, masks)
         device = self.no_mask_embed.weight.device
         sparse = [torch.empty(bs, 0, self.embed_dim, device=device)]
         if points is not None:
             sparse.append(self.embed_points(points[0], points[1], pad=boxes is None))
         if boxes is not None:
             sparse.append(self.embed_boxes(boxes))
-        if text is not None:
-            if self.text_embed_dim <= 0:
-                raise ValueError("this model has no text prompt input (text_embed_dim = 0)")
-            sparse.append(self.text_proj(text)[:, None, :])
         if masks is not None:
             dense = self.mask_downscaling(masks)
         else:
@@ -103,8 +90,8 @@ class PromptEncoder(nn.Module):
         return torch.cat(sparse, dim=1), dense
 
     @staticmethod
-    def _batch_size(points, boxes, masks, text) -> int:
-        for t in (points[0] if points is not None else None, boxes, masks, text):
+    def _batch_size(points, boxes, masks) -> int:
+        for t in (points[0] if points is not None else None, boxes, masks):
             if t is not None:
                 return t.shape[0]
         return 1

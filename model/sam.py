@@ -10,6 +10,7 @@ from .config import SamConfig
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
+from .text_grounding import TextGrounding
 from .transformer import TwoWayTransformer
 
 
@@ -37,8 +38,10 @@ class Sam(nn.Module):
             image_embedding_size=(e, e),
             input_image_size=(config.image_size, config.image_size),
             mask_in_chans=config.mask_in_chans,
-            text_embed_dim=config.text_embed_dim,
         )
+        # Only models with a text input have it, so official checkpoints load strictly.
+        self.text_grounding = (TextGrounding(config.text_embed_dim, config.prompt_embed_dim)
+                               if config.text_embed_dim > 0 else None)
         self.mask_decoder = MaskDecoder(
             transformer_dim=config.prompt_embed_dim,
             transformer=TwoWayTransformer(
@@ -84,12 +87,28 @@ class Sam(nn.Module):
         multimask_output: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts in input-frame pixel coordinates for one image embedding (1 x C x e x e)
-        or one per prompt (B x C x e x e) -> low-res logits B x M x 4e x 4e, IoU B x M."""
+        or one per prompt (B x C x e x e) -> low-res logits B x M x 4e x 4e, IoU B x M.
+        A text embedding (B x D) adds the click its grounding heatmap points at."""
+        if text_embedding is not None:
+            point_coords, point_labels = self.text_click(image_embeddings, text_embedding, point_coords, point_labels)
         points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, dense = self.prompt_encoder(points, boxes, mask_input, text_embedding)
+        sparse, dense = self.prompt_encoder(points, boxes, mask_input)
         return self.mask_decoder(
             image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
         )
+
+    def text_click(self, image_embeddings: torch.Tensor, text_embedding: torch.Tensor,
+                   point_coords: torch.Tensor | None = None, point_labels: torch.Tensor | None = None):
+        """The point prompts with, for each text, a positive click at the centre of the
+        grounding heatmap's hottest cell appended."""
+        if self.text_grounding is None:
+            raise ValueError("this model has no text prompt input (text_embed_dim = 0)")
+        heat = self.text_grounding(image_embeddings, text_embedding)
+        click = TextGrounding.peak_points(heat, self.image_size)[:, None].to(image_embeddings.device)
+        label = torch.ones(click.shape[0], 1, dtype=torch.int64, device=click.device)
+        if point_coords is None:
+            return click, label
+        return torch.cat([point_coords.to(click.dtype), click], 1), torch.cat([point_labels, label], 1)
 
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]

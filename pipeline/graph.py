@@ -32,16 +32,19 @@ from dataset.lineage import file_sha256, listing_hash, new_lineage
 from schemas.annotate import AnnotateConfig
 
 from .progress import committed_state
-from .sources import list_inputs
+from .sources import InputError, list_inputs
 
 STAGES = ("read", "dedup", "encode", "decode", "postprocess", "write")
 
 
-def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed: list, device: str) -> ray.data.Dataset:
-    """Append the annotation stages to a dataset of listing rows; returns the summary stream."""
+def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed: list, device: str,
+          text_embeddings: list[list[float]] | None = None) -> ray.data.Dataset:
+    """Append the annotation stages to a dataset of listing rows; returns the summary stream.
+    text_embeddings: the vectors of config.text (see text_vectors)."""
     amg = config.amg.model_dump()
     gpu = device == "cuda"
     model_args = (config.checkpoint, config.model_type, device, config.precision, amg)
+    text = dict(texts=config.text, text_embeddings=text_embeddings) if config.text else {}
 
     def pool(p, **extra):
         return dict(compute=ray.data.ActorPoolStrategy(min_size=p.min, max_size=p.max), batch_size=p.batch_size,
@@ -56,13 +59,13 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0, batch_size=config.read_batch_size)
     if config.fused(device):
         ds = ds.map_batches(Annotator, **pool(config.encoder, fn_constructor_args=model_args, fn_constructor_kwargs=dict(
-            num_threads=int(config.encoder.num_cpus), endpoint_url=config.endpoint_url)))
+            num_threads=int(config.encoder.num_cpus), endpoint_url=config.endpoint_url, **text)))
     else:
         ds = ds.map_batches(Encoder, **pool(config.encoder, fn_constructor_args=model_args, fn_constructor_kwargs=dict(
             num_threads=int(config.encoder.num_cpus), endpoint_url=config.endpoint_url,
             embedding_dtype=config.embedding_dtype)))
         ds = ds.map_batches(Decoder, **pool(config.decoder, fn_constructor_args=model_args, fn_constructor_kwargs=dict(
-            num_threads=int(config.decoder.num_cpus), endpoint_url=config.endpoint_url)))
+            num_threads=int(config.decoder.num_cpus), endpoint_url=config.endpoint_url, **text)))
         ds = ds.map_batches(postprocess_batch, num_cpus=config.postprocess_num_cpus, batch_size=1,
                             resources=config.postprocess_resources or None,
                             fn_kwargs=dict(amg=amg))
@@ -77,8 +80,9 @@ def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
     t0 = time.perf_counter()
     device = config.resolved_device(ray.cluster_resources().get("GPU", 0))
     listing = list_inputs(config.input, config.endpoint_url)
+    text_embeddings = text_vectors(config) if config.text else None
     lineage = new_lineage(round=config.round, stage="auto", params=config.model_dump(
-        mode="json", include={"amg", "model_type", "precision", "near_duplicate_distance", "limits"}),
+        mode="json", include={"amg", "model_type", "precision", "near_duplicate_distance", "limits", "text"}),
         checkpoint_hash=_checkpoint_hash(config), run_id=config.run_id,
         listing_hash=listing_hash(listing.to_pylist()))
     options = storage_options(config.output, config.endpoint_url)
@@ -94,7 +98,7 @@ def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
         writer.start_run([{**r, "listing_hash": lineage.listing_hash, "run_id": lineage.run_id}
                           for r in listing.to_pylist()])
         blocks = [todo.slice(i, config.read_batch_size) for i in range(0, todo.num_rows, config.read_batch_size)]
-        ds = build(ray.data.from_arrow(blocks), config, lineage.model_dump(), committed, device)
+        ds = build(ray.data.from_arrow(blocks), config, lineage.model_dump(), committed, device, text_embeddings)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             tally.add(batch)
     summary = _summarize(tally, config, lineage.run_id, listing.num_rows, device)
@@ -104,6 +108,24 @@ def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
         _write_summary(config, summary)
     summary["report"] = _write_report(config, log) if summary["processed"] else None
     return summary
+
+
+def text_vectors(config: AnnotateConfig) -> list[list[float]]:
+    """config.text embedded once, here, by the embedder the checkpoint was trained with;
+    InputError when the checkpoint has no text input."""
+    from actors.annotator import local_checkpoint
+    from model import CheckpointError, load_checkpoint
+    from model.text import embed_texts, load_embedder
+
+    try:
+        model, _ = load_checkpoint(local_checkpoint(config.checkpoint, config.endpoint_url), config.model_type)
+    except (CheckpointError, OSError) as e:
+        raise InputError(f"checkpoint {config.checkpoint}: {e}") from e
+    if model.config.text_embed_dim <= 0 or not model.config.text_embedder:
+        raise InputError(f"checkpoint {config.checkpoint} has no text prompt input: text prompts need one "
+                         "trained for them (jobs/train_text.py)")
+    vectors = embed_texts(load_embedder(model.config.text_embedder), config.text, model.config.text_embed_dim)
+    return vectors.tolist()
 
 
 def _checkpoint_hash(config: AnnotateConfig) -> str:

@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_INPUT = str(ROOT / "examples" / "images")
 DEFAULT_OUTPUT = str(ROOT / "out" / "auto_annotate")
 DEFAULT_CHECKPOINT = str(ROOT / "checkpoints" / "samengine_tiny256.pt")
+# The bundled checkpoint with a text prompt input (jobs/train_text.py): taken by --text runs
+# that name no checkpoint of their own.
+DEFAULT_TEXT_CHECKPOINT = str(ROOT / "checkpoints" / "samengine_tiny256_text.pt")
 
 
 class ActorPool(BaseModel):
@@ -50,6 +53,8 @@ class AnnotateConfig(BaseModel):
     embedding_dtype: Literal["float32", "float16"] = Field(
         "float32", description="embeddings between encoder and decoder actors; float16 halves the transfer")
     amg: AmgParams = Field(default_factory=lambda: AmgParams(output_mode="coco_rle"))
+    text: list[str] = Field(default_factory=list, description="phrases that prompt every image instead of the "
+                                                              "point grid, one mask each; needs a text-input checkpoint")
     endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, moto); default AWS_ENDPOINT_URL")
     limits: ImageLimits = Field(default_factory=ImageLimits, description="bounds on input files; past them an input is quarantined")
     near_duplicate_distance: int = Field(
@@ -81,6 +86,29 @@ class AnnotateConfig(BaseModel):
     def _rle_output(cls, v: AmgParams) -> AmgParams:
         # The dataset stores COCO RLE whatever mode was asked for (`--convert-to-rle` is implied).
         return v if v.output_mode == "coco_rle" else v.model_copy(update={"output_mode": "coco_rle"})
+
+    @field_validator("text")
+    @classmethod
+    def _phrases(cls, v: list[str]) -> list[str]:
+        out = []
+        for phrase in v:
+            phrase = " ".join(phrase.split())
+            if not phrase:
+                raise ValueError("a text prompt is empty")
+            if len(phrase) > 1000:
+                raise ValueError(f"a text prompt is {len(phrase)} characters long (at most 1000)")
+            if phrase not in out:
+                out.append(phrase)
+        return out
+
+    @model_validator(mode="after")
+    def _text_mode(self) -> "AnnotateConfig":
+        if self.text:
+            if self.amg.crop_n_layers:
+                raise ValueError("text prompts apply to the whole image: crop_n_layers must be 0 with text")
+            if "checkpoint" not in self.model_fields_set:  # no checkpoint named: the bundled text one
+                self.checkpoint = DEFAULT_TEXT_CHECKPOINT
+        return self
 
     def resolved_device(self, cluster_gpus: float) -> str:
         """"auto" is CUDA when the cluster has GPUs (the driver itself may have none)."""

@@ -32,6 +32,7 @@ MASK = pa.struct([
     pa.field("crop_box", pa.list_(pa.int32()), nullable=False),  # XYWH
     pa.field("stage", pa.string(), nullable=False),
     pa.field("round", pa.int32(), nullable=False),
+    pa.field("text_prompt", pa.string()),  # the words that prompted the mask, if text did
 ])
 
 IMAGES = pa.schema([

@@ -19,7 +19,9 @@ from amg.params import AmgParams
 from .records import Rle
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = str(ROOT / "checkpoints" / "samengine_tiny256.pt")
+# The bundled checkpoint with a text input: clicks give the same masks as with the plain one,
+# and the page's Find box works out of the box.
+DEFAULT_CHECKPOINT = str(ROOT / "checkpoints" / "samengine_tiny256_text.pt")
 
 
 class _Message(BaseModel):
@@ -86,6 +88,7 @@ class ImageList(_Message):
     round: int
     output: str
     images: list[ImageEntry]
+    text_prompts: bool = Field(False, description="the model takes text prompts (PredictRequest.text)")
 
 
 class PrefillMask(_Message):
@@ -116,14 +119,18 @@ class PredictRequest(_Message):
     labels: list[Literal[0, 1]] = Field(default_factory=list, description="1 foreground, 0 background")
     box: tuple[float, float, float, float] | None = Field(None, description="XYXY")
     mask_input: str | None = Field(None, description="low_res of the previous response")
+    text: str | None = Field(None, max_length=1000, description="words naming the object, e.g. 'red ellipse' "
+                                                                "(models with a text input)")
     multimask: bool | None = Field(None, description="None: three candidates for a lone click, else one")
 
     @model_validator(mode="after")
     def _prompt(self) -> "PredictRequest":
         if len(self.points) != len(self.labels):
             raise ValueError(f"{len(self.points)} points but {len(self.labels)} labels")
-        if not self.points and self.box is None and self.mask_input is None:
-            raise ValueError("give points, a box or a mask_input")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("text is empty")
+        if not self.points and self.box is None and self.mask_input is None and self.text is None:
+            raise ValueError("give points, a box, a mask_input or text")
         return self
 
 
@@ -144,6 +151,7 @@ class AcceptedMask(_Message):
     point_coords: list[tuple[float, float]] = Field(default_factory=list)
     predicted_iou: float | None = None
     stability_score: float | None = None
+    text_prompt: str | None = Field(None, max_length=1000, description="the text that found the mask, if any")
 
 
 class CommitRequest(_Message):

@@ -41,6 +41,7 @@ class MaskAnnotation(_Record):
     crop_box: tuple[int, int, int, int] = Field(description="XYWH of the crop the mask came from")
     stage: Stage
     round: int = Field(ge=0, description="data-engine round whose checkpoint produced the mask")
+    text_prompt: str | None = Field(None, description="the text that prompted the mask (jobs/auto_annotate.py --text)")
 
 
 class ImageRecord(_Record):

@@ -205,3 +205,38 @@ def test_ray_dataset_reads_a_pinned_version(tmp_path, records):
         ray.shutdown()
     assert sorted(r["image_id"] for r in rows) == sorted(r["image_id"] for r in records[:4])
     assert sum(len(r["annotations"]) for r in rows) == 24
+
+
+@pytest.mark.parametrize("mode", ["merge", "append"])
+def test_table_of_an_older_schema_takes_the_text_prompt_field(tmp_path, records, mode):
+    """A table written before masks had text_prompt: new commits add the field (schema
+    merge), old rows read back with it null, nothing already written changes."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from dataset.storage import table_uri
+    from schemas import MASK
+
+    old_mask = pa.struct([f for f in MASK if f.name != "text_prompt"])
+    old_schema = pa.schema([pa.field(f.name, pa.list_(pa.field("element", old_mask, nullable=False)), nullable=False)
+                            if f.name == "annotations" else f for f in IMAGES])
+    uri = table_uri(str(tmp_path), "annotations")
+    first = DatasetWriter(str(tmp_path / "scratch"), new_lineage(round=0, stage="auto"), mode="merge")
+    table = pa.Table.from_pylist([first._complete(r, 100 + i) for i, r in enumerate(records[:2])], schema=IMAGES)
+    old = table.drop_columns(["annotations"]).append_column(
+        pa.field("annotations", old_schema.field("annotations").type, nullable=False),
+        pa.array([[{k: v for k, v in a.items() if k != "text_prompt"} for a in row]
+                  for row in table["annotations"].to_pylist()], old_schema.field("annotations").type))
+    DeltaTable.create(uri, old_schema)
+    write_deltalake(uri, old.select(old_schema.names), mode="append")
+
+    w = DatasetWriter(str(tmp_path), new_lineage(round=0, stage="auto"), mode=mode)
+    new = dict(records[2], annotations=[dict(a, text_prompt="red ellipse") for a in records[2]["annotations"]])
+    assert w.commit_images([new], chunk=0) is not None
+    rows = {r["image_id"]: r for r in read_images(str(tmp_path)).to_pylist()}
+    assert len(rows) == 3
+    assert [a["text_prompt"] for a in rows[records[2]["image_id"]]["annotations"]] == ["red ellipse"] * 6
+    for r in records[:2]:
+        assert [a["text_prompt"] for a in rows[r["image_id"]]["annotations"]] == [None] * 6
+        assert [a["segmentation"] for a in rows[r["image_id"]]["annotations"]] == \
+            [a["segmentation"] for a in r["annotations"]]

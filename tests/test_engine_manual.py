@@ -213,6 +213,59 @@ def test_page_draws_a_click_mask_in_headless_chromium(service, session, tmp_path
         shutil.copy(shot, Path(os.environ["SAMENGINE_SCREENSHOTS"]) / "annotation_page.png")
 
 
+def _text_phrase(truth_masks: np.ndarray, scene_seed_: int) -> str:
+    scene = make_scene(scene_seed_, (200, 272))
+    assert np.array_equal(scene.masks, truth_masks)
+    return scene.names[int(np.argmax(scene.masks.reshape(len(scene.masks), -1).sum(1)))]
+
+
+def test_text_prompt_over_http_is_the_predictors_answer(service, session):
+    """The service's model takes text (the default checkpoint has a text input); a phrase's
+    mask over HTTP is what the in-process predictor gives for the same phrase."""
+    from model import SamPredictor, load_checkpoint
+    from schemas.interactive import DEFAULT_CHECKPOINT
+
+    client = session["client"]
+    assert session["listing"]["text_prompts"] is True
+    opened = client.open(0)
+    phrase = _text_phrase(service["truth"][opened["uri"]], int(Path(opened["uri"]).stem.split("_")[1]))
+    got = client.predict(index=0, image_id=opened["image_id"], text=f"  {phrase} ")
+    assert not got["encoded"]  # from the cached embedding, like a click
+
+    model, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    predictor = SamPredictor(model)
+    predictor.set_image(np.asarray(Image.open(opened["uri"]).convert("RGB")))
+    masks, scores, _ = predictor.predict(text=phrase)
+    best = int(np.argmax(scores))
+    assert np.array_equal(coco_mask.decode(as_pycoco(got["segmentation"])).astype(bool), masks[best])
+    assert got["score"] == pytest.approx(float(scores[best]), abs=1e-5)
+    with pytest.raises(EngineError) as err:
+        client.predict(index=0, image_id=opened["image_id"], text="   ")
+    assert err.value.status == 422
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium on this machine")
+def test_page_finds_by_words_in_headless_chromium(service, session, tmp_path):
+    """?text=words fills the page's Find box and runs it: the mask drawn is the service's
+    mask for those words."""
+    client = session["client"]
+    opened = client.open(1)
+    phrase = _text_phrase(service["truth"][opened["uri"]], int(Path(opened["uri"]).stem.split("_")[1]))
+    expected = client.predict(index=1, image_id=opened["image_id"], text=phrase)
+    flat = np.flatnonzero(coco_mask.decode(as_pycoco(expected["segmentation"])).astype(bool).ravel())
+    url = f"{service['url']}/?image=1&text={requests.utils.quote(phrase)}"
+    browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=60000",
+               f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    canvas = re.search(r'<canvas id="overlay"[^>]*>', dom)
+    assert canvas, dom[-2000:]
+    drawn = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', canvas.group(0)))
+    assert int(drawn["mask-pixels"]) == len(flat) == expected["area"]
+    assert int(drawn["mask-index-sum"]) == int(flat.sum())
+    form = re.search(r'<form id="textform"[^>]*>', dom).group(0)
+    assert "hidden" not in form  # the Find box is shown for a text model
+
+
 def test_next_click_follows_the_error_region():
     truth = np.zeros((20, 30), bool)
     truth[5:15, 5:15] = True

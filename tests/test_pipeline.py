@@ -254,3 +254,46 @@ def test_flaky_storage_every_input_once(ray_session, s3, tmp_path):
     assert masks(root) == masks(clean)
     reasons = {Path(q["uri"]).name: q["reason"] for q in read_table(root, "quarantine").to_pylist()}
     assert not any(r.startswith("read_error") for r in reasons.values()), reasons
+
+
+def test_text_prompts_one_mask_per_phrase_recorded_in_the_dataset(ray_session, tmp_path):
+    """--text: every image prompted with each phrase (filters off: one mask per phrase),
+    the phrase stored with its mask, masks equal to the in-process text decoder's. (How
+    good the masks are is measured on held-out scenes in tests/test_text.py.)"""
+    from amg import encode_image, postprocess
+    from amg.text import decode_texts
+    from model.text import load_embedder
+    from pipeline.sources import InputError
+    from schemas.annotate import DEFAULT_TEXT_CHECKPOINT
+    from training.synthetic import scene_seed
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    scenes = [make_scene(scene_seed(1_000_003, i), 256) for i in range(2)]
+    for i, scene in enumerate(scenes):
+        (folder / f"named{i}.png").write_bytes(_png(scene.image))
+    phrases = [scenes[0].names[0], "the " + scenes[1].names[-1]]
+    out = str(tmp_path / "dataset")
+    flags = ["--input", str(folder), "--output", out, "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+    config = load_config([*flags, "--text", phrases[0], "--text", phrases[1], "--text", phrases[0]])
+    assert config.text == phrases and config.checkpoint == DEFAULT_TEXT_CHECKPOINT
+    summary = run(config)
+    assert summary["annotated"] == 2 and summary["masks"] == 4
+
+    model, _ = load_checkpoint(DEFAULT_TEXT_CHECKPOINT)
+    vectors = load_embedder(model.config.text_embedder).embed(phrases)
+    for row in read_images(out).to_pylist():
+        image = decode_image(Path(row["uri"]).read_bytes())
+        encoded = encode_image(model, image, config.amg)
+        expected = postprocess(decode_texts(model, encoded, phrases, vectors, config.amg), encoded.orig_size,
+                               config.amg)
+        got = row["annotations"]
+        assert [g["text_prompt"] for g in got] == [e["text_prompt"] for e in expected] == phrases
+        for g, e in zip(got, expected):
+            mine = coco_mask.decode({"size": g["segmentation"]["size"], "counts": g["segmentation"]["counts"].encode()})
+            assert np.array_equal(mine, coco_mask.decode(e["segmentation"]))
+            assert g["area"] == int(mine.sum()) and g["point_coords"] == [] and g["stage"] == "auto"
+    # A checkpoint without a text input: a clear error before anything runs.
+    with pytest.raises(InputError, match="no text prompt input"):
+        run(load_config([*flags, "--text", "red ellipse", "--checkpoint", DEFAULT_CHECKPOINT,
+                         "--output", str(tmp_path / "other")]))

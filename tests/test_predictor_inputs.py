@@ -103,15 +103,26 @@ def test_bf16_close_to_fp32(photo):
     assert agree > 0.98
 
 
-def test_text_prompt_token_changes_output(photo):
+def test_text_prompt_is_the_click_its_grounding_points_at(photo):
     torch.manual_seed(0)
     config = get_config("vit_tiny256").model_copy(update={"text_embed_dim": 16})
     p = SamPredictor(Sam(config))
     p.set_image(photo)
     rng = np.random.default_rng(0)
-    a = p.predict(text_embedding=rng.normal(size=16), return_logits=True)[0]
-    b = p.predict(text_embedding=rng.normal(size=16), return_logits=True)[0]
+    text = rng.normal(size=16).astype(np.float32)
+    a = p.predict(text_embedding=text, return_logits=True)[0]
     assert a.shape == (3, *photo.shape[:2])
-    assert not np.allclose(a, b)
+    # The same masks as a click at the centre of the heatmap's hottest cell.
+    model = p.model
+    with torch.inference_mode():
+        heat = model.text_grounding(p.features, torch.as_tensor(text)[None])
+    click = model.text_grounding.peak_points(heat, model.image_size)[0].numpy()
+    e = model.config.embedding_size
+    assert heat.shape == (1, e, e)
+    row, col = np.unravel_index(int(heat.flatten().argmax()), (e, e))
+    assert np.allclose(click, [(col + 0.5) * 16, (row + 0.5) * 16])
+    scale = max(photo.shape[:2]) / model.image_size
+    clicked = p.predict(point_coords=(click * scale)[None], point_labels=np.array([1]), return_logits=True)[0]
+    np.testing.assert_allclose(a, clicked, atol=1e-4)
     with pytest.raises(ValueError, match=r"\(16,\)"):
         p.predict(text_embedding=np.zeros(8))

@@ -10,7 +10,7 @@ let list = [];          // [{index, uri}]
 let opened = null;      // OpenResponse of the image on screen
 let prefill = [];       // [{mask: PrefillMask, bits, dropped}]
 let accepted = [];      // [{mask: AcceptedMask, bits}]
-let prompt = null;      // {points: [[x, y]], labels: [], box, lowRes, response, bits}
+let prompt = null;      // {points: [[x, y]], labels: [], box, lowRes, text, response, bits}
 let history = [];       // prompts before each change, for undo
 let drag = null;        // box being drawn: {x0, y0, x1, y1}
 let busy = false;
@@ -140,10 +140,13 @@ async function runPrompt(next) {
   history.push(prompt);
   const body = { index: opened.index, image_id: opened.image_id, points: next.points, labels: next.labels,
                  box: next.box, mask_input: next.lowRes };
+  if (next.text) body.text = next.text;
   const t0 = performance.now();
   try {
     const res = await api("POST", "/api/predict", body);
-    prompt = { ...next, lowRes: res.low_res, response: res, bits: rleBits(res.segmentation) };
+    // foundBy: the words that started this object, kept through later refining clicks.
+    const foundBy = next.text || (prompt && next.points.length ? prompt.foundBy : null) || null;
+    prompt = { ...next, lowRes: res.low_res, response: res, bits: rleBits(res.segmentation), foundBy };
     status(`mask: ${res.area} px, predicted IoU ${res.score.toFixed(2)}, ` +
            `${(performance.now() - t0).toFixed(0)} ms (server ${res.server_ms.toFixed(0)} ms)`);
   } catch (e) {
@@ -154,21 +157,30 @@ async function runPrompt(next) {
   render();
 }
 
+function findText(text) {
+  text = text.trim();
+  if (!text) return;
+  runPrompt({ points: [], labels: [], box: null, lowRes: null, text });  // words name a new object
+}
+
 function addPoint(x, y, label) {
-  const base = prompt || { points: [], labels: [], box: null, lowRes: null };
+  // Clicks refine the current mask through its low-res logits; the words have done their part.
+  const base = prompt ? { ...prompt, text: null } : { points: [], labels: [], box: null, lowRes: null };
   runPrompt({ ...base, points: [...base.points, [x, y]], labels: [...base.labels, label] });
 }
 
 function setBox(box) {
   const base = prompt || { points: [], labels: [], box: null, lowRes: null };
-  runPrompt({ ...base, box, lowRes: null });  // a new box is a new object: start from no mask
+  runPrompt({ ...base, box, lowRes: null, text: null });  // a new box is a new object: start from no mask
 }
 
 function accept() {
   if (!prompt || !prompt.response) return;
   const pts = prompt.points.filter((_, i) => prompt.labels[i] === 1);
-  accepted.push({ mask: { segmentation: prompt.response.segmentation, point_coords: pts,
-                          predicted_iou: prompt.response.score }, bits: prompt.bits });
+  const mask = { segmentation: prompt.response.segmentation, point_coords: pts,
+                 predicted_iou: prompt.response.score };
+  if (prompt.foundBy) mask.text_prompt = prompt.foundBy;
+  accepted.push({ mask, bits: prompt.bits });
   prompt = null; history = [];
   status(`${accepted.length} accepted`);
   render();
@@ -231,7 +243,7 @@ overlay.addEventListener("mouseup", () => {
 });
 
 document.addEventListener("keydown", (ev) => {
-  if (!opened || busy) return;
+  if (!opened || busy || ev.target.tagName === "INPUT") return;  // typing words is not a shortcut
   if (ev.key === "Enter") accept();
   else if (ev.key === "u" || (ev.key === "z" && (ev.ctrlKey || ev.metaKey))) undo();
   else if (ev.key === "Escape") { if (prompt) history.push(prompt); prompt = null; render(); }
@@ -242,13 +254,16 @@ $("undo").onclick = undo;
 $("clear").onclick = () => { if (prompt) history.push(prompt); prompt = null; render(); };
 $("next").onclick = saveAndNext;
 $("skip").onclick = () => openImage(opened ? opened.index + 1 : 0);
+$("textform").onsubmit = (ev) => { ev.preventDefault(); if (opened && !busy) findText($("text").value); };
 
-// ---- start: ?image=N opens image N, &click=x,y places a first foreground click ----------------
+// ---- start: ?image=N opens image N, &click=x,y places a first foreground click, &text=words finds
+// what the words name --------------------------------------------------------------------------
 (async function start() {
   try {
     const info = await api("GET", "/api/images");
     list = info.images;
     $("stagename").textContent = `${info.stage}, round ${info.round}`;
+    $("textform").hidden = $("texthelp").hidden = !info.text_prompts;
     const ul = $("images");
     for (const entry of list) {
       const li = document.createElement("li");
@@ -262,6 +277,9 @@ $("skip").onclick = () => openImage(opened ? opened.index + 1 : 0);
     if (q.get("click")) {
       const [x, y] = q.get("click").split(",").map(Number);
       await runPrompt({ points: [[x, y]], labels: [1], box: null, lowRes: null });
+    } else if (q.get("text") && info.text_prompts) {
+      $("text").value = q.get("text");
+      findText(q.get("text"));
     }
   } catch (e) {
     status(`error: ${e.message}`);

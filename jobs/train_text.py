@@ -1,0 +1,129 @@
+"""Give a checkpoint a text prompt input: fit its grounding head on named synthetic objects,
+then measure text-prompted mIoU on held-out scenes against baselines that ignore the text.
+
+    python jobs/train_text.py                      # bundled checkpoint -> checkpoints/samengine_tiny256_text.pt
+    python jobs/train_text.py --init-checkpoint my.pt --output my_text.pt --steps 4000
+
+Only the grounding head learns (model/text_grounding.py, training/text.py): the image
+encoder, prompt encoder and decoder keep the input checkpoint's weights, so clicks give the
+same masks as before. Embeddings of the training scenes are computed once. The text
+embedder is recorded in the checkpoint, so `SamPredictor.predict(text=...)` and
+`jobs/auto_annotate.py --text` find it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from model import Sam, load_checkpoint, save_checkpoint  # noqa: E402
+from model.checkpoint import file_sha256  # noqa: E402
+from model.text import load_embedder  # noqa: E402
+from training.loop import code_version  # noqa: E402
+from training.text import TextTrainConfig, prepare_examples, scene_stream, text_miou, train_text  # noqa: E402
+
+DEFAULT_INIT = ROOT / "checkpoints" / "samengine_tiny256.pt"
+DEFAULT_OUTPUT = ROOT / "checkpoints" / "samengine_tiny256_text.pt"
+TRAIN_SEED = 0  # the bundled checkpoint's training stream: no new images are seen
+EVAL_SEED = 1_000_003  # the held-out stream of jobs/train.py
+
+
+def with_text_input(model: Sam, embedder: str, dim: int) -> Sam:
+    """A copy of model with a (freshly initialized) grounding head for dim-wide text embeddings."""
+    config = model.config.model_copy(update={"text_embed_dim": dim, "text_embedder": embedder})
+    torch.manual_seed(0)
+    out = Sam(config)
+    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("text_grounding.") for k in missing):
+        raise ValueError(f"weights do not carry over: missing {missing}, unexpected {unexpected}")
+    return out
+
+
+def _examples(model: Sam, args: argparse.Namespace):
+    """The training examples, from --examples-cache when it matches this run."""
+    key = {"checkpoint": file_sha256(args.init_checkpoint), "scenes": args.scenes, "seed": TRAIN_SEED}
+    if args.examples_cache and Path(args.examples_cache).exists():
+        cached = torch.load(args.examples_cache, weights_only=False)
+        if cached.get("key") == key:
+            return cached["data"]
+    data = prepare_examples(model, scene_stream(TRAIN_SEED, args.scenes, model.image_size))
+    if args.examples_cache:
+        torch.save({"key": key, "data": data}, args.examples_cache)
+    return data
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--init-checkpoint", default=str(DEFAULT_INIT))
+    ap.add_argument("--output", default=str(DEFAULT_OUTPUT))
+    ap.add_argument("--embedder", default="minilm", help="model.text.load_embedder name or module:factory")
+    ap.add_argument("--scenes", type=int, default=3000, help="training scenes (stream seed 0)")
+    ap.add_argument("--steps", type=int, default=TextTrainConfig.steps)
+    ap.add_argument("--batch-scenes", type=int, default=TextTrainConfig.scenes, help="scenes per step")
+    ap.add_argument("--lr", type=float, default=TextTrainConfig.lr)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-scenes", type=int, default=200)
+    ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    ap.add_argument("--log-every", type=int, default=250)
+    ap.add_argument("--examples-cache", help="file keeping the training scenes' embeddings between runs "
+                                             "(reused when it holds the same checkpoint and scene count)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    torch.set_flush_denormal(True)
+    start = time.perf_counter()
+    embedder = load_embedder(args.embedder)
+    base, _ = load_checkpoint(args.init_checkpoint)
+    size = base.image_size
+    if base.config.text_embed_dim:
+        if base.config.text_embed_dim != embedder.dim:
+            raise SystemExit(f"{args.init_checkpoint} has a {base.config.text_embed_dim}-d text input; "
+                             f"{args.embedder} gives {embedder.dim}-d")
+        model = base
+    else:
+        model = with_text_input(base, embedder.name if args.embedder in ("minilm",) else args.embedder, embedder.dim)
+    data = _examples(model, args)
+    prepared = time.perf_counter() - start
+    print(f"{len(data.cells)} named instances in {args.scenes} scenes ({prepared:.0f} s)", flush=True)
+
+    cfg = TextTrainConfig(steps=args.steps, scenes=args.batch_scenes, lr=args.lr, seed=args.seed)
+
+    def log(row):
+        if row["step"] % args.log_every == 0 or row["step"] == cfg.steps:
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+    def embed(texts):
+        return torch.as_tensor(embedder.embed(texts))
+
+    history = train_text(model, data, embed, cfg, log)
+    train_seconds = time.perf_counter() - start
+    metrics = text_miou(model, embedder, scene_stream(EVAL_SEED, args.eval_scenes, size))
+    metrics |= {"eval_seed": EVAL_SEED, "eval_scenes": args.eval_scenes}
+    meta = {
+        "text_training": vars(args) | {"train_seed": TRAIN_SEED, "instances": len(data.cells)},
+        "init_checkpoint_sha256": file_sha256(args.init_checkpoint),
+        "command": "python jobs/train_text.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "train_seconds": round(train_seconds, 1),
+        "text_metrics": metrics,
+        "final_loss": history[-1] if history else None,
+        "code_version": code_version(),
+    }
+    digest = save_checkpoint(model, args.output, meta)
+    print(json.dumps({"output": args.output, "sha256": digest, "train_seconds": round(train_seconds, 1),
+                      **metrics}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
