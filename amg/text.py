@@ -14,7 +14,7 @@ import torch
 from model.predictor import PRECISIONS
 from model.sam import Sam
 
-from .decode import Candidates, _filter_chunk
+from .decode import UPSAMPLE_CHUNK, Candidates, _concat, _filter_chunk
 from .encode import EncodedImage
 from .params import AmgParams
 
@@ -40,15 +40,15 @@ def decode_texts(model: Sam, encoded: EncodedImage, texts: list[str], text_embed
     keep = (iou > params.pred_iou_thresh).nonzero().squeeze(1) if params.pred_iou_thresh > 0 \
         else torch.arange(len(iou), device=iou.device)
     funnel["iou"] = len(keep)
-    out = Candidates(crop_box, texts=[])
-    if len(keep):
+    parts, kept_texts = [], []
+    for chunk in keep.split(UPSAMPLE_CHUNK):  # full-size logits of a few phrases at a time
         # Points are a grid's; a phrase has none (the records carry an empty point list).
-        no_points = torch.zeros(len(keep), 2, dtype=torch.float64)
-        part = _filter_chunk(model, low_res[keep], iou[keep], no_points, tuple(encoded.input_sizes[0]),
+        no_points = torch.zeros(len(chunk), 2, dtype=torch.float64)
+        part = _filter_chunk(model, low_res[chunk], iou[chunk], no_points, tuple(encoded.input_sizes[0]),
                              crop_size, crop_box, encoded.orig_size, params, funnel, with_index=True)
         if part is not None:
-            part, index = part
-            part.texts = [texts[i] for i in keep[index].tolist()]
-            out = part
-    out.num_prompts, out.funnel = len(texts), funnel
+            parts.append(part[0])
+            kept_texts += [texts[i] for i in chunk[part[1]].tolist()]
+    out = _concat(crop_box, parts)
+    out.texts, out.num_prompts, out.funnel = kept_texts, len(texts), funnel
     return [out]
