@@ -9,6 +9,8 @@ image_key without the image files.
 Imports accept polygon, uncompressed and compressed RLE segmentations; each becomes a
 compressed RLE and its area and bbox are recomputed from the mask, so imported rows meet the
 same checks as generated ones (COCO's own polygon areas differ slightly from mask areas).
+A mask's category name becomes its `text_prompt` (the words that name its object, which the
+text path trains on: training/text.py), except our own class-agnostic "object".
 """
 from __future__ import annotations
 
@@ -64,13 +66,14 @@ def read_coco(path: str | Path, images_dir: str | Path | None = None) -> Iterato
     images_dir / file_name.
     """
     data = json.loads(Path(path).read_text())
+    names = {c["id"]: c.get("name") for c in data.get("categories", []) if c.get("name") != CATEGORY["name"]}
     by_image: dict[Any, list[dict]] = {}
     for ann in data.get("annotations", []):
         by_image.setdefault(ann["image_id"], []).append(ann)
     for info in data["images"]:
         h, w = int(info["height"]), int(info["width"])
         record = {"width": w, "height": h,
-                  "annotations": [_mask(a, h, w) for a in by_image.get(info["id"], [])]}
+                  "annotations": [_mask(a, h, w, names) for a in by_image.get(info["id"], [])]}
         if "sha256" in info:
             record.update(image_id=info["sha256"], image_key=int(info["id"]),
                           uri=info.get("coco_url") or info["file_name"], phash=info.get("phash"))
@@ -83,7 +86,7 @@ def read_coco(path: str | Path, images_dir: str | Path | None = None) -> Iterato
         yield record
 
 
-def _mask(ann: dict, h: int, w: int) -> dict:
+def _mask(ann: dict, h: int, w: int, names: dict | None = None) -> dict:
     rle = _to_rle(ann["segmentation"], h, w)
     mask = {"segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
             "area": int(coco_mask.area(rle)), "bbox": [int(v) for v in coco_mask.toBbox(rle)],
@@ -91,6 +94,8 @@ def _mask(ann: dict, h: int, w: int) -> dict:
             "stability_score": ann.get("stability_score"),
             "point_coords": ann.get("point_coords") or [], "crop_box": ann.get("crop_box") or [0, 0, w, h]}
     mask.update({k: ann[k] for k in ("stage", "round", "text_prompt") if k in ann})
+    if mask.get("text_prompt") is None and names and names.get(ann.get("category_id")):
+        mask["text_prompt"] = str(names[ann["category_id"]])
     return mask
 
 

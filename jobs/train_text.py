@@ -3,6 +3,7 @@ then measure text-prompted mIoU on held-out scenes against baselines that ignore
 
     python jobs/train_text.py                      # bundled checkpoint -> checkpoints/samengine_tiny256_text.pt
     python jobs/train_text.py --init-checkpoint my.pt --output my_text.pt --steps 4000
+    python jobs/train_text.py --dataset out/coco_import/annotations   # plus masks with text_prompt
 
 Only the grounding head learns (model/text_grounding.py, training/text.py): the image
 encoder, prompt encoder and decoder keep the input checkpoint's weights, so clicks give the
@@ -13,6 +14,7 @@ embedder is recorded in the checkpoint, so `SamPredictor.predict(text=...)` and
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -27,7 +29,9 @@ from model import Sam, load_checkpoint, save_checkpoint  # noqa: E402
 from model.checkpoint import file_sha256  # noqa: E402
 from model.text import load_embedder  # noqa: E402
 from training.loop import code_version  # noqa: E402
-from training.text import TextTrainConfig, prepare_examples, scene_stream, text_miou, train_text  # noqa: E402
+from training.text import (  # noqa: E402
+    TextTrainConfig, dataset_items, prepare_examples, scene_stream, synthetic_items, text_miou, train_text,
+)
 
 DEFAULT_INIT = ROOT / "checkpoints" / "samengine_tiny256.pt"
 DEFAULT_OUTPUT = ROOT / "checkpoints" / "samengine_tiny256_text.pt"
@@ -48,12 +52,15 @@ def with_text_input(model: Sam, embedder: str, dim: int) -> Sam:
 
 def _examples(model: Sam, args: argparse.Namespace):
     """The training examples, from --examples-cache when it matches this run."""
-    key = {"checkpoint": file_sha256(args.init_checkpoint), "scenes": args.scenes, "seed": TRAIN_SEED}
+    key = {"checkpoint": file_sha256(args.init_checkpoint), "scenes": args.scenes, "seed": TRAIN_SEED,
+           "datasets": args.dataset}
     if args.examples_cache and Path(args.examples_cache).exists():
         cached = torch.load(args.examples_cache, weights_only=False)
         if cached.get("key") == key:
             return cached["data"]
-    data = prepare_examples(model, scene_stream(TRAIN_SEED, args.scenes, model.image_size))
+    items = itertools.chain(synthetic_items(scene_stream(TRAIN_SEED, args.scenes, model.image_size)),
+                            dataset_items(args.dataset) if args.dataset else ())
+    data = prepare_examples(model, items)
     if args.examples_cache:
         torch.save({"key": key, "data": data}, args.examples_cache)
     return data
@@ -64,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--init-checkpoint", default=str(DEFAULT_INIT))
     ap.add_argument("--output", default=str(DEFAULT_OUTPUT))
     ap.add_argument("--embedder", default="minilm", help="model.text.load_embedder name or module:factory")
-    ap.add_argument("--scenes", type=int, default=3000, help="training scenes (stream seed 0)")
+    ap.add_argument("--scenes", type=int, default=3000, help="training scenes (stream seed 0); 0: none")
+    ap.add_argument("--dataset", action="append", default=[],
+                    help="annotations table (Delta or Parquet) whose masks' text_prompt names them (repeatable)")
     ap.add_argument("--steps", type=int, default=TextTrainConfig.steps)
     ap.add_argument("--batch-scenes", type=int, default=TextTrainConfig.scenes, help="scenes per step")
     ap.add_argument("--lr", type=float, default=TextTrainConfig.lr)
@@ -95,7 +104,7 @@ def main(argv=None) -> int:
         model = with_text_input(base, embedder.name if args.embedder in ("minilm",) else args.embedder, embedder.dim)
     data = _examples(model, args)
     prepared = time.perf_counter() - start
-    print(f"{len(data.cells)} named instances in {args.scenes} scenes ({prepared:.0f} s)", flush=True)
+    print(f"{len(data.cells)} named targets in {len(data.embeddings)} images ({prepared:.0f} s)", flush=True)
 
     cfg = TextTrainConfig(steps=args.steps, scenes=args.batch_scenes, lr=args.lr, seed=args.seed)
 

@@ -14,8 +14,8 @@ from model.text import MiniLMEmbedder, embed_texts, load_embedder
 from schemas.annotate import DEFAULT_TEXT_CHECKPOINT
 from training.synthetic import make_scene, scene_seed
 from training.text import (
-    TextTrainConfig, low_res_targets, prepare_examples, scene_stream, text_miou, train_text, unique_phrases,
-    vocabulary,
+    TextTrainConfig, dataset_items, low_res_targets, prepare_examples, scene_stream, synthetic_items, text_miou,
+    train_text, unique_phrases, vocabulary,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_short_text_training_loss_falls(minilm):
 
     model = with_text_input(model, "minilm", minilm.dim)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = prepare_examples(model, scene_stream(0, 24, 256))
+    data = prepare_examples(model, synthetic_items(scene_stream(0, 24, 256)))
     assert len(data.cells) == len(data.phrases) == len(data.scene_of) > 50
     assert data.cells.shape[1:] == (16, 16) and data.cells.flatten(1).any(1).all()
     history = train_text(model, data, lambda t: torch.as_tensor(minilm.embed(t)),
@@ -186,3 +186,74 @@ def test_accepted_mask_keeps_its_words():
     rec = annotation_record(AcceptedMask(segmentation=rle, text_prompt="red ellipse"), 4, 5)
     assert rec["text_prompt"] == "red ellipse" and rec["area"] == 6 and rec["point_coords"] == []
     assert annotation_record(AcceptedMask(segmentation=rle), 4, 5)["text_prompt"] is None
+
+
+def test_coco_class_names_name_masks_and_train_the_text_path(tmp_path, minilm):
+    """A COCO file with named categories: the import keeps each mask's class name as its
+    text_prompt (not our class-agnostic "object"), the dataset turns into text-training
+    targets (one per name and image: the union of its masks), and a short fit of the
+    grounding head on them lowers its loss."""
+    import json
+
+    from PIL import Image
+    from pycocotools import mask as coco_mask
+
+    from dataset import DatasetWriter, read_images
+    from dataset.coco import import_coco
+    from dataset.lineage import new_lineage
+    from dataset.storage import table_uri
+    from jobs.train_text import with_text_input
+
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    categories = {"object": 1}
+    coco = {"images": [], "annotations": [], "categories": []}
+    truth = {}
+    for i in range(6):
+        scene = make_scene(scene_seed(7, i), (200, 272))
+        Image.fromarray(scene.image).save(images_dir / f"im{i}.png")
+        coco["images"].append({"id": i + 1, "file_name": f"im{i}.png", "height": 200, "width": 272})
+        for k, (name, mask) in enumerate(zip(scene.names, scene.masks)):
+            label = "object" if k == 0 else " ".join(name.split()[::2])  # "<colour> <shape>"
+            cid = categories.setdefault(label, len(categories) + 1)
+            rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1, "category_id": cid,
+                                        "iscrowd": 0, "segmentation": {"size": [200, 272],
+                                                                       "counts": rle["counts"].decode()}})
+            if label != "object":
+                truth.setdefault(f"im{i}.png", {}).setdefault(label, np.zeros_like(mask))
+                truth[f"im{i}.png"][label] |= mask
+    coco["categories"] = [{"id": v, "name": k} for k, v in categories.items()]
+    (tmp_path / "labels.json").write_text(json.dumps(coco))
+
+    root = str(tmp_path / "dataset")
+    writer = DatasetWriter(root, new_lineage(round=0, stage="imported"))
+    import_coco(tmp_path / "labels.json", writer, images_dir)
+    for row in read_images(root).to_pylist():
+        prompts = [a["text_prompt"] for a in row["annotations"]]
+        assert prompts[0] is None and all(p and p != "object" for p in prompts[1:])
+
+    items = list(dataset_items([table_uri(root, "annotations")]))
+    assert len(items) == 6 and all(image.shape == (200, 272, 3) for image, _ in items)
+    got = sorted(sorted((p[0], int(m.sum())) for p, m in targets) for _, targets in items)
+    assert got == sorted(sorted((k, int(m.sum())) for k, m in t.items()) for t in truth.values())
+
+    model, _ = load_checkpoint(ROOT / "checkpoints" / "samengine_tiny256.pt")
+    model = with_text_input(model, "minilm", minilm.dim)
+    data = prepare_examples(model, items)
+    assert len(data.embeddings) == 6 and len(data.cells) == sum(len(t) for t in truth.values())
+    history = train_text(model, data, lambda t: torch.as_tensor(minilm.embed(t)),
+                         TextTrainConfig(steps=60, scenes=3, warmup=5))
+    first = np.mean([h["loss"] for h in history[:10]])
+    last = np.mean([h["loss"] for h in history[-10:]])
+    assert last < 0.85 * first, (first, last)
+
+    # The job trains on the dataset alone and records what it trained on.
+    from jobs.train_text import main
+
+    out = tmp_path / "text.pt"
+    assert main(["--scenes", "0", "--dataset", table_uri(root, "annotations"), "--steps", "5",
+                 "--batch-scenes", "3", "--eval-scenes", "2", "--output", str(out)]) == 0
+    trained, meta = load_checkpoint(out)
+    assert trained.config.text_embedder == "minilm" and meta["text_training"]["dataset"] == [table_uri(root, "annotations")]
+    assert meta["text_training"]["instances"] == len(data.cells)

@@ -4,6 +4,9 @@ Every synthetic instance is named "<colour> <texture> <shape>". A phrase for an 
 any non-empty subset of its words, in that order ("red ellipse", "striped", "the blue
 star"), that names no other instance of the scene; its target is that instance's mask.
 
+Datasets train it too: masks whose `text_prompt` is set (a COCO import's class names, say)
+are named by it, one target per distinct phrase of an image (the union of its masks).
+
 Training fits the grounding head (model.text_grounding) of a checkpoint: everything else is
 frozen, the image embeddings of the training scenes are computed once, and the loss is the
 log-probability, under the softmax of the heatmap over the embedding grid, that the hottest
@@ -20,7 +23,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +31,9 @@ from torch.nn import functional as F
 
 from model import Sam
 from model.text import TextEmbedder, embed_texts
+from model.transforms import input_shape, resize_image
 
+from .data import ParquetExamples, parquet_example
 from .evaluate import interior_points
 from .losses import mask_iou
 from .synthetic import COLOURS, SHAPES, TEXTURES, Scene, make_scene, scene_seed
@@ -86,9 +91,40 @@ def scene_stream(seed: int, count: int, size: int) -> Iterable[Scene]:
     return (make_scene(scene_seed(seed, i), size) for i in range(count))
 
 
+Item = tuple[np.ndarray, list[tuple[list[str], np.ndarray]]]  # image, [(phrases, H x W mask)]
+
+
+def synthetic_items(scenes: Iterable[Scene]) -> Iterator[Item]:
+    """Each scene with, for every instance some phrase names uniquely, its phrases and mask."""
+    for scene in scenes:
+        by_instance: dict[int, list[str]] = {}
+        for i, phrase in unique_phrases(scene.names):
+            by_instance.setdefault(i, []).append(phrase)
+        yield scene.image, [(by_instance[i], scene.masks[i]) for i in sorted(by_instance)]
+
+
+def dataset_items(paths: Sequence[str]) -> Iterator[Item]:
+    """Images of our datasets' annotation tables (Delta or Parquet, see ParquetExamples) whose
+    masks carry a text_prompt (an imported class name, a phrase that found them): one target
+    per distinct phrase of an image, the union of the masks it names."""
+    source = ParquetExamples(paths)
+    for batch in source.dataset.to_batches(columns=source.columns):
+        for uri, annotations in zip(*(batch.column(c).to_pylist() for c in source.columns)):
+            named = [a for a in annotations or () if a.get("text_prompt")]
+            if not named:
+                continue
+            example = parquet_example(uri, named)
+            groups: dict[str, np.ndarray] = {}
+            for ann, mask in zip(named, example.masks):
+                key = " ".join(ann["text_prompt"].split())
+                groups[key] = groups[key] | mask if key in groups else mask
+            yield example.image, [([phrase], mask) for phrase, mask in groups.items() if mask.any()]
+
+
 @torch.inference_mode()
-def prepare_examples(model: Sam, scenes: Iterable[Scene], batch: int = 16) -> TextExamples:
-    """Encode scenes (square, at the model's input size) and collect their named instances."""
+def prepare_examples(model: Sam, items: Iterable[Item], batch: int = 16) -> TextExamples:
+    """Encode images (resized and padded to the model's input frame, as the predictor does)
+    and collect their named targets as embedding-grid cells."""
     size, side = model.image_size, model.config.embedding_size
     embeddings, cells, scene_of, phrases = [], [], [], []
     pending: list[np.ndarray] = []
@@ -99,26 +135,34 @@ def prepare_examples(model: Sam, scenes: Iterable[Scene], batch: int = 16) -> Te
             embeddings.append(model.encode(x).cpu())
             pending.clear()
 
-    for s, scene in enumerate(scenes):
-        if scene.image.shape[:2] != (size, size):
-            raise ValueError(f"scenes must be {size} x {size}, the model's input size")
-        pending.append(scene.image)
+    for s, (image, targets) in enumerate(items):
+        h, w = input_shape(*image.shape[:2], size)
+        resized = image if (h, w) == image.shape[:2] else resize_image(image, size)
+        if pending and pending[0].shape != resized.shape:
+            flush()  # a batch holds images of one shape
+        pending.append(resized)
         if len(pending) == batch:
             flush()
-        by_instance: dict[int, list[str]] = {}
-        for i, phrase in unique_phrases(scene.names):
-            by_instance.setdefault(i, []).append(phrase)
-        keep = sorted(by_instance)
-        if not keep:
+        if not targets:
             continue
-        masks = scene.masks[keep]
-        covered = low_res_targets(masks, side)
-        inner = interior_points(masks) * side // size  # (x, y) cell of each most interior pixel
-        covered[np.arange(len(keep)), inner[:, 1], inner[:, 0]] = True
+        masks = torch.from_numpy(np.stack([m for _, m in targets]))
+        if (h, w) != tuple(masks.shape[-2:]):
+            masks = F.interpolate(masks[None].float(), (h, w), mode="nearest")[0] > 0.5
+        frame = np.zeros((len(targets), size, size), bool)
+        frame[:, :h, :w] = masks.numpy()
+        keep = frame.reshape(len(frame), -1).any(1)  # a target too thin to survive the resize is dropped
+        if not keep.any():
+            continue
+        frame = frame[keep]
+        covered = low_res_targets(frame, side)
+        inner = interior_points(frame) * side // size  # (x, y) cell of each most interior pixel
+        covered[np.arange(len(frame)), inner[:, 1], inner[:, 0]] = True
         cells.append(torch.from_numpy(covered))
-        scene_of += [s] * len(keep)
-        phrases += [by_instance[i] for i in keep]
+        scene_of += [s] * len(frame)
+        phrases += [p for (p, _), k in zip(targets, keep) if k]
     flush()
+    if not cells:
+        raise ValueError("no named objects to train on")
     return TextExamples(torch.cat(embeddings), torch.cat(cells), torch.tensor(scene_of), phrases)
 
 
