@@ -185,6 +185,25 @@ def chromium() -> str | None:
     return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
+def browser_command(tmp_path: Path) -> list[str]:
+    return [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=60000",
+            f"--user-data-dir={tmp_path / 'profile'}"]
+
+
+def page_mask(url: str, tmp_path: Path, expected: dict) -> str:
+    """Load the page headless and check the mask it drew on its canvas is, pixel for pixel,
+    the service's `expected` response; returns the page's DOM."""
+    flat = np.flatnonzero(coco_mask.decode(as_pycoco(expected["segmentation"])).astype(bool).ravel())  # row-major
+    dom = subprocess.run([*browser_command(tmp_path), "--dump-dom", url], capture_output=True, text=True,
+                         timeout=180).stdout
+    canvas = re.search(r'<canvas id="overlay"[^>]*>', dom)
+    assert canvas, dom[-2000:]
+    drawn = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', canvas.group(0)))
+    assert int(drawn["mask-pixels"]) == len(flat) == expected["area"]
+    assert int(drawn["mask-index-sum"]) == int(flat.sum())
+    return dom
+
+
 @pytest.mark.skipif(chromium() is None, reason="no Chromium on this machine")
 def test_page_draws_a_click_mask_in_headless_chromium(service, session, tmp_path):
     """The real page in a real browser: ?image=0&click=x,y opens image 0 and clicks once;
@@ -193,20 +212,11 @@ def test_page_draws_a_click_mask_in_headless_chromium(service, session, tmp_path
     opened = client.open(0)
     x, y, _ = next_click(None, service["truth"][opened["uri"]][0])
     expected = client.predict(index=0, image_id=opened["image_id"], points=[[x, y]], labels=[1])
-    bits = coco_mask.decode(as_pycoco(expected["segmentation"])).astype(bool)
-    flat = np.flatnonzero(bits.ravel())  # row-major, as the page indexes its canvas
     url = f"{service['url']}/?image=0&click={int(x)},{int(y)}"
-    browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=60000",
-               f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    canvas = re.search(r'<canvas id="overlay"[^>]*>', dom)
-    assert canvas, dom[-2000:]
-    drawn = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', canvas.group(0)))
-    assert int(drawn["mask-pixels"]) == len(flat) == expected["area"]
-    assert int(drawn["mask-index-sum"]) == int(flat.sum())
+    dom = page_mask(url, tmp_path, expected)
     assert "predicted IoU" in dom  # the status line of a click
     shot = tmp_path / "page.png"
-    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=900,600", url], capture_output=True, timeout=120)
+    subprocess.run([*browser_command(tmp_path), f"--screenshot={shot}", "--window-size=900,600", url], capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape == (600, 900, 3) and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
     if os.environ.get("SAMENGINE_SCREENSHOTS"):
@@ -252,16 +262,7 @@ def test_page_finds_by_words_in_headless_chromium(service, session, tmp_path):
     opened = client.open(1)
     phrase = _text_phrase(service["truth"][opened["uri"]], int(Path(opened["uri"]).stem.split("_")[1]))
     expected = client.predict(index=1, image_id=opened["image_id"], text=phrase)
-    flat = np.flatnonzero(coco_mask.decode(as_pycoco(expected["segmentation"])).astype(bool).ravel())
-    url = f"{service['url']}/?image=1&text={requests.utils.quote(phrase)}"
-    browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=60000",
-               f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
-    canvas = re.search(r'<canvas id="overlay"[^>]*>', dom)
-    assert canvas, dom[-2000:]
-    drawn = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', canvas.group(0)))
-    assert int(drawn["mask-pixels"]) == len(flat) == expected["area"]
-    assert int(drawn["mask-index-sum"]) == int(flat.sum())
+    dom = page_mask(f"{service['url']}/?image=1&text={requests.utils.quote(phrase)}", tmp_path, expected)
     form = re.search(r'<form id="textform"[^>]*>', dom).group(0)
     assert "hidden" not in form  # the Find box is shown for a text model
 
