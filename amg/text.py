@@ -32,7 +32,8 @@ def decode_texts(model: Sam, encoded: EncodedImage, texts: list[str], text_embed
     embedding = encoded.embeddings[:1].to(model.device, dtype or torch.float32)
     vectors = torch.as_tensor(np.asarray(text_embeddings, np.float32), device=model.device)
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
-        low_res, iou = model.decode(embedding, text_embedding=vectors, multimask_output=True)
+        low_res, iou = model.decode(embedding, text_embedding=vectors, multimask_output=True,
+                                    input_size=tuple(int(v) for v in encoded.input_sizes[0]))
     best = iou.float().argmax(dim=1)
     rows = torch.arange(len(texts), device=best.device)
     low_res, iou = low_res[rows, best].float(), iou[rows, best].float()

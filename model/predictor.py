@@ -100,7 +100,8 @@ class SamPredictor:
             text_embedding = self.embed_text(text)
         prompts, batched = self._prompts(point_coords, point_labels, box, mask_input, text_embedding)
         with torch.inference_mode(), self._autocast():
-            low_res, iou = self.model.decode(self.features, **prompts, multimask_output=multimask_output)
+            low_res, iou = self.model.decode(self.features, **prompts, multimask_output=multimask_output,
+                                             input_size=self.input_size)
             low_res, iou = low_res.float(), iou.float()
             masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:

@@ -85,12 +85,15 @@ class Sam(nn.Module):
         mask_input: torch.Tensor | None = None,
         text_embedding: torch.Tensor | None = None,
         multimask_output: bool = True,
+        input_size: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts in input-frame pixel coordinates for one image embedding (1 x C x e x e)
         or one per prompt (B x C x e x e) -> low-res logits B x M x 4e x 4e, IoU B x M.
-        A text embedding (B x D) adds the click its grounding heatmap points at."""
+        A text embedding (B x D) adds the click its grounding heatmap points at, inside
+        input_size (h, w: the resized image within the padded frame; default the frame)."""
         if text_embedding is not None:
-            point_coords, point_labels = self.text_click(image_embeddings, text_embedding, point_coords, point_labels)
+            point_coords, point_labels = self.text_click(image_embeddings, text_embedding, point_coords, point_labels,
+                                                         input_size)
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.prompt_encoder(points, boxes, mask_input)
         return self.mask_decoder(
@@ -98,13 +101,14 @@ class Sam(nn.Module):
         )
 
     def text_click(self, image_embeddings: torch.Tensor, text_embedding: torch.Tensor,
-                   point_coords: torch.Tensor | None = None, point_labels: torch.Tensor | None = None):
+                   point_coords: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
+                   input_size: tuple[int, int] | None = None):
         """The point prompts with, for each text, a positive click at the centre of the
-        grounding heatmap's hottest cell appended."""
+        grounding heatmap's hottest cell on the image (never in the padding) appended."""
         if self.text_grounding is None:
             raise ValueError("this model has no text prompt input (text_embed_dim = 0)")
         heat = self.text_grounding(image_embeddings, text_embedding)
-        click = TextGrounding.peak_points(heat, self.image_size)[:, None].to(image_embeddings.device)
+        click = TextGrounding.peak_points(heat, self.image_size, input_size)[:, None].to(image_embeddings.device)
         label = torch.ones(click.shape[0], 1, dtype=torch.int64, device=click.device)
         if point_coords is None:
             return click, label

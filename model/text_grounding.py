@@ -39,10 +39,22 @@ class TextGrounding(nn.Module):
         return torch.einsum("bc,bchw->bhw", query, keys[image_index.to(keys.device)]) * scale
 
     @staticmethod
-    def peak_points(heat: torch.Tensor, image_size: int) -> torch.Tensor:
+    def peak_points(heat: torch.Tensor, image_size: int, input_size: tuple[int, int] | None = None) -> torch.Tensor:
         """B x h x w heatmaps -> B x 2 (x, y): the centre of each map's hottest cell, in
-        pixels of the model's input frame."""
+        pixels of the model's input frame. input_size (h, w): the image's part of the padded
+        frame; cells wholly in the padding are never chosen, and a click is kept on the image."""
         b, h, w = heat.shape
+        cell_h, cell_w = image_size / h, image_size / w
+        limit = (float(image_size), float(image_size)) if input_size is None else (float(input_size[0]),
+                                                                                  float(input_size[1]))
+        rows_on = int(math.ceil(limit[0] / cell_h))
+        cols_on = int(math.ceil(limit[1] / cell_w))
+        if rows_on < h or cols_on < w:
+            heat = heat.clone()
+            heat[:, rows_on:, :] = float("-inf")
+            heat[:, :, cols_on:] = float("-inf")
         index = heat.reshape(b, -1).argmax(dim=1)
         rows, cols = index // w, index % w
-        return torch.stack([(cols + 0.5) * (image_size / w), (rows + 0.5) * (image_size / h)], dim=1).float()
+        x = ((cols + 0.5) * cell_w).clamp(max=limit[1] - 0.5)
+        y = ((rows + 0.5) * cell_h).clamp(max=limit[0] - 0.5)
+        return torch.stack([x, y], dim=1).float()

@@ -116,13 +116,23 @@ def test_text_prompt_is_the_click_its_grounding_points_at(photo):
     model = p.model
     with torch.inference_mode():
         heat = model.text_grounding(p.features, torch.as_tensor(text)[None])
-    click = model.text_grounding.peak_points(heat, model.image_size)[0].numpy()
+    click = model.text_grounding.peak_points(heat, model.image_size, p.input_size)[0].numpy()
     e = model.config.embedding_size
     assert heat.shape == (1, e, e)
-    row, col = np.unravel_index(int(heat.flatten().argmax()), (e, e))
+    # The hottest cell on the image: 240 x 320 is 192 x 256 in the frame, rows 0-11 of 16.
+    assert p.input_size == (192, 256)
+    row, col = np.unravel_index(int(heat[0, :12].flatten().argmax()), (12, e))
     assert np.allclose(click, [(col + 0.5) * 16, (row + 0.5) * 16])
     scale = max(photo.shape[:2]) / model.image_size
     clicked = p.predict(point_coords=(click * scale)[None], point_labels=np.array([1]), return_logits=True)[0]
     np.testing.assert_allclose(a, clicked, atol=1e-4)
     with pytest.raises(ValueError, match=r"\(16,\)"):
         p.predict(text_embedding=np.zeros(8))
+    # A heatmap whose hottest cells lie in the padding still clicks on the image.
+    padded_heat = torch.zeros(1, e, e)
+    padded_heat[0, 12:, :] = 5.0
+    padded_heat[0, 3, 7] = 1.0
+    assert model.text_grounding.peak_points(padded_heat, 256, (192, 256))[0].tolist() == [7.5 * 16, 3.5 * 16]
+    edge = torch.zeros(1, e, e)
+    edge[0, 0, 12] = 1.0  # the cell over the edge of a 200-px-wide image: the click stays inside
+    assert model.text_grounding.peak_points(edge, 256, (256, 200))[0].tolist() == [199.5, 8.0]
