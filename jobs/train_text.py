@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                              f"{args.embedder} gives {embedder.dim}-d")
         model = base
     else:
-        model = with_text_input(base, embedder.name if args.embedder in ("minilm",) else args.embedder, embedder.dim)
+        model = with_text_input(base, args.embedder, embedder.dim)
     data = _examples(model, args)
     prepared = time.perf_counter() - start
     print(f"{len(data.cells)} named targets in {len(data.embeddings)} images ({prepared:.0f} s)", flush=True)
