@@ -109,7 +109,7 @@ class Segmenter:
 
     @property
     def takes_text(self) -> bool:
-        return self.model.config.text_embed_dim > 0 and bool(self.model.config.text_embedder)
+        return self.model.config.takes_text
 
     def _mask_input(self, text: str | None) -> np.ndarray | None:
         if text is None:

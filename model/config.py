@@ -50,6 +50,11 @@ class SamConfig(BaseModel):
         return self
 
     @property
+    def takes_text(self) -> bool:
+        """The model has a text input and names the embedder it was trained with."""
+        return self.text_embed_dim > 0 and bool(self.text_embedder)
+
+    @property
     def embedding_size(self) -> int:
         """Side of the square image embedding grid."""
         return self.image_size // self.patch_size

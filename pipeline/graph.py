@@ -121,7 +121,7 @@ def text_vectors(config: AnnotateConfig) -> list[list[float]]:
         model, _ = load_checkpoint(local_checkpoint(config.checkpoint, config.endpoint_url), config.model_type)
     except (CheckpointError, OSError) as e:
         raise InputError(f"checkpoint {config.checkpoint}: {e}") from e
-    if model.config.text_embed_dim <= 0 or not model.config.text_embedder:
+    if not model.config.takes_text:
         raise InputError(f"checkpoint {config.checkpoint} has no text prompt input: text prompts need one "
                          "trained for them (jobs/train_text.py)")
     vectors = embed_texts(load_embedder(model.config.text_embedder), config.text, model.config.text_embed_dim)
