@@ -21,6 +21,7 @@ from amg.rle import masks_to_rle_counts, rle_area, rle_bbox, rle_to_coco
 from dataset.validation import rle_counts
 from model import SamPredictor
 from model.sam import Sam
+from model.text import normalize_phrase
 from schemas.interactive import AcceptedMask, PredictRequest
 
 from .cache import EmbeddingCache
@@ -79,7 +80,7 @@ class Segmenter:
         labels = np.asarray(request.labels, np.int64)
         box = np.asarray(request.box, np.float32) if request.box is not None else None
         mask_input = self._mask_input(request.mask_input)
-        text = " ".join(request.text.split()) if request.text is not None else None
+        text = normalize_phrase(request.text) if request.text is not None else None
         multimask = request.multimask
         if multimask is None:
             # A lone click is ambiguous (whole, part, subpart): pick the best of three. Words

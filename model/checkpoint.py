@@ -33,7 +33,21 @@ def load_checkpoint(
     model_type names the config of an official (bare state dict) file; without it the
     config is inferred from the tensor shapes. Returns the model (eval mode) and the
     checkpoint's metadata ({} for official files)."""
-    obj = _read(Path(path))
+    config, state, meta = _describe(path, model_type)
+    model = Sam(config)
+    load_weights(model, state, path)
+    return model.to(device).eval(), meta
+
+
+def read_checkpoint_config(path: str | os.PathLike, model_type: str | None = None) -> SamConfig:
+    """The config of the model a checkpoint holds, without building it (the file is memory-
+    mapped, not read into memory: cheap even for vit_h)."""
+    return _describe(path, model_type, mmap=True)[0]
+
+
+def _describe(path: str | os.PathLike, model_type: str | None, mmap: bool = False
+              ) -> tuple[SamConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    obj = _read(Path(path), mmap)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path}: checkpoint format version {obj['format_version']} is newer than this code")
@@ -41,17 +55,12 @@ def load_checkpoint(
             config = SamConfig(**obj["config"])
         except Exception as e:  # pydantic ValidationError or missing key
             raise CheckpointError(f"{path}: invalid model config in checkpoint: {e}") from e
-        state, meta = obj["model"], dict(obj.get("meta") or {})
         if model_type is not None and model_type != config.name:
             raise CheckpointError(f"{path}: holds a {config.name!r} model, not {model_type!r}")
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state, meta = obj, {}
-        config = get_config(model_type) if model_type else infer_config(state, path)
-    else:
-        raise CheckpointError(f"{path}: not a SAM checkpoint (expected a state dict or a {FORMAT} file)")
-    model = Sam(config)
-    load_weights(model, state, path)
-    return model.to(device).eval(), meta
+        return config, obj["model"], dict(obj.get("meta") or {})
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return (get_config(model_type) if model_type else infer_config(obj, path)), obj, {}
+    raise CheckpointError(f"{path}: not a SAM checkpoint (expected a state dict or a {FORMAT} file)")
 
 
 def save_checkpoint(model: Sam, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> str:
@@ -142,9 +151,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, mmap: bool = False) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (pre-zip) files cannot be mapped: read them whole below
+            pass
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

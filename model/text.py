@@ -84,6 +84,12 @@ def load_embedder(name: str) -> TextEmbedder:
     return embedder
 
 
+def normalize_phrase(text: str) -> str:
+    """A text prompt as it is embedded, stored and compared: runs of whitespace become one
+    space, none at the ends ("  red\tellipse " -> "red ellipse")."""
+    return " ".join(text.split())
+
+
 def embed_texts(embedder: TextEmbedder, texts: Sequence[str], dim: int) -> np.ndarray:
     """embedder.embed(texts), checked against the model's text input width."""
     out = np.asarray(embedder.embed(texts), np.float32)

@@ -114,17 +114,18 @@ def text_vectors(config: AnnotateConfig) -> list[list[float]]:
     """config.text embedded once, here, by the embedder the checkpoint was trained with;
     InputError when the checkpoint has no text input."""
     from actors.annotator import local_checkpoint
-    from model import CheckpointError, load_checkpoint
+    from model import CheckpointError, read_checkpoint_config
     from model.text import embed_texts, load_embedder
 
     try:
-        model, _ = load_checkpoint(local_checkpoint(config.checkpoint, config.endpoint_url), config.model_type)
+        model_config = read_checkpoint_config(local_checkpoint(config.checkpoint, config.endpoint_url),
+                                              config.model_type)
     except (CheckpointError, OSError) as e:
         raise InputError(f"checkpoint {config.checkpoint}: {e}") from e
-    if not model.config.takes_text:
+    if not model_config.takes_text:
         raise InputError(f"checkpoint {config.checkpoint} has no text prompt input: text prompts need one "
                          "trained for them (jobs/train_text.py)")
-    vectors = embed_texts(load_embedder(model.config.text_embedder), config.text, model.config.text_embed_dim)
+    vectors = embed_texts(load_embedder(model_config.text_embedder), config.text, model_config.text_embed_dim)
     return vectors.tolist()
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from amg.params import AmgParams
+from model.text import normalize_phrase
 from pipeline.images import ImageLimits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ class AnnotateConfig(BaseModel):
     def _phrases(cls, v: list[str]) -> list[str]:
         out = []
         for phrase in v:
-            phrase = " ".join(phrase.split())
+            phrase = normalize_phrase(phrase)
             if not phrase:
                 raise ValueError("a text prompt is empty")
             if len(phrase) > 1000:

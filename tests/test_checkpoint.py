@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from model import CheckpointError, Sam, get_config, load_checkpoint, save_checkpoint
+from model import CheckpointError, Sam, get_config, load_checkpoint, read_checkpoint_config, save_checkpoint
 from model.checkpoint import infer_config
 from tests.official import build_official, randomize
 
@@ -123,3 +123,23 @@ def test_unknown_model_type(tmp_path):
     torch.save(_small().state_dict(), tmp_path / "m.pth")
     with pytest.raises(ValueError, match="unknown model type"):
         load_checkpoint(tmp_path / "m.pth", model_type="vit_x")
+
+
+def test_config_read_without_building_the_model(tmp_path):
+    """read_checkpoint_config (the driver's check before a text run) gives the config that
+    load_checkpoint builds, for our files, bare official files (legacy pickles too) and
+    refuses the same bad files."""
+    model = _small()
+    save_checkpoint(model, tmp_path / "m.pt")
+    assert read_checkpoint_config(tmp_path / "m.pt") == model.config
+    with pytest.raises(CheckpointError, match="not 'vit_b'"):
+        read_checkpoint_config(tmp_path / "m.pt", model_type="vit_b")
+    state = build_official(get_config("vit_tiny256")).state_dict()
+    torch.save(state, tmp_path / "zip.pth")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # cannot be mmapped
+    for name in ("zip.pth", "legacy.pth"):
+        assert read_checkpoint_config(tmp_path / name) == get_config("vit_tiny256")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_checkpoint_config(tmp_path / "cut.pt")

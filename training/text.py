@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from model import Sam
-from model.text import TextEmbedder, embed_texts
+from model.text import TextEmbedder, embed_texts, normalize_phrase
 from model.transforms import input_shape, resize_image
 
 from .data import ParquetExamples, parquet_example
@@ -116,7 +116,7 @@ def dataset_items(paths: Sequence[str]) -> Iterator[Item]:
             example = parquet_example(uri, named)
             groups: dict[str, np.ndarray] = {}
             for ann, mask in zip(named, example.masks):
-                key = " ".join(ann["text_prompt"].split())
+                key = normalize_phrase(ann["text_prompt"])
                 groups[key] = groups[key] | mask if key in groups else mask
             yield example.image, [([phrase], mask) for phrase, mask in groups.items() if mask.any()]
 
