@@ -59,7 +59,7 @@ def _examples(model: Sam, args: argparse.Namespace):
         if cached.get("key") == key:
             return cached["data"]
     items = itertools.chain(synthetic_items(scene_stream(TRAIN_SEED, args.scenes, model.image_size)),
-                            dataset_items(args.dataset) if args.dataset else ())
+                            dataset_items(args.dataset, args.endpoint_url) if args.dataset else ())
     data = prepare_examples(model, items)
     if args.examples_cache:
         torch.save({"key": key, "data": data}, args.examples_cache)
@@ -73,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--embedder", default="minilm", help="model.text.load_embedder name or module:factory")
     ap.add_argument("--scenes", type=int, default=3000, help="training scenes (stream seed 0); 0: none")
     ap.add_argument("--dataset", action="append", default=[],
-                    help="annotations table (Delta or Parquet) whose masks' text_prompt names them (repeatable)")
+                    help="annotations table (Delta or Parquet, local or s3://) whose masks' text_prompt names "
+                         "them (repeatable)")
+    ap.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     ap.add_argument("--steps", type=int, default=TextTrainConfig.steps)
     ap.add_argument("--batch-scenes", type=int, default=TextTrainConfig.scenes, help="scenes per step")
     ap.add_argument("--lr", type=float, default=TextTrainConfig.lr)

@@ -257,3 +257,60 @@ def test_coco_class_names_name_masks_and_train_the_text_path(tmp_path, minilm):
     trained, meta = load_checkpoint(out)
     assert trained.config.text_embedder == "minilm" and meta["text_training"]["dataset"] == [table_uri(root, "annotations")]
     assert meta["text_training"]["instances"] == len(data.cells)
+
+
+def test_dataset_targets_from_tables_on_s3(tmp_path):
+    """dataset_items and ParquetExamples read a Delta table and plain Parquet files on an S3
+    server, with the images themselves on S3 (moto_server in its own process)."""
+    import io
+    import json
+
+    import boto3
+    from PIL import Image
+    from pycocotools import mask as coco_mask
+
+    from dataset import DatasetWriter
+    from dataset.coco import import_coco
+    from dataset.identity import image_identity
+    from dataset.lineage import new_lineage
+    from dataset.reader import export_parquet
+    from dataset.storage import table_uri
+    from tests.s3server import moto_server
+    from training.data import ParquetExamples
+
+    with moto_server("data") as endpoint:
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "object"}]}
+        truth, names = {}, {}
+        for i in range(3):
+            scene = make_scene(scene_seed(11, i), (96, 128))
+            buf = io.BytesIO()
+            Image.fromarray(scene.image).save(buf, format="PNG")
+            s3.put_object(Bucket="data", Key=f"images/im{i}.png", Body=buf.getvalue())
+            sha, phash = image_identity(buf.getvalue())
+            coco["images"].append({"id": i + 1, "file_name": f"im{i}.png", "height": 96, "width": 128,
+                                   "sha256": sha, "phash": phash, "coco_url": f"s3://data/images/im{i}.png"})
+            for name, mask in zip(scene.names, scene.masks):
+                cid = names.setdefault(name, len(names) + 2)
+                rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1,
+                                            "category_id": cid, "iscrowd": 0,
+                                            "segmentation": {"size": [96, 128], "counts": rle["counts"].decode()}})
+                truth.setdefault(sha, {}).setdefault(name, np.zeros_like(mask))
+                truth[sha][name] |= mask
+        coco["categories"] += [{"id": v, "name": k} for k, v in names.items()]
+        (tmp_path / "labels.json").write_text(json.dumps(coco))
+        root = "s3://data/ds"
+        import_coco(tmp_path / "labels.json", DatasetWriter(root, new_lineage(round=0, stage="imported")))
+
+        items = list(dataset_items([table_uri(root, "annotations")], endpoint_url=endpoint))
+        expect = sorted(sorted((k, int(m.sum())) for k, m in t.items() if m.any()) for t in truth.values())
+        assert sorted(sorted((p[0], int(m.sum())) for p, m in targets) for _, targets in items) == expect
+
+        # Plain Parquet files (an export) under an S3 prefix read the same rows.
+        for k, path in enumerate(export_parquet(root, str(tmp_path / "flat"))):
+            s3.upload_file(path, "data", f"flat/part-{k}.parquet")
+        delta, flat = ParquetExamples([table_uri(root, "annotations")]), ParquetExamples(["s3://data/flat"])
+        assert len(delta) == len(flat) == 3
+        by_image = {ex.image.tobytes(): ex.masks.sum() for ex in delta.take(range(3))}
+        assert {ex.image.tobytes(): ex.masks.sum() for ex in flat.take(range(3))} == by_image

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -51,24 +50,21 @@ class ParquetExamples:
     """Random access to examples stored one image per row in Parquet files.
 
     paths: Parquet files, folders of them, or Delta tables (a folder with _delta_log: only
-    the files of its current version are read). Each row holds the image in image_column,
-    as encoded bytes (PNG/JPEG) or as a URI to read (local path or s3://; the defaults fit
-    our annotations table, schemas.IMAGES), and a list of annotations in
-    annotations_column, each a struct with a COCO RLE "segmentation" {"size", "counts"}.
+    the files of its current version are read), on local disk or s3:// (credentials from
+    the AWS environment; endpoint_url or AWS_ENDPOINT_URL for MinIO, Ceph, moto). Each row
+    holds the image in image_column, as encoded bytes (PNG/JPEG) or as a URI to read (local
+    path or s3://; the defaults fit our annotations table, schemas.IMAGES), and a list of
+    annotations in annotations_column, each a struct with a COCO RLE "segmentation"
+    {"size", "counts"}.
     """
 
-    def __init__(self, paths: Sequence[str], image_column: str = "uri", annotations_column: str = "annotations"):
+    def __init__(self, paths: Sequence[str], image_column: str = "uri", annotations_column: str = "annotations",
+                 endpoint_url: str | None = None):
         import pyarrow.dataset as ds
 
-        files: list[str] = []
-        for path in paths:
-            if (Path(path) / "_delta_log").is_dir():
-                from deltalake import DeltaTable
-
-                files += DeltaTable(path).file_uris()
-            else:  # a file, or a folder searched recursively (names starting with . or _ skipped)
-                files += ds.dataset(path, format="parquet").files
-        self.dataset = ds.dataset(files, format="parquet")
+        self.endpoint_url = endpoint_url
+        parts = [_parquet_dataset(str(path), endpoint_url) for path in paths]
+        self.dataset = parts[0] if len(parts) == 1 else ds.dataset(parts)
         self.columns = [image_column, annotations_column]
         self.length = self.dataset.count_rows()
         if self.length == 0:
@@ -81,20 +77,44 @@ class ParquetExamples:
         table = self.dataset.take(list(indices), columns=self.columns)
         image_column, annotations_column = self.columns
         return [
-            parquet_example(image, annotations)
+            parquet_example(image, annotations, self.endpoint_url)
             for image, annotations in zip(
                 table.column(image_column).to_pylist(), table.column(annotations_column).to_pylist()
             )
         ]
 
 
-def parquet_example(image: bytes | str, annotations: list[dict]) -> Example:
-    """Decode one row: image bytes or URI, and annotations with COCO RLE segmentations."""
+def _parquet_dataset(path: str, endpoint_url: str | None):
+    """One path as a pyarrow dataset: a Delta table at its current version, else the Parquet
+    files under it (names starting with . or _ skipped)."""
+    import pyarrow.dataset as ds
+    from deltalake import DeltaTable
+
+    from dataset.storage import arrow_dataset, arrow_filesystem, is_s3, storage_options
+
+    options = storage_options(path, endpoint_url)
+    if DeltaTable.is_deltatable(path, storage_options=options or None):
+        return arrow_dataset(DeltaTable(path, storage_options=options or None), path, options)
+    if is_s3(path):
+        filesystem = arrow_filesystem(path, options).base_fs
+        return ds.dataset(path.split("://", 1)[1], filesystem=filesystem, format="parquet")
+    return ds.dataset(path, format="parquet")
+
+
+def parquet_example(image: bytes | str, annotations: list[dict], endpoint_url: str | None = None) -> Example:
+    """Decode one row: image bytes or URI (local or s3://), and annotations with COCO RLE
+    segmentations."""
     if isinstance(image, str):
         import fsspec
 
-        with fsspec.open(image, "rb") as f:
-            image = f.read()
+        from pipeline.sources import is_s3, s3_filesystem
+
+        if is_s3(image):  # the store the pipeline read it from (endpoint, credentials)
+            with s3_filesystem(endpoint_url).open(image.split("://", 1)[1], "rb") as f:
+                image = f.read()
+        else:
+            with fsspec.open(image, "rb") as f:
+                image = f.read()
     image = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(image))).convert("RGB"))
     h, w = image.shape[:2]
     rles = [dict(annotation["segmentation"]) for annotation in annotations or []]

@@ -47,6 +47,7 @@ class ParquetSource(BaseModel):
     image_column: str = Field("uri", description="encoded image bytes, or a URI to read them from")
     annotations_column: str = "annotations"
     fraction: float = Field(0.5, ge=0, le=1, description="share of images taken from here when synthetic data is also on")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// paths (default: AWS_ENDPOINT_URL)")
 
 
 class TrainConfig(BaseModel):
@@ -240,7 +241,8 @@ def train_loop_per_worker(config: dict) -> dict:
     if world_size > 1:
         # Box and point embeddings go unused in a step without boxes or points.
         step_module = ray.train.torch.prepare_model(step_module, parallel_strategy_kwargs={"find_unused_parameters": True})
-    parquet = ParquetExamples(cfg.parquet.paths, cfg.parquet.image_column, cfg.parquet.annotations_column) if cfg.parquet else None
+    parquet = (ParquetExamples(cfg.parquet.paths, cfg.parquet.image_column, cfg.parquet.annotations_column,
+                               cfg.parquet.endpoint_url) if cfg.parquet else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
     for step in range(start_step, cfg.steps):

@@ -103,17 +103,17 @@ def synthetic_items(scenes: Iterable[Scene]) -> Iterator[Item]:
         yield scene.image, [(by_instance[i], scene.masks[i]) for i in sorted(by_instance)]
 
 
-def dataset_items(paths: Sequence[str]) -> Iterator[Item]:
-    """Images of our datasets' annotation tables (Delta or Parquet, see ParquetExamples) whose
-    masks carry a text_prompt (an imported class name, a phrase that found them): one target
-    per distinct phrase of an image, the union of the masks it names."""
-    source = ParquetExamples(paths)
+def dataset_items(paths: Sequence[str], endpoint_url: str | None = None) -> Iterator[Item]:
+    """Images of our datasets' annotation tables (Delta or Parquet, local or s3://, see
+    ParquetExamples) whose masks carry a text_prompt (an imported class name, a phrase that
+    found them): one target per distinct phrase of an image, the union of the masks it names."""
+    source = ParquetExamples(paths, endpoint_url=endpoint_url)
     for batch in source.dataset.to_batches(columns=source.columns):
         for uri, annotations in zip(*(batch.column(c).to_pylist() for c in source.columns)):
             named = [a for a in annotations or () if a.get("text_prompt")]
             if not named:
                 continue
-            example = parquet_example(uri, named)
+            example = parquet_example(uri, named, endpoint_url)
             groups: dict[str, np.ndarray] = {}
             for ann, mask in zip(named, example.masks):
                 key = normalize_phrase(ann["text_prompt"])
