@@ -92,7 +92,7 @@ class MaskDecoder(nn.Module):
             dense_prompt_embeddings = dense_prompt_embeddings[:1]
         src = image_embeddings + dense_prompt_embeddings  # 1 or B x C x h x w
         c, h, w = src.shape[1:]
-        hs, src = self.transformer(src, image_pe, tokens)
+        hs, src = self.transformer(src, image_pe, tokens, num_outputs=1 + self.num_mask_tokens)
         iou_pred = self.iou_prediction_head(hs[:, 0])
         return hs[:, 1 : 1 + self.num_mask_tokens], src.view(b, h, w, c), iou_pred
 

@@ -31,15 +31,22 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor,
+        num_outputs: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding, image_pe: B x C x h x w (image_pe may have batch 1);
-        point_embedding: B x N x C. Returns tokens B x N x C and image keys B x hw x C."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        point_embedding: B x N x C. Returns tokens B x N x C and image keys B x hw x C.
+        num_outputs: return only the first tokens (the decoder's output tokens); the final
+        attention then skips the others, which each token's result does not depend on."""
+        # Tokens-major and contiguous: elementwise ops with the per-prompt B x hw x C
+        # tensors of later layers would otherwise take this transposed layout (slow
+        # strided loops, and a copy before every LayerNorm).
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
+        queries, point_embedding = queries[:, :num_outputs], point_embedding[:, :num_outputs]
         attn_out = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
         return self.norm_final_attn(queries + attn_out), keys
 
@@ -78,13 +85,19 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        keys = self.norm4(self.cross_attn_image_to_token(k, q, queries, residual=keys))
         return queries, keys
 
 
 class Attention(nn.Module):
     """Multi-head attention whose q/k/v projections may shrink the width by
-    downsample_rate (cheaper attention over the 4096 image tokens)."""
+    downsample_rate (cheaper attention over the 4096 image tokens).
+
+    Without autograd, attention between a few prompt tokens and many image tokens
+    takes a folded path (_few_queries, _few_keys): the per-head projections on the
+    image side are multiplied into the few token vectors instead of being applied to
+    every image token. Same function up to float rounding, fewer multiply-adds when
+    tokens x heads < internal_dim; training keeps the plain path."""
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
         super().__init__()
@@ -101,11 +114,24 @@ class Attention(nn.Module):
         b, n, c = x.shape  # -> B x heads x N x C/heads
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _folds(self, few: int) -> bool:
+        """Folding costs tokens x heads x C per image token where the plain path costs
+        internal_dim x C (one projection)."""
+        return not torch.is_grad_enabled() and few * self.num_heads < self.internal_dim
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """q: Bq x Nq x C, k and v: Bk x Nk x C, where a batch of 1 on either side is
-        shared by every item of the other (the image side of many prompts)."""
+        shared by every item of the other (the image side of many prompts). residual
+        (broadcastable to the output) is added to the output."""
         bq, nq, _ = q.shape
-        bk = k.shape[0]
+        bk, nk, _ = k.shape
+        if nq < nk and bq == bk and self._folds(nq):
+            out = self._few_queries(q, k, v)
+            return out if residual is None else residual + out
+        if nk < nq and bk >= bq and self._folds(nk):
+            return self._few_keys(q, k, v, residual)
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
@@ -119,7 +145,61 @@ class Attention(nn.Module):
             if bq == 1 and bk > 1:
                 q = q.expand(bk, -1, -1, -1)
             out = _attention(q, k, v).transpose(1, 2)
-        return self.out_proj(out.reshape(out.shape[0], nq, self.internal_dim))
+        out = self.out_proj(out.reshape(out.shape[0], nq, self.internal_dim))
+        return out if residual is None else residual + out
+
+    def _few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Tokens (B x T x C) attending to per-item image tokens (B x N x C), without
+        k_proj/v_proj on the N image tokens. Per head h, with Wk_h the head's d x C
+        slice of k_proj:
+          scores = q_h (Wk_h K^T + bk_h) = (q_h Wk_h) K^T + a constant per query row,
+                   which softmax ignores;
+          out_h  = P (V Wv_h^T + bv_h) = (P V) Wv_h^T + bv_h, since P's rows sum to 1."""
+        b, nq, c = q.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        qh = self.q_proj(q).view(b, nq, heads, d) * d**-0.5
+        folded = torch.einsum("bthd,hdc->bthc", qh, self.k_proj.weight.view(heads, d, c))
+        weights = torch.softmax(folded.reshape(b, nq * heads, c) @ k.transpose(1, 2), dim=-1)
+        pooled = (weights @ v).view(b, nq, heads, c)  # B x T x heads x C: image tokens pooled per head
+        out = torch.einsum("bthc,hdc->bthd", pooled, self.v_proj.weight.view(heads, d, c))
+        return self.out_proj(out.reshape(b, nq, self.internal_dim) + self.v_proj.bias)
+
+    def _few_keys(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Image tokens (B x N x C, or 1 x N x C shared) attending to a few tokens
+        (B x T x C), without out_proj (nor, per item, q_proj) on the N image tokens.
+        Per head h, with Wq_h, Wo_h the head's slices of q_proj and out_proj:
+          scores = (Q Wq_h^T + bq_h) k_h^T = Q (Wq_h^T k_h^T) + bq_h k_h^T;
+          out    = sum_h P_h (v_h Wo_h^T) + bo, where bo can ride on the values as
+                   bo / heads per head, since each P_h's rows sum to 1.
+        Scores are laid out B x heads x T x N so that softmax runs over T (a handful)
+        with N contiguous: the short-last-dim softmax is several times slower. The
+        residual rides in the last matmul (one pass less over B x N x C)."""
+        bq, n, c = q.shape
+        b, nk, _ = k.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        kh = self.k_proj(k).view(b, nk, heads, d) * d**-0.5
+        if bq == 1 and b > 1:
+            # Shared image side: project it once, as the plain path does.
+            qh = self.q_proj(q[0]).view(n, heads, d)
+            scores = torch.einsum("bthd,nhd->bhtn", kh, qh)
+        else:
+            folded = torch.einsum("bthd,hdc->bhtc", kh, self.q_proj.weight.view(heads, d, c))
+            bias = torch.einsum("bthd,hd->bht", kh, self.q_proj.bias.view(heads, d))
+            scores = torch.baddbmm(bias.reshape(b, heads * nk, 1), folded.reshape(b, heads * nk, c),
+                                   q.transpose(1, 2))
+        weights = torch.softmax(scores.reshape(b, heads, nk, n), dim=2)
+        vh = self.v_proj(v).view(b, nk, heads, d)
+        values = torch.einsum("bthd,chd->bhtc", vh, self.out_proj.weight.view(c, heads, d))
+        values = values + self.out_proj.bias / heads
+        weights = weights.view(b, heads * nk, n).transpose(1, 2)
+        values = values.reshape(b, heads * nk, c)
+        if residual is None:
+            return weights @ values
+        if torch.is_autocast_enabled(residual.device.type):
+            return residual + weights @ values  # baddbmm would round the residual to bf16/fp16
+        return torch.baddbmm(residual, weights, values)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
