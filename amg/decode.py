@@ -74,12 +74,14 @@ def decode_crop(
     embedding = embedding.to(model.device, dtype or torch.float32)
     parts: list[Candidates] = []
     funnel = dict(candidates=0, iou=0, stability=0, crop_edge=0)
+    autocast = lambda: torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+    with autocast():
+        image_pe = model.prompt_encoder.get_dense_pe()  # the same for every batch
     for start in range(0, len(points), params.points_per_batch):
         batch = points[start:start + params.points_per_batch]
         coords = torch.as_tensor(scale_coords(batch, crop_size, model.image_size), device=model.device)
-        labels = torch.ones(len(batch), 1, dtype=torch.int64, device=model.device)
-        with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
-            low_res, iou, prompt_idx = _decode_survivors(model, embedding, coords, params.pred_iou_thresh)
+        with autocast():
+            low_res, iou, prompt_idx = _decode_survivors(model, embedding, image_pe, coords, params.pred_iou_thresh)
         funnel["candidates"] += 3 * len(batch)
         funnel["iou"] += len(iou)
         prompt_points = torch.as_tensor(batch)[prompt_idx.cpu()]
@@ -93,14 +95,15 @@ def decode_crop(
     return out
 
 
-def _decode_survivors(model: Sam, embedding: torch.Tensor, coords: torch.Tensor, iou_thresh: float):
+def _decode_survivors(model: Sam, embedding: torch.Tensor, image_pe: torch.Tensor, coords: torch.Tensor,
+                      iou_thresh: float):
     """Single-point prompts B x 2 -> the multimask candidates whose predicted IoU is
     above iou_thresh, in (prompt, token) order: low-res logits N x 4e x 4e, IoU N and
     the prompt index of each. Masks are computed only for surviving tokens."""
     labels = torch.ones(len(coords), 1, dtype=torch.int64, device=coords.device)
     sparse, dense = model.prompt_encoder((coords[:, None, :], labels), None, None)
     decoder = model.mask_decoder
-    tokens, image, iou = decoder.attend(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense)
+    tokens, image, iou = decoder.attend(embedding, image_pe, sparse, dense)
     iou = iou[:, 1:].float()  # the multimask tokens
     keep = iou > iou_thresh if iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
     rows = keep.any(dim=1).nonzero().squeeze(1)
