@@ -107,7 +107,8 @@ def parquet_example(image: bytes | str, annotations: list[dict], endpoint_url: s
     if isinstance(image, str):
         import fsspec
 
-        from pipeline.sources import is_s3, s3_filesystem
+        from dataset.storage import is_s3
+        from pipeline.sources import s3_filesystem
 
         if is_s3(image):  # the store the pipeline read it from (endpoint, credentials)
             with s3_filesystem(endpoint_url).open(image.split("://", 1)[1], "rb") as f:
