@@ -39,6 +39,16 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith(("s3://", "s3a://"))
 
 
+def is_delta_table(uri: str, options: dict[str, str] | None = None) -> bool:
+    """Whether uri is a Delta table. A local path that is a file (a Parquet file, say) is
+    not one; delta-rs raises on such paths instead of answering."""
+    from deltalake import DeltaTable
+
+    if not is_s3(uri) and not os.path.isdir(str(uri).removeprefix("file://")):
+        return False
+    return DeltaTable.is_deltatable(str(uri), storage_options=options or None)
+
+
 def storage_options(uri: str, endpoint_url: str | None = None, **overrides: str) -> dict[str, str]:
     """delta-rs storage options for uri: empty for local paths; for S3 the standard AWS
     environment, an optional explicit endpoint (MinIO, Ceph, moto), plain HTTP allowed

@@ -31,7 +31,7 @@ from schemas import (
     IMAGES, TABLES, LineageRecord, annotation_id, assign_image_keys, natural_image_key, to_table,
 )
 
-from .storage import arrow_dataset, storage_options, table_uri
+from .storage import arrow_dataset, is_delta_table, storage_options, table_uri
 
 # zstd level 3: within a few per cent of the best ratio on RLE strings at a fraction of the cost.
 WRITER_PROPERTIES = WriterProperties(compression="ZSTD", compression_level=3)
@@ -40,7 +40,7 @@ METADATA_KEY = "samengine"
 
 def open_table(uri: str, schema: pa.Schema, options: dict[str, str]) -> DeltaTable:
     """The Delta table at uri, created empty with schema if there is none yet."""
-    if not DeltaTable.is_deltatable(uri, storage_options=options):
+    if not is_delta_table(uri, options):
         # mode="ignore": a writer that loses the race to create version 0 just opens it.
         DeltaTable.create(uri, schema, mode="ignore", storage_options=options)
     return DeltaTable(uri, storage_options=options)
@@ -208,7 +208,7 @@ def committed_image_ids(root: str, *, endpoint_url: str | None = None,
     """image_ids in the latest version: what a resumed run skips."""
     options = options if options is not None else storage_options(root, endpoint_url)
     uri = table_uri(root, "annotations")
-    if not DeltaTable.is_deltatable(uri, storage_options=options):
+    if not is_delta_table(uri, options):
         return set()
     dt = DeltaTable(uri, storage_options=options)
     col = arrow_dataset(dt, uri, options).to_table(columns=["image_id"])

@@ -170,12 +170,10 @@ def simulated_annotator(stage: str = "manual", images_per_round: int | None = No
 
 
 def _annotation_commits(root: str) -> list[dict]:
-    from deltalake import DeltaTable
-
     from dataset import history
-    from dataset.storage import table_uri
+    from dataset.storage import is_delta_table, table_uri
 
-    if not DeltaTable.is_deltatable(table_uri(root, "annotations")):
+    if not is_delta_table(table_uri(root, "annotations")):
         return []
     return [c for c in history(root) if c.get("table") == "annotations" and c.get("round") is not None]
 

@@ -28,7 +28,7 @@ import pyarrow as pa  # noqa: E402
 from deltalake import DeltaTable  # noqa: E402
 
 from dataset.maintenance import DEFAULT_RETENTION_HOURS, TARGET_FILE_SIZE, compact, vacuum  # noqa: E402
-from dataset.storage import TABLE_NAMES, storage_options, table_uri  # noqa: E402
+from dataset.storage import TABLE_NAMES, is_delta_table, storage_options, table_uri  # noqa: E402
 
 
 def _files(dt: DeltaTable) -> pa.Table:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     status = 0
     for name in names:
         uri = table_uri(args.root, name)
-        if not DeltaTable.is_deltatable(uri, storage_options=options):
+        if not is_delta_table(uri, options):
             print(f"{name}: no table at {uri}")
             status = status if args.table == "all" else 1
             continue

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from dataset.storage import arrow_dataset, table_uri
+from dataset.storage import arrow_dataset, is_delta_table, table_uri
 
 RETRIED_REASON = "read_error"
 
 
 def _read(root: str, name: str, columns: list[str], options: dict[str, str], run_id: str | None) -> pa.Table | None:
     uri = table_uri(root, name)
-    if not DeltaTable.is_deltatable(uri, storage_options=options):
+    if not is_delta_table(uri, options):
         return None
     where = pc.field("run_id") == run_id if run_id is not None else None
     return arrow_dataset(DeltaTable(uri, storage_options=options), uri, options).to_table(columns=columns, filter=where)

@@ -23,7 +23,7 @@ from deltalake import CommitProperties, DeltaTable
 
 from dataset.lineage import sha256_hex
 from dataset.maintenance import vacuum
-from dataset.storage import arrow_dataset, storage_options, table_uri
+from dataset.storage import arrow_dataset, is_delta_table, storage_options, table_uri
 from dataset.writer import METADATA_KEY
 from schemas.annotate import AnnotateConfig
 
@@ -43,7 +43,7 @@ class Changes:
 
 def _table(root: str, name: str, columns: list[str], options: dict[str, str]) -> pa.Table | None:
     uri = table_uri(root, name)
-    if not DeltaTable.is_deltatable(uri, storage_options=options):
+    if not is_delta_table(uri, options):
         return None
     return arrow_dataset(DeltaTable(uri, storage_options=options), uri, options).to_table(columns=columns)
 
@@ -92,7 +92,7 @@ def delete_records(root: str, uris: list[str], options: dict[str, str], reason: 
     deleted = 0
     for name in RECORD_TABLES:
         uri = table_uri(root, name)
-        if not uris or not DeltaTable.is_deltatable(uri, storage_options=options):
+        if not uris or not is_delta_table(uri, options):
             continue
         dt = DeltaTable(uri, storage_options=options)
         for start in range(0, len(uris), IN_LIST):

@@ -247,6 +247,9 @@ def test_parquet_rows_read_back_as_examples(tmp_path):
         first, last = examples.take([0, 2])
         np.testing.assert_array_equal(last.image, scenes[2].image)
         np.testing.assert_array_equal(first.masks, scenes[0].masks)
+    single_file = ParquetExamples([str(tmp_path / "table" / "part-0.parquet")])  # a file, not a folder
+    assert len(single_file) == 3
+    np.testing.assert_array_equal(single_file.take([1])[0].image, scenes[1].image)
 
 
 # ---- a real Ray Train run ----------------------------------------------------------------

@@ -90,10 +90,10 @@ def _parquet_dataset(path: str, endpoint_url: str | None):
     import pyarrow.dataset as ds
     from deltalake import DeltaTable
 
-    from dataset.storage import arrow_dataset, arrow_filesystem, is_s3, storage_options
+    from dataset.storage import arrow_dataset, arrow_filesystem, is_delta_table, is_s3, storage_options
 
     options = storage_options(path, endpoint_url)
-    if DeltaTable.is_deltatable(path, storage_options=options or None):
+    if is_delta_table(path, options):
         return arrow_dataset(DeltaTable(path, storage_options=options or None), path, options)
     if is_s3(path):
         filesystem = arrow_filesystem(path, options).base_fs
