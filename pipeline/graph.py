@@ -175,7 +175,9 @@ def _summarize(tally: Tally, config: AnnotateConfig, run_id: str, listed: int, d
 
 def _write_summary(config: AnnotateConfig, summary: dict) -> None:
     """<output>/runs/<run_id>.json, beside the tables (local or S3)."""
-    from .sources import is_s3, s3_filesystem
+    from dataset.storage import is_s3
+
+    from .sources import s3_filesystem
 
     path = f"{config.output.rstrip('/')}/runs/{summary['run_id']}.json"
     text = json.dumps(summary, indent=2, sort_keys=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from dataset.storage import is_s3
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 MANIFEST_SUFFIXES = (".txt", ".lst")
 LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string())])
@@ -26,22 +28,24 @@ class InputError(ValueError):
     """The input spec itself is unusable (nothing to list, unreadable manifest)."""
 
 
-def is_s3(uri: str) -> bool:
-    return uri.startswith(("s3://", "s3a://"))
+def s3_filesystem(endpoint_url: str | None = None):
+    """An s3fs filesystem for the current AWS environment (credentials, region; the endpoint
+    from the argument or AWS_ENDPOINT_URL). Instances are shared per process and per
+    environment; listings are not cached: a listing cached by an earlier reader would hide
+    objects written since."""
+    env = os.environ
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    return _s3_filesystem(endpoint_url or env.get("AWS_ENDPOINT_URL"), region, env.get("AWS_ACCESS_KEY_ID"))
 
 
 @lru_cache(maxsize=8)
-def s3_filesystem(endpoint_url: str | None = None):
-    """An s3fs filesystem (cached per process). Credentials and region come from the standard
-    AWS environment; the endpoint from the argument or AWS_ENDPOINT_URL."""
+def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None):
     import s3fs
 
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
     client = {"endpoint_url": endpoint} if endpoint else {}
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         client["region_name"] = region
-    return s3fs.S3FileSystem(client_kwargs=client)
+    return s3fs.S3FileSystem(client_kwargs=client, use_listings_cache=False)
 
 
 def _s3_path(uri: str) -> str:

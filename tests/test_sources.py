@@ -63,3 +63,20 @@ def test_reads_retry_transient_errors_and_not_permanent_ones(tree, monkeypatch):
     with pytest.raises(ReadError) as e:
         read_bytes(str(tree / "a" / "deep" / "z.webp"), max_bytes=5)
     assert e.value.reason == "too_large_file"
+
+
+def test_s3_reads_follow_the_environment_and_see_new_objects():
+    """Without an explicit endpoint, reads go to the AWS_ENDPOINT_URL of the moment (not the
+    one of the first call in this process), and an object written after a listing is read."""
+    import boto3
+
+    from tests.s3server import moto_server
+
+    for name in ("first.png", "second.png"):  # two servers, one after the other
+        with moto_server("data") as endpoint:
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            s3.put_object(Bucket="data", Key="images/old.png", Body=b"old")
+            assert list_inputs("s3://data/images")["uri"].to_pylist() == ["s3://data/images/old.png"]
+            s3.put_object(Bucket="data", Key=f"images/{name}", Body=name.encode())
+            assert read_bytes(f"s3://data/images/{name}", max_bytes=100) == name.encode()
+            assert sources.s3_filesystem().info(f"data/images/{name}")["size"] == len(name)
