@@ -14,6 +14,7 @@ import torch
 from amg import AmgParams, EncodedImage, decode_image, encode_image, postprocess
 from amg.text import decode_texts
 from model import load_checkpoint
+from model.memory import retain_freed_memory
 from model.sam import Sam
 
 from .batch import drop, map_ok, objects
@@ -49,6 +50,7 @@ class _ModelStage:
                  text_embeddings: list[list[float]] | None = None):
         if device == "cpu":
             torch.set_num_threads(max(1, num_threads))
+            retain_freed_memory()  # the decoder's per-batch tensors are reused, not page-faulted afresh
         self.model: Sam
         self.model, _ = load_checkpoint(local_checkpoint(checkpoint, endpoint_url), model_type=model_type, device=device)
         self.params = AmgParams(**amg)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amg import AmgParams, AutomaticMaskGenerator, decode_image, encode_image, postprocess  # noqa: E402
 from amg.compare import match_records  # noqa: E402
 from model import Sam, get_config, load_checkpoint  # noqa: E402
+from model.memory import retain_freed_memory  # noqa: E402
 from schemas.throughput import FORMAT, ThroughputResults, write_results  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "samengine_tiny256.pt"
@@ -190,9 +191,14 @@ def main() -> None:
     ap.add_argument("--results-name", default="amg", help="name of the run in --results-json")
     ap.add_argument("--results-device", default=None,
                     help="device type in --results-json that jobs/plan.py prices, e.g. H100 (default: cpu or gpu)")
+    ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                    help="retain: model.memory.retain_freed_memory, as our workers run (applies to "
+                         "both generators: one process)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "retain" and not retain_freed_memory():
+        print("note: retain_freed_memory has no effect here (not glibc)")
 
     if args.random_weights:
         torch.manual_seed(0)
@@ -205,7 +211,7 @@ def main() -> None:
                        stability_score_thresh=args.stability_score_thresh, output_mode="coco_rle")
     print(f"model {model.config.name} ({model.image_size}px), {params.points_per_side}x{params.points_per_side} "
           f"points, crop_n_layers={params.crop_n_layers}, min_mask_region_area={params.min_mask_region_area}, "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}, malloc={args.malloc}")
     official = None if args.skip_official else official_generator(model, params)
     seconds = dict.fromkeys(("read", "encode", "decode_prompts", "postprocess", "write"), 0.0)
     images = load_images(args.size)[: args.images]
