@@ -15,6 +15,7 @@ from amg import AmgParams, EncodedImage, decode_image, encode_image, postprocess
 from amg.text import decode_texts
 from model import load_checkpoint
 from model.memory import retain_freed_memory
+from model.predictor import check_precision
 from model.sam import Sam
 
 from .batch import drop, map_ok, objects
@@ -53,6 +54,7 @@ class _ModelStage:
             retain_freed_memory()  # the decoder's per-batch tensors are reused, not page-faulted afresh
         self.model: Sam
         self.model, _ = load_checkpoint(local_checkpoint(checkpoint, endpoint_url), model_type=model_type, device=device)
+        check_precision(precision, self.model.device)
         self.params = AmgParams(**amg)
         self.precision = precision
         self.texts = list(texts or [])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from model.predictor import check_precision
 from model.sam import Sam
 
 from .decode import decode_image
@@ -16,6 +17,7 @@ class AutomaticMaskGenerator:
     arguments or an AmgParams), same records; precision "bf16" for the fast path."""
 
     def __init__(self, model: Sam, params: AmgParams | None = None, *, precision: str = "fp32", **kwargs) -> None:
+        check_precision(precision, model.device)
         self.model = model.eval()
         self.params = params if params is not None else AmgParams(**kwargs)
         self.precision = precision

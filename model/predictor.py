@@ -2,6 +2,7 @@
 prompts from the stored embedding."""
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Sequence
 
@@ -15,12 +16,34 @@ from .transforms import input_shape, resize_image, scale_boxes, scale_coords
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_precision(precision: str, device: torch.device | str) -> None:
+    """Raise on an unknown precision; warn when bf16 runs on a CPU without native bf16
+    (AVX512-BF16 or AMX), where it is emulated and several times slower than fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("precision bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated "
+                      "there and run slower than fp32; use fp32 on this machine", RuntimeWarning, stacklevel=3)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (Linux: from /proc/cpuinfo; elsewhere
+    assumed, e.g. Apple silicon)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return True
+    if not flags:
+        return True  # no x86 flags line (ARM): not ours to judge
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
 class SamPredictor:
     def __init__(self, model: Sam, precision: str = "fp32", text_embedder: TextEmbedder | None = None) -> None:
         """text_embedder turns `predict(text=...)` into vectors; default: the one the
         checkpoint names (model.config.text_embedder), loaded on first use."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        check_precision(precision, model.device)
         self.model = model.eval()
         self.precision = precision
         self._text_embedder = text_embedder

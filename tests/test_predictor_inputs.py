@@ -136,3 +136,24 @@ def test_text_prompt_is_the_click_its_grounding_points_at(photo):
     edge = torch.zeros(1, e, e)
     edge[0, 0, 12] = 1.0  # the cell over the edge of a 200-px-wide image: the click stays inside
     assert model.text_grounding.peak_points(edge, 256, (256, 200))[0].tolist() == [199.5, 8.0]
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    import warnings
+
+    from amg import AutomaticMaskGenerator
+    from model import predictor as predictor_module
+
+    model = Sam(get_config("vit_tiny256"))
+    monkeypatch.setattr(predictor_module, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="emulated"):
+        AutomaticMaskGenerator(model, precision="bf16")
+    with pytest.warns(RuntimeWarning, match="emulated"):
+        SamPredictor(model, precision="bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutomaticMaskGenerator(model, precision="fp32")  # fp32: nothing to say
+        monkeypatch.setattr(predictor_module, "cpu_has_native_bf16", lambda: True)
+        AutomaticMaskGenerator(model, precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        AutomaticMaskGenerator(model, precision="int8")
