@@ -17,7 +17,7 @@ from model.sam import Sam
 from model.transforms import scale_coords
 
 from .encode import EncodedImage
-from .masks import box_near_crop_edge, masks_to_boxes_xyxy, stability_score, uncrop_masks
+from .masks import box_near_crop_edge, masks_to_boxes_xyxy, stability_score, surely_unstable, uncrop_masks
 from .params import AmgParams
 from .rle import masks_to_rle_counts
 
@@ -122,8 +122,13 @@ def _filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, 
     """Upsample a few surviving candidates to crop resolution and apply the stability
     and crop-edge filters; returns their RLE, boxes and scores (or None), and with_index
     the positions in the chunk of those kept."""
+    index = torch.arange(len(low_res), device=low_res.device)
+    if params.stability_score_thresh > 0:  # upsample only those that may pass
+        maybe = ~surely_unstable(low_res, model.image_size, input_size, crop_size, model.mask_threshold,
+                                 params.stability_score_offset, params.stability_score_thresh)
+        if not maybe.all():
+            low_res, iou, points, index = low_res[maybe], iou[maybe], points[maybe.cpu()], index[maybe]
     logits = model.postprocess_masks(low_res[:, None], input_size, crop_size)[:, 0]
-    index = torch.arange(len(logits), device=logits.device)
     stability = stability_score(logits, model.mask_threshold, params.stability_score_offset)
     keep = stability >= params.stability_score_thresh if params.stability_score_thresh > 0 else None
     if keep is not None:

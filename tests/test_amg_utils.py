@@ -15,7 +15,7 @@ from segment_anything.utils import amg as official  # noqa: E402
 
 from amg.grid import crop_boxes, point_grid, point_grids  # noqa: E402
 from amg.masks import (  # noqa: E402
-    box_near_crop_edge, masks_to_boxes_xyxy, remove_small_regions, stability_score,
+    box_near_crop_edge, masks_to_boxes_xyxy, remove_small_regions, stability_score, surely_unstable,
     uncrop_boxes, uncrop_masks, uncrop_points,
 )
 from amg.rle import (  # noqa: E402
@@ -131,6 +131,31 @@ def test_stability_score_matches_official(device):
         expected = official.calculate_stability_score(logits, threshold, offset)
         assert ours.shape == (10,) and ours.dtype == expected.dtype
         torch.testing.assert_close(ours, expected, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("input_size,out_size", [((192, 256), (768, 1024)), ((256, 256), (256, 256)),
+                                                 ((192, 256), (481, 643)), ((256, 179), (100, 70)),
+                                                 ((31, 256), (37, 301))])
+def test_surely_unstable_is_exact_without_upsampling(input_size, out_size):
+    """A candidate flagged from its low-res logits fails the stability filter on the
+    full-size logits (postprocess_masks' two bilinear resizes), at every threshold; and
+    the bound flags most of the candidates that fail at the default threshold."""
+    # blobs from blurry to sharp: some pass every threshold below, some fail it
+    low_res = smooth_noise(64, 64, 64, seed=7) * torch.logspace(-1, 2.5, 64)[:, None, None] * 2 / 3 + 0.5
+    low_res[0], low_res[1] = -5.0, 5.0  # nothing above any threshold (NaN score); everything above
+    framed = F.interpolate(low_res[:, None], (256, 256), mode="bilinear", align_corners=False)
+    full = F.interpolate(framed[..., : input_size[0], : input_size[1]], out_size, mode="bilinear",
+                         align_corners=False)[:, 0]
+    for thresh in (0.5, 0.8, 0.95, 0.99):
+        for threshold, offset in [(0.0, 1.0), (0.5, 0.25)]:
+            exact = stability_score(full, threshold, offset)
+            flagged = surely_unstable(low_res, 256, input_size, out_size, threshold, offset, thresh)
+            assert not (exact[flagged] >= thresh).any()
+            if (thresh, threshold, offset) == (0.95, 0.0, 1.0):
+                assert flagged[0] and not flagged[1]
+                failing = ~(exact >= thresh)
+                assert 0 < failing.sum() < len(failing)
+                assert flagged.sum() >= 0.5 * failing.sum(), (int(flagged.sum()), int(failing.sum()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
