@@ -1,4 +1,4 @@
-"""Process memory policy for CPU inference and training workers.
+"""Process memory policy for CPU inference workers.
 
 The decoder allocates and frees the same few large tensors (B x hw x C, several MB) for
 every batch of prompts. With glibc's default policy such blocks are mapped fresh from the
@@ -8,8 +8,8 @@ decode time (benchmarks/amg.py). `retain_freed_memory` tells glibc to keep freed
 for reuse instead. Resident memory then stays at the process's peak instead of falling
 back after each batch, which is what a long-running worker wants anyway.
 
-Our own worker processes (pipeline actors, training workers, benchmarks) call it; a
-library user may call it once at start-up. It changes nothing where the C library is not
+The pipeline's model actors and benchmarks/amg.py call it (a training step measured no
+gain, so training workers do not); a library user may call it once at start-up. It changes nothing where the C library is not
 glibc (macOS, musl), and blocks above `largest` are still mapped and returned on free.
 """
 from __future__ import annotations
