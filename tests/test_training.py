@@ -252,6 +252,40 @@ def test_parquet_rows_read_back_as_examples(tmp_path):
     np.testing.assert_array_equal(single_file.take([1])[0].image, scenes[1].image)
 
 
+def test_parquet_rows_decode_like_the_pipeline(tmp_path):
+    """Training reads a stored row's image as the annotation pipeline did (pipeline.images):
+    an EXIF-rotated JPEG comes upright, so the masks made on it line up; an unusable row is a
+    ValueError that names the image, not a silent misalignment."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.images import decode_image
+    from training.data import parquet_example
+
+    scene = next(make_scenes(22, 1, 96))
+    sideways = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: viewers rotate 90 degrees clockwise
+    Image.fromarray(scene.image[:, :64]).transpose(Image.Transpose.ROTATE_90).save(sideways, format="JPEG", exif=exif)
+    data = sideways.getvalue()
+    upright = decode_image(data)
+    assert upright.shape[:2] == (96, 64)  # stored 64 x 96, shown 96 x 64
+    mask = np.zeros(upright.shape[:2], bool)
+    mask[10:40, 5:30] = True
+    example = parquet_example(data, [{"segmentation": rle(mask)}])
+    np.testing.assert_array_equal(example.image, upright)
+    np.testing.assert_array_equal(example.masks[0], mask)
+
+    with pytest.raises(ValueError, match=r"is 96 x 64 but a mask is 64 x 96"):
+        parquet_example(data, [{"segmentation": rle(mask.T.copy())}])
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut.png: truncated"):
+        parquet_example(str(tmp_path / "cut.png"), [])
+    with pytest.raises(ValueError, match=r"gone.png: missing"):
+        parquet_example(str(tmp_path / "gone.png"), [])
+
+
 # ---- a real Ray Train run ----------------------------------------------------------------
 
 

@@ -6,13 +6,11 @@ batch resizes examples to the model's input frame and keeps a few masks of each.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from pycocotools import mask as coco_mask
 from torch.nn import functional as F
 
@@ -103,25 +101,30 @@ def _parquet_dataset(path: str, endpoint_url: str | None):
 
 def parquet_example(image: bytes | str, annotations: list[dict], endpoint_url: str | None = None) -> Example:
     """Decode one row: image bytes or URI (local or s3://), and annotations with COCO RLE
-    segmentations."""
-    if isinstance(image, str):
-        import fsspec
+    segmentations.
 
-        from dataset.storage import is_s3
-        from pipeline.sources import s3_filesystem
+    Bytes are read and decoded the way the annotation pipeline does it (pipeline.sources,
+    pipeline.images: retries on flaky storage, image limits, EXIF orientation, 16-bit and
+    alpha handling), so the pixels line up with the masks it stored. A row that cannot be
+    used raises ValueError naming the image."""
+    from pipeline.images import BadImage, ImageLimits, decode_image
+    from pipeline.sources import ReadError, read_bytes
 
-        if is_s3(image):  # the store the pipeline read it from (endpoint, credentials)
-            with s3_filesystem(endpoint_url).open(image.split("://", 1)[1], "rb") as f:
-                image = f.read()
-        else:
-            with fsspec.open(image, "rb") as f:
-                image = f.read()
-    image = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(image))).convert("RGB"))
+    name = image if isinstance(image, str) else f"<{len(image)} bytes>"
+    try:
+        if isinstance(image, str):  # the store the pipeline read it from (endpoint, credentials)
+            image = read_bytes(image, max_bytes=ImageLimits().max_bytes, endpoint_url=endpoint_url)
+        image = decode_image(image)
+    except (ReadError, BadImage) as e:
+        raise ValueError(f"training image {name}: {e}") from e
     h, w = image.shape[:2]
     rles = [dict(annotation["segmentation"]) for annotation in annotations or []]
     for rle in rles:
         if isinstance(rle["counts"], str):
             rle["counts"] = rle["counts"].encode()
+    wrong = [rle["size"] for rle in rles if list(rle["size"]) != [h, w]]
+    if wrong:
+        raise ValueError(f"training image {name} is {h} x {w} but a mask is {wrong[0][0]} x {wrong[0][1]}")
     masks = coco_mask.decode(rles).transpose(2, 0, 1).astype(bool) if rles else np.zeros((0, h, w), bool)
     return Example(image, masks)
 
