@@ -3,7 +3,9 @@
     python benchmarks/data_engine_experiment.py --rounds 3 --images-per-round 16 --steps 200
     python benchmarks/data_engine_experiment.py --root out/engine_exp --results-json benchmarks/results/experiments/engine.json
 
-Round 0 starts from --checkpoint (default: the bundled weak one). A ground-truth annotator
+Round 0 starts from --checkpoint (default: the bundled one), or, with --seed-images N, from a
+weak checkpoint trained from scratch (--seed-steps) on the ground truth of N scenes of their
+own seed: the small manual seed set the paper's engine starts from. A ground-truth annotator
 outlines --manual-images scenes of each of the first --manual-rounds rounds (the manual
 seed set); the automatic stage annotates the rest of every round's scenes. Each round
 fine-tunes the incumbent on all annotations so far, and the gate keeps the better of the
@@ -36,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--root", default=str(ROOT / "out" / "data_engine_experiment"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--seed-images", type=int, default=0,
+                    help="train checkpoint 0 from scratch on the ground truth of this many scenes (0: use --checkpoint)")
+    ap.add_argument("--seed-steps", type=int, default=600, help="training steps of the seed checkpoint")
     ap.add_argument("--images-per-round", type=int, default=16)
     ap.add_argument("--size", type=int, default=256, help="side of the synthetic scenes")
     ap.add_argument("--manual-images", type=int, default=4, help="ground-truth images per manual round")
@@ -72,6 +77,52 @@ def experiment_config(args: argparse.Namespace) -> RoundsConfig:
         held_out={"count": args.held_out, "size": args.size, "amg": amg},
         promote_metric=args.promote_metric, promote_margin=args.promote_margin, name="experiment",
     )
+
+
+SEED_SET_SEED = 7002  # the manual seed set's scenes; rounds draw from SyntheticInputs.seed (7001)
+
+
+def seed_checkpoint(args: argparse.Namespace) -> str:
+    """Checkpoint 0 trained from scratch on the ground truth of --seed-images scenes, at
+    <root>/seed/checkpoint.pt (kept: a rerun reuses it; an interrupted run resumes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from PIL import Image
+
+    from model.checkpoint import load_checkpoint
+    from training.loop import ParquetSource, TrainConfig, run_training
+    from training.synthetic import make_scene, scene_seed
+
+    folder = Path(args.root) / "seed"
+    output = folder / "checkpoint.pt"
+    if output.exists():
+        return str(output)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(args.seed_images):
+        scene = make_scene(scene_seed(SEED_SET_SEED, index), args.size)
+        path = folder / "images" / f"scene_{SEED_SET_SEED}_{index:06d}.png"
+        Image.fromarray(scene.image).save(path)
+        rows.append({"uri": str(path), "annotations": [{"segmentation": _rle(m), "area": int(m.sum())}
+                                                       for m in scene.masks]})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "seed_set.parquet")
+    cfg = TrainConfig(steps=args.seed_steps, images_per_step=args.images_per_step, masks_per_image=8,
+                      prompt_iterations=2, low_res_loss=True, lr=2e-3, warmup_steps=max(1, args.seed_steps // 10),
+                      torch_threads=1, synthetic=None, log_every=max(1, args.seed_steps // 10),
+                      checkpoint_every=max(1, args.seed_steps // 4),
+                      parquet=ParquetSource(paths=[str(folder / "seed_set.parquet")], fraction=1.0))
+    run_training(cfg, str(folder / "runs"), name="seed", output=str(output))
+    load_checkpoint(output)  # fail here, not in round 0, if the file is unusable
+    return str(output)
+
+
+def _rle(mask) -> dict:
+    import numpy as np
+    from pycocotools import mask as coco_mask
+
+    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(encoded["size"]), "counts": encoded["counts"].decode()}
 
 
 def manual_seed(images: int, rounds: int):
@@ -114,6 +165,8 @@ def main(argv=None) -> int:
     if not ray.is_initialized():
         ray.init(address=args.address, log_to_driver=False, include_dashboard=False)
     started = time.perf_counter()
+    if args.seed_images:
+        config.initial_checkpoint = seed_checkpoint(args)
     hooks = {"manual": manual_seed(args.manual_images, args.manual_rounds)} if "manual" in config.stages else {}
     records = run_rounds(config, hooks)
     rows = table(records)
