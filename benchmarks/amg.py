@@ -35,9 +35,9 @@ from amg import AmgParams, AutomaticMaskGenerator, decode_image, encode_image, p
 from amg.compare import match_records  # noqa: E402
 from model import Sam, get_config, load_checkpoint  # noqa: E402
 from model.memory import retain_freed_memory  # noqa: E402
+from schemas.annotate import DEFAULT_CHECKPOINT  # noqa: E402
 from schemas.throughput import FORMAT, ThroughputResults, write_results  # noqa: E402
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "samengine_tiny256.pt"
 IMAGES = Path(__file__).resolve().parents[1] / "examples" / "images"
 
 
@@ -172,7 +172,7 @@ def throughput_results(args, model, params, seconds: dict[str, float], n_images:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     ap.add_argument("--model-type", default=None, help="with --random-weights: a config name")
     ap.add_argument("--random-weights", action="store_true", help="no checkpoint (timing only)")
     ap.add_argument("--size", default="768x1024", help="HxW every image is resized to ('' keeps them)")

@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from engine.round_stages import ground_truth_manual  # noqa: E402
-from engine.rounds import DEFAULT_CHECKPOINT, RoundsConfig, run_rounds, write_json  # noqa: E402
+from engine.rounds import RoundsConfig, run_rounds, write_json  # noqa: E402
+from schemas.annotate import DEFAULT_CHECKPOINT  # noqa: E402
 
 METRICS = ("miou", "AR100", "AR1000", "AP", "masks_per_image")
 

@@ -36,13 +36,12 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dataset.lineage import file_sha256
+from schemas.annotate import DEFAULT_CHECKPOINT
 
 Stage = Literal["manual", "semi_auto", "auto"]
 ANNOTATION_STAGES: tuple[str, ...] = ("manual", "semi_auto", "auto")
 ROUND_KEYS = ("round", "parent_round", "checkpoint", "checkpoint_sha256", "candidate_checkpoint", "promoted",
               "metrics", "candidate_metrics", "dataset_version", "images", "masks", "masks_per_image", "seconds")
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = str(ROOT / "checkpoints" / "samengine_tiny256.pt")
 
 
 class SyntheticInputs(BaseModel):

@@ -35,14 +35,13 @@ from model import Sam, load_checkpoint, save_checkpoint  # noqa: E402
 from model.checkpoint import file_sha256  # noqa: E402
 from model.crop_embedder import ImageTextEmbedder  # noqa: E402
 from model.text import load_embedder  # noqa: E402
+from schemas.annotate import DEFAULT_CHECKPOINT, DEFAULT_TEXT_CHECKPOINT  # noqa: E402
 from training.loop import code_version  # noqa: E402
 from training.text import (  # noqa: E402
     TextTrainConfig, dataset_items, mask_items, prepare_examples, read_captions, scene_stream, synthetic_items,
     text_miou, train_text,
 )
 
-DEFAULT_INIT = ROOT / "checkpoints" / "samengine_tiny256.pt"
-DEFAULT_OUTPUT = ROOT / "checkpoints" / "samengine_tiny256_text.pt"
 TRAIN_SEED = 0  # the bundled checkpoint's training stream: no new images are seen
 EVAL_SEED = 1_000_003  # the held-out stream of jobs/train.py
 
@@ -82,8 +81,8 @@ def _examples(model: Sam, args: argparse.Namespace, image_embedder=None):
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--init-checkpoint", default=str(DEFAULT_INIT))
-    ap.add_argument("--output", default=str(DEFAULT_OUTPUT))
+    ap.add_argument("--init-checkpoint", default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--output", default=DEFAULT_TEXT_CHECKPOINT)
     ap.add_argument("--embedder", default="minilm", help="model.text.load_embedder name or module:factory")
     ap.add_argument("--scenes", type=int, default=3000, help="training scenes (stream seed 0); 0: none")
     ap.add_argument("--dataset", action="append", default=[],
