@@ -53,8 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="share of synthetic ground truth in training (0: the engine's data only)")
     ap.add_argument("--held-out", type=int, default=16, help="held-out scenes")
     ap.add_argument("--points-per-side", type=int, default=8, help="automatic stage and automatic evaluation")
-    ap.add_argument("--pred-iou-thresh", type=float, default=0.0)
-    ap.add_argument("--stability-score-thresh", type=float, default=0.0)
+    ap.add_argument("--pred-iou-thresh", type=float, default=0.0, help="the automatic stage's filter")
+    ap.add_argument("--stability-score-thresh", type=float, default=0.0, help="the automatic stage's filter")
+    ap.add_argument("--eval-pred-iou-thresh", type=float, default=0.0, help="the held-out automatic metrics' filter")
+    ap.add_argument("--eval-stability-score-thresh", type=float, default=0.0,
+                    help="the held-out automatic metrics' filter")
     ap.add_argument("--promote-metric", default="AR100")
     ap.add_argument("--promote-margin", type=float, default=0.0)
     ap.add_argument("--results-json", help="write the per-round table here too")
@@ -65,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def experiment_config(args: argparse.Namespace) -> RoundsConfig:
     amg = {"points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
            "stability_score_thresh": args.stability_score_thresh}
+    eval_amg = {"points_per_side": args.points_per_side, "pred_iou_thresh": args.eval_pred_iou_thresh,
+                "stability_score_thresh": args.eval_stability_score_thresh}
     return RoundsConfig(
         root=args.root, rounds=args.rounds, initial_checkpoint=args.checkpoint,
         stages=["manual", "auto"] if args.manual_rounds and args.manual_images else ["auto"],
@@ -75,7 +80,7 @@ def experiment_config(args: argparse.Namespace) -> RoundsConfig:
                "mask_only_iterations": 1, "lr": args.lr, "warmup_steps": max(1, args.steps // 10),
                "log_every": max(1, args.steps // 10), "checkpoint_every": max(1, args.steps // 2)},
         synthetic_fraction=args.synthetic_fraction,
-        held_out={"count": args.held_out, "size": args.size, "amg": amg},
+        held_out={"count": args.held_out, "size": args.size, "amg": eval_amg},
         promote_metric=args.promote_metric, promote_margin=args.promote_margin, name="experiment",
     )
 
