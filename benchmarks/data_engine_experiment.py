@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         ray.init(address=args.address, log_to_driver=False, include_dashboard=False)
     started = time.perf_counter()
     if args.seed_images:
-        config.initial_checkpoint = seed_checkpoint(args)
+        args.checkpoint = config.initial_checkpoint = seed_checkpoint(args)
     hooks = {"manual": manual_seed(args.manual_images, args.manual_rounds)} if "manual" in config.stages else {}
     records = run_rounds(config, hooks)
     rows = table(records)
