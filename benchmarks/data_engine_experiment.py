@@ -68,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def experiment_config(args: argparse.Namespace) -> RoundsConfig:
     amg = {"points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
            "stability_score_thresh": args.stability_score_thresh}
-    eval_amg = {"points_per_side": args.points_per_side, "pred_iou_thresh": args.eval_pred_iou_thresh,
-                "stability_score_thresh": args.eval_stability_score_thresh}
+    eval_amg = amg | {"pred_iou_thresh": args.eval_pred_iou_thresh,
+                      "stability_score_thresh": args.eval_stability_score_thresh}
     return RoundsConfig(
         root=args.root, rounds=args.rounds, initial_checkpoint=args.checkpoint,
         stages=["manual", "auto"] if args.manual_rounds and args.manual_images else ["auto"],
@@ -96,7 +96,7 @@ def seed_checkpoint(args: argparse.Namespace) -> str:
 
     from PIL import Image
 
-    from model.checkpoint import load_checkpoint
+    from dataset.synthetic import encode_masks
     from training.loop import ParquetSource, TrainConfig, run_training
     from training.synthetic import make_scene, scene_seed
 
@@ -110,25 +110,16 @@ def seed_checkpoint(args: argparse.Namespace) -> str:
         scene = make_scene(scene_seed(SEED_SET_SEED, index), args.size)
         path = folder / "images" / f"scene_{SEED_SET_SEED}_{index:06d}.png"
         Image.fromarray(scene.image).save(path)
-        rows.append({"uri": str(path), "annotations": [{"segmentation": _rle(m), "area": int(m.sum())}
-                                                       for m in scene.masks]})
+        rows.append({"uri": str(path), "annotations": [{"segmentation": rle, "area": int(m.sum())}
+                                                       for rle, m in zip(encode_masks(scene.masks), scene.masks)]})
     pq.write_table(pa.Table.from_pylist(rows), folder / "seed_set.parquet")
     cfg = TrainConfig(steps=args.seed_steps, images_per_step=args.images_per_step, masks_per_image=8,
                       prompt_iterations=2, low_res_loss=True, lr=2e-3, warmup_steps=max(1, args.seed_steps // 10),
                       torch_threads=1, synthetic=None, log_every=max(1, args.seed_steps // 10),
                       checkpoint_every=max(1, args.seed_steps // 4),
                       parquet=ParquetSource(paths=[str(folder / "seed_set.parquet")], fraction=1.0))
-    run_training(cfg, str(folder / "runs"), name="seed", output=str(output))
-    load_checkpoint(output)  # fail here, not in round 0, if the file is unusable
-    return str(output)
-
-
-def _rle(mask) -> dict:
-    import numpy as np
-    from pycocotools import mask as coco_mask
-
-    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": list(encoded["size"]), "counts": encoded["counts"].decode()}
+    path, _ = run_training(cfg, str(folder / "runs"), name="seed", output=str(output))
+    return path
 
 
 def manual_seed(images: int, rounds: int):

@@ -9,8 +9,9 @@ for reuse instead. Resident memory then stays at the process's peak instead of f
 back after each batch, which is what a long-running worker wants anyway.
 
 The pipeline's model actors and benchmarks/amg.py call it (a training step measured no
-gain, so training workers do not); a library user may call it once at start-up. It changes nothing where the C library is not
-glibc (macOS, musl), and blocks above `largest` are still mapped and returned on free.
+gain, so training workers do not); a library user may call it once at start-up. It changes
+nothing where the C library is not glibc (macOS, musl), and blocks above `largest` are
+still mapped and returned on free.
 """
 from __future__ import annotations
 
