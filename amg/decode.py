@@ -2,8 +2,8 @@
 grid and keep the candidates that pass the per-mask filters.
 
 Work is done only where it counts: the predicted-IoU filter runs on the decoder's output
-before anything is upsampled, only survivors are upsampled (in bounded chunks) for the
-stability score, and run-length encoding of a whole batch is one vectorized pass. What
+before anything is upsampled, only survivors are thresholded at full size (in bounded
+chunks, computing full-size values only along mask edges: amg.upsample), and run-length encoding of a whole batch is one vectorized pass. What
 leaves this stage is compact: RLE counts, boxes and scores, no full-size masks."""
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from model.sam import Sam
 from model.transforms import scale_coords
 
 from .encode import EncodedImage
-from .masks import box_near_crop_edge, masks_to_boxes_xyxy, stability_score, surely_unstable, uncrop_masks
+from .masks import box_near_crop_edge, masks_to_boxes_xyxy, uncrop_masks
 from .params import AmgParams
 from .rle import masks_to_rle_counts
+from .upsample import ThresholdUpsampler
 
-# Upsampled float logits held at once: bounds memory for large images (each is S x S).
+# Candidates thresholded at full size at once: bounds memory for large images.
 UPSAMPLE_CHUNK = 16
 
 
@@ -119,33 +120,38 @@ def _decode_survivors(model: Sam, embedding: torch.Tensor, image_pe: torch.Tenso
 
 def _filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, orig_size, params, funnel,
                   with_index=False):
-    """Upsample a few surviving candidates to crop resolution and apply the stability
-    and crop-edge filters; returns their RLE, boxes and scores (or None), and with_index
-    the positions in the chunk of those kept."""
-    index = torch.arange(len(low_res), device=low_res.device)
-    if params.stability_score_thresh > 0:  # upsample only those that may pass
-        maybe = ~surely_unstable(low_res, model.image_size, input_size, crop_size, model.mask_threshold,
-                                 params.stability_score_offset, params.stability_score_thresh)
-        if not maybe.all():
-            low_res, iou, points, index = low_res[maybe], iou[maybe], points[maybe.cpu()], index[maybe]
-    logits = model.postprocess_masks(low_res[:, None], input_size, crop_size)[:, 0]
-    stability = stability_score(logits, model.mask_threshold, params.stability_score_offset)
-    keep = stability >= params.stability_score_thresh if params.stability_score_thresh > 0 else None
-    if keep is not None:
-        logits, iou, stability, points, index = logits[keep], iou[keep], stability[keep], points[keep.cpu()], index[keep]
-    funnel["stability"] += len(logits)
-    masks = logits > model.mask_threshold
+    """Threshold a few surviving candidates at crop resolution (amg.upsample: no
+    full-size logits) and apply the stability and crop-edge filters; returns their RLE,
+    boxes and scores (or None), and with_index the positions in the chunk of those kept."""
+    t, offset, thresh = model.mask_threshold, params.stability_score_offset, params.stability_score_thresh
+    upsampler = ThresholdUpsampler(low_res.shape[-1], model.image_size, input_size, crop_size, low_res.device)
+    blocks = upsampler.classify(low_res, [t + offset, t - offset, t])
+    maybe = torch.arange(len(low_res), device=low_res.device)
+    if thresh > 0:  # evaluate only candidates whose score may reach thresh
+        lower, upper = blocks.count_bounds()
+        surely_fails = (upper[:, 1] == 0) | (upper[:, 0] < (thresh - 1e-6) * lower[:, 1])  # NaN or below
+        maybe = (~surely_fails).nonzero().squeeze(1)
+    thresholded = blocks.exact(maybe)
+    counts = thresholded.counts([0, 1])
+    # The official score: IoU of the masks at threshold +- offset (NaN when both are empty).
+    stability = counts[:, 0] / counts[:, 1]
+    index = torch.arange(len(maybe), device=low_res.device)
+    if thresh > 0:
+        index = (stability >= thresh).nonzero().squeeze(1)
+    funnel["stability"] += len(index)
+    masks = thresholded.masks(2, index)
     boxes = masks_to_boxes_xyxy(masks)
     keep = ~box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
     if not keep.all():
-        masks, boxes, iou, stability, points, index = (masks[keep], boxes[keep], iou[keep], stability[keep],
-                                                       points[keep.cpu()], index[keep])
+        masks, boxes, index = masks[keep], boxes[keep], index[keep]
     funnel["crop_edge"] += len(masks)
     if len(masks) == 0:
         return None
     counts = masks_to_rle_counts(uncrop_masks(masks, crop_box, *orig_size))
-    out = Candidates(crop_box, counts, boxes.cpu(), iou.cpu(), stability.cpu(), points)
-    return (out, index.cpu()) if with_index else out
+    chunk_index = maybe[index].cpu()
+    out = Candidates(crop_box, counts, boxes.cpu(), iou[maybe[index]].cpu(), stability[index].cpu(),
+                     points[chunk_index])
+    return (out, chunk_index) if with_index else out
 
 
 def _concat(crop_box, parts: list[Candidates]) -> Candidates:

@@ -14,80 +14,6 @@ import torch
 from scipy import ndimage
 
 
-def _count_set_pixels(binary: torch.Tensor) -> torch.Tensor:
-    """... x H x W bool -> ... int32 number of set pixels.
-
-    Rows are summed in int16 first (enough for W < 32768) so the intermediate is a quarter
-    of what the default int64 sum would allocate; B x H x W candidates are large.
-    """
-    return binary.sum(dim=-1, dtype=torch.int16).sum(dim=-1, dtype=torch.int32)
-
-
-def stability_score(logits: torch.Tensor, threshold: float, offset: float) -> torch.Tensor:
-    """How little a mask changes when its binarisation threshold moves by +-offset.
-
-    logits: B x H x W (any leading dims). Returns B float: the IoU of the masks
-    thresholded at threshold + offset and at threshold - offset. The first is contained
-    in the second, so the IoU is a ratio of pixel counts. An empty looser mask gives NaN
-    (0 / 0), as in the official generator, which a ">= thresh" filter then drops.
-    """
-    strict = _count_set_pixels(logits > threshold + offset)
-    loose = _count_set_pixels(logits > threshold - offset)
-    return strict / loose
-
-
-def surely_unstable(low_res: torch.Tensor, image_size: int, input_size: tuple[int, int],
-                    out_size: tuple[int, int], threshold: float, offset: float, thresh: float) -> torch.Tensor:
-    """Candidates whose stability score at full size is certainly below thresh (or NaN),
-    decided from their low-res logits, without upsampling them.
-
-    low_res: B x l x l logits that the model's postprocess_masks takes through two bilinear
-    resizes (to image_size square, crop to input_size, to out_size). Each output pixel
-    is a convex combination of the low-res pixels in the 3 x 3 window around the one
-    nearest to it (through both resizes), so the window's max (min) bounds it above
-    (below), up to float rounding (a margin). Counting each window by the number of output
-    pixels nearest to its centre bounds the strict count from above and the loose count
-    from below. Exact: a candidate flagged here fails the exact filter."""
-    b, l, _ = low_res.shape
-    if 4 * l > image_size:  # the window argument needs the first resize to be >= 4x
-        return torch.zeros(b, dtype=torch.bool, device=low_res.device)
-    x = low_res.float()
-    hi, lo = _window3(x, torch.maximum), _window3(x, torch.minimum)
-    margin = 1e-4 * (1 + x.abs().flatten(1).amax(1))[:, None, None]
-    rows, cols = (_nearest_source_counts(l, image_size, n_in, n_out, low_res.device)
-                  for n_in, n_out in zip(input_size, out_size))
-
-    def count(binary: torch.Tensor) -> torch.Tensor:  # output pixels of the windows flagged
-        # integers below 2**24: exact in float32
-        return (binary.to(torch.float32) @ cols) @ rows
-
-    strict_hi = count(hi > threshold + offset - margin)
-    loose_lo = count(lo > threshold - offset + margin)
-    loose_hi = count(hi > threshold - offset - margin)
-    return (loose_hi == 0) | (strict_hi < (thresh - 1e-6) * loose_lo)
-
-
-def _window3(x: torch.Tensor, op) -> torch.Tensor:
-    """B x h x w -> the max (op=torch.maximum) or min over each pixel's 3 x 3 window
-    (clipped at the borders), as two separable passes of shifted views."""
-    x = torch.cat([x[:, :1], x, x[:, -1:]], dim=1)
-    x = op(op(x[:, :-2], x[:, 1:-1]), x[:, 2:])
-    x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], dim=2)
-    return op(op(x[:, :, :-2], x[:, :, 1:-1]), x[:, :, 2:])
-
-
-def _nearest_source_counts(n_low: int, n_frame: int, n_in: int, n_out: int, device) -> torch.Tensor:
-    """Along one axis: how many of the n_out final positions have each of the n_low
-    low-res positions as their nearest, through the bilinear resizes (align_corners=False)
-    n_low -> n_frame (cropped to n_in) -> n_out."""
-    def source(dst: torch.Tensor, n_src: int, n_dst: int) -> torch.Tensor:
-        return ((dst + 0.5) * (n_src / n_dst) - 0.5).clamp(0, n_src - 1)
-
-    frame = source(torch.arange(n_out, dtype=torch.float64), n_in, n_out)
-    nearest = source(frame, n_low, n_frame).round().long()
-    return torch.bincount(nearest, minlength=n_low).to(device, torch.float32)
-
-
 def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
     """Tight boxes around masks.
 
@@ -97,8 +23,9 @@ def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
     *lead, h, w = masks.shape
     if masks.numel() == 0:
         return torch.zeros(*lead, 4, dtype=torch.int64, device=masks.device)
-    rows_set = masks.any(dim=-1)  # B x H
-    cols_set = masks.any(dim=-2)  # B x W
+    pixels = masks.view(torch.uint8)  # amax on bytes: ~30x faster than torch's any() on bool (CPU)
+    rows_set = pixels.amax(dim=-1) > 0  # B x H
+    cols_set = pixels.amax(dim=-2) > 0  # B x W
 
     def first_and_last(is_set: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.arange(length, device=is_set.device)

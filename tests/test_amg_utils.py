@@ -15,9 +15,9 @@ from segment_anything.utils import amg as official  # noqa: E402
 
 from amg.grid import crop_boxes, point_grid, point_grids  # noqa: E402
 from amg.masks import (  # noqa: E402
-    box_near_crop_edge, masks_to_boxes_xyxy, remove_small_regions, stability_score, surely_unstable,
-    uncrop_boxes, uncrop_masks, uncrop_points,
+    box_near_crop_edge, masks_to_boxes_xyxy, remove_small_regions, uncrop_boxes, uncrop_masks, uncrop_points,
 )
+from amg.upsample import ThresholdUpsampler  # noqa: E402
 from amg.rle import (  # noqa: E402
     _run_starts_numpy, _run_starts_torch, coco_to_mask, masks_to_rle_counts, rle_area,
     rle_bbox, rle_to_coco,
@@ -122,40 +122,55 @@ def test_empty_batches(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_stability_score_matches_official(device):
-    logits = smooth_noise(10, 64, 80, seed=4).to(device) * 8
-    logits[0] = -5.0  # nothing above any threshold: 0 / 0
-    logits[1] = 5.0  # everything above
-    for threshold, offset in [(0.0, 1.0), (0.5, 0.25), (-1.0, 2.0)]:
-        ours = stability_score(logits, threshold, offset)
-        expected = official.calculate_stability_score(logits, threshold, offset)
-        assert ours.shape == (10,) and ours.dtype == expected.dtype
-        torch.testing.assert_close(ours, expected, equal_nan=True, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("input_size,out_size", [((192, 256), (768, 1024)), ((256, 256), (256, 256)),
-                                                 ((192, 256), (481, 643)), ((256, 179), (100, 70)),
-                                                 ((31, 256), (37, 301))])
-def test_surely_unstable_is_exact_without_upsampling(input_size, out_size):
-    """A candidate flagged from its low-res logits fails the stability filter on the
-    full-size logits (postprocess_masks' two bilinear resizes), at every threshold; and
-    the bound flags most of the candidates that fail at the default threshold."""
-    # blobs from blurry to sharp: some pass every threshold below, some fail it
-    low_res = smooth_noise(64, 64, 64, seed=7) * torch.logspace(-1, 2.5, 64)[:, None, None] * 2 / 3 + 0.5
-    low_res[0], low_res[1] = -5.0, 5.0  # nothing above any threshold (NaN score); everything above
+@pytest.mark.parametrize("low,input_size,out_size", [
+    (64, (192, 256), (768, 1024)), (64, (256, 256), (256, 256)), (64, (192, 256), (481, 643)),
+    (64, (256, 179), (100, 70)), (64, (31, 256), (37, 301)), (128, (192, 256), (300, 400)),
+    (16, (192, 256), (200, 260))])
+def test_threshold_upsampler_matches_full_size_logits(device, low, input_size, out_size):
+    """Masks and pixel counts from amg.upsample equal thresholding the full-size logits of
+    postprocess_masks' two bilinear resizes, except pixels within float rounding of a
+    threshold; stability scores from the counts equal the official function's on the
+    full-size logits; candidates ruled out by the count bounds fail the exact filter.
+    Covers up- and downsampling, padding cropped away, a 2x first resize (patch 8) and
+    a first resize wider than the block window (radius 2)."""
+    # blobs from blurry to sharp, plus nothing above any threshold and everything above
+    low_res = smooth_noise(24, low, low, seed=7, cell=max(low // 8, 2)) * torch.logspace(-1, 2.5, 24)[:, None, None]
+    low_res = (low_res + 0.5).to(device)
+    low_res[0], low_res[1] = -5.0, 5.0
     framed = F.interpolate(low_res[:, None], (256, 256), mode="bilinear", align_corners=False)
     full = F.interpolate(framed[..., : input_size[0], : input_size[1]], out_size, mode="bilinear",
                          align_corners=False)[:, 0]
-    for thresh in (0.5, 0.8, 0.95, 0.99):
-        for threshold, offset in [(0.0, 1.0), (0.5, 0.25)]:
-            exact = stability_score(full, threshold, offset)
-            flagged = surely_unstable(low_res, 256, input_size, out_size, threshold, offset, thresh)
-            assert not (exact[flagged] >= thresh).any()
-            if (thresh, threshold, offset) == (0.95, 0.0, 1.0):
-                assert flagged[0] and not flagged[1]
-                failing = ~(exact >= thresh)
-                assert 0 < failing.sum() < len(failing)
-                assert flagged.sum() >= 0.5 * failing.sum(), (int(flagged.sum()), int(failing.sum()))
+    thresholds = [1.0, -1.0, 0.0, 0.37]
+    upsampler = ThresholdUpsampler(low, 256, input_size, out_size, device)
+    blocks = upsampler.classify(low_res, thresholds)
+    exact = blocks.exact()
+    scale = 1 + full.abs().flatten(1).amax(1)[:, None, None]
+    for k, t in enumerate(thresholds):
+        expected = full > t
+        masks = exact.masks(k)
+        assert masks.shape == expected.shape and masks.dtype == torch.bool and masks.device == expected.device
+        differ = masks != expected
+        if device == "cpu":  # the same arithmetic as torch's CPU kernel
+            assert not differ.any()
+        assert not (differ & ((full - t).abs() > 1e-5 * scale)).any()  # at most rounding ties
+        counts = exact.counts([k])[:, 0]
+        assert (counts - masks.flatten(1).sum(1)).abs().max() == 0
+        rows = torch.tensor([5, 2, 17], device=device)
+        assert torch.equal(exact.masks(k, rows), masks[rows])
+    counts = exact.counts([0, 1])
+    stability = counts[:, 0] / counts[:, 1]
+    expected = official.calculate_stability_score(full, 0.0, 1.0)
+    assert stability.dtype == expected.dtype
+    torch.testing.assert_close(stability, expected, equal_nan=True, rtol=0, atol=2e-5)
+    assert torch.isnan(stability[0]) and stability[1] == 1
+    lower, upper = blocks.count_bounds()
+    assert (lower[:, :2] <= counts).all() and (counts <= upper[:, :2]).all()
+    subset = torch.tensor([3, 1, 8], device=device)
+    assert torch.equal(blocks.exact(subset).counts([0, 1]), counts[subset])
+    none = blocks.exact(subset[:0])
+    assert none.counts([0, 1]).shape == (0, 2) and none.masks(2).shape == (0, *out_size)
+    if out_size == (768, 1024):  # the blocks' bounds leave most pixels unevaluated
+        assert exact.values.numel() < 0.5 * full.numel()
 
 
 @pytest.mark.parametrize("device", DEVICES)
