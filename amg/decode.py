@@ -17,7 +17,7 @@ from model.sam import Sam
 from model.transforms import scale_coords
 
 from .encode import EncodedImage
-from .masks import box_near_crop_edge, masks_to_boxes_xyxy, uncrop_masks
+from .masks import box_near_crop_edge, box_nms, uncrop_masks
 from .params import AmgParams
 from .rle import masks_to_rle_counts
 from .upsample import ThresholdUpsampler
@@ -28,7 +28,7 @@ UPSAMPLE_CHUNK = 16
 
 @dataclass
 class Candidates:
-    """Masks of one crop that passed the per-mask filters, in prompt order.
+    """Masks of one crop that passed the per-mask filters and NMS within the crop.
 
     rle_counts: uncompressed COCO counts of each mask in the full image frame;
     boxes: N x 4 XYXY (inclusive pixel indices) in crop coordinates; iou_preds,
@@ -73,7 +73,7 @@ def decode_crop(
     points = grid * np.array(crop_size)[None, ::-1]  # normalized -> crop pixels (x, y)
     dtype = PRECISIONS[precision]
     embedding = embedding.to(model.device, dtype or torch.float32)
-    parts: list[Candidates] = []
+    parts: list[Survivors] = []
     funnel = dict(candidates=0, iou=0, stability=0, crop_edge=0)
     autocast = lambda: torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
     with autocast():
@@ -87,11 +87,14 @@ def decode_crop(
         funnel["iou"] += len(iou)
         prompt_points = torch.as_tensor(batch)[prompt_idx.cpu()]
         for chunk in torch.arange(len(iou)).split(UPSAMPLE_CHUNK):
-            part = _filter_chunk(model, low_res[chunk], iou[chunk], prompt_points[chunk],
-                                 input_size, crop_size, crop_box, orig_size, params, funnel)
-            if part is not None:
-                parts.append(part)
-    out = _concat(crop_box, parts)
+            parts.append(filter_chunk(model, low_res[chunk], iou[chunk], prompt_points[chunk],
+                                      input_size, crop_size, crop_box, orig_size, params, funnel))
+    out = Candidates(crop_box)
+    if parts:
+        survivors = Survivors.cat(parts)
+        # NMS within the crop needs only boxes and scores: masks are made for its survivors alone.
+        survivors = survivors.select(box_nms(survivors.boxes, survivors.iou, params.box_nms_thresh))
+        out = survivors.encode(model, input_size, crop_size, crop_box, orig_size)
     out.num_prompts, out.funnel = len(points), funnel
     return out
 
@@ -118,11 +121,46 @@ def _decode_survivors(model: Sam, embedding: torch.Tensor, image_pe: torch.Tenso
     return low_res[kept], iou[rows][kept], prompt_idx
 
 
-def _filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, orig_size, params, funnel,
-                  with_index=False):
-    """Threshold a few surviving candidates at crop resolution (amg.upsample: no
-    full-size logits) and apply the stability and crop-edge filters; returns their RLE,
-    boxes and scores (or None), and with_index the positions in the chunk of those kept."""
+@dataclass
+class Survivors:
+    """Candidates of one crop that passed the per-mask filters, before their masks exist:
+    low-res logits N x l x l, boxes N x 4 (XYXY, inclusive, crop coordinates), iou and
+    stability N, prompt points N x 2 (CPU), index N (CPU): each one's position in the
+    chunk it was filtered from."""
+
+    low_res: torch.Tensor
+    boxes: torch.Tensor
+    iou: torch.Tensor
+    stability: torch.Tensor
+    points: torch.Tensor
+    index: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list["Survivors"]) -> "Survivors":
+        return Survivors(*(torch.cat([getattr(p, k) for p in parts]) for k in Survivors.__dataclass_fields__))
+
+    def select(self, keep: torch.Tensor) -> "Survivors":
+        cpu = keep.cpu()
+        return Survivors(self.low_res[keep], self.boxes[keep], self.iou[keep], self.stability[keep],
+                         self.points[cpu], self.index[cpu])
+
+    def encode(self, model: Sam, input_size, crop_size, crop_box, orig_size) -> Candidates:
+        """Their masks at the model's threshold, as RLE in the full image frame, a few at a
+        time (bounded memory)."""
+        upsampler = ThresholdUpsampler(self.low_res.shape[-1], model.image_size, input_size, crop_size,
+                                       self.low_res.device)
+        counts = []
+        for chunk in self.low_res.split(UPSAMPLE_CHUNK):
+            masks = upsampler.classify(chunk, [model.mask_threshold]).exact().masks(0)
+            counts += masks_to_rle_counts(uncrop_masks(masks, crop_box, *orig_size))
+        return Candidates(crop_box, counts, self.boxes.cpu(), self.iou.cpu(), self.stability.cpu(), self.points)
+
+
+def filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, orig_size, params,
+                 funnel) -> Survivors:
+    """The stability and crop-edge filters on a few candidates (low-res logits B x l x l,
+    iou B, prompt points B x 2), at crop resolution without full-size logits or masks
+    (amg.upsample): stability from pixel counts, boxes from the blocks."""
     t, offset, thresh = model.mask_threshold, params.stability_score_offset, params.stability_score_thresh
     upsampler = ThresholdUpsampler(low_res.shape[-1], model.image_size, input_size, crop_size, low_res.device)
     blocks = upsampler.classify(low_res, [t + offset, t - offset, t])
@@ -135,33 +173,11 @@ def _filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, 
     counts = thresholded.counts([0, 1])
     # The official score: IoU of the masks at threshold +- offset (NaN when both are empty).
     stability = counts[:, 0] / counts[:, 1]
-    index = torch.arange(len(maybe), device=low_res.device)
-    if thresh > 0:
-        index = (stability >= thresh).nonzero().squeeze(1)
-    funnel["stability"] += len(index)
-    masks = thresholded.masks(2, index)
-    boxes = masks_to_boxes_xyxy(masks)
-    keep = ~box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
-    if not keep.all():
-        masks, boxes, index = masks[keep], boxes[keep], index[keep]
-    funnel["crop_edge"] += len(masks)
-    if len(masks) == 0:
-        return None
-    counts = masks_to_rle_counts(uncrop_masks(masks, crop_box, *orig_size))
-    chunk_index = maybe[index].cpu()
-    out = Candidates(crop_box, counts, boxes.cpu(), iou[maybe[index]].cpu(), stability[index].cpu(),
-                     points[chunk_index])
-    return (out, chunk_index) if with_index else out
-
-
-def _concat(crop_box, parts: list[Candidates]) -> Candidates:
-    if not parts:
-        return Candidates(crop_box)
-    return Candidates(
-        crop_box,
-        [c for p in parts for c in p.rle_counts],
-        torch.cat([p.boxes for p in parts]),
-        torch.cat([p.iou_preds for p in parts]),
-        torch.cat([p.stability for p in parts]),
-        torch.cat([p.points for p in parts]),
-    )
+    keep = stability >= thresh if thresh > 0 else torch.ones_like(stability, dtype=torch.bool)
+    funnel["stability"] += int(keep.sum())
+    boxes = thresholded.boxes(2)
+    keep &= ~box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
+    funnel["crop_edge"] += int(keep.sum())
+    index = maybe[keep]
+    cpu_index = index.cpu()
+    return Survivors(low_res[index].float(), boxes[keep], iou[index], stability[keep], points[cpu_index], cpu_index)

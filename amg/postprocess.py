@@ -1,13 +1,13 @@
-"""Stage 3 of automatic mask generation: NMS within and across crops, small-region
-cleanup, and the output records. Runs on CPU from the compact decode payload."""
+"""Stage 3 of automatic mask generation: NMS across crops (the decode stage suppressed
+within each crop), small-region cleanup, and the output records. Runs on CPU from the compact decode payload."""
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, box_area
+from torchvision.ops import box_area
 
 from .decode import Candidates
-from .masks import masks_to_boxes_xyxy, remove_small_regions, uncrop_boxes, uncrop_points
+from .masks import box_nms, masks_to_boxes_xyxy, remove_small_regions, uncrop_boxes, uncrop_points
 from .params import AmgParams
 from .rle import masks_to_rle_counts, rle_area, rle_bbox, rle_to_coco
 
@@ -21,24 +21,25 @@ def postprocess(crops: list[Candidates], orig_size: tuple[int, int], params: Amg
     by NMS: two phrases may well name the same object, and each asked for its mask. Their
     records carry text_prompt and an empty point list."""
     by_text = crops[0].texts is not None
-    merged = _merge_crops([_nms_within_crop(c, params.box_nms_thresh, not by_text) for c in crops], params)
+    merged = _merge_crops([_uncrop(c) for c in crops], params)
     if params.min_mask_region_area > 0 and merged["counts"]:
         merged = _clean_small_regions(merged, orig_size, params, suppress=not by_text)
     return _records(merged, orig_size, params.output_mode)
 
 
-def _nms_within_crop(c: Candidates, thresh: float, suppress: bool = True) -> dict:
-    keep = _nms(c.boxes, c.iou_preds, thresh) if suppress else torch.arange(len(c.boxes))
+def _uncrop(c: Candidates) -> dict:
+    """A crop's candidates (already suppressed within the crop by the decode stage) in
+    image coordinates."""
     out = dict(
-        counts=[c.rle_counts[i] for i in keep.tolist()],
-        boxes=uncrop_boxes(c.boxes[keep], c.crop_box),
-        iou=c.iou_preds[keep],
-        stability=c.stability[keep],
-        points=uncrop_points(c.points[keep], c.crop_box),
-        crop_boxes=torch.tensor([c.crop_box], dtype=torch.int64).expand(len(keep), 4),
+        counts=list(c.rle_counts),
+        boxes=uncrop_boxes(c.boxes, c.crop_box),
+        iou=c.iou_preds,
+        stability=c.stability,
+        points=uncrop_points(c.points, c.crop_box),
+        crop_boxes=torch.tensor([c.crop_box], dtype=torch.int64).expand(len(c.boxes), 4),
     )
     if c.texts is not None:
-        out["texts"] = [c.texts[i] for i in keep.tolist()]
+        out["texts"] = list(c.texts)
     return out
 
 
@@ -48,7 +49,7 @@ def _merge_crops(parts: list[dict], params: AmgParams) -> dict:
     if len(parts) > 1:
         # Prefer masks from smaller crops: they saw the object at a higher resolution.
         scores = 1.0 / box_area(merged["crop_boxes"].double()).float()
-        merged = _select(merged, _nms(merged["boxes"], scores, params.crop_nms_thresh))
+        merged = _select(merged, box_nms(merged["boxes"], scores, params.crop_nms_thresh))
     return merged
 
 
@@ -66,7 +67,7 @@ def _clean_small_regions(data: dict, orig_size: tuple[int, int], params: AmgPara
     masks_t = torch.as_tensor(np.stack(masks))
     scores = torch.tensor(unchanged, dtype=torch.float32)
     boxes = masks_to_boxes_xyxy(masks_t)
-    keep = _nms(boxes, scores, max(params.box_nms_thresh, params.crop_nms_thresh)) if suppress \
+    keep = box_nms(boxes, scores, max(params.box_nms_thresh, params.crop_nms_thresh)) if suppress \
         else torch.arange(len(masks))
     changed = [i for i in keep.tolist() if not unchanged[i]]
     counts = list(data["counts"])
@@ -108,12 +109,6 @@ def counts_to_mask(counts: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     values = np.arange(len(counts)) % 2 == 1
     return np.repeat(values, counts).reshape(w, h).T
-
-
-def _nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tensor:
-    if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    return batched_nms(boxes.float(), scores.float(), torch.zeros(len(boxes), dtype=torch.int64), thresh)
 
 
 def _select(data: dict, keep: torch.Tensor) -> dict:

@@ -14,7 +14,7 @@ import torch
 from model.predictor import PRECISIONS
 from model.sam import Sam
 
-from .decode import UPSAMPLE_CHUNK, Candidates, _concat, _filter_chunk
+from .decode import UPSAMPLE_CHUNK, Candidates, Survivors, filter_chunk
 from .encode import EncodedImage
 from .params import AmgParams
 
@@ -42,14 +42,16 @@ def decode_texts(model: Sam, encoded: EncodedImage, texts: list[str], text_embed
         else torch.arange(len(iou), device=iou.device)
     funnel["iou"] = len(keep)
     parts, kept_texts = [], []
-    for chunk in keep.split(UPSAMPLE_CHUNK):  # full-size logits of a few phrases at a time
+    input_size = tuple(int(v) for v in encoded.input_sizes[0])
+    for chunk in keep.split(UPSAMPLE_CHUNK):  # a few phrases at a time
         # Points are a grid's; a phrase has none (the records carry an empty point list).
         no_points = torch.zeros(len(chunk), 2, dtype=torch.float64)
-        part = _filter_chunk(model, low_res[chunk], iou[chunk], no_points, tuple(encoded.input_sizes[0]),
-                             crop_size, crop_box, encoded.orig_size, params, funnel, with_index=True)
-        if part is not None:
-            parts.append(part[0])
-            kept_texts += [texts[i] for i in chunk[part[1]].tolist()]
-    out = _concat(crop_box, parts)
+        part = filter_chunk(model, low_res[chunk], iou[chunk], no_points, input_size, crop_size, crop_box,
+                            encoded.orig_size, params, funnel)
+        parts.append(part)
+        kept_texts += [texts[i] for i in chunk.cpu()[part.index].tolist()]
+    out = Candidates(crop_box)
+    if parts:  # no NMS: each phrase asked for its own mask
+        out = Survivors.cat(parts).encode(model, input_size, crop_size, crop_box, encoded.orig_size)
     out.texts, out.num_prompts, out.funnel = kept_texts, len(texts), funnel
     return [out]

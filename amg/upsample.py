@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .masks import boxes_from_lines
+
 
 def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """a * b + c as torch's bilinear kernel computes it: a fused multiply-add where its
@@ -259,6 +261,27 @@ class Thresholded:
             above = (self.values > self.thresholds[k]) & self.valid & self.mixed[k][:, None, None]
             out.append(counts.index_add_(0, b, above.flatten(1).sum(1, dtype=torch.int32).to(counts.dtype)))
         return torch.stack(out, 1)
+
+    def boxes(self, threshold_index: int) -> torch.Tensor:
+        """B x 4 int64 tight XYXY boxes of the full-size masks at thresholds[threshold_index]
+        (as amg.masks.masks_to_boxes_xyxy of those masks), without the masks: a pixel row
+        is set where a block of its row of blocks is wholly above, or where a mixed
+        block's pixel in that row is."""
+        up, k = self.upsampler, threshold_index
+        whole = self.above[k] & (up.area > 0)  # B x l x l
+        b, i, j = self.blocks
+        set_pixels = (self.values > self.thresholds[k]) & self.valid & self.mixed[k][:, None, None]
+        lines = []
+        for axis, block, along, whole_lines in ((up.rows, i, 2, whole.any(2)), (up.cols, j, 1, whole.any(1))):
+            n = int(axis.nearest.shape[0])
+            lines_set = whole_lines[:, axis.nearest].to(torch.int32)  # B x n
+            hits = set_pixels.any(along).to(torch.int32)  # K x m: which of a block's lines have a set pixel
+            pos = axis.start[block][:, None] + torch.arange(hits.shape[1], device=hits.device)
+            flat = (b[:, None] * n + pos).masked_fill_(~axis.valid[block], len(lines_set.view(-1)))
+            spare = torch.cat([lines_set.view(-1), lines_set.new_zeros(1)])
+            spare.index_put_((flat.view(-1),), hits.view(-1), accumulate=True)
+            lines.append(spare[:-1].view(-1, n) > 0)
+        return boxes_from_lines(*lines)
 
     def masks(self, threshold_index: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Full-size masks (len(rows) x H x W bool) at thresholds[threshold_index] of the
