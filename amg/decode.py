@@ -2,9 +2,11 @@
 grid and keep the candidates that pass the per-mask filters.
 
 Work is done only where it counts: the predicted-IoU filter runs on the decoder's output
-before anything is upsampled, only survivors are thresholded at full size (in bounded
-chunks, computing full-size values only along mask edges: amg.upsample), and run-length encoding of a whole batch is one vectorized pass. What
-leaves this stage is compact: RLE counts, boxes and scores, no full-size masks."""
+before anything is upsampled; only survivors are thresholded at full size (in bounded
+chunks, computing full-size values only along mask edges: amg.upsample), boxes come
+without masks, so NMS within the crop runs before any mask exists, and only its survivors
+are made into masks, run-length encoded in one vectorized pass per chunk. What leaves
+this stage is compact: RLE counts, boxes and scores, no full-size masks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -86,7 +88,7 @@ def decode_crop(
         funnel["candidates"] += 3 * len(batch)
         funnel["iou"] += len(iou)
         prompt_points = torch.as_tensor(batch)[prompt_idx.cpu()]
-        for chunk in torch.arange(len(iou)).split(UPSAMPLE_CHUNK):
+        for chunk in torch.arange(len(iou)).split(UPSAMPLE_CHUNK) if len(iou) else ():
             parts.append(filter_chunk(model, low_res[chunk], iou[chunk], prompt_points[chunk],
                                       input_size, crop_size, crop_box, orig_size, params, funnel))
     out = Candidates(crop_box)

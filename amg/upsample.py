@@ -183,9 +183,15 @@ def _lerp_cols(v: torch.Tensor, i0, i1, w0, w1) -> torch.Tensor:
 
 
 def _lerp_rows(v: torch.Tensor, i0, i1, w0, w1) -> torch.Tensor:
-    """K x r x c values, K x n taps into r -> K x n x c."""
-    shape = (v.shape[0], i0.shape[1], v.shape[2])
-    at = lambda index: v.gather(1, index[:, :, None].expand(shape))  # noqa: E731
+    """K x r x c values, K x n taps into r -> K x n x c (whole rows picked by index_select:
+    several times faster than an element-wise gather)."""
+    k, r, c = v.shape
+    rows = v.reshape(k * r, c)
+    base = (torch.arange(k, device=v.device) * r)[:, None]
+
+    def at(index):
+        return rows.index_select(0, (base + index).view(-1)).view(k, index.shape[1], c)
+
     return _fma(at(i0), w0[:, :, None], at(i1) * w1[:, :, None])
 
 
@@ -231,8 +237,8 @@ class Blocks:
             above, below, x = above[:, rows], below[:, rows], x[rows]
         mixed = ~(above | below)  # T x B x l x l
         b, i, j = (mixed.any(0) & (up.area > 0)).nonzero().unbind(1)  # K blocks
-        values = _block_values(x, b, i, j, up.rows, up.cols)
         valid = up.rows.valid[i][:, :, None] & up.cols.valid[j][:, None, :]
+        values = _block_values(x, b, i, j, up.rows, up.cols).masked_fill_(~valid, float("-inf"))  # padding: never above
         return Thresholded(up, self.thresholds, above, mixed[:, b, i, j], torch.stack([b, i, j]), values, valid)
 
 
@@ -240,7 +246,8 @@ class Blocks:
 class Thresholded:
     """Blocks.exact's result for B candidates: above (T x B x l x l) marks blocks wholly
     above each threshold; K blocks (b, i, j), mixed for at least one threshold (mixed:
-    T x K, for which), carry their pixels' values (K x my x mx, valid where real)."""
+    T x K, for which), carry their pixels' values (K x my x mx; -inf where padding, valid
+    where real)."""
 
     upsampler: ThresholdUpsampler
     thresholds: list[float]
@@ -258,8 +265,8 @@ class Thresholded:
             whole = self.above[k].clone()
             whole[b, i, j] &= ~self.mixed[k]  # blocks mixed for this threshold: pixel by pixel
             counts = (whole * self.upsampler.area).flatten(1).sum(1)
-            above = (self.values > self.thresholds[k]) & self.valid & self.mixed[k][:, None, None]
-            out.append(counts.index_add_(0, b, above.flatten(1).sum(1, dtype=torch.int32).to(counts.dtype)))
+            per_block = (self.values > self.thresholds[k]).flatten(1).sum(1, dtype=torch.int32) * self.mixed[k]
+            out.append(counts.index_add_(0, b, per_block.to(counts.dtype)))
         return torch.stack(out, 1)
 
     def boxes(self, threshold_index: int) -> torch.Tensor:
@@ -268,14 +275,15 @@ class Thresholded:
         is set where a block of its row of blocks is wholly above, or where a mixed
         block's pixel in that row is."""
         up, k = self.upsampler, threshold_index
-        whole = self.above[k] & (up.area > 0)  # B x l x l
+        whole = (self.above[k] & (up.area > 0)).view(torch.uint8)  # B x l x l
         b, i, j = self.blocks
-        set_pixels = (self.values > self.thresholds[k]) & self.valid & self.mixed[k][:, None, None]
+        # uint8 amax: torch's any() on bool is many times slower on CPU
+        set_pixels = ((self.values > self.thresholds[k]) & self.mixed[k][:, None, None]).view(torch.uint8)
         lines = []
-        for axis, block, along, whole_lines in ((up.rows, i, 2, whole.any(2)), (up.cols, j, 1, whole.any(1))):
+        for axis, block, along in ((up.rows, i, 2), (up.cols, j, 1)):
             n = int(axis.nearest.shape[0])
-            lines_set = whole_lines[:, axis.nearest].to(torch.int32)  # B x n
-            hits = set_pixels.any(along).to(torch.int32)  # K x m: which of a block's lines have a set pixel
+            lines_set = whole.amax(along)[:, axis.nearest].to(torch.int32)  # B x n, from whole blocks
+            hits = set_pixels.amax(along).to(torch.int32)  # K x m: which of a block's lines have a set pixel
             pos = axis.start[block][:, None] + torch.arange(hits.shape[1], device=hits.device)
             flat = (b[:, None] * n + pos).masked_fill_(~axis.valid[block], len(lines_set.view(-1)))
             spare = torch.cat([lines_set.view(-1), lines_set.new_zeros(1)])
