@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--points-per-side", type=int, default=8, help="automatic stage and automatic evaluation")
     ap.add_argument("--pred-iou-thresh", type=float, default=0.0, help="the automatic stage's filter")
     ap.add_argument("--stability-score-thresh", type=float, default=0.0, help="the automatic stage's filter")
+    ap.add_argument("--auto-precision", type=float, default=None,
+                    help="calibrate the automatic stage's two thresholds each round to this precision on the "
+                         "round's ground-truth-annotated scenes (RoundsConfig.auto_precision)")
     ap.add_argument("--eval-pred-iou-thresh", type=float, default=0.0, help="the held-out automatic metrics' filter")
     ap.add_argument("--eval-stability-score-thresh", type=float, default=0.0,
                     help="the held-out automatic metrics' filter")
@@ -82,6 +85,7 @@ def experiment_config(args: argparse.Namespace) -> RoundsConfig:
         synthetic_fraction=args.synthetic_fraction,
         held_out={"count": args.held_out, "size": args.size, "amg": eval_amg},
         promote_metric=args.promote_metric, promote_margin=args.promote_margin, name="experiment",
+        auto_precision=args.auto_precision,
     )
 
 
@@ -135,8 +139,12 @@ def manual_seed(images: int, rounds: int):
 def table(records: list[dict]) -> list[dict]:
     rows = []
     for rec in records:
+        calibration = rec["stages"]["auto"].get("calibration") or {}
         row = {"round": rec["round"], "promoted": rec["promoted"], "images": rec["images"],
                "auto_masks_per_image": _ratio(rec["stages"]["auto"]["masks"], rec["stages"]["auto"]["images"]),
+               "auto_pred_iou_thresh": calibration.get("pred_iou_thresh"),
+               "auto_stability_score_thresh": calibration.get("stability_score_thresh"),
+               "calibration_precision": calibration.get("precision"),
                "train_seconds": rec["stage_seconds"]["train"], "seconds": rec["seconds"]}
         row |= {f"{k}": rec["metrics"].get(k) for k in METRICS}
         row |= {f"candidate_{k}": rec["candidate_metrics"].get(k) for k in METRICS}

@@ -74,15 +74,28 @@ def scene_truth(path: str | Path) -> np.ndarray | None:
 def annotate_auto(ctx: RoundContext) -> dict:
     """The fully automatic stage: the Ray Data pipeline over the round's inputs with
     checkpoint r, its commits tagged with the round (stage auto) and run id ctx.run_id, so a
-    rerun after a crash resumes the same run."""
+    rerun after a crash resumes the same run. With config.auto_precision, its filter
+    thresholds are first calibrated on the round's human masks (engine.calibrate; the
+    same data and checkpoint give the same thresholds when a run resumes)."""
     from jobs.auto_annotate import load_config
     from pipeline.graph import run
 
     argv = ["--input", ctx.input, "--output", ctx.root, "--checkpoint", ctx.checkpoint,
             "--round", str(ctx.round), "--run-id", ctx.run_id, *ctx.config.annotate_args]
+    calibration = None
+    if ctx.config.auto_precision is not None:
+        from .calibrate import calibrate
+
+        calibration = calibrate(ctx.checkpoint, ctx.root, ctx.round, load_config(argv).amg, ctx.config.auto_precision)
+        if calibration is None:
+            ctx.log(f"round {ctx.round}: no human masks to calibrate the automatic stage on; thresholds as given")
+        else:
+            ctx.log(f"round {ctx.round}: automatic stage calibrated: {calibration}")
+            argv += [f"--pred-iou-thresh={calibration['pred_iou_thresh']}",
+                     f"--stability-score-thresh={calibration['stability_score_thresh']}"]
     summary = run(load_config(argv), log=ctx.log)
     keep = ("run_id", "listed", "processed", "annotated", "duplicate", "quarantined", "already_done", "funnel")
-    return {k: summary[k] for k in keep if k in summary}
+    return {k: summary[k] for k in keep if k in summary} | ({"calibration": calibration} if calibration else {})
 
 
 def ground_truth_manual(images_per_round: int | None = None):

@@ -78,6 +78,10 @@ class RoundsConfig(BaseModel):
     inputs: list[str] = Field(default_factory=list, description="round r's input URI (folder, glob, s3://, manifest)")
     synthetic_inputs: SyntheticInputs | None = None
     annotate_args: list[str] = Field(default_factory=list, description="extra jobs/auto_annotate.py flags")
+    auto_precision: float | None = Field(
+        None, gt=0, le=1, description="choose the automatic stage's pred_iou_thresh and stability_score_thresh "
+                                      "each round: the pair that keeps the most masks at this precision on the "
+                                      "round's human-annotated images (engine.calibrate); None: annotate_args as given")
     train_steps: int = Field(200, gt=0, description="Ray Train steps per round")
     train: dict[str, Any] = Field(default_factory=dict, description="other training.loop.TrainConfig fields")
     min_train_mask_area: int = Field(16, ge=1, description="px; smaller masks (and images left without any) are not trained on")

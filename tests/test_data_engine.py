@@ -268,3 +268,74 @@ def test_cli_refuses_bad_settings_before_starting_anything(tmp_path, capsys):
     assert cli_main(["--root", str(tmp_path), "--synthetic-inputs", "4", "--stages", "manual"]) == 2
     assert "automatic stage" in capsys.readouterr().err
     assert not (tmp_path / "rounds").exists()
+
+
+# ---- calibrated automatic stage (engine.calibrate) ---------------------------------------------
+
+
+def _square(size: int, x0: int, y0: int, side: int) -> dict:
+    from pycocotools import mask as coco_mask
+    import numpy as np
+
+    mask = np.zeros((size, size), dtype=np.uint8, order="F")
+    mask[y0:y0 + side, x0:x0 + side] = 1
+    rle = coco_mask.encode(mask)
+    return {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+
+
+def _candidate(segmentation: dict, iou: float, stability: float) -> dict:
+    from pycocotools import mask as coco_mask
+
+    bbox = [int(v) for v in coco_mask.toBbox({**segmentation, "counts": segmentation["counts"].encode()})]
+    return {"segmentation": segmentation, "predicted_iou": iou, "stability_score": stability, "bbox": bbox}
+
+
+def test_calibration_keeps_the_most_masks_at_the_target_precision():
+    from engine.calibrate import choose_thresholds
+
+    truth = [_square(64, 2, 2, 20), _square(64, 40, 40, 20), _square(64, 28, 4, 8)]
+    records = [
+        _candidate(truth[0], 0.9, 0.96),  # right
+        _candidate(truth[1], 0.8, 0.92),  # right
+        _candidate(_square(64, 2, 40, 16), 0.85, 0.5),  # wrong, unstable
+        _candidate(_square(64, 40, 2, 16), 0.5, 0.97),  # wrong, low predicted IoU
+        _candidate(truth[2], 0.7, 0.9),  # right
+        _candidate(truth[1], 0.75, 0.99),  # a duplicate that NMS removes
+    ]
+    exact = choose_thresholds([records], [truth], 1.0, box_nms_thresh=0.7)
+    # The pairs that keep all three right masks and nothing else: pred IoU in [0.5, 0.7),
+    # stability in (0.5, 0.9]; ties go to the highest thresholds.
+    assert (exact["pred_iou_thresh"], exact["stability_score_thresh"]) == (0.65, 0.9)
+    assert exact["reached"] and exact["precision"] == 1.0 and exact["recall"] == 1.0
+    assert exact["masks_per_image"] == 3 and exact["human_masks"] == 3 and exact["images"] == 1
+    looser = choose_thresholds([records], [truth], 0.7, box_nms_thresh=0.7)
+    assert looser["masks_per_image"] == 4 and looser["precision"] == 0.75 and looser["reached"]
+    assert (looser["pred_iou_thresh"], looser["stability_score_thresh"]) == (0.65, 0.5)
+    wrong_only = choose_thresholds([records[2:4]], [truth], 0.9, box_nms_thresh=0.7)
+    assert not wrong_only["reached"] and wrong_only["precision"] == 0.0
+
+
+def test_the_automatic_stage_runs_with_thresholds_calibrated_on_the_rounds_human_masks(engine_run):
+    """Round 0's manual image (its ground truth in the table) calibrates checkpoint 0; the
+    pipeline is then started with those thresholds (captured here instead of run)."""
+    from engine.calibrate import human_masks
+    from engine.rounds import RoundContext
+
+    root, records = str(engine_run["root"]), engine_run["records"]
+    labelled = human_masks(root, 0)
+    assert len(labelled) == 1 and len(labelled[0][1]) == records[0]["stages"]["manual"]["masks"]
+    assert human_masks(root, 5) == []
+    started = []
+    config = engine_config(engine_run["root"], auto_precision=0.5)
+    ctx = RoundContext(round=0, root=root, checkpoint=records[0]["checkpoint"], input="unused", run_id="calibrated",
+                       config=config, log=lambda _: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("pipeline.graph.run", lambda cfg, log: started.append(cfg) or {"run_id": "calibrated"})
+        summary = round_stages.annotate_auto(ctx)
+    calibration = summary["calibration"]
+    assert calibration["images"] == 1 and calibration["human_masks"] == len(labelled[0][1])
+    assert calibration["target_precision"] == 0.5 and 0 <= calibration["precision"] <= 1
+    amg = started[0].amg
+    assert (amg.pred_iou_thresh, amg.stability_score_thresh) == (
+        calibration["pred_iou_thresh"], calibration["stability_score_thresh"])
+    assert amg.points_per_side == 4  # the other settings as configured
