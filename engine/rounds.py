@@ -102,6 +102,8 @@ class RoundsConfig(BaseModel):
             raise ValueError(f"{self.rounds} rounds need {self.rounds} inputs (or synthetic_inputs), got {len(self.inputs)}")
         if "auto" not in self.stages:
             raise ValueError("every round runs the automatic stage")
+        if self.auto_precision is not None and self.stages == ["auto"]:
+            raise ValueError("auto_precision calibrates on the round's human masks: add a manual or semi_auto stage")
         if self.stages != sorted(set(self.stages), key=ANNOTATION_STAGES.index):
             raise ValueError(f"stages run once each, in the order {ANNOTATION_STAGES}")
         seeds = {self.synthetic_inputs.seed if self.synthetic_inputs else None, self.train.get("seed", 0)}

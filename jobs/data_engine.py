@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--held-out", type=int, metavar="N", help="held-out synthetic scenes")
     ap.add_argument("--promote-metric")
     ap.add_argument("--promote-margin", type=float)
+    ap.add_argument("--auto-precision", type=float, metavar="P",
+                    help="calibrate the automatic stage's filter thresholds each round to precision P on the "
+                         "round's human masks (needs a manual or semi_auto stage)")
     ap.add_argument("--manual-ground-truth", type=int, metavar="N",
                     help="manual stage: a ground-truth annotator outlines N synthetic scenes per round")
     ap.add_argument("--simulated-manual", type=int, metavar="N",
@@ -63,7 +66,7 @@ def build_config(args: argparse.Namespace, annotate_args: list[str]) -> RoundsCo
 
         fields = yaml.safe_load(Path(args.config).read_text()) or {}  # YAML reads JSON too
     for name in ("root", "rounds", "initial_checkpoint", "train_steps", "synthetic_fraction", "promote_metric",
-                 "promote_margin"):
+                 "promote_margin", "auto_precision"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.stages:

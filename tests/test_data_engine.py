@@ -267,6 +267,11 @@ def test_cli_refuses_bad_settings_before_starting_anything(tmp_path, capsys):
     assert "2 rounds need 2 inputs" in capsys.readouterr().err
     assert cli_main(["--root", str(tmp_path), "--synthetic-inputs", "4", "--stages", "manual"]) == 2
     assert "automatic stage" in capsys.readouterr().err
+    assert cli_main(["--root", str(tmp_path), "--synthetic-inputs", "4", "--auto-precision", "0.8"]) == 2
+    assert "auto_precision calibrates on the round's human masks" in capsys.readouterr().err
+    assert cli_main(["--root", str(tmp_path), "--synthetic-inputs", "4", "--manual-ground-truth", "1",
+                     "--auto-precision", "1.5"]) == 2
+    assert "auto_precision" in capsys.readouterr().err
     assert not (tmp_path / "rounds").exists()
 
 
