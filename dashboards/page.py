@@ -63,6 +63,14 @@ def _kpi(key: str, label: str, value, digits: int = 0) -> str:
             f'<div class="v">{_num(value, digits)}</div><div class="k">{escape(label)}</div></div>')
 
 
+def _calibration(c: dict | None) -> str:
+    """The automatic stage's calibrated thresholds of a round (engine.calibrate), or a dash."""
+    if not c:
+        return "–"
+    return escape(f"IoU > {c['pred_iou_thresh']:.2f}, stability ≥ {c['stability_score_thresh']:.2f} "
+                  f"(precision {c['precision']:.2f} of target {c['target_precision']:.2f})")
+
+
 def _table(headers: list[str], rows: list[list[str]], table_id: str) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
@@ -88,6 +96,7 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
                     *[_num(r["masks_by_stage"].get(st, 0)) for st in stages], _num(r["masks_per_image"], 2),
                     *[_num(r["held_out"].get(m), 3) if r["held_out"].get(m) is not None else "–"
                       for m in d["held_out_metrics"]],
+                    _calibration(r.get("auto_calibration")),
                     {True: "yes", False: "no"}.get(r.get("promoted"), "–")] for r in d["rounds"]]
     tiles_html = "".join(
         f'<figure class="tile" data-image-id="{escape(t["image_id"])}"><img alt="{escape(t["uri"])}" src="{t["src"]}">'
@@ -157,6 +166,7 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
          "Held-out metrics come from <code>rounds/&lt;round&gt;.json</code> (written by the data engine) "
          "where present."
          + _table(["round", "images", "masks", *[f"{st} masks" for st in stages], "masks / image", *[f"held-out {m}" for m in d["held_out_metrics"]],
+                   "automatic filters",
                    "promoted"], rounds_rows, "rounds-table"))}
 
 <h2>Sample gallery</h2>

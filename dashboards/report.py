@@ -115,7 +115,8 @@ def _rounds(st: stats.VersionStats, files: dict[int, dict]) -> list[dict]:
                     "engine_masks_per_image": f.get("masks_per_image"),
                     "held_out": {k: float(v) for k, v in (f.get("held_out") or {}).items()
                                  if isinstance(v, (int, float)) and np.isfinite(v)},
-                    "promoted": f.get("promoted"), "checkpoint": f.get("checkpoint")})
+                    "promoted": f.get("promoted"), "checkpoint": f.get("checkpoint"),
+                    "auto_calibration": ((f.get("stages") or {}).get("auto") or {}).get("calibration")})
     return out
 
 

@@ -165,7 +165,9 @@ def parse(html: str) -> PageParser:
 def report(made):
     """The report of the latest version through the CLI, after the engine wrote two rounds."""
     root = made["root"]
-    write_round_metrics(root, 0, {"miou": 0.42, "boundary_f": 0.31}, promoted=True, checkpoint="round0.pt")
+    calibration = {"pred_iou_thresh": 0.35, "stability_score_thresh": 0.8, "precision": 0.71, "target_precision": 0.7}
+    write_round_metrics(root, 0, {"miou": 0.42, "boundary_f": 0.31}, promoted=True, checkpoint="round0.pt",
+                        stages={"auto": {"calibration": calibration}})
     write_round_metrics(root, 1, {"miou": 0.55, "boundary_f": 0.38}, promoted=False)
     out = made["tmp"] / "report.html"
     t0 = time.monotonic()
@@ -235,6 +237,9 @@ def test_report_numbers_match_the_parquet_files(made, report):
     assert by_round[0]["held_out"] == {"miou": 0.42, "boundary_f": 0.31} and by_round[0]["promoted"] is True
     assert by_round[1]["held_out"] == {"miou": 0.55, "boundary_f": 0.38} and by_round[1]["masks"] == 0
     assert "0.550" in report["html"] and "0.310" in report["html"]
+    # Round 0's automatic stage ran with calibrated filters (engine.calibrate); round 1's had none.
+    assert by_round[0]["auto_calibration"]["pred_iou_thresh"] == 0.35 and by_round[1]["auto_calibration"] is None
+    assert "IoU &gt; 0.35, stability ≥ 0.80 (precision 0.71 of target 0.70)" in report["html"]
 
     # Every figure is on the page, each with a drawing in it.
     for fig in FIGURE_IDS:
