@@ -182,4 +182,4 @@ def filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, o
     funnel["crop_edge"] += int(keep.sum())
     index = maybe[keep]
     cpu_index = index.cpu()
-    return Survivors(low_res[index].float(), boxes[keep], iou[index], stability[keep], points[cpu_index], cpu_index)
+    return Survivors(low_res[index], boxes[keep], iou[index], stability[keep], points[cpu_index], cpu_index)

@@ -39,8 +39,6 @@ def boxes_from_lines(rows_set: torch.Tensor, cols_set: torch.Tensor) -> torch.Te
         last = torch.where(is_set, index, -1).amax(dim=-1)
         return first, last
 
-    if rows_set.shape[-1] == 0 or cols_set.shape[-1] == 0:
-        return torch.zeros(*rows_set.shape[:-1], 4, dtype=torch.int64, device=rows_set.device)
     x0, x1 = first_and_last(cols_set)
     y0, y1 = first_and_last(rows_set)
     boxes = torch.stack([x0, y0, x1, y1], dim=-1)

@@ -25,6 +25,7 @@ from pycocotools import mask as coco_mask
 
 from amg import AmgParams, AutomaticMaskGenerator
 from amg.masks import box_nms
+from amg.rle import to_coco_rle
 
 PRED_IOU_GRID = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2))
 STABILITY_GRID = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2))
@@ -54,7 +55,8 @@ def choose_thresholds(per_image: list[list[dict]], truths: list[list[dict]], tar
                              dtype=torch.float32).reshape(-1, 4)
         overlap = np.zeros((len(records), len(truth)))
         if records and truth:
-            overlap = np.asarray(coco_mask.iou([_rle(r["segmentation"]) for r in records], [_rle(t) for t in truth],
+            overlap = np.asarray(coco_mask.iou([to_coco_rle(r["segmentation"]) for r in records],
+                                               [to_coco_rle(t) for t in truth],
                                                [0] * len(truth)))
         best = overlap.argmax(1) if len(truth) else np.zeros(len(records), dtype=np.int64)
         hit = (overlap.max(1) >= match_iou) if len(truth) else np.zeros(len(records), dtype=bool)
@@ -84,11 +86,6 @@ def choose_thresholds(per_image: list[list[dict]], truths: list[list[dict]], tar
                 human_masks=n_truth)
 
 
-def _rle(segmentation: dict) -> dict:
-    counts = segmentation["counts"]
-    return {"size": list(segmentation["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
-
-
 def human_masks(root: str, r: int, stages: tuple[str, ...] = ("manual", "semi_auto")) -> list[tuple[str, list[dict]]]:
     """(uri, COCO RLEs) of the images with masks that people made in round r."""
     from dataset import iter_images
@@ -98,7 +95,7 @@ def human_masks(root: str, r: int, stages: tuple[str, ...] = ("manual", "semi_au
         masks = [a["segmentation"] for a in row["annotations"] or ()
                  if a.get("stage") in stages and a.get("round") == r]
         if masks:
-            out.append((row["uri"], [_rle(m) for m in masks]))
+            out.append((row["uri"], [to_coco_rle(m) for m in masks]))
     return out
 
 
