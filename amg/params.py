@@ -10,6 +10,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .grid import point_grids
 
 
+# The key of a checkpoint's metadata (model.checkpoint) under which its makers recommend
+# generator settings for it: {"params": {field: value}, "calibration": {how they were chosen}}.
+# The official defaults suit the official SAM checkpoints; a small model's scores are
+# scaled differently (see jobs/calibrate_checkpoint.py).
+CHECKPOINT_DEFAULTS = "amg_defaults"
+
+
+def checkpoint_defaults(meta: dict) -> dict:
+    """The generator settings a checkpoint's metadata recommends ({} when none)."""
+    return dict((meta.get(CHECKPOINT_DEFAULTS) or {}).get("params") or {})
+
+
 class AmgParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -43,6 +55,13 @@ class AmgParams(BaseModel):
                 if any(not (0.0 <= c <= 1.0) for p in grid for c in p):
                     raise ValueError("point_grids coordinates must be normalized to [0, 1]")
         return self
+
+    def over(self, defaults: dict) -> "AmgParams":
+        """These parameters on top of other defaults (a checkpoint's recommended settings,
+        amg.checkpoint_defaults): every field given explicitly here keeps its value, the
+        others take the value in `defaults` where it has one. Validated like any input."""
+        explicit = self.model_dump(include=self.model_fields_set)
+        return AmgParams.model_validate({**{k: v for k, v in defaults.items() if k not in explicit}, **explicit})
 
     def grids(self) -> list[np.ndarray]:
         """One n x 2 normalized (x, y) grid per crop layer."""

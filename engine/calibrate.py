@@ -86,6 +86,15 @@ def choose_thresholds(per_image: list[list[dict]], truths: list[list[dict]], tar
                 human_masks=n_truth)
 
 
+def calibrate_on_scenes(model, scenes, params: AmgParams, target_precision: float) -> dict:
+    """The same choice on images with ground truth (objects with .image, H x W x 3 uint8,
+    and .masks, N x H x W bool), e.g. synthetic scenes: what jobs/calibrate_checkpoint.py
+    records in a checkpoint."""
+    scenes = list(scenes)
+    return choose_thresholds(candidates(model, [s.image for s in scenes], params), [list(s.masks) for s in scenes],
+                             target_precision, params.box_nms_thresh)
+
+
 def human_masks(root: str, r: int, stages: tuple[str, ...] = ("manual", "semi_auto")) -> list[tuple[str, list[dict]]]:
     """(uri, COCO RLEs) of the images with masks that people made in round r."""
     from dataset import iter_images

@@ -1,5 +1,5 @@
 """The Segment Anything model: network, configs, checkpoints and predictor (no Ray)."""
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, read_checkpoint_meta, save_checkpoint
 from .config import CONFIGS, SamConfig, get_config
 from .predictor import SamPredictor
 from .sam import Sam
@@ -12,5 +12,6 @@ def build_sam(model_type: str = "vit_b") -> Sam:
 
 __all__ = [
     "CONFIGS", "CheckpointError", "Sam", "SamConfig", "SamPredictor",
-    "build_sam", "get_config", "load_checkpoint", "read_checkpoint_config", "save_checkpoint",
+    "build_sam", "get_config", "load_checkpoint", "read_checkpoint_config", "read_checkpoint_meta",
+    "save_checkpoint",
 ]

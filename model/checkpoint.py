@@ -45,6 +45,12 @@ def read_checkpoint_config(path: str | os.PathLike, model_type: str | None = Non
     return _describe(path, model_type, mmap=True)[0]
 
 
+def read_checkpoint_meta(path: str | os.PathLike, model_type: str | None = None) -> dict[str, Any]:
+    """The metadata of a checkpoint ({} for official files), without building the model
+    (memory-mapped, like read_checkpoint_config)."""
+    return _describe(path, model_type, mmap=True)[2]
+
+
 def _describe(path: str | os.PathLike, model_type: str | None, mmap: bool = False
               ) -> tuple[SamConfig, dict[str, torch.Tensor], dict[str, Any]]:
     obj = _read(Path(path), mmap)

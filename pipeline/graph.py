@@ -27,6 +27,7 @@ from actors.annotator import FUNNEL, Annotator, Decoder, Encoder, postprocess_ba
 from actors.dedup import Deduplicator
 from actors.reader import read_images
 from actors.writer import Writer
+from amg import checkpoint_defaults
 from dataset import DatasetWriter, storage_options
 from dataset.lineage import file_sha256, listing_hash, new_lineage
 from schemas.annotate import AnnotateConfig
@@ -79,6 +80,7 @@ def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
     Needs a connected Ray (ray.init)."""
     t0 = time.perf_counter()
     device = config.resolved_device(ray.cluster_resources().get("GPU", 0))
+    config = with_checkpoint_defaults(config, log)
     listing = list_inputs(config.input, config.endpoint_url)
     text_embeddings = text_vectors(config) if config.text else None
     lineage = new_lineage(round=config.round, stage="auto", params=config.model_dump(
@@ -108,6 +110,25 @@ def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
         _write_summary(config, summary)
     summary["report"] = _write_report(config, log) if summary["processed"] else None
     return summary
+
+
+def with_checkpoint_defaults(config: AnnotateConfig, log=print) -> AnnotateConfig:
+    """config with the generator settings its checkpoint recommends (amg.checkpoint_defaults)
+    under the ones given by flag or file: what the run records and uses. Official
+    checkpoints recommend none. InputError when the checkpoint cannot be read."""
+    from actors.annotator import local_checkpoint
+    from model import CheckpointError, read_checkpoint_meta
+
+    try:
+        meta = read_checkpoint_meta(local_checkpoint(config.checkpoint, config.endpoint_url), config.model_type)
+    except (CheckpointError, OSError) as e:
+        raise InputError(f"checkpoint {config.checkpoint}: {e}") from e
+    defaults = {k: v for k, v in checkpoint_defaults(meta).items() if k not in config.amg.model_fields_set}
+    if not defaults:
+        return config
+    log("generator settings recommended by the checkpoint (a flag overrides each): "
+        + ", ".join(f"{k}={v}" for k, v in sorted(defaults.items())))
+    return config.model_copy(update={"amg": config.amg.over(defaults)})
 
 
 def text_vectors(config: AnnotateConfig) -> list[list[float]]:

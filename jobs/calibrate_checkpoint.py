@@ -1,0 +1,91 @@
+"""Record in a checkpoint the generator settings that suit it, chosen on synthetic scenes
+with ground truth, and measure them on held-out scenes.
+
+    python jobs/calibrate_checkpoint.py --checkpoint checkpoints/samengine_tiny256.pt \\
+        --target-precision 0.5 --eval-scenes 30
+
+The official generator's defaults (pred_iou_thresh 0.88, stability_score_thresh 0.95) suit
+the official SAM checkpoints. A small model trained here scores its masks on another scale
+(lower predicted IoUs, softer logits, so lower stability), and at those defaults keeps
+almost nothing. This job picks the thresholds the way the data engine calibrates its
+automatic stage (engine.calibrate: the pair keeping the most masks at precision >=
+--target-precision against ground truth, after box NMS) on --scenes synthetic scenes of
+--seed (never the training or held-out seeds), whole images at the generator's other
+defaults, and writes them into the checkpoint's metadata (amg.CHECKPOINT_DEFAULTS) with
+how they were chosen. The weights are unchanged. jobs/auto_annotate.py then uses them
+unless a flag or the settings file gives a threshold. Only the thresholds are recorded:
+they calibrate the model's score scale; what to spend on crops stays the user's choice.
+With --eval-scenes N, held-out automatic metrics at those settings (seed --eval-seed) are
+recorded too (eval_automatic_recommended).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from amg import AmgParams  # noqa: E402
+from amg.params import CHECKPOINT_DEFAULTS  # noqa: E402
+from engine.calibrate import calibrate_on_scenes  # noqa: E402
+from model import load_checkpoint, save_checkpoint  # noqa: E402
+from training.automatic_eval import automatic_metrics, held_out_scenes  # noqa: E402
+from training.loop import code_version  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="our checkpoint file, rewritten in place (or --output)")
+    ap.add_argument("--output", help="write the calibrated checkpoint here instead")
+    ap.add_argument("--target-precision", type=float, default=0.5,
+                    help="share of kept masks that must match a ground-truth instance at mask IoU >= 0.5")
+    ap.add_argument("--scenes", type=int, default=30, help="calibration scenes")
+    ap.add_argument("--seed", type=int, default=2000003, help="scene stream of the calibration scenes")
+    ap.add_argument("--size", type=int, help="scene side in pixels (default: the model's input size)")
+    ap.add_argument("--eval-scenes", type=int, default=0, help="held-out scenes to measure the result on")
+    ap.add_argument("--eval-seed", type=int, default=1000003, help="scene stream of the held-out scenes")
+    ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    args = ap.parse_args(argv)
+    if not 0.0 < args.target_precision <= 1.0:
+        ap.error("--target-precision must be in (0, 1]")
+    if args.seed == args.eval_seed:
+        ap.error("--seed must differ from --eval-seed: the held-out scenes must not choose the settings")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    model, meta = load_checkpoint(args.checkpoint)
+    size = args.size or model.image_size
+    started = time.time()
+    chosen = calibrate_on_scenes(model, held_out_scenes(args.seed, args.scenes, size), AmgParams(),
+                                 args.target_precision)
+    recommended = {k: chosen[k] for k in ("pred_iou_thresh", "stability_score_thresh")}
+    meta[CHECKPOINT_DEFAULTS] = {
+        "params": recommended,
+        "calibration": chosen | {"seed": args.seed, "scenes": args.scenes, "size": size,
+                                 "seconds": round(time.time() - started, 1)},
+        "command": " ".join(["python", "jobs/calibrate_checkpoint.py", *(argv if argv is not None else sys.argv[1:])]),
+        "code_version": code_version(),
+    }
+    report = {"recommended": recommended, "calibration": meta[CHECKPOINT_DEFAULTS]["calibration"]}
+    if args.eval_scenes:
+        metrics = automatic_metrics(model, held_out_scenes(args.eval_seed, args.eval_scenes, size),
+                                    AmgParams(output_mode="coco_rle", **recommended))
+        meta["eval_automatic_recommended"] = report["eval_automatic_recommended"] = metrics | {
+            "seed": args.eval_seed, "images": args.eval_scenes, "size": size, "amg_params": recommended}
+    save_checkpoint(model, args.output or args.checkpoint, meta)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
