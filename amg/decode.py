@@ -24,8 +24,13 @@ from .params import AmgParams
 from .rle import masks_to_rle_counts
 from .upsample import ThresholdUpsampler
 
-# Candidates thresholded at full size at once: bounds memory for large images.
+# Candidates made into full-size masks at once: bounds memory for large images.
 UPSAMPLE_CHUNK = 16
+# Candidates x output pixels filtered at once (no full-size tensors: only the mixed blocks'
+# pixels are evaluated); 96 candidates of a 768 x 1024 image. Small chunks pay torch's
+# per-op overhead many times over: filtering in chunks of 96 instead of 16 took 20-28%
+# less decode time there (2 cores).
+FILTER_PIXELS = 96 * 768 * 1024
 
 
 @dataclass
@@ -80,6 +85,7 @@ def decode_crop(
     autocast = lambda: torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
     with autocast():
         image_pe = model.prompt_encoder.get_dense_pe()  # the same for every batch
+    filter_chunk_size = max(UPSAMPLE_CHUNK, FILTER_PIXELS // (crop_size[0] * crop_size[1]))
     for start in range(0, len(points), params.points_per_batch):
         batch = points[start:start + params.points_per_batch]
         coords = torch.as_tensor(scale_coords(batch, crop_size, model.image_size), device=model.device)
@@ -88,7 +94,7 @@ def decode_crop(
         funnel["candidates"] += 3 * len(batch)
         funnel["iou"] += len(iou)
         prompt_points = torch.as_tensor(batch)[prompt_idx.cpu()]
-        for chunk in torch.arange(len(iou)).split(UPSAMPLE_CHUNK) if len(iou) else ():
+        for chunk in torch.arange(len(iou)).split(filter_chunk_size) if len(iou) else ():
             parts.append(filter_chunk(model, low_res[chunk], iou[chunk], prompt_points[chunk],
                                       input_size, crop_size, crop_box, orig_size, params, funnel))
     out = Candidates(crop_box)
@@ -177,9 +183,11 @@ def filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, o
     stability = counts[:, 0] / counts[:, 1]
     keep = stability >= thresh if thresh > 0 else torch.ones_like(stability, dtype=torch.bool)
     funnel["stability"] += int(keep.sum())
-    boxes = thresholded.boxes(2)
-    keep &= ~box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
-    funnel["crop_edge"] += int(keep.sum())
-    index = maybe[keep]
+    rows = keep.nonzero().squeeze(1)
+    boxes = thresholded.boxes(2, rows)  # only for the stable ones
+    inside = ~box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
+    funnel["crop_edge"] += int(inside.sum())
+    rows, boxes = rows[inside], boxes[inside]
+    index = maybe[rows]
     cpu_index = index.cpu()
-    return Survivors(low_res[index], boxes[keep], iou[index], stability[keep], points[cpu_index], cpu_index)
+    return Survivors(low_res[index], boxes, iou[index], stability[rows], points[cpu_index], cpu_index)

@@ -269,16 +269,21 @@ class Thresholded:
             out.append(counts.index_add_(0, b, per_block.to(counts.dtype)))
         return torch.stack(out, 1)
 
-    def boxes(self, threshold_index: int) -> torch.Tensor:
-        """B x 4 int64 tight XYXY boxes of the full-size masks at thresholds[threshold_index]
-        (as amg.masks.masks_to_boxes_xyxy of those masks), without the masks: a pixel row
-        is set where a block of its row of blocks is wholly above, or where a mixed
-        block's pixel in that row is."""
+    def boxes(self, threshold_index: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """len(rows) x 4 int64 tight XYXY boxes of the full-size masks at
+        thresholds[threshold_index] of the candidates `rows` (default: all), as
+        amg.masks.masks_to_boxes_xyxy of those masks, without the masks: a pixel row is set
+        where a block of its row of blocks is wholly above, or where a mixed block's pixel
+        in that row is."""
         up, k = self.upsampler, threshold_index
-        whole = (self.above[k] & (up.area > 0)).view(torch.uint8)  # B x l x l
         b, i, j = self.blocks
+        values, mixed, above = self.values, self.mixed[k], self.above[k]
+        if rows is not None:
+            b, sel = self._select(rows)
+            i, j, values, mixed, above = i[sel], j[sel], values[sel], mixed[sel], above[rows]
+        whole = (above & (up.area > 0)).view(torch.uint8)  # B x l x l
         # uint8 amax: torch's any() on bool is many times slower on CPU
-        set_pixels = ((self.values > self.thresholds[k]) & self.mixed[k][:, None, None]).view(torch.uint8)
+        set_pixels = ((values > self.thresholds[k]) & mixed[:, None, None]).view(torch.uint8)
         lines = []
         for axis, block, along in ((up.rows, i, 2), (up.cols, j, 1)):
             n = int(axis.nearest.shape[0])
@@ -291,14 +296,23 @@ class Thresholded:
             lines.append(spare[:-1].view(-1, n) > 0)
         return boxes_from_lines(*lines)
 
+    def _select(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evaluated blocks of the candidates `rows`: their candidates' positions in
+        rows, and their indices among the K blocks."""
+        b = self.blocks[0]
+        remap = torch.full((len(self.above[0]),), -1, dtype=torch.int64, device=b.device)
+        remap[rows] = torch.arange(len(rows), device=b.device)
+        sel = (remap[b] >= 0).nonzero().squeeze(1)
+        return remap[b[sel]], sel
+
     def masks(self, threshold_index: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Full-size masks (len(rows) x H x W bool) at thresholds[threshold_index] of the
         candidates `rows` (default: all)."""
         up = self.upsampler
         above = self.above[threshold_index]
-        dev, n = above.device, len(above)
+        dev = above.device
         if rows is None:
-            rows = torch.arange(n, device=dev)
+            rows = torch.arange(len(above), device=dev)
         h, w = up.out_size
         # Whole blocks first: widen the small tensor's rows, then copy whole rows. One spare
         # element at the end takes the writes of the mixed blocks' padding below.
@@ -306,12 +320,11 @@ class Thresholded:
         widened = above[rows].view(torch.uint8).index_select(2, up.cols.nearest)
         torch.index_select(widened, 1, up.rows.nearest, out=buffer[:-1].view(len(rows), h, w))
         # Then the pixels of the blocks that are mixed for this threshold.
-        remap = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        remap[rows] = torch.arange(len(rows), device=dev)
-        b, i, j = self.blocks
-        sel = ((remap[b] >= 0) & self.mixed[threshold_index]).nonzero().squeeze(1)
+        b, sel = self._select(rows)
+        mixed = self.mixed[threshold_index][sel]
+        b, sel = b[mixed], sel[mixed]
         if len(sel):
-            b, i, j = remap[b[sel]], i[sel], j[sel]
+            i, j = self.blocks[1, sel], self.blocks[2, sel]
             values, valid = self.values[sel], self.valid[sel]
             my, mx = values.shape[1:]
             y = up.rows.start[i][:, None] + torch.arange(my, device=dev)

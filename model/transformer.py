@@ -174,8 +174,7 @@ class Attention(nn.Module):
           out    = sum_h P_h (v_h Wo_h^T) + bo, where bo can ride on the values as
                    bo / heads per head, since each P_h's rows sum to 1.
         Scores are laid out B x heads x T x N so that softmax runs over T (a handful)
-        with N contiguous: the short-last-dim softmax is several times slower. The
-        residual rides in the last matmul (one pass less over B x N x C)."""
+        with N contiguous: the short-last-dim softmax is several times slower."""
         bq, n, c = q.shape
         b, nk, _ = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
@@ -195,11 +194,14 @@ class Attention(nn.Module):
         values = values + self.out_proj.bias / heads
         weights = weights.view(b, heads * nk, n).transpose(1, 2)
         values = values.reshape(b, heads * nk, c)
+        out = weights @ values
         if residual is None:
-            return weights @ values
-        if torch.is_autocast_enabled(residual.device.type):
-            return residual + weights @ values  # baddbmm would round the residual to bf16/fp16
-        return torch.baddbmm(residual, weights, values)
+            return out
+        if out.dtype != residual.dtype:  # autocast: add in the residual's precision
+            return residual + out
+        # In place on the fresh product: baddbmm with a residual broadcast over the batch
+        # (the shared image side of the first layer) runs ~2x slower than both together.
+        return out.add_(residual)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -158,6 +158,7 @@ def test_threshold_upsampler_matches_full_size_logits(device, low, input_size, o
         assert torch.equal(exact.boxes(k), masks_to_boxes_xyxy(masks))
         rows = torch.tensor([5, 2, 17], device=device)
         assert torch.equal(exact.masks(k, rows), masks[rows])
+        assert torch.equal(exact.boxes(k, rows), masks_to_boxes_xyxy(masks[rows]))
     counts = exact.counts([0, 1])
     stability = counts[:, 0] / counts[:, 1]
     expected = official.calculate_stability_score(full, 0.0, 1.0)
@@ -170,7 +171,7 @@ def test_threshold_upsampler_matches_full_size_logits(device, low, input_size, o
     assert torch.equal(blocks.exact(subset).counts([0, 1]), counts[subset])
     none = blocks.exact(subset[:0])
     assert none.counts([0, 1]).shape == (0, 2) and none.masks(2).shape == (0, *out_size)
-    assert none.boxes(2).shape == (0, 4)
+    assert none.boxes(2).shape == (0, 4) and exact.boxes(2, subset[:0]).shape == (0, 4)
     if out_size == (768, 1024):  # the blocks' bounds leave most pixels unevaluated
         assert exact.values.numel() < 0.5 * full.numel()
 
