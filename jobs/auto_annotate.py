@@ -10,7 +10,9 @@ dataset of COCO RLE masks out, on Ray Data.
 Without a cluster it starts an embedded local Ray. Rerunning the same command on the same
 output resumes: inputs already committed are skipped. Settings come from --config (YAML or
 JSON of schemas.annotate.AnnotateConfig) and flags; a flag wins over the file. The
-generator's flags are those of the official scripts/amg.py.
+generator's flags are those of the official scripts/amg.py; generator settings that
+neither gives come from the checkpoint's recommendation where it has one (ours do:
+jobs/calibrate_checkpoint.py), else from the official defaults.
 """
 from __future__ import annotations
 
@@ -65,8 +67,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-batch-size", type=int, help="images per encoder (or fused) call")
     amg_fields = AmgParams.model_fields
     for name in AMG_FLAGS:
+        default = amg_fields[name].default
+        if name in ("pred_iou_thresh", "stability_score_thresh"):
+            default = f"the checkpoint's recommendation, else {default}"
         ap.add_argument("--" + name.replace("_", "-"), help=f"{amg_fields[name].description or ''} "
-                        f"(default: {amg_fields[name].default})")
+                        f"(default: {default})")
     return ap
 
 
