@@ -115,15 +115,15 @@ def _decode_survivors(model: Sam, embedding: torch.Tensor, image_pe: torch.Tenso
     labels = torch.ones(len(coords), 1, dtype=torch.int64, device=coords.device)
     sparse, dense = model.prompt_encoder((coords[:, None, :], labels), None, None)
     decoder = model.mask_decoder
-    tokens, image, iou = decoder.attend(embedding, image_pe, sparse, dense)
+    iou, scored = decoder.score(embedding, image_pe, sparse, dense)
     iou = iou[:, 1:].float()  # the multimask tokens
     keep = iou > iou_thresh if iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
     rows = keep.any(dim=1).nonzero().squeeze(1)
     if len(rows) == 0:
-        e = 4 * image.shape[1]
+        e = 4 * scored.size[0]
         return iou.new_zeros(0, e, e), iou.new_zeros(0), rows
     token_index = torch.arange(1, decoder.num_mask_tokens)
-    low_res = decoder.masks_from(tokens[rows], image[rows], token_index).float()
+    low_res = decoder.masks_from(*decoder.finish(scored, rows), token_index).float()
     kept = keep[rows]
     prompt_idx = rows[:, None].expand_as(kept)[kept]
     return low_res[kept], iou[rows][kept], prompt_idx

@@ -2,6 +2,8 @@
 then transposed-conv upscaling and per-mask-token hypernetwork MLPs."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -83,6 +85,42 @@ class MaskDecoder(nn.Module):
         """The two-way transformer and the IoU head, without mask upscaling: returns mask
         tokens B x T x C, image features B x h x w x C and IoU predictions B x T. Callers
         that filter by predicted IoU upscale only the survivors (masks_from)."""
+        tokens, src = self._inputs(image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings)
+        b, (c, h, w) = len(tokens), src.shape[1:]
+        hs, src = self.transformer(src, image_pe, tokens, num_outputs=1 + self.num_mask_tokens)
+        iou_pred = self.iou_prediction_head(hs[:, 0])
+        return hs[:, 1 : 1 + self.num_mask_tokens], src.view(b, h, w, c), iou_pred
+
+    @torch.no_grad()
+    def score(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, "Scored"]:
+        """attend() for callers that keep few prompts (the automatic generator's IoU filter):
+        IoU predictions B x T of every prompt, the final attention run for the IoU token
+        alone and from the keys before the last block's LayerNorm (same values up to float
+        rounding), and what finish() needs for the mask tokens and image features of the
+        prompts kept."""
+        tokens, src = self._inputs(image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings)
+        t = self.transformer
+        queries, raw_keys, key_pe = t.blocks(src, image_pe, tokens, normalize_keys=False)
+        iou_token = t.final_from_unnormalized(queries[:, :1], tokens[:, :1], raw_keys, key_pe)
+        return self.iou_prediction_head(iou_token[:, 0]), Scored(queries, tokens, raw_keys, key_pe, src.shape[-2:])
+
+    @torch.no_grad()
+    def finish(self, scored: "Scored", rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """attend()'s mask tokens len(rows) x T x C and image features len(rows) x h x w x C
+        of the prompts `rows` of a score() call."""
+        t, end = self.transformer, 1 + self.num_mask_tokens
+        keys = t.norm_keys(scored.raw_keys[rows])
+        hs = t.final(scored.queries[rows, 1:end], scored.tokens[rows, 1:end], keys, scored.key_pe)
+        return hs, keys.view(len(rows), *scored.size, keys.shape[-1])
+
+    def _inputs(self, image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings):
+        """The tokens B x (1 + T + prompts) x C and the image side (1 or B x C x h x w)."""
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])
         tokens = torch.cat([output_tokens.expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
@@ -90,11 +128,7 @@ class MaskDecoder(nn.Module):
             # The no-mask embedding is one vector expanded over the batch: keep the image
             # side at batch 1 so the first layer projects it once for all prompts.
             dense_prompt_embeddings = dense_prompt_embeddings[:1]
-        src = image_embeddings + dense_prompt_embeddings  # 1 or B x C x h x w
-        c, h, w = src.shape[1:]
-        hs, src = self.transformer(src, image_pe, tokens, num_outputs=1 + self.num_mask_tokens)
-        iou_pred = self.iou_prediction_head(hs[:, 0])
-        return hs[:, 1 : 1 + self.num_mask_tokens], src.view(b, h, w, c), iou_pred
+        return tokens, image_embeddings + dense_prompt_embeddings
 
     def masks_from(
         self, mask_tokens: torch.Tensor, image: torch.Tensor, token_index: torch.Tensor | None = None
@@ -114,6 +148,18 @@ class MaskDecoder(nn.Module):
         up1, norm, act1, up2, act2 = self.output_upscaling
         x = act1(F.layer_norm(up1.channels_last(x), (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps))
         return act2(up2.channels_last(x))
+
+
+class Scored(NamedTuple):
+    """MaskDecoder.score's state of B prompts: tokens after the attention blocks and their
+    positional encodings (B x N x C), image keys before the last LayerNorm (B x hw x C),
+    the keys' positional encoding (1 x hw x C) and the embedding size (h, w)."""
+
+    queries: torch.Tensor
+    tokens: torch.Tensor
+    raw_keys: torch.Tensor
+    key_pe: torch.Tensor
+    size: tuple[int, int]
 
 
 class Upsample2x(nn.ConvTranspose2d):

@@ -38,17 +38,46 @@ class TwoWayTransformer(nn.Module):
         point_embedding: B x N x C. Returns tokens B x N x C and image keys B x hw x C.
         num_outputs: return only the first tokens (the decoder's output tokens); the final
         attention then skips the others, which each token's result does not depend on."""
+        queries, keys, key_pe = self.blocks(image_embedding, image_pe, point_embedding)
+        return self.final(queries[:, :num_outputs], point_embedding[:, :num_outputs], keys, key_pe), keys
+
+    def blocks(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor,
+               normalize_keys: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention blocks: tokens B x N x C, image keys B x hw x C and their positional
+        encoding 1 x hw x C. normalize_keys=False leaves the last block's LayerNorm of the
+        keys to the caller (final_from_unnormalized, norm_keys)."""
         # Tokens-major and contiguous: elementwise ops with the per-prompt B x hw x C
         # tensors of later layers would otherwise take this transposed layout (slow
         # strided loops, and a copy before every LayerNorm).
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
-        queries, point_embedding = queries[:, :num_outputs], point_embedding[:, :num_outputs]
-        attn_out = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
-        return self.norm_final_attn(queries + attn_out), keys
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            queries, keys = layer(queries, keys, point_embedding, key_pe, normalize_keys=normalize_keys or not last)
+        return queries, keys, key_pe
+
+    def final(self, queries: torch.Tensor, query_pe: torch.Tensor, keys: torch.Tensor, key_pe: torch.Tensor
+              ) -> torch.Tensor:
+        """The final token -> image attention and LayerNorm of the given tokens (each token's
+        result depends on itself and the image keys only)."""
+        attn_out = self.final_attn_token_to_image(queries + query_pe, keys + key_pe, keys)
+        return self.norm_final_attn(queries + attn_out)
+
+    def norm_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """The last block's LayerNorm of keys that blocks(normalize_keys=False) left out."""
+        return self.layers[-1].norm4(keys)
+
+    @torch.no_grad()
+    def final_from_unnormalized(self, queries: torch.Tensor, query_pe: torch.Tensor, raw_keys: torch.Tensor,
+                                key_pe: torch.Tensor) -> torch.Tensor:
+        """final() of a few tokens, from the keys before the last block's LayerNorm: the
+        same function up to float rounding, without forming the normalized keys or keys +
+        positional encoding (two passes less over B x hw x C, and a pass of LayerNorm's
+        statistics instead of LayerNorm itself)."""
+        attn_out = self.final_attn_token_to_image.few_queries_normalized(
+            queries + query_pe, raw_keys, self.layers[-1].norm4, key_pe)
+        return self.norm_final_attn(queries + attn_out)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -71,7 +100,8 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
+        normalize_keys: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
@@ -85,8 +115,8 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = self.norm4(self.cross_attn_image_to_token(k, q, queries, residual=keys))
-        return queries, keys
+        keys = self.cross_attn_image_to_token(k, q, queries, residual=keys)
+        return queries, self.norm4(keys) if normalize_keys else keys
 
 
 class Attention(nn.Module):
@@ -162,6 +192,35 @@ class Attention(nn.Module):
         weights = torch.softmax(folded.reshape(b, nq * heads, c) @ k.transpose(1, 2), dim=-1)
         pooled = (weights @ v).view(b, nq, heads, c)  # B x T x heads x C: image tokens pooled per head
         out = torch.einsum("bthc,hdc->bthd", pooled, self.v_proj.weight.view(heads, d, c))
+        return self.out_proj(out.reshape(b, nq, self.internal_dim) + self.v_proj.bias)
+
+    def few_queries_normalized(self, q: torch.Tensor, raw: torch.Tensor, norm: nn.LayerNorm, pe: torch.Tensor
+                               ) -> torch.Tensor:
+        """The folded attention of a few tokens q (B x T x C) to keys norm(raw) + pe and values
+        norm(raw) (raw: B x N x C, pe: 1 x N x C), without forming either. With mu, s the
+        rows' mean and 1 / std, g, b the LayerNorm's weight and bias, and F a folded query row
+        (see _few_queries):
+          F . (norm(raw_n) + pe_n) = s_n (F g . raw_n - mu_n F . g) + F . pe_n + F . b, where
+                                     the last term is the same for every n (softmax drops it);
+          P norm(raw) = ((P s) raw - P (s mu)) g + b, since P's rows sum to 1."""
+        b, nq, c = q.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        # Row statistics in two fast reductions (torch.var_mean's Welford loop is ~30x slower
+        # on CPU); the residual stream's rows are near zero-mean, so E[x^2] - mean^2 loses
+        # nothing that matters at LayerNorm's eps.
+        mean = raw.mean(-1)  # B x N
+        var = (torch.linalg.vector_norm(raw, dim=-1).square() / c - mean.square()).clamp_min(0)
+        scale = torch.rsqrt(var + norm.eps)
+        qh = self.q_proj(q).view(b, nq, heads, d) * d**-0.5
+        folded = torch.einsum("bthd,hdc->bthc", qh, self.k_proj.weight.view(heads, d, c)).reshape(b, nq * heads, c)
+        gained = folded * norm.weight
+        scores = gained @ raw.transpose(1, 2)  # B x T*heads x N
+        scores = (scores - gained.sum(2, keepdim=True) * mean[:, None, :]) * scale[:, None, :]
+        scores += (folded.reshape(-1, c) @ pe[0].T).view(b, nq * heads, -1)
+        weights = torch.softmax(scores, dim=-1)
+        scaled = weights * scale[:, None, :]
+        pooled = (scaled @ raw - (scaled @ mean[:, :, None])) * norm.weight + norm.bias  # B x T*heads x C
+        out = torch.einsum("bthc,hdc->bthd", pooled.view(b, nq, heads, c), self.v_proj.weight.view(heads, d, c))
         return self.out_proj(out.reshape(b, nq, self.internal_dim) + self.v_proj.bias)
 
     def _few_keys(

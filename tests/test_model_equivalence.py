@@ -131,3 +131,25 @@ def test_official_registry_state_dict_loads_strictly(model_type):
     assert set(ours_state) == set(state)
     key = "image_encoder.blocks.0.attn.qkv.weight"
     assert torch.equal(ours_state[key], state[key])
+
+
+def test_scored_decoding_matches_the_official_decoder(pair):
+    """MaskDecoder.score (the automatic generator's pass over every prompt: the IoU token's
+    final attention from the keys before their last LayerNorm) and finish (mask tokens and
+    image features of the prompts kept) against the official decoder on the same prompts."""
+    theirs, ours = pair
+    rng = np.random.default_rng(5)
+    coords = torch.as_tensor(rng.uniform(0, ours.model.image_size, size=(12, 1, 2)), dtype=torch.float)
+    labels = torch.ones(12, 1, dtype=torch.int64)
+    with torch.no_grad():
+        sparse, dense = theirs.model.prompt_encoder((coords, labels), None, None)
+        t_low, t_iou = theirs.model.mask_decoder(theirs.features, theirs.model.prompt_encoder.get_dense_pe(),
+                                                 sparse, dense, multimask_output=True)
+    decoder = ours.model.mask_decoder
+    with torch.inference_mode():
+        sparse, dense = ours.model.prompt_encoder((coords, labels), None, None)
+        iou, scored = decoder.score(ours.features, ours.model.prompt_encoder.get_dense_pe(), sparse, dense)
+        rows = torch.tensor([0, 4, 7, 11])
+        low = decoder.masks_from(*decoder.finish(scored, rows), torch.arange(1, decoder.num_mask_tokens))
+    np.testing.assert_allclose(iou[:, 1:].numpy(), t_iou.numpy(), **TOL)
+    np.testing.assert_allclose(low.numpy(), t_low[rows].numpy(), **TOL)

@@ -32,16 +32,16 @@ def test_decoder_oom_costs_a_retry_not_the_image():
     image = make_scene(seed=5, size=(120, 160)).image
     expected = stage._candidates(stage._encode(image))
 
-    attend = stage.model.mask_decoder.attend
+    score = stage.model.mask_decoder.score  # the decoder's pass over every prompt of a batch
     batches = []
 
     def small_memory(image_embeddings, image_pe, sparse, dense):
         batches.append(len(sparse))
         if len(sparse) > 9:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return attend(image_embeddings, image_pe, sparse, dense)
+        return score(image_embeddings, image_pe, sparse, dense)
 
-    stage.model.mask_decoder.attend = small_memory
+    stage.model.mask_decoder.score = small_memory
     got = stage._candidates(stage._encode(image))
     assert max(batches) > 9 and batches[-1] <= 9  # it failed, split, and went on
     assert sum(len(c.rle_counts) for c in got) == sum(len(c.rle_counts) for c in expected) > 0
