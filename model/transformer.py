@@ -185,13 +185,23 @@ class Attention(nn.Module):
           scores = q_h (Wk_h K^T + bk_h) = (q_h Wk_h) K^T + a constant per query row,
                    which softmax ignores;
           out_h  = P (V Wv_h^T + bv_h) = (P V) Wv_h^T + bv_h, since P's rows sum to 1."""
+        weights = torch.softmax(self._fold_queries(q) @ k.transpose(1, 2), dim=-1)
+        return self._unfold_pooled(weights @ v, q.shape[1])
+
+    def _fold_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Tokens B x T x C -> their scaled per-head queries multiplied into k_proj's head
+        slices, B x T*heads x C: one row per (token, head) to dot with image tokens."""
         b, nq, c = q.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
         qh = self.q_proj(q).view(b, nq, heads, d) * d**-0.5
-        folded = torch.einsum("bthd,hdc->bthc", qh, self.k_proj.weight.view(heads, d, c))
-        weights = torch.softmax(folded.reshape(b, nq * heads, c) @ k.transpose(1, 2), dim=-1)
-        pooled = (weights @ v).view(b, nq, heads, c)  # B x T x heads x C: image tokens pooled per head
-        out = torch.einsum("bthc,hdc->bthd", pooled, self.v_proj.weight.view(heads, d, c))
+        return torch.einsum("bthd,hdc->bthc", qh, self.k_proj.weight.view(heads, d, c)).reshape(b, nq * heads, c)
+
+    def _unfold_pooled(self, pooled: torch.Tensor, nq: int) -> torch.Tensor:
+        """Image tokens pooled per (token, head), B x T*heads x C -> the attention's output
+        B x T x C (v_proj's head slices, its bias, out_proj)."""
+        b, _, c = pooled.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        out = torch.einsum("bthc,hdc->bthd", pooled.view(b, nq, heads, c), self.v_proj.weight.view(heads, d, c))
         return self.out_proj(out.reshape(b, nq, self.internal_dim) + self.v_proj.bias)
 
     def few_queries_normalized(self, q: torch.Tensor, raw: torch.Tensor, norm: nn.LayerNorm, pe: torch.Tensor
@@ -203,25 +213,22 @@ class Attention(nn.Module):
           F . (norm(raw_n) + pe_n) = s_n (F g . raw_n - mu_n F . g) + F . pe_n + F . b, where
                                      the last term is the same for every n (softmax drops it);
           P norm(raw) = ((P s) raw - P (s mu)) g + b, since P's rows sum to 1."""
-        b, nq, c = q.shape
-        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        c = raw.shape[-1]
         # Row statistics in two fast reductions (torch.var_mean's Welford loop is ~30x slower
         # on CPU); the residual stream's rows are near zero-mean, so E[x^2] - mean^2 loses
         # nothing that matters at LayerNorm's eps.
         mean = raw.mean(-1)  # B x N
         var = (torch.linalg.vector_norm(raw, dim=-1).square() / c - mean.square()).clamp_min(0)
         scale = torch.rsqrt(var + norm.eps)
-        qh = self.q_proj(q).view(b, nq, heads, d) * d**-0.5
-        folded = torch.einsum("bthd,hdc->bthc", qh, self.k_proj.weight.view(heads, d, c)).reshape(b, nq * heads, c)
+        folded = self._fold_queries(q)
         gained = folded * norm.weight
         scores = gained @ raw.transpose(1, 2)  # B x T*heads x N
         scores = (scores - gained.sum(2, keepdim=True) * mean[:, None, :]) * scale[:, None, :]
-        scores += (folded.reshape(-1, c) @ pe[0].T).view(b, nq * heads, -1)
+        scores += (folded.reshape(-1, c) @ pe[0].T).view(scores.shape)
         weights = torch.softmax(scores, dim=-1)
         scaled = weights * scale[:, None, :]
         pooled = (scaled @ raw - (scaled @ mean[:, :, None])) * norm.weight + norm.bias  # B x T*heads x C
-        out = torch.einsum("bthc,hdc->bthd", pooled.view(b, nq, heads, c), self.v_proj.weight.view(heads, d, c))
-        return self.out_proj(out.reshape(b, nq, self.internal_dim) + self.v_proj.bias)
+        return self._unfold_pooled(pooled, q.shape[1])
 
     def _few_keys(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None
