@@ -1,8 +1,9 @@
-"""Record in a checkpoint the generator settings that suit it, chosen on synthetic scenes
-with ground truth, and measure them on held-out scenes.
+"""Fit a checkpoint's scores to automatic mode: optionally refit its IoU head to rank grid
+candidates, then record the generator settings that suit it, chosen on synthetic scenes with
+ground truth, and measure them on held-out scenes.
 
     python jobs/calibrate_checkpoint.py --checkpoint checkpoints/samengine_tiny256.pt \\
-        --target-precision 0.5 --eval-scenes 30
+        --iou-head-scenes 200 --target-precision 0.5 --eval-scenes 30
 
 The official generator's defaults (pred_iou_thresh 0.88, stability_score_thresh 0.95) suit
 the official SAM checkpoints. A small model trained here scores its masks on another scale
@@ -12,11 +13,19 @@ automatic stage (engine.calibrate: the pair keeping the most masks at precision 
 --target-precision against ground truth, after box NMS) on --scenes synthetic scenes of
 --seed (never the training or held-out seeds), whole images at the generator's other
 defaults, and writes them into the checkpoint's metadata (amg.CHECKPOINT_DEFAULTS) with
-how they were chosen. The weights are unchanged. jobs/auto_annotate.py then uses them
+how they were chosen. jobs/auto_annotate.py then uses them
 unless a flag or the settings file gives a threshold. Only the thresholds are recorded:
 they calibrate the model's score scale; what to spend on crops stays the user's choice.
 With --eval-scenes N, held-out automatic metrics at those settings (seed --eval-seed) are
 recorded too (eval_automatic_recommended).
+
+With --iou-head-scenes N, before choosing thresholds the IoU head (and nothing else) is
+regressed on the best mask IoU with any ground-truth instance of every grid candidate of N
+scenes of --iou-head-seed (training.iou_head): a head trained on interactive prompts ranks
+the candidates of a point grid poorly. Its fit on held-back scenes is recorded (iou_head_fit),
+and with --eval-scenes the held-out single-point and default-threshold automatic metrics
+(eval_single_point, eval_automatic) are measured again for the new head, the old values
+kept under iou_head_fit.before. Without it the weights are unchanged.
 """
 from __future__ import annotations
 
@@ -36,6 +45,8 @@ from amg.params import CHECKPOINT_DEFAULTS  # noqa: E402
 from engine.calibrate import calibrate_on_scenes  # noqa: E402
 from model import load_checkpoint, save_checkpoint  # noqa: E402
 from training.automatic_eval import automatic_metrics, held_out_scenes  # noqa: E402
+from training.evaluate import single_point_miou  # noqa: E402
+from training.iou_head import fit_iou_head, grid_targets, ranking_quality, split_scenes  # noqa: E402
 from training.loop import code_version  # noqa: E402
 
 
@@ -50,13 +61,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, help="scene side in pixels (default: the model's input size)")
     ap.add_argument("--eval-scenes", type=int, default=0, help="held-out scenes to measure the result on")
     ap.add_argument("--eval-seed", type=int, default=1000003, help="scene stream of the held-out scenes")
+    ap.add_argument("--iou-head-scenes", type=int, default=0,
+                    help="refit the IoU head on the grid candidates of this many scenes first (0: keep it)")
+    ap.add_argument("--iou-head-seed", type=int, default=3000003, help="scene stream of the IoU head's scenes")
+    ap.add_argument("--iou-head-steps", type=int, default=3000, help="optimizer steps of the IoU head fit")
     ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     args = ap.parse_args(argv)
     if not 0.0 < args.target_precision <= 1.0:
         ap.error("--target-precision must be in (0, 1]")
     if args.seed == args.eval_seed:
         ap.error("--seed must differ from --eval-seed: the held-out scenes must not choose the settings")
+    if args.iou_head_scenes and args.iou_head_seed == args.eval_seed:
+        ap.error("--iou-head-seed must differ from --eval-seed: the held-out scenes must not train the IoU head")
+    if args.iou_head_scenes < 0 or args.iou_head_steps <= 0:
+        ap.error("--iou-head-scenes must be >= 0 and --iou-head-steps > 0")
     return args
+
+
+def refit_iou_head(model, meta: dict, args: argparse.Namespace, size: int, command: str) -> dict:
+    """Refit the IoU head in place (training.iou_head); returns what to record."""
+    started = time.time()
+    data = grid_targets(model, held_out_scenes(args.iou_head_seed, args.iou_head_scenes, size))
+    fit, back = split_scenes(data)
+    head = model.mask_decoder.iou_prediction_head
+    before = ranking_quality(head, back)
+    fit_iou_head(head, fit, steps=args.iou_head_steps)
+    record = {"scenes": args.iou_head_scenes, "seed": args.iou_head_seed, "size": size, "steps": args.iou_head_steps,
+              "prompts": len(data.tokens), "held_back_prompts": len(back.tokens),
+              "held_back_before": before, "held_back_after": ranking_quality(head, back),
+              "seconds": round(time.time() - started, 1), "command": command, "code_version": code_version()}
+    if args.eval_scenes:
+        # The head ranks the single-point and automatic candidates: measure both again.
+        record["before"] = {k: meta[k] for k in ("eval_single_point", "eval_automatic") if k in meta}
+        scenes = list(held_out_scenes(args.eval_seed, args.eval_scenes, size))
+        common = {"seed": args.eval_seed, "images": args.eval_scenes, "size": size}
+        meta["eval_single_point"] = single_point_miou(model, scenes) | common
+        meta["eval_automatic"] = automatic_metrics(model, scenes) | common | {"amg_params": "AmgParams defaults"}
+    return record
 
 
 def main(argv=None) -> int:
@@ -65,6 +106,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.torch_threads)
     model, meta = load_checkpoint(args.checkpoint)
     size = args.size or model.image_size
+    command = " ".join(["python", "jobs/calibrate_checkpoint.py", *(argv if argv is not None else sys.argv[1:])])
+    report = {}
+    if args.iou_head_scenes:
+        report["iou_head_fit"] = meta["iou_head_fit"] = refit_iou_head(model, meta, args, size, command)
     started = time.time()
     chosen = calibrate_on_scenes(model, held_out_scenes(args.seed, args.scenes, size), AmgParams(),
                                  args.target_precision)
@@ -73,10 +118,10 @@ def main(argv=None) -> int:
         "params": recommended,
         "calibration": chosen | {"seed": args.seed, "scenes": args.scenes, "size": size,
                                  "seconds": round(time.time() - started, 1)},
-        "command": " ".join(["python", "jobs/calibrate_checkpoint.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "code_version": code_version(),
     }
-    report = {"recommended": recommended, "calibration": meta[CHECKPOINT_DEFAULTS]["calibration"]}
+    report |= {"recommended": recommended, "calibration": meta[CHECKPOINT_DEFAULTS]["calibration"]}
     if args.eval_scenes:
         metrics = automatic_metrics(model, held_out_scenes(args.eval_seed, args.eval_scenes, size),
                                     AmgParams(output_mode="coco_rle", **recommended))
