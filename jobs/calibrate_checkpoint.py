@@ -47,7 +47,7 @@ from model import load_checkpoint, save_checkpoint  # noqa: E402
 from training.automatic_eval import automatic_metrics, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
 from training.iou_head import fit_iou_head, grid_targets, ranking_quality, split_scenes  # noqa: E402
-from training.loop import code_version  # noqa: E402
+from dataset.lineage import code_version  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,7 +24,7 @@ from model.text import load_embedder  # noqa: E402
 from training.crop_embedder import (  # noqa: E402
     CropTrainConfig, crop_accuracy, name_vocabulary, scene_crops, train_crop_encoder,
 )
-from training.loop import code_version  # noqa: E402
+from dataset.lineage import code_version  # noqa: E402
 from training.text import scene_stream  # noqa: E402
 
 TRAIN_SEED = 0  # the synthetic training stream of the other jobs

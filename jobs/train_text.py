@@ -36,7 +36,7 @@ from model.checkpoint import file_sha256  # noqa: E402
 from model.crop_embedder import ImageTextEmbedder  # noqa: E402
 from model.text import load_embedder  # noqa: E402
 from schemas.annotate import DEFAULT_CHECKPOINT, DEFAULT_TEXT_CHECKPOINT  # noqa: E402
-from training.loop import code_version  # noqa: E402
+from dataset.lineage import code_version  # noqa: E402
 from training.text import (  # noqa: E402
     TextTrainConfig, dataset_items, mask_items, prepare_examples, read_captions, scene_stream, synthetic_items,
     text_miou, train_text,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import tempfile
 import time
 from contextlib import nullcontext
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dataset.lineage import code_version
 from model import Sam, build_sam, load_checkpoint, save_checkpoint
 
 from .data import Batch, Example, ParquetExamples, make_batch, synthetic_example
@@ -32,7 +32,6 @@ from .interactive import STATS, SimulatedInteraction
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class SyntheticSource(BaseModel):
@@ -363,16 +362,3 @@ def export_checkpoint(model: Sam, path: str, cfg: TrainConfig, metrics: dict[str
     }
     save_checkpoint(model, path, meta)
     return path
-
-
-def code_version() -> str | None:
-    """`git describe --always --dirty` of this checkout, or None outside git."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
