@@ -23,9 +23,9 @@ With --iou-head-scenes N, before choosing thresholds the IoU head (and nothing e
 regressed on the best mask IoU with any ground-truth instance of every grid candidate of N
 scenes of --iou-head-seed (training.iou_head): a head trained on interactive prompts ranks
 the candidates of a point grid poorly. Its fit on held-back scenes is recorded (iou_head_fit),
-and with --eval-scenes the held-out single-point and default-threshold automatic metrics
-(eval_single_point, eval_automatic) are measured again for the new head, the old values
-kept under iou_head_fit.before. Without it the weights are unchanged.
+the held-out single-point and default-threshold automatic metrics (eval_single_point,
+eval_automatic) move to iou_head_fit.before, and with --eval-scenes are measured again for
+the new head. Without it the weights are unchanged.
 """
 from __future__ import annotations
 
@@ -90,9 +90,10 @@ def refit_iou_head(model, meta: dict, args: argparse.Namespace, size: int, comma
               "prompts": len(data.tokens), "held_back_prompts": len(back.tokens),
               "held_back_before": before, "held_back_after": ranking_quality(head, back),
               "seconds": round(time.time() - started, 1), "command": command, "code_version": code_version()}
+    # The head ranks the single-point and automatic candidates: the old metrics no longer
+    # describe the file; they are kept here, and measured again with --eval-scenes.
+    record["before"] = {k: meta.pop(k) for k in ("eval_single_point", "eval_automatic") if k in meta}
     if args.eval_scenes:
-        # The head ranks the single-point and automatic candidates: measure both again.
-        record["before"] = {k: meta[k] for k in ("eval_single_point", "eval_automatic") if k in meta}
         scenes = list(held_out_scenes(args.eval_seed, args.eval_scenes, size))
         common = {"seed": args.eval_seed, "images": args.eval_scenes, "size": size}
         meta["eval_single_point"] = single_point_miou(model, scenes) | common
