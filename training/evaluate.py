@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,27 +43,37 @@ def interior_points(masks: np.ndarray) -> np.ndarray:
     return points
 
 
-@torch.inference_mode()
-def predict_from_points(
-    model: Sam, image: np.ndarray, points: np.ndarray, batch_size: int = 64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One foreground click per prompt on an H x W x 3 uint8 image.
+MULTIMASK = slice(1, None)  # the decoder's three multimask tokens (token 0: the single-mask output)
 
-    points: N x 2 (x, y) in image pixels. Returns masks N x 3 x H x W bool and predicted
-    IoUs N x 3 (multimask output)."""
+
+@torch.inference_mode()
+def point_batches(
+    model: Sam, image: np.ndarray, points: np.ndarray, tokens: slice = MULTIMASK, batch_size: int = 64
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One foreground click per prompt on an H x W x 3 uint8 image, decoded batch_size
+    prompts at a time. points: N x 2 (x, y) in image pixels. Yields, per batch, the masks
+    n x T x H x W bool and predicted IoUs n x T (on the CPU) of the mask tokens `tokens`."""
     h, w = image.shape[:2]
     resized = resize_image(image, model.image_size) if max(h, w) != model.image_size else image
     x = torch.as_tensor(np.ascontiguousarray(resized), device=model.device).permute(2, 0, 1)[None].float()
     embedding = model.encode(x)
+    image_pe = model.prompt_encoder.get_dense_pe()
     coords = scale_coords(torch.as_tensor(points, dtype=torch.float32), (h, w), model.image_size).to(model.device)
-    masks, ious = [], []
     for start in range(0, len(points), batch_size):
         chunk = coords[start : start + batch_size, None]  # n x 1 x 2
         labels = torch.ones(chunk.shape[:2], dtype=torch.long, device=model.device)
-        low_res, iou = model.decode(embedding, chunk, labels, multimask_output=True)
-        logits = model.postprocess_masks(low_res.float(), input_shape(h, w, model.image_size), (h, w))
-        masks.append((logits > model.mask_threshold).cpu())
-        ious.append(iou.float().cpu())
+        sparse, dense = model.prompt_encoder((chunk, labels), None, None)
+        low_res, iou = model.mask_decoder.predict_masks(embedding, image_pe, sparse, dense)
+        logits = model.postprocess_masks(low_res[:, tokens].float(), input_shape(h, w, model.image_size), (h, w))
+        yield (logits > model.mask_threshold).cpu(), iou[:, tokens].float().cpu()
+
+
+def predict_from_points(
+    model: Sam, image: np.ndarray, points: np.ndarray, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """point_batches of the multimask output, concatenated: masks N x 3 x H x W bool and
+    predicted IoUs N x 3."""
+    masks, ious = zip(*point_batches(model, image, points, batch_size=batch_size))
     return torch.cat(masks), torch.cat(ious)
 
 

@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from amg import AmgParams
-from amg.encode import encode_image
 from model import Sam
-from model.transforms import scale_coords
+
+from .evaluate import point_batches
+
+ALL_TOKENS = slice(None)  # the single-mask token and the three multimask tokens
 
 
 @dataclass
@@ -42,28 +44,18 @@ def grid_targets(model: Sam, scenes: Iterable, points_per_side: int = 32, batch:
     grid = AmgParams(points_per_side=points_per_side).grids()[0]
     head = model.mask_decoder.iou_prediction_head
     captured: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
-    tokens, best, scene_index = [], [], []
+    hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].float().cpu()))
+    best, scene_index = [], []
     try:
-        image_pe = model.prompt_encoder.get_dense_pe()
         for index, scene in enumerate(scenes):
             h, w = scene.image.shape[:2]
-            encoded = encode_image(model, scene.image, AmgParams(points_per_side=points_per_side))
             truth = torch.from_numpy(np.asarray(scene.masks).reshape(len(scene.masks), -1)).float()
-            points = scale_coords(grid * np.array([w, h]), (h, w), model.image_size)
-            for start in range(0, len(points), batch):
-                coords = torch.as_tensor(points[start:start + batch], dtype=torch.float32, device=model.device)
-                labels = torch.ones(len(coords), 1, dtype=torch.int64, device=model.device)
-                sparse, dense = model.prompt_encoder((coords[:, None], labels), None, None)
-                captured.clear()
-                low_res, _ = model.mask_decoder.predict_masks(encoded.embeddings[:1], image_pe, sparse, dense)
-                masks = model.postprocess_masks(low_res, tuple(encoded.input_sizes[0]), (h, w)) > model.mask_threshold
-                tokens.append(captured[0].float().cpu())
-                best.append(_best_iou(masks.flatten(2).float().cpu(), truth))
-                scene_index.append(torch.full((len(coords),), index))
+            for masks, _ in point_batches(model, scene.image, grid * np.array([w, h]), ALL_TOKENS, batch):
+                best.append(_best_iou(masks.flatten(2).float(), truth))
+                scene_index.append(torch.full((len(masks),), index))
     finally:
         hook.remove()
-    return IouTargets(torch.cat(tokens), torch.cat(best), torch.cat(scene_index))
+    return IouTargets(torch.cat(captured), torch.cat(best), torch.cat(scene_index))
 
 
 def _best_iou(masks: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
