@@ -33,7 +33,7 @@ from training.loop import ParquetSource, SyntheticSource, TrainConfig, run_train
 
 # flag -> TrainConfig field, for the flags that set a field directly.
 FIELD_FLAGS = {
-    "model_type": str, "init_checkpoint": str, "steps": int, "images_per_step": int,
+    "model_type": str, "init_checkpoint": str, "patch_size": int, "steps": int, "images_per_step": int,
     "masks_per_image": int, "prompt_iterations": int, "mask_only_iterations": int, "lr": float,
     "weight_decay": float, "warmup_steps": int, "decay": str, "seed": int,
     "checkpoint_every": int, "eval_every": int, "log_every": int, "box_probability": float,
@@ -76,6 +76,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         fields = (json.loads(text) if args.config.endswith(".json") else yaml.safe_load(text)) or {}
     fields |= {field: getattr(args, field) for field in FIELD_FLAGS if getattr(args, field) is not None}
     fields |= {field: getattr(args, field) for field in SWITCH_FLAGS if getattr(args, field) is not None}
+    if fields.get("init_checkpoint") and "://" not in fields["init_checkpoint"]:
+        # Ray Train workers run in their own directory: a relative path would not be found.
+        fields["init_checkpoint"] = os.path.abspath(fields["init_checkpoint"])
     if args.eval_seed is not None:
         fields["eval_seed"] = args.eval_seed
     if args.no_synthetic:

@@ -24,7 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dataset.lineage import code_version
-from model import Sam, build_sam, load_checkpoint, save_checkpoint
+from model import Sam, get_config, load_checkpoint, save_checkpoint
+from model.resample import config_with_patch_size, with_patch_size
 
 from .data import Batch, Example, ParquetExamples, make_batch, synthetic_example
 from .evaluate import single_point_miou
@@ -54,6 +55,8 @@ class TrainConfig(BaseModel):
 
     model_type: str = "vit_tiny256"
     init_checkpoint: str | None = Field(None, description="fine-tune these weights instead of starting from scratch")
+    patch_size: int | None = Field(None, gt=0, description="train at this patch size instead of the model's; the "
+                                   "init checkpoint's weights are resampled to it (model.resample)")
     steps: int = Field(1000, gt=0)
     images_per_step: int = Field(4, gt=0, description="per worker")
     masks_per_image: int = Field(8, gt=0)
@@ -146,9 +149,10 @@ def step_batch(cfg: TrainConfig, image_size: int, parquet, step: int, rank: int,
 def initial_model(cfg: TrainConfig) -> Sam:
     if cfg.init_checkpoint:
         model, _ = load_checkpoint(cfg.init_checkpoint)
-        return model.train()
+        return with_patch_size(model, cfg.patch_size or model.config.patch_size).train()
     torch.manual_seed(cfg.seed)
-    model = build_sam(cfg.model_type)
+    config = get_config(cfg.model_type)
+    model = Sam(config_with_patch_size(config, cfg.patch_size) if cfg.patch_size else config)
     if cfg.vit_init:
         vit_init_(model)
     return model.train()
