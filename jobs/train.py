@@ -25,7 +25,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 
 import yaml  # noqa: E402
 
-from model import load_checkpoint, save_checkpoint  # noqa: E402
+from model import load_checkpoint, read_checkpoint_meta, save_checkpoint  # noqa: E402
 from training.data import synthetic_example  # noqa: E402
 from training.automatic_eval import automatic_metrics, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
@@ -101,6 +101,15 @@ def init_ray() -> None:
         ray.init()
 
 
+def init_lineage(path: str) -> dict:
+    """Where a fine-tuned model's starting weights came from: the starting file's own
+    command, steps, training time and code version (and its starting file's, if any), so
+    that the whole chain of runs can be repeated and its total cost is known."""
+    parent = read_checkpoint_meta(path)
+    keys = ("command", "steps", "train_seconds", "train_seconds_total", "code_version", "init_checkpoint")
+    return {"path": path} | {key: parent[key] for key in keys if key in parent}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = build_config(args)
@@ -132,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     history = metrics.get("history", [])
     meta["train_seconds"] = report["train_seconds"] = float(sum(row["seconds"] for row in history))
     meta["wall_seconds_this_invocation"] = report["wall_seconds_this_invocation"] = wall_seconds
+    if cfg.init_checkpoint:
+        meta["init_checkpoint"] = parent = init_lineage(cfg.init_checkpoint)
+        meta["train_seconds_total"] = report["train_seconds_total"] = meta["train_seconds"] + (
+            parent.get("train_seconds_total") or parent.get("train_seconds") or 0.0)
     save_checkpoint(model, path, meta)
     print(json.dumps(report, indent=2))
     return 0

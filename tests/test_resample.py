@@ -119,7 +119,10 @@ def test_training_starts_at_the_asked_patch_size(tmp_path, monkeypatch):
 
     coarse = Sam(get_config("vit_tiny256"))
     randomize(coarse, seed=2)
-    save_checkpoint(coarse, tmp_path / "coarse.pt", {})
+    save_checkpoint(coarse, tmp_path / "coarse.pt", {
+        "command": "python jobs/train.py --steps 5", "steps": 5, "train_seconds": 12.5, "metrics": {"loss": 1.0},
+        "init_checkpoint": {"path": "/older.pt", "train_seconds": 3.0},
+    })
     monkeypatch.chdir(tmp_path)
     cfg = train_job.build_config(train_job.parse_args(["--init-checkpoint", "coarse.pt", "--patch-size", "8"]))
     assert cfg.init_checkpoint == str(tmp_path / "coarse.pt") and cfg.patch_size == 8
@@ -128,3 +131,8 @@ def test_training_starts_at_the_asked_patch_size(tmp_path, monkeypatch):
     expected = with_patch_size(coarse, 8)
     assert fine.config == expected.config and fine.training
     assert all(torch.equal(a, b) for a, b in zip(fine.state_dict().values(), expected.state_dict().values()))
+
+    # The fine-tuned file will say where its start came from and what the chain cost.
+    lineage = train_job.init_lineage(cfg.init_checkpoint)
+    assert lineage == {"path": str(tmp_path / "coarse.pt"), "command": "python jobs/train.py --steps 5", "steps": 5,
+                       "train_seconds": 12.5, "init_checkpoint": {"path": "/older.pt", "train_seconds": 3.0}}
