@@ -3,6 +3,7 @@
     python jobs/train.py --steps 3000 --output checkpoints/vit_tiny256.pt
     python jobs/train.py --config train.yaml --workers 4 --gpu
     python jobs/train.py --init-checkpoint old.pt --parquet data/annotations --steps 500
+    python jobs/train.py --init-checkpoint p16.pt --patch-size 8 --steps 1700   # finer patches
 
 Settings come from TrainConfig's defaults, then --config (YAML or JSON of TrainConfig),
 then the flags given. ray.init() finds a running cluster (RAY_ADDRESS, or one started on

@@ -11,7 +11,7 @@ from amg import AmgParams, checkpoint_defaults
 from amg.params import CHECKPOINT_DEFAULTS
 from jobs import calibrate_checkpoint
 from jobs.auto_annotate import load_config
-from model import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from model import Sam, get_config, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from pipeline.graph import with_checkpoint_defaults
 from pipeline.sources import InputError
 from schemas.annotate import DEFAULT_CHECKPOINT
@@ -49,9 +49,8 @@ def test_the_job_uses_the_checkpoints_thresholds_unless_given(tmp_path):
 
 
 def test_official_checkpoints_keep_the_official_defaults(tmp_path):
-    model, _ = load_checkpoint(DEFAULT_CHECKPOINT)
     bare = tmp_path / "sam_vit_tiny256.pth"
-    torch.save(model.state_dict(), bare)  # an official-style file: a bare state dict, no metadata
+    torch.save(Sam(get_config("vit_tiny256")).state_dict(), bare)  # an official-style file: a bare state dict, no metadata
     config = with_checkpoint_defaults(load_config(["--checkpoint", str(bare), "--model-type", "vit_tiny256"]))
     assert (config.amg.pred_iou_thresh, config.amg.stability_score_thresh) == (0.88, 0.95)
     with pytest.raises(InputError, match="missing.pt"):
