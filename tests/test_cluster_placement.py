@@ -87,14 +87,18 @@ def test_group_tag_is_not_a_capacity_limit_but_gpus_are(cluster):
         for a in many:
             ray.kill(a)
     # ...but a second whole-GPU actor waits for a GPU node (the autoscaler would add one).
+    # (The second is created only once the first holds the GPU: Ray does not place two
+    # pending actors in the order they were created, so either could have taken it.)
     first = Where.options(num_gpus=1, resources={"gpu_group": 1}).remote()
-    second = Where.options(num_gpus=1, resources={"gpu_group": 1}).remote()
+    second = None
     try:
         assert ray.get(first.node.remote(), timeout=60)[0] == cluster["gpu_worker"]
+        second = Where.options(num_gpus=1, resources={"gpu_group": 1}).remote()
         ready, _ = ray.wait([second.node.remote()], timeout=3)
         assert ready == []
         ray.kill(first)
         assert ray.get(second.node.remote(), timeout=60)[0] == cluster["gpu_worker"]
     finally:
-        ray.kill(first)
-        ray.kill(second)
+        for actor in (first, second):
+            if actor is not None:
+                ray.kill(actor)
