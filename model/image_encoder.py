@@ -139,11 +139,14 @@ def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     the stored table was trained for another grid size."""
     length = 2 * size - 1
     if rel_pos.shape[0] != length:
-        rel_pos = F.interpolate(
-            rel_pos.t()[None], size=length, mode="linear"
-        )[0].t()
+        rel_pos = resample_rel_pos(rel_pos, length)
     coords = torch.arange(size, device=rel_pos.device)
     return rel_pos[coords[:, None] - coords[None, :] + (size - 1)]
+
+
+def resample_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """A relative-position table (offsets x d) resampled linearly to `length` offsets."""
+    return F.interpolate(rel_pos.t()[None], size=length, mode="linear")[0].t()
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -17,6 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from .config import SamConfig
+from .image_encoder import resample_rel_pos
 from .sam import Sam
 
 
@@ -57,8 +58,7 @@ def with_patch_size(model: Sam, patch_size: int) -> Sam:
                                  align_corners=False)
             state[name] = grid.permute(0, 2, 3, 1).to(value.dtype)
         elif name.endswith(("rel_pos_h", "rel_pos_w")):
-            state[name] = F.interpolate(value.t()[None].float(), size=shape[0], mode="linear",
-                                        align_corners=False)[0].t().to(value.dtype)
+            state[name] = resample_rel_pos(value, shape[0])
         else:
             raise ValueError(f"{name}: shape {tuple(value.shape)} -> {tuple(shape)} has no resampling rule")
     new.load_state_dict(state)
