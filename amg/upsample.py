@@ -15,7 +15,11 @@ above a threshold the whole block is above it, and where its maximum is below it
 block is below. Only the blocks in between, along the mask's edges (a few per cent), are
 evaluated pixel by pixel, through the same two resizes with the arithmetic of torch's
 bilinear kernel (float32 taps and fused multiply-adds, `_fma`), so those pixels have the
-same bits as the full-size logits (tested). (torch itself takes another kernel, rounding
+same bits as the full-size logits (tested). The stability filter needs only whether a
+count ratio reaches a threshold, so candidates are first ruled out by bounds on the counts:
+from the blocks, then from the square frame's cells (every full-size pixel lies between
+its 2 x 2 frame neighbours, so a mixed block's few frame values bound its pixels in
+~4 x 4 groups); only candidates that may pass are evaluated pixel by pixel. (torch itself takes another kernel, rounding
 differently in the last bit, for 3-channel inputs on one thread.)"""
 from __future__ import annotations
 
@@ -60,7 +64,9 @@ class _Axis:
     (n_low x m, m = the largest block; padding is invalid, with zero weights) read frame
     positions frame_first[i] + out_f0 / out_f1 with weights out_w0 / out_w1; those f frame
     positions (n_low x f) read low-res positions low_first[i] + frame_i0 / frame_i1 with
-    weights frame_w0 / frame_w1, at most n low-res positions from low_first[i]."""
+    weights frame_w0 / frame_w1, at most n low-res positions from low_first[i].
+    cells: n_low x f, how many of a block's positions read frame positions c and c + 1
+    (c = out_f0; see Blocks.cell_bound)."""
 
     nearest: torch.Tensor
     start: torch.Tensor
@@ -76,6 +82,7 @@ class _Axis:
     frame_i1: torch.Tensor
     frame_w0: torch.Tensor
     frame_w1: torch.Tensor
+    cells: torch.Tensor
 
     def to(self, device) -> "_Axis":
         return _Axis(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
@@ -123,12 +130,14 @@ def _axis(n_low: int, n_frame: int, n_in: int, n_out: int, device: str = "cpu") 
     i0, i1, v0, v1 = (t.numpy() for t in _taps(n_low, n_frame))
     frame_pos = np.minimum(first[:, None] + np.arange(f)[None, :], n_in - 1)
     low_first = i0[frame_pos].min(1)
+    cells = np.zeros((n_low, f), dtype=np.int64)
+    np.add.at(cells, (nearest, f0 - first[nearest]), 1)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return _Axis(
         t(nearest), t(start), t(size), int(np.abs(reach).max()), t(valid),
         t(out["f0"]), t(out["f1"]), t(out["w0"]), t(out["w1"]), t(low_first),
         t(i0[frame_pos] - low_first[:, None]), t(i1[frame_pos] - low_first[:, None]),
-        t(v0[frame_pos]), t(v1[frame_pos]),
+        t(v0[frame_pos]), t(v1[frame_pos]), t(cells),
     )
 
 
@@ -144,6 +153,9 @@ class ThresholdUpsampler:
         self.cols = _axis(low_res_size, frame, int(input_size[1]), int(out_size[1]), device)
         self.out_size = (int(out_size[0]), int(out_size[1]))
         self.area = self.rows.size[:, None] * self.cols.size[None, :]  # pixels per block
+        # The same as a vector for summing by matmul; float32 sums are exact below 2^24 pixels.
+        exact = torch.float32 if self.area.sum() < 2**24 else torch.float64
+        self.block_areas = self.area.flatten().to(exact)
 
     @torch.no_grad()
     def classify(self, low_res: torch.Tensor, thresholds: Sequence[float]) -> "Blocks":
@@ -152,25 +164,49 @@ class ThresholdUpsampler:
         x = low_res.float()
         ry, rx = self.rows.radius, self.cols.radius
         hi, lo = _window_max(x, ry, rx), -_window_max(-x, ry, rx)
-        # Rounding of the full-size computation stays far inside this margin.
-        margin = 1e-4 * (1 + x.abs().flatten(1).amax(1))[:, None, None] if len(x) else 0.0
+        margin = _margin(x)[:, None, None]
         above = torch.stack([lo > t + margin for t in thresholds])  # T x B x l x l: every pixel > t
         below = torch.stack([hi < t - margin for t in thresholds])  # every pixel <= t
         return Blocks(self, x, list(thresholds), above, below)
 
 
-def _block_values(x: torch.Tensor, b, i, j, rows: _Axis, cols: _Axis) -> torch.Tensor:
-    """The full-size values of K blocks (b, i, j) of low-res logits x (B x l x l):
-    K x m_rows x m_cols, through both resizes with torch's arithmetic, one axis at a time
-    (columns first: the kernel interpolates along a row, then between two rows)."""
+def _cells(points: torch.Tensor, every: bool) -> torch.Tensor:
+    """K x r x c flags of frame positions -> flags of the cells they span: cell (y, x) covers
+    positions y..y+1, x..x+1 (the last row / column only itself); every=True: all of
+    them set, else any."""
+    out = points.clone()
+    op = torch.Tensor.logical_and_ if every else torch.Tensor.logical_or_
+    op(out[:, :-1], points[:, 1:])
+    rows = out.clone()
+    op(out[:, :, :-1], rows[:, :, 1:])
+    return out
+
+
+def _margin(x: torch.Tensor) -> torch.Tensor:
+    """B: per candidate (low-res logits B x l x l), a margin far outside the rounding of
+    the full-size computation, for deciding from bounds which side of a threshold the
+    pixels are on."""
+    return 1e-4 * (1 + x.abs().flatten(1).amax(1)) if len(x) else x.new_zeros(0)
+
+
+def _block_frames(x: torch.Tensor, b, i, j, rows: _Axis, cols: _Axis) -> torch.Tensor:
+    """The first resize's values (the square frame's) that K blocks (b, i, j) of low-res
+    logits x (B x l x l) read: K x f_rows x f_cols, with torch's arithmetic (columns
+    first: the kernel interpolates along a row, then between two rows)."""
     l = x.shape[-1]
     n_rows = int(rows.frame_i1.max()) + 1
     n_cols = int(cols.frame_i1.max()) + 1
     ly = (rows.low_first[i][:, None] + torch.arange(n_rows, device=x.device)).clamp_max(l - 1)
     lx = (cols.low_first[j][:, None] + torch.arange(n_cols, device=x.device)).clamp_max(l - 1)
     patch = x.reshape(-1)[(b * l * l)[:, None, None] + ly[:, :, None] * l + lx[:, None, :]]  # K x ly x lx
-    frame = _lerp_rows(_lerp_cols(patch, cols.frame_i0[j], cols.frame_i1[j], cols.frame_w0[j], cols.frame_w1[j]),
-                       rows.frame_i0[i], rows.frame_i1[i], rows.frame_w0[i], rows.frame_w1[i])
+    return _lerp_rows(_lerp_cols(patch, cols.frame_i0[j], cols.frame_i1[j], cols.frame_w0[j], cols.frame_w1[j]),
+                      rows.frame_i0[i], rows.frame_i1[i], rows.frame_w0[i], rows.frame_w1[i])
+
+
+def _block_values(x: torch.Tensor, b, i, j, rows: _Axis, cols: _Axis) -> torch.Tensor:
+    """The full-size values of K blocks (b, i, j) of low-res logits x (B x l x l):
+    K x m_rows x m_cols, through both resizes with torch's arithmetic, one axis at a time."""
+    frame = _block_frames(x, b, i, j, rows, cols)
     return _lerp_rows(_lerp_cols(frame, cols.out_f0[j], cols.out_f1[j], cols.out_w0[j], cols.out_w1[j]),
                       rows.out_f0[i], rows.out_f1[i], rows.out_w0[i], rows.out_w1[i])
 
@@ -220,12 +256,32 @@ class Blocks:
     above: torch.Tensor
     below: torch.Tensor
 
-    def count_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """B x T lower and upper bounds of the full-size pixels above each threshold."""
-        area = self.upsampler.area
-        lower = (self.above * area).flatten(2).sum(2).T
-        upper = (~self.below * area).flatten(2).sum(2).T
-        return lower, upper
+    def count_bounds(self, which: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """B x len(which) lower and upper bounds of the full-size pixels above the
+        thresholds `which` (indices), from the blocks alone."""
+        area = self.upsampler.block_areas
+        lower = torch.stack([self.above[k].flatten(1).to(area.dtype) @ area for k in which], 1)
+        upper = torch.stack([(~self.below[k]).flatten(1).to(area.dtype) @ area for k in which], 1)
+        return lower.long(), upper.long()
+
+    @torch.no_grad()
+    def cell_bound(self, rows: torch.Tensor, k: int, upper: bool) -> torch.Tensor:
+        """A tighter bound than count_bounds' on the full-size pixels above thresholds[k] of
+        the candidates `rows` (an upper bound, or a lower one), at the resolution of the
+        square frame: every full-size pixel is a bilinear interpolation of its 2 x 2 frame
+        neighbours, so it lies between their min and max. The blocks mixed for the threshold
+        are split into these frame cells (~4 x 4 pixels on a 768 x 1024 image); only their
+        few frame values are computed, not the blocks' pixels."""
+        up = self.upsampler
+        x, above = self.low_res[rows], self.above[k][rows]
+        whole = above.flatten(1).to(up.block_areas.dtype) @ up.block_areas
+        b, i, j = (~(above | self.below[k][rows]) & (up.area > 0)).nonzero().unbind(1)  # K mixed blocks
+        frame = _block_frames(x, b, i, j, up.rows, up.cols)  # K x fr x fc
+        t = self.thresholds[k]
+        margin = _margin(x)[b][:, None, None]
+        cells = _cells(frame > t - margin, every=False) if upper else _cells(frame > t + margin, every=True)
+        area = up.rows.cells[i][:, :, None].to(whole.dtype) * up.cols.cells[j][:, None, :]  # pixels per cell
+        return whole.index_add_(0, b, (cells * area).flatten(1).sum(1)).long()
 
     @torch.no_grad()
     def exact(self, rows: torch.Tensor | None = None) -> "Thresholded":

@@ -165,8 +165,17 @@ def test_threshold_upsampler_matches_full_size_logits(device, low, input_size, o
     assert stability.dtype == expected.dtype
     torch.testing.assert_close(stability, expected, equal_nan=True, rtol=0, atol=2e-5)
     assert torch.isnan(stability[0]) and stability[1] == 1
-    lower, upper = blocks.count_bounds()
-    assert (lower[:, :2] <= counts).all() and (counts <= upper[:, :2]).all()
+    lower, upper = blocks.count_bounds([0, 1])
+    assert (lower <= counts).all() and (counts <= upper).all()
+    # The frame cells' bounds hold, are at least as tight, and much tighter in sum.
+    rows = torch.arange(24, device=device)
+    for k in (0, 1):
+        cell_upper, cell_lower = blocks.cell_bound(rows, k, upper=True), blocks.cell_bound(rows, k, upper=False)
+        assert (lower[:, k] <= cell_lower).all() and (cell_lower <= counts[:, k]).all()
+        assert (counts[:, k] <= cell_upper).all() and (cell_upper <= upper[:, k]).all()
+        assert torch.equal(blocks.cell_bound(rows[3:9], k, upper=True), cell_upper[3:9])
+        if out_size == (768, 1024):
+            assert (cell_upper - cell_lower).sum() < 0.5 * (upper[:, k] - lower[:, k]).sum()
     subset = torch.tensor([3, 1, 8], device=device)
     assert torch.equal(blocks.exact(subset).counts([0, 1]), counts[subset])
     none = blocks.exact(subset[:0])
