@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amg import AmgParams, AutomaticMaskGenerator, decode_image, encode_image, postprocess  # noqa: E402
 from amg.compare import match_records  # noqa: E402
-from model import Sam, get_config, load_checkpoint  # noqa: E402
+from amg.params import checkpoint_defaults  # noqa: E402
+from model import Sam, get_config, load_checkpoint, read_checkpoint_meta  # noqa: E402
 from model.memory import retain_freed_memory  # noqa: E402
 from schemas.annotate import DEFAULT_CHECKPOINT  # noqa: E402
 from schemas.throughput import FORMAT, ThroughputResults, write_results  # noqa: E402
@@ -180,8 +181,11 @@ def main() -> None:
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--crop-n-layers", type=int, default=0)
     ap.add_argument("--min-mask-region-area", type=int, default=0)
-    ap.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    ap.add_argument("--stability-score-thresh", type=float, default=0.95)
+    ap.add_argument("--pred-iou-thresh", type=float, default=None,
+                    help="default: the checkpoint's recommendation, as jobs/auto_annotate.py uses it "
+                         "(the official 0.88 without one)")
+    ap.add_argument("--stability-score-thresh", type=float, default=None,
+                    help="default: the checkpoint's recommendation (the official 0.95 without one)")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--skip-official", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
@@ -206,11 +210,15 @@ def main() -> None:
     else:
         model, _ = load_checkpoint(args.checkpoint, model_type=args.model_type)
     model = model.to(args.device)
+    given = {k: v for k, v in (("pred_iou_thresh", args.pred_iou_thresh),
+                                ("stability_score_thresh", args.stability_score_thresh)) if v is not None}
     params = AmgParams(points_per_side=args.points_per_side, crop_n_layers=args.crop_n_layers,
-                       min_mask_region_area=args.min_mask_region_area, pred_iou_thresh=args.pred_iou_thresh,
-                       stability_score_thresh=args.stability_score_thresh, output_mode="coco_rle")
+                       min_mask_region_area=args.min_mask_region_area, output_mode="coco_rle", **given)
+    if not args.random_weights:  # what jobs/auto_annotate.py takes from the checkpoint (flags win)
+        params = params.over(checkpoint_defaults(read_checkpoint_meta(args.checkpoint, args.model_type)))
     print(f"model {model.config.name} ({model.image_size}px), {params.points_per_side}x{params.points_per_side} "
           f"points, crop_n_layers={params.crop_n_layers}, min_mask_region_area={params.min_mask_region_area}, "
+          f"pred_iou_thresh={params.pred_iou_thresh}, stability_score_thresh={params.stability_score_thresh}, "
           f"threads={torch.get_num_threads()}, malloc={args.malloc}")
     official = None if args.skip_official else official_generator(model, params)
     seconds = dict.fromkeys(("read", "encode", "decode_prompts", "postprocess", "write"), 0.0)

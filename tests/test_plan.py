@@ -165,6 +165,15 @@ def test_amg_benchmark_writes_results(tmp_path):
     assert [s.stage for s in r.stages] == list(STAGES)
     assert all(s.items_per_s > 0 and s.resources.cpus == 1 and s.resources.gpus == 0 for s in r.stages)
     assert r.config["points_per_side"] == 4 and r.config["images"] == 2 and r.config["image_size"] == "128x160"
+    # Without threshold flags it measures what the job runs: the checkpoint's recommendation.
+    from amg.params import checkpoint_defaults
+    from model import read_checkpoint_meta
+    from schemas.annotate import DEFAULT_CHECKPOINT
+
+    recommended = checkpoint_defaults(read_checkpoint_meta(DEFAULT_CHECKPOINT))
+    assert recommended["pred_iou_thresh"] != 0.88
+    assert r.config["pred_iou_thresh"] == recommended["pred_iou_thresh"]
+    assert r.config["stability_score_thresh"] == recommended["stability_score_thresh"]
     assert f"wrote {path}" in proc.stdout
 
 
