@@ -17,7 +17,9 @@ how they were chosen. jobs/auto_annotate.py then uses them
 unless a flag or the settings file gives a threshold. Only the thresholds are recorded:
 they calibrate the model's score scale; what to spend on crops stays the user's choice.
 With --eval-scenes N, held-out automatic metrics at those settings (seed --eval-seed) are
-recorded too (eval_automatic_recommended).
+recorded too (eval_automatic_recommended), and the ceiling the model's candidates set on
+recall whatever the thresholds or ranking (eval_candidate_ceiling: each instance's best IoU
+among every grid candidate, training.automatic_eval.candidate_ceiling).
 
 With --iou-head-scenes N, before choosing thresholds the IoU head (and nothing else) is
 regressed on the best mask IoU with any ground-truth instance of every grid candidate of N
@@ -44,7 +46,7 @@ from amg import AmgParams  # noqa: E402
 from amg.params import CHECKPOINT_DEFAULTS  # noqa: E402
 from engine.calibrate import calibrate_on_scenes  # noqa: E402
 from model import load_checkpoint, save_checkpoint  # noqa: E402
-from training.automatic_eval import automatic_metrics, held_out_scenes  # noqa: E402
+from training.automatic_eval import automatic_metrics, candidate_ceiling, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
 from training.iou_head import fit_iou_head, grid_targets, ranking_quality, split_scenes  # noqa: E402
 from dataset.lineage import code_version  # noqa: E402
@@ -128,6 +130,10 @@ def main(argv=None) -> int:
                                     AmgParams(output_mode="coco_rle", **recommended))
         meta["eval_automatic_recommended"] = report["eval_automatic_recommended"] = metrics | {
             "seed": args.eval_seed, "images": args.eval_scenes, "size": size, "amg_params": recommended}
+        # What any thresholds or ranking could reach with these masks (the IoU head plays no part).
+        ceiling = candidate_ceiling(model, held_out_scenes(args.eval_seed, args.eval_scenes, size))
+        meta["eval_candidate_ceiling"] = report["eval_candidate_ceiling"] = ceiling | {
+            "seed": args.eval_seed, "images": args.eval_scenes, "size": size}
     save_checkpoint(model, args.output or args.checkpoint, meta)
     print(json.dumps(report, indent=2))
     return 0

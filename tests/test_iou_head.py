@@ -79,6 +79,9 @@ def test_the_calibration_job_refits_only_the_head_and_records_it(tmp_path):
     # The held-out metrics describe the new head; the old ones are kept beside the fit.
     assert fit["before"]["eval_single_point"] == old_meta["eval_single_point"]
     assert meta["eval_single_point"]["images"] == 2 and meta["eval_automatic"]["images"] == 2
+    ceiling = meta["eval_candidate_ceiling"]
+    assert ceiling["images"] == 2 and ceiling["instances"] > 0 and ceiling["candidates_per_image"] == 3 * 1024
+    assert meta["eval_automatic_recommended"]["AR1000"] <= ceiling["ceiling"] <= 1.0
     assert meta[CHECKPOINT_DEFAULTS]["calibration"]["seed"] == 78
     with pytest.raises(SystemExit):  # the held-out scenes may not train the head
         calibrate_checkpoint.main(["--checkpoint", DEFAULT_CHECKPOINT, "--iou-head-scenes", "2",
