@@ -164,8 +164,9 @@ class MaskDecoder(nn.Module):
 def _image_order(h: int, w: int, device: str) -> torch.Tensor:
     """For each pixel of a 4h x 4w mask in row-major order, its index in
     MaskDecoder.upscale's layout (h, w, ky1, kx1, ky2, kx2)."""
-    y, ky1, ky2, x, kx1, kx2 = torch.meshgrid(*(torch.arange(n) for n in (h, 2, 2, w, 2, 2)), indexing="ij")
-    return (((y * w + x) * 16 + ky1 * 8 + kx1 * 4 + ky2 * 2 + kx2).reshape(-1)).to(device)
+    with torch.inference_mode(False):  # cached: usable by autograd even when first made in inference mode
+        y, ky1, ky2, x, kx1, kx2 = torch.meshgrid(*(torch.arange(n) for n in (h, 2, 2, w, 2, 2)), indexing="ij")
+        return (((y * w + x) * 16 + ky1 * 8 + kx1 * 4 + ky2 * 2 + kx2).reshape(-1)).to(device)
 
 
 class Scored(NamedTuple):

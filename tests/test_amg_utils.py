@@ -174,6 +174,7 @@ def test_threshold_upsampler_matches_full_size_logits(device, low, input_size, o
         assert (lower[:, k] <= cell_lower).all() and (cell_lower <= counts[:, k]).all()
         assert (counts[:, k] <= cell_upper).all() and (cell_upper <= upper[:, k]).all()
         assert torch.equal(blocks.cell_bound(rows[3:9], k, upper=True), cell_upper[3:9])
+        assert blocks.cell_bound(rows[:0], k, upper=False).shape == (0,)
         if out_size == (768, 1024):
             assert (cell_upper - cell_lower).sum() < 0.5 * (upper[:, k] - lower[:, k]).sum()
     subset = torch.tensor([3, 1, 8], device=device)

@@ -332,3 +332,17 @@ def test_ray_training_learns_and_resumes(ray_cluster, tmp_path):
     assert resumed["start_step"] == 80
     assert [row["step"] for row in resumed["history"]] == list(range(1, 91))
     assert resumed["history"][:80] == history
+
+
+def test_decoder_trains_after_inference_mode_use():
+    """Tensors the decoder caches (mask upscaling's pixel order) are made outside inference
+    mode, so generating masks first (amg runs in inference mode) does not break training
+    in the same process."""
+    model = build_sam("vit_tiny256")
+    decoder = model.mask_decoder
+    features, tokens = torch.randn(2, 16, 16, 128), torch.randn(2, 4, 128)
+    with torch.inference_mode():
+        decoder.masks_from(tokens, features)
+    features.requires_grad_()
+    decoder.masks_from(tokens, features).square().sum().backward()
+    assert features.grad is not None and features.grad.abs().sum() > 0
