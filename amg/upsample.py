@@ -259,10 +259,15 @@ class Blocks:
     def count_bounds(self, which: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """B x len(which) lower and upper bounds of the full-size pixels above the
         thresholds `which` (indices), from the blocks alone."""
-        area = self.upsampler.block_areas
-        lower = torch.stack([self.above[k].flatten(1).to(area.dtype) @ area for k in which], 1)
-        upper = torch.stack([(~self.below[k]).flatten(1).to(area.dtype) @ area for k in which], 1)
+        lower = torch.stack([self._pixels(self.above[k]) for k in which], 1)
+        upper = torch.stack([self._pixels(~self.below[k]) for k in which], 1)
         return lower.long(), upper.long()
+
+    def _pixels(self, flags: torch.Tensor) -> torch.Tensor:
+        """B x l x l block flags -> B: the full-size pixels of the flagged blocks (summed by
+        a matmul in block_areas' dtype, exact)."""
+        area = self.upsampler.block_areas
+        return flags.flatten(1).to(area.dtype) @ area
 
     @torch.no_grad()
     def cell_bound(self, rows: torch.Tensor, k: int, upper: bool) -> torch.Tensor:
@@ -274,7 +279,7 @@ class Blocks:
         few frame values are computed, not the blocks' pixels."""
         up = self.upsampler
         x, above = self.low_res[rows], self.above[k][rows]
-        whole = above.flatten(1).to(up.block_areas.dtype) @ up.block_areas
+        whole = self._pixels(above)
         b, i, j = (~(above | self.below[k][rows]) & (up.area > 0)).nonzero().unbind(1)  # K mixed blocks
         frame = _block_frames(x, b, i, j, up.rows, up.cols)  # K x fr x fc
         t = self.thresholds[k]

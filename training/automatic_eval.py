@@ -9,6 +9,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from amg import AmgParams, AutomaticMaskGenerator
+from amg.rle import to_coco_rle
 from model import Sam
 
 from .evaluate import coco_metrics
@@ -50,8 +51,8 @@ def candidate_ceiling(model: Sam, scenes: Iterable, params: AmgParams = EVAL_PAR
     best, areas, candidates, images = [], [], 0, 0
     for scene in scenes:
         records = generator.generate(scene.image)
-        truth = [coco_mask.encode(np.asfortranarray(m.astype(np.uint8))) for m in scene.masks]
-        found = [_rle(r["segmentation"]) for r in records]
+        truth = [to_coco_rle(m) for m in scene.masks]
+        found = [to_coco_rle(r["segmentation"]) for r in records]
         iou = np.asarray(coco_mask.iou(found, truth, [0] * len(truth))).reshape(len(found), len(truth))
         best += list(iou.max(0) if len(found) else np.zeros(len(truth)))
         areas += [float(coco_mask.area(t)) for t in truth]
@@ -67,12 +68,6 @@ def candidate_ceiling(model: Sam, scenes: Iterable, params: AmgParams = EVAL_PAR
             out["recall_at_0.5"] = float((b >= 0.5).mean()) if len(b) else -1.0
             out["median_best_iou"] = float(np.median(b)) if len(b) else -1.0
     return out
-
-
-def _rle(segmentation: dict) -> dict:
-    """A record's COCO RLE as pycocotools takes it (counts as bytes)."""
-    counts = segmentation["counts"]
-    return dict(segmentation, counts=counts.encode() if isinstance(counts, str) else counts)
 
 
 def held_out_scenes(seed: int, count: int, size: int = 256):
