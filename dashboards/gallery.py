@@ -9,9 +9,9 @@ import io
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as coco_mask
 
 from amg.overlay import overlay
+from amg.rle import coco_to_mask
 from pipeline.images import ImageLimits, decode_image
 from pipeline.sources import read_bytes
 
@@ -19,8 +19,7 @@ THUMB_SIDE = 420
 
 
 def _masks(row: dict) -> list[np.ndarray]:
-    return [coco_mask.decode({"size": list(m["segmentation"]["size"]), "counts": m["segmentation"]["counts"].encode()})
-            .astype(bool) for m in row["annotations"]]
+    return [coco_to_mask(m["segmentation"]) for m in row["annotations"]]
 
 
 def _seed(image_id: str) -> int:

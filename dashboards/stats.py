@@ -178,7 +178,7 @@ def solidity(mask: np.ndarray) -> float:
 def measure_concavity(stats: VersionStats, rows: list[dict], max_masks: int) -> None:
     """Concavity (1 - solidity) of the masks of the sampled images, in sample order, up to
     max_masks masks."""
-    from pycocotools import mask as coco_mask
+    from amg.rle import coco_to_mask
 
     values = []
     for row in rows:
@@ -186,9 +186,7 @@ def measure_concavity(stats: VersionStats, rows: list[dict], max_masks: int) -> 
             break
         stats.concavity_images += 1
         for m in row["annotations"][: max_masks - len(values)]:
-            seg = m["segmentation"]
-            rle = {"size": list(seg["size"]), "counts": seg["counts"].encode()}
-            s = solidity(coco_mask.decode(rle).astype(bool))
+            s = solidity(coco_to_mask(m["segmentation"]))
             if not np.isnan(s):
                 values.append(1.0 - s)
                 stats.concavity_mask_ids.append(int(m["id"]))

@@ -20,6 +20,8 @@ import requests
 from pycocotools import mask as coco_mask
 from scipy import ndimage
 
+from amg.rle import coco_to_mask, to_coco_rle
+
 from .labelstudio import brush_to_coco
 from .semi_auto import brush_result
 
@@ -88,23 +90,14 @@ def next_click(predicted: np.ndarray | None, truth: np.ndarray) -> tuple[float, 
     return float(best[1]), float(best[2]), best[3]
 
 
-def encode(mask: np.ndarray) -> dict:
-    return coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-
-
-def as_pycoco(segmentation: dict) -> dict:
-    counts = segmentation["counts"]
-    return {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-
-
 def best_ious(truth: np.ndarray, segmentations: Sequence[dict]) -> np.ndarray:
     """N: for each of N x H x W ground-truth masks, its best IoU with any of the masks."""
     if len(truth) == 0:
         return np.zeros(0)
     if len(segmentations) == 0:
         return np.zeros(len(truth))
-    gt = [encode(m) for m in truth]
-    ious = coco_mask.iou(gt, [as_pycoco(s) for s in segmentations], [0] * len(segmentations))
+    gt = [to_coco_rle(m) for m in truth]
+    ious = coco_mask.iou(gt, [to_coco_rle(s) for s in segmentations], [0] * len(segmentations))
     return np.asarray(ious).reshape(len(truth), len(segmentations)).max(axis=1)
 
 
@@ -150,7 +143,7 @@ class SimulatedAnnotator:
             out = self.client.predict(index=index, image_id=image_id, points=points, labels=labels,
                                       mask_input=low_res)
             low_res = out["low_res"]
-            predicted = coco_mask.decode(as_pycoco(out["segmentation"])).astype(bool)
+            predicted = coco_to_mask(out["segmentation"])
             union = np.logical_or(predicted, truth).sum()
             iou = float(np.logical_and(predicted, truth).sum() / union) if union else 0.0
             if best is None or iou > best.iou:

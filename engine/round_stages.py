@@ -105,8 +105,9 @@ def ground_truth_manual(images_per_round: int | None = None):
     service's simulated annotator where a round needs exact masks fast."""
 
     def hook(ctx: RoundContext) -> dict:
-        from pycocotools import mask as coco_mask
+        import torch
 
+        from amg.rle import masks_to_rle_counts, rle_area, rle_bbox, rle_to_coco
         from dataset import DatasetWriter
         from dataset.identity import image_identity
         from dataset.lineage import new_lineage
@@ -118,15 +119,13 @@ def ground_truth_manual(images_per_round: int | None = None):
             if truth is None:
                 continue
             image_id, phash = image_identity(path.read_bytes())
-            annotations = []
-            for mask in truth:
-                rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-                annotations.append({
-                    "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
-                    "area": int(coco_mask.area(rle)), "bbox": [int(v) for v in coco_mask.toBbox(rle)],
-                    "predicted_iou": None, "point_coords": [], "stability_score": None,
-                    "crop_box": [0, 0, mask.shape[1], mask.shape[0]],
-                })
+            size = truth.shape[1:]
+            counts = masks_to_rle_counts(torch.from_numpy(truth))
+            annotations = [{
+                "segmentation": segmentation, "area": rle_area(c), "bbox": rle_bbox(c, size),
+                "predicted_iou": None, "point_coords": [], "stability_score": None,
+                "crop_box": [0, 0, size[1], size[0]],
+            } for c, segmentation in zip(counts, rle_to_coco(counts, size))]
             records.append({"image_id": image_id, "uri": str(path), "width": truth.shape[2],
                             "height": truth.shape[1], "phash": phash, "annotations": annotations})
         writer = DatasetWriter(ctx.root, new_lineage(round=ctx.round, stage="manual", run_id=ctx.run_id,

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from engine.annotator import EngineClient, EngineError, SimulatedAnnotator, as_pycoco, next_click
+from amg.rle import to_coco_rle
+from engine.annotator import EngineClient, EngineError, SimulatedAnnotator, next_click
 from engine.cache import EmbeddingCache
 from training.synthetic import make_scene
 
@@ -133,11 +134,11 @@ def test_accepted_masks_land_in_the_dataset_as_manual(service, session):
             assert ann["id"] == annotation_id(row["image_key"], i)
             # Stored exactly as the service returned it, and it decodes to that mask.
             assert ann["segmentation"]["counts"] == sent["segmentation"]["counts"]
-            stored = coco_mask.decode(as_pycoco(ann["segmentation"]))
-            returned = coco_mask.decode(as_pycoco(sent["segmentation"]))
+            stored = coco_mask.decode(to_coco_rle(ann["segmentation"]))
+            returned = coco_mask.decode(to_coco_rle(sent["segmentation"]))
             assert stored.shape == (opened["height"], opened["width"]) and np.array_equal(stored, returned)
             assert ann["area"] == int(stored.sum()) == sent["area"]
-            assert list(ann["bbox"]) == [int(v) for v in coco_mask.toBbox(as_pycoco(ann["segmentation"]))]
+            assert list(ann["bbox"]) == [int(v) for v in coco_mask.toBbox(to_coco_rle(ann["segmentation"]))]
             assert ann["predicted_iou"] == pytest.approx(sent["score"])
             assert [tuple(p) for p in ann["point_coords"]] == outcome.points
             total += 1
@@ -193,7 +194,7 @@ def browser_command(tmp_path: Path) -> list[str]:
 def page_mask(url: str, tmp_path: Path, expected: dict) -> str:
     """Load the page headless and check the mask it drew on its canvas is, pixel for pixel,
     the service's `expected` response; returns the page's DOM."""
-    flat = np.flatnonzero(coco_mask.decode(as_pycoco(expected["segmentation"])).astype(bool).ravel())  # row-major
+    flat = np.flatnonzero(coco_mask.decode(to_coco_rle(expected["segmentation"])).astype(bool).ravel())  # row-major
     dom = subprocess.run([*browser_command(tmp_path), "--dump-dom", url], capture_output=True, text=True,
                          timeout=180).stdout
     canvas = re.search(r'<canvas id="overlay"[^>]*>', dom)
@@ -247,7 +248,7 @@ def test_text_prompt_over_http_is_the_predictors_answer(service, session):
     predictor.set_image(np.asarray(Image.open(opened["uri"]).convert("RGB")))
     masks, scores, _ = predictor.predict(text=phrase)
     best = int(np.argmax(scores))
-    assert np.array_equal(coco_mask.decode(as_pycoco(got["segmentation"])).astype(bool), masks[best])
+    assert np.array_equal(coco_mask.decode(to_coco_rle(got["segmentation"])).astype(bool), masks[best])
     assert got["score"] == pytest.approx(float(scores[best]), abs=1e-5)
     with pytest.raises(EngineError) as err:
         client.predict(index=0, image_id=opened["image_id"], text="   ")

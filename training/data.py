@@ -14,6 +14,7 @@ import torch
 from pycocotools import mask as coco_mask
 from torch.nn import functional as F
 
+from amg.rle import to_coco_rle
 from model.transforms import input_shape, resize_image
 
 from .synthetic import make_scene, scene_seed
@@ -118,10 +119,7 @@ def parquet_example(image: bytes | str, annotations: list[dict], endpoint_url: s
     except (ReadError, BadImage) as e:
         raise ValueError(f"training image {name}: {e}") from e
     h, w = image.shape[:2]
-    rles = [dict(annotation["segmentation"]) for annotation in annotations or []]
-    for rle in rles:
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode()
+    rles = [to_coco_rle(annotation["segmentation"]) for annotation in annotations or []]
     wrong = [rle["size"] for rle in rles if list(rle["size"]) != [h, w]]
     if wrong:
         raise ValueError(f"training image {name} is {h} x {w} but a mask is {wrong[0][0]} x {wrong[0][1]}")

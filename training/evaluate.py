@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy.ndimage import distance_transform_edt
 
+from amg.rle import to_coco_rle
 from model import Sam
 from model.transforms import input_shape, resize_image, scale_coords
 
@@ -122,17 +123,15 @@ def coco_metrics(
         h, w = gt.shape[-2:]
         coco_images.append({"id": image_id, "height": h, "width": w, "file_name": str(images[image_id - 1])})
         for mask in gt:
-            rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle = to_coco_rle(mask)
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
                 "segmentation": rle, "area": float(coco_mask.area(rle)), "bbox": coco_mask.toBbox(rle).tolist(),
             })
         for record in records:
-            rle = dict(record["segmentation"])
-            if isinstance(rle["counts"], str):
-                rle["counts"] = rle["counts"].encode()
             detections.append({
-                "image_id": image_id, "category_id": 1, "segmentation": rle, "score": float(record["predicted_iou"]),
+                "image_id": image_id, "category_id": 1, "segmentation": to_coco_rle(record["segmentation"]),
+                "score": float(record["predicted_iou"]),
             })
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
