@@ -115,11 +115,12 @@ def main(argv=None) -> int:
         return 2
     from pipeline.cluster import connect
     from pipeline.graph import run
-    from pipeline.sources import InputError
+    from pipeline.sources import InputError, check_output
 
     print(f"output: {config.output}", flush=True)
-    connect(config.ray_address)
     try:
+        check_output(config.output, config.endpoint_url)  # before starting Ray (run checks again)
+        connect(config.ray_address)
         summary = run(config)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -43,9 +43,16 @@ def main(argv=None) -> int:
         return 2
     from pipeline.cluster import connect
     from pipeline.rebuild import rebuild
+    from pipeline.sources import InputError, check_output
 
-    connect(config.ray_address)
-    report = rebuild(config, full=args.full, prune_deleted=args.prune_deleted, retention_hours=args.retention_hours)
+    try:
+        check_output(config.output, config.endpoint_url)
+        connect(config.ray_address)
+        report = rebuild(config, full=args.full, prune_deleted=args.prune_deleted,
+                         retention_hours=args.retention_hours)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2, sort_keys=True, default=str))
     return 0
 

@@ -33,7 +33,7 @@ from dataset.lineage import file_sha256, listing_hash, new_lineage
 from schemas.annotate import AnnotateConfig
 
 from .progress import committed_state
-from .sources import InputError, list_inputs
+from .sources import InputError, check_output, list_inputs
 
 STAGES = ("read", "dedup", "encode", "decode", "postprocess", "write")
 
@@ -79,6 +79,7 @@ def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
     """Annotate config.input into the dataset at config.output; returns the run summary.
     Needs a connected Ray (ray.init)."""
     t0 = time.perf_counter()
+    check_output(config.output, config.endpoint_url)
     device = config.resolved_device(ray.cluster_resources().get("GPU", 0))
     config = with_checkpoint_defaults(config, log)
     listing = list_inputs(config.input, config.endpoint_url)

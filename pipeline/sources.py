@@ -25,7 +25,8 @@ LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.str
 
 
 class InputError(ValueError):
-    """The input spec itself is unusable (nothing to list, unreadable manifest)."""
+    """An argument of the run itself is unusable: an input spec with nothing to list or an
+    unreadable manifest, a checkpoint that cannot be read, an output it cannot write to."""
 
 
 def s3_filesystem(endpoint_url: str | None = None):
@@ -46,6 +47,29 @@ def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None)
     if region:
         client["region_name"] = region
     return s3fs.S3FileSystem(client_kwargs=client, use_listings_cache=False)
+
+
+def check_output(root: str, endpoint_url: str | None = None) -> None:
+    """InputError when a dataset root cannot be written, checked before any work starts:
+    a local path that is (or lies under) a file or a folder without write permission; an
+    S3 bucket that does not exist or cannot be reached."""
+    if is_s3(root):
+        bucket = _s3_path(root).split("/", 1)[0]
+        try:
+            exists = s3_filesystem(endpoint_url).exists(bucket)
+        except (OSError, ValueError) as e:  # access denied, unreachable endpoint, bad credentials
+            raise InputError(f"output {root}: cannot reach bucket {bucket!r}: {e}") from e
+        if not exists:
+            raise InputError(f"output {root}: bucket {bucket!r} does not exist (create it first)")
+        return
+    path = os.path.abspath(str(root).removeprefix("file://"))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"output {root}: {existing} is a file; the output is a dataset folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"output {root}: no permission to write in {existing}")
 
 
 def _s3_path(uri: str) -> str:

@@ -67,3 +67,13 @@ def test_a_bad_value_exits_with_a_message_naming_the_field():
     r = subprocess.run([sys.executable, "jobs/auto_annotate.py", "--box-nms-thresh", "2"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "box_nms_thresh" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_output_that_is_a_file_exits_with_a_message_before_any_work(tmp_path):
+    taken = tmp_path / "dataset"
+    taken.write_bytes(b"not a folder")
+    r = subprocess.run([sys.executable, "jobs/auto_annotate.py", "--output", str(taken)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is a file; the output is a dataset folder" in r.stderr
+    assert "Traceback" not in r.stderr and "Ray" not in r.stdout + r.stderr  # failed before starting Ray
+    assert taken.read_bytes() == b"not a folder"

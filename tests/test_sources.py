@@ -1,10 +1,12 @@
 """Listing inputs (folder, glob, manifest, file) and reading them with retries."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pipeline import sources
-from pipeline.sources import InputError, ReadError, list_inputs, read_bytes
+from pipeline.sources import InputError, ReadError, check_output, list_inputs, read_bytes
 
 
 @pytest.fixture
@@ -80,3 +82,27 @@ def test_s3_reads_follow_the_environment_and_see_new_objects():
             s3.put_object(Bucket="data", Key=f"images/{name}", Body=name.encode())
             assert read_bytes(f"s3://data/images/{name}", max_bytes=100) == name.encode()
             assert sources.s3_filesystem().info(f"data/images/{name}")["size"] == len(name)
+
+
+def test_an_output_that_cannot_be_written_is_a_clear_error(tmp_path):
+    check_output(str(tmp_path / "new" / "dataset"))  # missing folders are created by the writer
+    check_output(f"file://{tmp_path}")
+    (tmp_path / "taken").write_bytes(b"x")
+    with pytest.raises(InputError, match="taken is a file; the output is a dataset folder"):
+        check_output(str(tmp_path / "taken"))
+    with pytest.raises(InputError, match="taken is a file"):
+        check_output(str(tmp_path / "taken" / "dataset"))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root writes anywhere: nothing to check then
+        with pytest.raises(InputError, match="no permission to write in"):
+            check_output(str(locked / "dataset"))
+
+
+def test_an_output_bucket_must_exist():
+    from tests.s3server import moto_server
+
+    with moto_server("data"):
+        check_output("s3://data/datasets/one")
+        with pytest.raises(InputError, match="bucket 'nobucket' does not exist"):
+            check_output("s3://nobucket/datasets/one")
