@@ -54,13 +54,7 @@ def check_output(root: str, endpoint_url: str | None = None) -> None:
     a local path that is (or lies under) a file or a folder without write permission; an
     S3 bucket that does not exist or cannot be reached."""
     if is_s3(root):
-        bucket = _s3_path(root).split("/", 1)[0]
-        try:
-            exists = s3_filesystem(endpoint_url).exists(bucket)
-        except (OSError, ValueError) as e:  # access denied, unreachable endpoint, bad credentials
-            raise InputError(f"output {root}: cannot reach bucket {bucket!r}: {e}") from e
-        if not exists:
-            raise InputError(f"output {root}: bucket {bucket!r} does not exist (create it first)")
+        _check_bucket(root, endpoint_url, "output")
         return
     path = os.path.abspath(str(root).removeprefix("file://"))
     existing = path
@@ -70,6 +64,21 @@ def check_output(root: str, endpoint_url: str | None = None) -> None:
         raise InputError(f"output {root}: {existing} is a file; the output is a dataset folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"output {root}: no permission to write in {existing}")
+
+
+def _check_bucket(uri: str, endpoint_url: str | None, role: str) -> None:
+    """InputError naming the cause when uri's bucket is missing, forbidden or unreachable."""
+    from botocore.exceptions import BotoCoreError
+
+    bucket = _s3_path(uri).split("/", 1)[0]
+    try:
+        s3_filesystem(endpoint_url).info(bucket)
+    except FileNotFoundError:
+        raise InputError(f"{role} {uri}: bucket {bucket!r} does not exist") from None
+    except PermissionError as e:
+        raise InputError(f"{role} {uri}: access to bucket {bucket!r} denied: {e}") from e
+    except (BotoCoreError, OSError) as e:  # unreachable endpoint, bad credentials
+        raise InputError(f"{role} {uri}: cannot reach bucket {bucket!r}: {e}") from e
 
 
 def _s3_path(uri: str) -> str:
@@ -102,6 +111,9 @@ def _local_row(path: Path) -> dict:
 
 
 def _list_s3(spec: str, endpoint_url: str | None) -> list[dict]:
+    """Image objects under an s3:// prefix; InputError when its bucket is missing or cannot
+    be reached (an empty prefix of a bucket that exists lists nothing)."""
+    _check_bucket(spec, endpoint_url, "input")
     fs = s3_filesystem(endpoint_url)
     scheme = spec.split("://", 1)[0]
     try:

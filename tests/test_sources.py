@@ -99,10 +99,18 @@ def test_an_output_that_cannot_be_written_is_a_clear_error(tmp_path):
             check_output(str(locked / "dataset"))
 
 
-def test_an_output_bucket_must_exist():
-    from tests.s3server import moto_server
+def test_a_missing_or_unreachable_bucket_is_a_clear_error():
+    from tests.s3server import free_port, moto_server
 
     with moto_server("data"):
         check_output("s3://data/datasets/one")
-        with pytest.raises(InputError, match="bucket 'nobucket' does not exist"):
+        assert list_inputs("s3://data/no/images/yet").num_rows == 0  # an empty prefix lists nothing
+        with pytest.raises(InputError, match="output s3://nobucket/datasets/one: bucket 'nobucket' does not exist"):
             check_output("s3://nobucket/datasets/one")
+        with pytest.raises(InputError, match="input s3://nobucket/images: bucket 'nobucket' does not exist"):
+            list_inputs("s3://nobucket/images")
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(InputError, match="cannot reach bucket 'data'"):
+        list_inputs("s3://data/images", endpoint_url=closed)
+    with pytest.raises(InputError, match="cannot reach bucket 'data'"):
+        check_output("s3://data/datasets/one", endpoint_url=closed)
