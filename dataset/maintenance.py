@@ -1,10 +1,13 @@
-"""Upkeep of the dataset's tables: thin wrappers over delta-rs optimize and vacuum.
+"""Upkeep of the dataset's tables: thin wrappers over delta-rs optimize, vacuum and repair.
 
 Compaction rewrites the small files of many chunk commits into files of about target_size
 (a new version with the same rows; old versions stay readable until vacuumed). Vacuum
 deletes files no version within the retention window needs, including the orphan Parquet
 files of writers killed before their commit. After a vacuum with retention R, time travel
 reaches back only R hours: pin the versions a training round reads for less than that.
+Repair drops the table's references to data files that no longer exist (deleted by hand,
+lost by the store): their rows are gone, and a rerun of the job that wrote them annotates
+those inputs again, since they no longer count as done.
 """
 from __future__ import annotations
 
@@ -37,3 +40,19 @@ def vacuum(root: str, name: str = "annotations", *, retention_hours: int = DEFAU
     A retention below the table's minimum (7 days by default) is allowed on purpose."""
     return _table(root, name, options).vacuum(
         retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False, full=True)
+
+
+def missing_files(root: str, name: str = "annotations", *, options: dict[str, str] | None = None) -> list[str]:
+    """Data files the table's current version names that its store no longer has (one
+    listing of the table's folder; changes nothing)."""
+    return sorted(_table(root, name, options).repair(dry_run=True)["files_removed"])
+
+
+def repair(root: str, name: str = "annotations", *, options: dict[str, str] | None = None) -> list[str]:
+    """Commit a version without the missing data files (their rows are lost); returns their
+    paths. Nothing is committed when none is missing."""
+    table = _table(root, name, options)
+    if not table.repair(dry_run=True)["files_removed"]:
+        return []
+    return sorted(table.repair(commit_properties=CommitProperties(
+        custom_metadata={METADATA_KEY: {"maintenance": "repair"}}))["files_removed"])

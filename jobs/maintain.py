@@ -4,6 +4,7 @@
     python jobs/maintain.py ROOT compact --table annotations --dry-run
     python jobs/maintain.py ROOT vacuum --retention-hours 168 --dry-run   # list, delete nothing
     python jobs/maintain.py s3://bucket/ds vacuum --table all --retention-hours 24
+    python jobs/maintain.py ROOT repair --dry-run                # data files the tables lack
 
 compact rewrites the small files of many chunk commits into files of about --target-size
 bytes as one new version with the same rows (older versions stay readable until vacuumed);
@@ -11,7 +12,10 @@ bytes as one new version with the same rows (older versions stay readable until 
 than --retention-hours needs: files removed by compactions and MERGE rewrites longer ago than
 that, and files no version names (a writer killed before its commit) last modified longer ago
 than that, so a writer still writing its chunk is safe whenever the retention is longer than
-one chunk's write. After it, time travel reaches back only that many hours.
+one chunk's write. After it, time travel reaches back only that many hours. repair commits
+a version without the table's references to data files that no longer exist (deleted by
+hand, lost by the store): their rows are lost, and rerunning the job that wrote them
+annotates those inputs again; --dry-run lists them.
 
 Prints what it did (or would do) per table; exit status 1 when a named table is absent.
 Operations in dataset/maintenance.py; S3 settings as in dataset/storage.py.
@@ -27,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 from deltalake import DeltaTable  # noqa: E402
 
-from dataset.maintenance import DEFAULT_RETENTION_HOURS, TARGET_FILE_SIZE, compact, vacuum  # noqa: E402
+from dataset.maintenance import (DEFAULT_RETENTION_HOURS, TARGET_FILE_SIZE, compact, missing_files,  # noqa: E402
+                                 repair, vacuum)
 from dataset.storage import TABLE_NAMES, is_delta_table, storage_options, table_uri  # noqa: E402
 
 
@@ -73,10 +78,18 @@ def _vacuum(root: str, name: str, dt: DeltaTable, args, options) -> None:
         print(f"  {path}")
 
 
+def _repair(root: str, name: str, dt: DeltaTable, args, options) -> None:
+    lost = (missing_files if args.dry_run else repair)(root, name, options=options)
+    verb = "would drop" if args.dry_run else "dropped"
+    print(f"{name}: {verb} {len(lost)} missing data files" + (":" if lost else ""))
+    for path in lost:
+        print(f"  {path}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
-    ap.add_argument("action", choices=["compact", "vacuum"])
+    ap.add_argument("action", choices=["compact", "vacuum", "repair"])
     ap.add_argument("--table", default="all", choices=[*TABLE_NAMES, "all"], help="default: all")
     ap.add_argument("--retention-hours", type=int, default=DEFAULT_RETENTION_HOURS,
                     help=f"vacuum: keep what versions of the last H hours need (default {DEFAULT_RETENTION_HOURS})")
@@ -96,7 +109,7 @@ def main(argv=None) -> int:
             status = status if args.table == "all" else 1
             continue
         dt = DeltaTable(uri, storage_options=options)
-        (_compact if args.action == "compact" else _vacuum)(args.root, name, dt, args, options)
+        {"compact": _compact, "vacuum": _vacuum, "repair": _repair}[args.action](args.root, name, dt, args, options)
     return status
 
 

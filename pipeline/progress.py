@@ -14,6 +14,8 @@ from deltalake import DeltaTable
 
 from dataset.storage import arrow_dataset, is_delta_table, table_uri
 
+from .sources import InputError
+
 RETRIED_REASON = "read_error"
 
 
@@ -22,7 +24,14 @@ def _read(root: str, name: str, columns: list[str], options: dict[str, str], run
     if not is_delta_table(uri, options):
         return None
     where = pc.field("run_id") == run_id if run_id is not None else None
-    return arrow_dataset(DeltaTable(uri, storage_options=options), uri, options).to_table(columns=columns, filter=where)
+    try:
+        return arrow_dataset(DeltaTable(uri, storage_options=options), uri, options).to_table(columns=columns,
+                                                                                              filter=where)
+    except FileNotFoundError as e:  # a data file the log names is gone: what it held is unknown
+        raise InputError(
+            f"output {root}: the {name} table names a data file that is missing ({e}); "
+            f"`python jobs/validate.py {root}` lists the faults, `python jobs/maintain.py {root} repair` drops "
+            "the missing files (their rows are lost) so that the next run annotates those inputs again") from e
 
 
 def committed_state(root: str, options: dict[str, str], run_id: str | None = None

@@ -1,5 +1,6 @@
 """jobs/maintain.py end to end: compaction keeps every row in fewer files, vacuum lists then
-deletes a killed writer's orphan file, and versions within the retention stay readable."""
+deletes a killed writer's orphan file, versions within the retention stay readable, and
+repair drops a lost data file so that the job annotates its inputs again."""
 import os
 import re
 import signal
@@ -146,3 +147,33 @@ def test_compact_on_s3():
         assert read_images(root, version=last).equals(before)
         out = _run(root, "vacuum", "--table", "annotations", "--retention-hours", "0", "--dry-run")
         assert "would delete 3 files" in out, out
+
+
+def test_repair_drops_a_lost_file_and_the_next_run_redoes_its_inputs(tmp_path):
+    from pipeline.progress import committed_state
+    from pipeline.sources import InputError
+
+    root = str(tmp_path / "ds")
+    records = image_records(4, 2)
+    w = DatasetWriter(root, new_lineage(round=0, stage="auto", run_id="r0"))
+    w.start_run()
+    w.commit_images(records[:2], chunk=0)
+    w.commit_images(records[2:], chunk=1)
+    first = {r["uri"] for r in read_images(root, columns=["uri"]).to_pylist()}
+    assert len(first) == 4
+    lost = sorted((Path(root) / "annotations").glob("*.parquet"), key=lambda p: p.stat().st_mtime_ns)[0]
+    lost.unlink()
+    # The resume read says what happened and what to do, instead of a pyarrow traceback.
+    with pytest.raises(InputError, match=r"annotations table names a data file that is missing.*maintain.py .* repair"):
+        committed_state(root, {})
+    assert validate(root).faults["missing_file"]
+    assert _run(root, "repair", "--dry-run").splitlines()[0] == "annotations: would drop 1 missing data files:"
+    assert not validate(root).ok  # a dry run changes nothing
+    out = _run(root, "repair")
+    assert f"annotations: dropped 1 missing data files:\n  {lost.name}" in out and "lineage: dropped 0" in out
+    assert validate(root).ok
+    kept = {r["uri"] for r in read_images(root, columns=["uri"]).to_pylist()}
+    assert len(kept) == 2 and kept < first
+    done, _ = committed_state(root, {})
+    assert set(done.to_pylist()) == kept  # the lost file's inputs count as not done: a rerun redoes them
+    assert "dropped 0 missing" in _run(root, "repair", "--table", "annotations")  # nothing more to drop

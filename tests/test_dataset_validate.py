@@ -158,3 +158,15 @@ def test_decode_disagreement_is_reported(tmp_path, good, monkeypatch):
     report = validate(root, decode=True)
     assert set(report.faults) == {"decode"}, report.text()
     assert len(report.faults["decode"]) == 1 and str(_mask(good)["id"]) in report.faults["decode"][0]
+
+
+def test_a_missing_data_file_is_reported_and_the_others_still_checked(tmp_path, good):
+    rows = copy.deepcopy(good)
+    CORRUPTIONS["area"](rows)  # in the second image
+    root = _write(tmp_path, rows[:1])
+    _write(tmp_path, rows[1:])  # a second file, kept
+    lost = sorted((tmp_path / "annotations").glob("*.parquet"), key=lambda p: p.stat().st_mtime_ns)[0]
+    lost.unlink()
+    report = validate(root)
+    assert report.faults["missing_file"] == [f"{lost.name}: named by version 1, absent from the store"]
+    assert report.images == len(rows) - 1 and len(report.faults["area"]) == 1
