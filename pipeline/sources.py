@@ -6,7 +6,10 @@ Input specs:
     /data/img.jpg           one file
     /data/**/*.png          a glob (everything it matches)
     s3://bucket/prefix      every image object under the prefix
-    /data/list.txt          a manifest: one URI (local path or s3://) per line, '#' comments
+    /data/list.txt          a manifest: one URI (local path, file:// or s3://) per line, '#' comments
+
+A local input's URI is its absolute path; one whose name is not valid UTF-8 gets a
+percent-encoded file:// URI of its bytes instead (local_uri), which read_bytes opens.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import os
 import time
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import quote, unquote_to_bytes
 
 import pyarrow as pa
 
@@ -107,7 +111,23 @@ def list_inputs(spec: str, endpoint_url: str | None = None) -> pa.Table:
 
 def _local_row(path: Path) -> dict:
     st = path.stat()
-    return {"uri": str(path.resolve()), "size": st.st_size, "etag": f"mtime:{st.st_mtime_ns}"}
+    return {"uri": local_uri(path.resolve()), "size": st.st_size, "etag": f"mtime:{st.st_mtime_ns}"}
+
+
+def local_uri(path: str | Path) -> str:
+    """The URI of an absolute local path: the path itself, or, when its name is not valid
+    UTF-8 (a byte string no Arrow column holds), a percent-encoded file:// URI of its bytes."""
+    path = str(path)
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + quote(os.fsencode(path), safe="/")
+
+
+def _local_path(uri: str) -> str | bytes:
+    """The path to open for a local URI: a plain path, or the bytes of a file:// URI."""
+    return unquote_to_bytes(uri.removeprefix("file://")) if uri.startswith("file://") else uri
 
 
 def _list_s3(spec: str, endpoint_url: str | None) -> list[dict]:
@@ -133,11 +153,15 @@ def _list_s3(spec: str, endpoint_url: str | None) -> list[dict]:
 def _read_manifest(path: str, endpoint_url: str | None) -> list[dict]:
     base = Path(path).resolve().parent
     rows = []
-    for line in Path(path).read_text().splitlines():
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"manifest {path} is not UTF-8 text: {e}") from None
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        uri = line if is_s3(line) else str((base / line).resolve())
+        uri = line if is_s3(line) or line.startswith("file://") else local_uri((base / line).resolve())
         rows.append({"uri": uri, "size": None, "etag": None})
     return rows
 
@@ -181,10 +205,11 @@ def _read_once(uri: str, max_bytes: int, size: int | None, endpoint_url: str | N
                 raise ReadError("too_large_file", f"{size} bytes > limit {max_bytes}")
         data = fs.cat_file(_s3_path(uri)) if size else b""
     else:
-        size = os.path.getsize(uri)
+        path = _local_path(uri)
+        size = os.path.getsize(path)
         if size > max_bytes:
             raise ReadError("too_large_file", f"{size} bytes > limit {max_bytes}")
-        with open(uri, "rb") as f:
+        with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ReadError("too_large_file", f"more than {max_bytes} bytes")

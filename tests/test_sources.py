@@ -114,3 +114,20 @@ def test_a_missing_or_unreachable_bucket_is_a_clear_error():
         list_inputs("s3://data/images", endpoint_url=closed)
     with pytest.raises(InputError, match="cannot reach bucket 'data'"):
         check_output("s3://data/datasets/one", endpoint_url=closed)
+
+
+def test_a_name_that_is_not_utf8_gets_a_file_uri_that_reads(tmp_path):
+    raw = os.fsencode(str(tmp_path)) + b"/caf\xe9.jpg"  # Latin-1 bytes: not valid UTF-8
+    with open(raw, "wb") as f:
+        f.write(b"latin-1 name")
+    (tmp_path / "plain.jpg").write_bytes(b"plain")
+    uris = list_inputs(str(tmp_path))["uri"].to_pylist()
+    weird = f"file://{tmp_path}/caf%E9.jpg"
+    assert uris == [str(tmp_path / "plain.jpg"), weird]
+    assert read_bytes(weird, max_bytes=100) == b"latin-1 name"
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{weird}\nplain.jpg\n")
+    assert list_inputs(str(manifest))["uri"].to_pylist() == [str(tmp_path / "plain.jpg"), weird]
+    manifest.write_bytes(b"caf\xe9.jpg\n")
+    with pytest.raises(InputError, match="is not UTF-8 text"):
+        list_inputs(str(manifest))
