@@ -113,14 +113,14 @@ def main(argv=None) -> int:
     except ValidationError as e:
         print(f"invalid settings:\n{e}", file=sys.stderr)
         return 2
-    from pipeline.cluster import connect
+    from pipeline.cluster import check_device, connect
     from pipeline.graph import run
     from pipeline.sources import InputError, check_output
 
     print(f"output: {config.output}", flush=True)
     try:
         check_output(config.output, config.endpoint_url)  # before starting Ray (run checks again)
-        connect(config.ray_address)
+        check_device(config.device, connect(config.ray_address))
         summary = run(config)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

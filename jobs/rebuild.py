@@ -41,13 +41,13 @@ def main(argv=None) -> int:
     except ValidationError as e:
         print(f"invalid settings:\n{e}", file=sys.stderr)
         return 2
-    from pipeline.cluster import connect
+    from pipeline.cluster import check_device, connect
     from pipeline.rebuild import rebuild
     from pipeline.sources import InputError, check_output
 
     try:
         check_output(config.output, config.endpoint_url)
-        connect(config.ray_address)
+        check_device(config.device, connect(config.ray_address))
         report = rebuild(config, full=args.full, prune_deleted=args.prune_deleted,
                          retention_hours=args.retention_hours)
     except InputError as e:

@@ -41,14 +41,23 @@ def load_checkpoint(
 
 def read_checkpoint_config(path: str | os.PathLike, model_type: str | None = None) -> SamConfig:
     """The config of the model a checkpoint holds, without building it (the file is memory-
-    mapped, not read into memory: cheap even for vit_h)."""
-    return _describe(path, model_type, mmap=True)[0]
+    mapped, not read into memory: cheap even for vit_h). CheckpointError when its weights
+    do not fit that config, as load_checkpoint would find."""
+    return _describe_checked(path, model_type)[0]
 
 
 def read_checkpoint_meta(path: str | os.PathLike, model_type: str | None = None) -> dict[str, Any]:
     """The metadata of a checkpoint ({} for official files), without building the model
-    (memory-mapped, like read_checkpoint_config)."""
-    return _describe(path, model_type, mmap=True)[2]
+    (memory-mapped, like read_checkpoint_config, and checked like it)."""
+    return _describe_checked(path, model_type)[1]
+
+
+def _describe_checked(path: str | os.PathLike, model_type: str | None) -> tuple[SamConfig, dict[str, Any]]:
+    config, state, meta = _describe(path, model_type, mmap=True)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        expected = Sam(config).state_dict()
+    _check_fit(config, expected, state, path)
+    return config, meta
 
 
 def _describe(path: str | os.PathLike, model_type: str | None, mmap: bool = False
@@ -88,7 +97,13 @@ def save_checkpoint(model: Sam, path: str | os.PathLike, meta: dict[str, Any] | 
 
 def load_weights(model: Sam, state: dict[str, torch.Tensor], source: Any = "state dict") -> None:
     """Strict load with an error that lists what does not match."""
-    expected = model.state_dict()
+    _check_fit(model.config, model.state_dict(), state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def _check_fit(config: SamConfig, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+               source: Any) -> None:
+    """CheckpointError listing the keys and shapes of state that do not match expected."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [
@@ -101,8 +116,7 @@ def load_weights(model: Sam, state: dict[str, torch.Tensor], source: Any = "stat
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
             if items:
                 parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
-        raise CheckpointError(f"{source}: weights do not fit a {model.config.name!r} model: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+        raise CheckpointError(f"{source}: weights do not fit a {config.name!r} model: " + "; ".join(parts))
 
 
 def infer_config(state: dict[str, torch.Tensor], source: Any = "state dict") -> SamConfig:

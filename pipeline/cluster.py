@@ -24,3 +24,16 @@ def connect(address: str | None = None) -> str:
         return "joined"
     ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=False)
     return "embedded"
+
+
+def check_device(device: str, mode: str) -> None:
+    """InputError when a CUDA device is asked of the embedded local Ray (mode, from connect)
+    and this machine has no GPU for it: its GPU workers would wait forever. A joined
+    cluster may still gain GPU nodes (an autoscaler), so there graph.run only warns."""
+    import ray
+
+    from .sources import InputError
+
+    if device.startswith("cuda") and mode == "embedded" and not ray.cluster_resources().get("GPU", 0):
+        raise InputError(f"--device {device}: this machine has no GPU that Ray can use; "
+                         "use --device cpu, or auto to take a GPU when there is one")

@@ -80,7 +80,10 @@ def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
     Needs a connected Ray (ray.init)."""
     t0 = time.perf_counter()
     check_output(config.output, config.endpoint_url)
-    device = config.resolved_device(ray.cluster_resources().get("GPU", 0))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    device = config.resolved_device(gpus)
+    if device.startswith("cuda") and not gpus:
+        log(f"warning: device {device} but the cluster has no GPU now: the GPU workers wait until GPU nodes join")
     config = with_checkpoint_defaults(config, log)
     listing = list_inputs(config.input, config.endpoint_url)
     text_embeddings = text_vectors(config) if config.text else None

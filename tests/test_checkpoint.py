@@ -7,7 +7,8 @@ import pickle
 import pytest
 import torch
 
-from model import CheckpointError, Sam, get_config, load_checkpoint, read_checkpoint_config, save_checkpoint
+from model import (CheckpointError, Sam, get_config, load_checkpoint, read_checkpoint_config, read_checkpoint_meta,
+                   save_checkpoint)
 from model.checkpoint import infer_config
 from tests.official import build_official, randomize
 
@@ -143,3 +144,11 @@ def test_config_read_without_building_the_model(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         read_checkpoint_config(tmp_path / "cut.pt")
+    # Weights that do not fit the named config are refused here, by shapes alone, with
+    # load_checkpoint's message: the job reports it before any worker builds the model.
+    with pytest.raises(CheckpointError, match="weights do not fit a 'vit_b' model: .*shape mismatches"):
+        read_checkpoint_config(tmp_path / "zip.pth", model_type="vit_b")
+    state.pop("mask_decoder.iou_token.weight")
+    torch.save(state, tmp_path / "short.pth")
+    with pytest.raises(CheckpointError, match="1 missing keys .*iou_token"):
+        read_checkpoint_meta(tmp_path / "short.pth", model_type="vit_tiny256")
