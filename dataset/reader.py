@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.dataset as pads
 from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from schemas import IMAGES, TABLES, conform
 
@@ -19,15 +20,31 @@ from .storage import arrow_dataset, storage_options, table_uri
 from .writer import METADATA_KEY
 
 
+class DatasetNotFound(LookupError):
+    """No such table under the root, or no such version of it."""
+
+
 def _options(root: str, options: dict[str, str] | None) -> dict[str, str]:
     return options if options is not None else storage_options(root)
+
+
+def _open(root: str, name: str, options: dict[str, str], version: int | None = None) -> DeltaTable:
+    """One of the dataset's tables, at a version; DatasetNotFound naming what is missing."""
+    try:
+        return DeltaTable(table_uri(root, name), version=version, storage_options=options)
+    except TableNotFoundError:
+        raise DatasetNotFound(f"no dataset at {root}: it has no {name} table") from None
+    except DeltaError as e:
+        if version is None:
+            raise
+        raise DatasetNotFound(f"{root}: the {name} table has no version {version} ({e})") from e
 
 
 def history(root: str, name: str = "annotations", options: dict[str, str] | None = None) -> list[dict]:
     """Commits of a table, oldest first: version, timestamp, operation and our metadata
     (run_id, round, stage, ...) flattened into each entry (empty for commits we did not tag,
     such as table creation or compaction)."""
-    dt = DeltaTable(table_uri(root, name), storage_options=_options(root, options))
+    dt = _open(root, name, _options(root, options))
     out = []
     for c in dt.history():
         ours = c.get(METADATA_KEY) or {}
@@ -44,13 +61,13 @@ def resolve_version(root: str, *, version: int | None = None, run_id: str | None
     if version is not None:
         return version
     if run_id is None and round is None:
-        return DeltaTable(table_uri(root, "annotations"), storage_options=_options(root, options)).version()
+        return _open(root, "annotations", _options(root, options)).version()
     for c in reversed(history(root, options=options)):
         if c.get("table") != "annotations":
             continue
         if (run_id is not None and c.get("run_id") == run_id) or (round is not None and c.get("round") == round):
             return c["version"]
-    raise LookupError(f"no commit of run_id={run_id!r} round={round!r} in {root}")
+    raise DatasetNotFound(f"no commit of run_id={run_id!r} round={round!r} in {root}")
 
 
 def open_version(root: str, *, version: int | None = None, run_id: str | None = None,
@@ -58,7 +75,7 @@ def open_version(root: str, *, version: int | None = None, run_id: str | None = 
     """The annotations table pinned at the resolved version."""
     options = _options(root, options)
     v = resolve_version(root, version=version, run_id=run_id, round=round, options=options)
-    return DeltaTable(table_uri(root, "annotations"), version=v, storage_options=options)
+    return _open(root, "annotations", options, v)
 
 
 def open_dataset(root: str, *, options: dict[str, str] | None = None, **pin: Any) -> pads.Dataset:
@@ -123,5 +140,5 @@ def read_table(root: str, name: str, *, version: int | None = None,
     """A side table (quarantine, duplicates, listing, lineage) in our schema."""
     schema, _ = TABLES[name]
     options, uri = _options(root, options), table_uri(root, name)
-    dt = DeltaTable(uri, version=version, storage_options=options)
+    dt = _open(root, name, options, version)
     return conform(arrow_dataset(dt, uri, options).to_table(), schema)

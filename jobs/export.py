@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.coco import export_coco  # noqa: E402
-from dataset.reader import export_parquet, resolve_version  # noqa: E402
+from dataset.reader import DatasetNotFound, export_parquet, open_version, resolve_version  # noqa: E402
 from dataset.sa1b import export_sa1b  # noqa: E402
 from dataset.storage import storage_options  # noqa: E402
 
@@ -32,8 +32,13 @@ def main(argv=None) -> int:
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
     options = storage_options(args.root, args.endpoint_url)
-    version = resolve_version(args.root, version=args.version, run_id=args.run_id, round=args.round,
-                              options=options)
+    try:
+        version = resolve_version(args.root, version=args.version, run_id=args.run_id, round=args.round,
+                                  options=options)
+        open_version(args.root, version=version, options=options)  # that version exists
+    except DatasetNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.to == "sa1b":
         n = f"{export_sa1b(args.root, args.dest, version=version, options=options)} images"
     elif args.to == "coco":

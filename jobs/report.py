@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dashboards import write_report  # noqa: E402
+from dataset.reader import DatasetNotFound  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,9 +32,13 @@ def main(argv=None) -> int:
     ap.add_argument("--concavity-masks", type=int, default=1000, help="most masks decoded for concavity")
     ap.add_argument("--gallery", type=int, default=8, help="images shown in the gallery")
     args = ap.parse_args(argv)
-    path = write_report(args.root, out=args.out, version=args.version, run_id=args.run_id, round=args.round,
-                        endpoint_url=args.endpoint_url, sample_images=args.sample_images,
-                        max_concavity_masks=args.concavity_masks, gallery_images=args.gallery)
+    try:
+        path = write_report(args.root, out=args.out, version=args.version, run_id=args.run_id, round=args.round,
+                            endpoint_url=args.endpoint_url, sample_images=args.sample_images,
+                            max_concavity_masks=args.concavity_masks, gallery_images=args.gallery)
+    except DatasetNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 

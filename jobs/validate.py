@@ -1,4 +1,5 @@
-"""Check a dataset version and print a report; exit status 1 on any fault.
+"""Check a dataset version and print a report; exit status 1 on any fault, 2 when there is
+no such dataset or version.
 
     python jobs/validate.py ROOT                    # latest version
     python jobs/validate.py ROOT --version 3        # or --run-id ID, or --round R
@@ -14,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataset.reader import DatasetNotFound  # noqa: E402
 from dataset.storage import storage_options  # noqa: E402
 from dataset.validation import validate  # noqa: E402
 
@@ -29,8 +31,12 @@ def main(argv=None) -> int:
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     ap.add_argument("--examples", type=int, default=5, help="faults listed per kind")
     args = ap.parse_args(argv)
-    report = validate(args.root, decode=args.decode, version=args.version, run_id=args.run_id,
-                      round=args.round, options=storage_options(args.root, args.endpoint_url))
+    try:
+        report = validate(args.root, decode=args.decode, version=args.version, run_id=args.run_id,
+                          round=args.round, options=storage_options(args.root, args.endpoint_url))
+    except DatasetNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(report.text(args.examples))
     return 0 if report.ok else 1
 

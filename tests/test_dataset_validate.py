@@ -103,6 +103,12 @@ def test_job_exit_codes_and_report(tmp_path, good):
     bad = subprocess.run(job + [bad_root, "--decode"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
     assert bad.returncode == 1 and "area: 1" in bad.stdout, bad.stdout + bad.stderr
+    # No such dataset, version or run: a one-line error and status 2, not a delta-rs traceback.
+    for args, message in (([str(tmp_path / "none")], f"no dataset at {tmp_path / 'none'}: it has no annotations table"),
+                          ([ok_root, "--version", "5"], "the annotations table has no version 5"),
+                          ([ok_root, "--run-id", "nope"], "no commit of run_id='nope'")):
+        r = subprocess.run(job + args, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_rle_runs_not_summing_to_the_image_size(tmp_path, good):
