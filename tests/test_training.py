@@ -250,6 +250,33 @@ def test_parquet_rows_read_back_as_examples(tmp_path):
     single_file = ParquetExamples([str(tmp_path / "table" / "part-0.parquet")])  # a file, not a folder
     assert len(single_file) == 3
     np.testing.assert_array_equal(single_file.take([1])[0].image, scenes[1].image)
+    with pytest.raises(ValueError, match="training data .*nowhere: no such file, folder or table"):
+        ParquetExamples([str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match="no column 'pixels' \\(it has image, annotations, uri\\)"):
+        ParquetExamples([str(tmp_path / "table")], image_column="pixels")
+
+
+def test_a_dataset_root_trains_on_its_annotations_table(tmp_path):
+    """Given the root of one of our datasets (several Delta tables), training reads its
+    annotations table, not every Parquet file under the root."""
+    from PIL import Image
+
+    from dataset import DatasetWriter
+    from dataset.lineage import new_lineage
+
+    root = tmp_path / "ds"
+    scene = next(make_scenes(22, 1, 64))
+    path = tmp_path / "scene.png"
+    Image.fromarray(scene.image).save(path)
+    writer = DatasetWriter(str(root), new_lineage(round=0, stage="manual"))
+    writer.start_run([{"uri": str(path), "size": path.stat().st_size, "etag": "x", "listing_hash": "h", "run_id": "r"}])
+    writer.commit_images([{"image_id": "0" * 64, "uri": str(path), "width": 64, "height": 64, "phash": None,
+                           "annotations": [{"segmentation": rle(m), "area": int(m.sum()), "bbox": [0, 0, 1, 1],
+                                            "predicted_iou": None, "point_coords": [], "stability_score": None,
+                                            "crop_box": [0, 0, 64, 64]} for m in scene.masks]}])
+    examples = ParquetExamples([str(root)])
+    assert len(examples) == 1
+    np.testing.assert_array_equal(examples.take([0])[0].masks, scene.masks)
 
 
 def test_parquet_rows_decode_like_the_pipeline(tmp_path):

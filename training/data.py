@@ -48,13 +48,14 @@ def synthetic_example(seed: int, index: int, size: int) -> Example:
 class ParquetExamples:
     """Random access to examples stored one image per row in Parquet files.
 
-    paths: Parquet files, folders of them, or Delta tables (a folder with _delta_log: only
-    the files of its current version are read), on local disk or s3:// (credentials from
+    paths: Parquet files, folders of them, Delta tables (a folder with _delta_log: only
+    the files of its current version are read) or our dataset roots (their annotations
+    table), on local disk or s3:// (credentials from
     the AWS environment; endpoint_url or AWS_ENDPOINT_URL for MinIO, Ceph, moto). Each row
     holds the image in image_column, as encoded bytes (PNG/JPEG) or as a URI to read (local
     path or s3://; the defaults fit our annotations table, schemas.IMAGES), and a list of
     annotations in annotations_column, each a struct with a COCO RLE "segmentation"
-    {"size", "counts"}.
+    {"size", "counts"}. ValueError naming the path when one is missing or lacks a column.
     """
 
     def __init__(self, paths: Sequence[str], image_column: str = "uri", annotations_column: str = "annotations",
@@ -63,6 +64,11 @@ class ParquetExamples:
 
         self.endpoint_url = endpoint_url
         parts = [_parquet_dataset(str(path), endpoint_url) for path in paths]
+        for path, part in zip(paths, parts):
+            absent = [c for c in (image_column, annotations_column) if c not in part.schema.names]
+            if absent:
+                raise ValueError(f"training data {path}: no column {', '.join(map(repr, absent))} "
+                                 f"(it has {', '.join(part.schema.names)})")
         self.dataset = parts[0] if len(parts) == 1 else ds.dataset(parts)
         self.columns = [image_column, annotations_column]
         self.length = self.dataset.count_rows()
@@ -84,20 +90,26 @@ class ParquetExamples:
 
 
 def _parquet_dataset(path: str, endpoint_url: str | None):
-    """One path as a pyarrow dataset: a Delta table at its current version, else the Parquet
-    files under it (names starting with . or _ skipped)."""
+    """One path as a pyarrow dataset: a Delta table at its current version (a dataset root:
+    its annotations table), else the Parquet files under it (names starting with . or _
+    skipped)."""
     import pyarrow.dataset as ds
     from deltalake import DeltaTable
 
-    from dataset.storage import arrow_dataset, arrow_filesystem, is_delta_table, is_s3, storage_options
+    from dataset.storage import arrow_dataset, arrow_filesystem, is_delta_table, is_s3, storage_options, table_uri
 
     options = storage_options(path, endpoint_url)
+    if not is_delta_table(path, options) and is_delta_table(table_uri(path, "annotations"), options):
+        path = table_uri(path, "annotations")
     if is_delta_table(path, options):
         return arrow_dataset(DeltaTable(path, storage_options=options or None), path, options)
-    if is_s3(path):
-        filesystem = arrow_filesystem(path, options).base_fs
-        return ds.dataset(path.split("://", 1)[1], filesystem=filesystem, format="parquet")
-    return ds.dataset(path, format="parquet")
+    try:
+        if is_s3(path):
+            filesystem = arrow_filesystem(path, options).base_fs
+            return ds.dataset(path.split("://", 1)[1], filesystem=filesystem, format="parquet")
+        return ds.dataset(path, format="parquet")
+    except FileNotFoundError:
+        raise ValueError(f"training data {path}: no such file, folder or table") from None
 
 
 def parquet_example(image: bytes | str, annotations: list[dict], endpoint_url: str | None = None) -> Example:
