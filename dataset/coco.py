@@ -29,13 +29,18 @@ _EXTRAS = ("predicted_iou", "stability_score", "point_coords", "crop_box", "stag
 
 
 def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
-    """Write a version as one COCO instances JSON file (local path); returns the image count.
+    """Write a version as one COCO instances JSON file (local path; missing folders are made);
+    returns the image count.
 
     Streams: the images list is written in a first pass over the small columns, the
-    annotations in a second, so memory holds one batch of rows at a time.
+    annotations in a second, so memory holds one batch of rows at a time. The file appears
+    under its name only when complete (written beside it, then renamed).
     """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
     n = 0
-    with open(dest, "w") as f:
+    with open(partial, "w") as f:
         f.write('{"info":{"description":"samengine export"},"licenses":[],')
         f.write(f'"categories":[{json.dumps(CATEGORY)}],"images":[')
         for image in iter_images(root, **pin):
@@ -56,6 +61,7 @@ def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
                 f.write(("" if first else ",") + json.dumps(entry))
                 first = False
         f.write("]}")
+    os.replace(partial, dest)
     return n
 
 

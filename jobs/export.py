@@ -39,12 +39,16 @@ def main(argv=None) -> int:
     except DatasetNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.to == "sa1b":
-        n = f"{export_sa1b(args.root, args.dest, version=version, options=options)} images"
-    elif args.to == "coco":
-        n = f"{export_coco(args.root, args.dest, version=version, options=options)} images"
-    else:
-        n = f"{len(export_parquet(args.root, args.dest, version=version, options=options))} files"
+    try:
+        if args.to == "sa1b":
+            n = f"{export_sa1b(args.root, args.dest, version=version, options=options)} images"
+        elif args.to == "coco":
+            n = f"{export_coco(args.root, args.dest, version=version, options=options)} images"
+        else:
+            n = f"{len(export_parquet(args.root, args.dest, version=version, options=options))} files"
+    except OSError as e:  # a destination that cannot be written
+        print(f"error: {args.dest}: {e}", file=sys.stderr)
+        return 2
     print(f"exported version {version} of {args.root} to {args.dest}: {n}")
     return 0
 

@@ -3,6 +3,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,8 +52,9 @@ def test_sa1b_round_trip_is_identical(source, tmp_path):
 
 
 def test_coco_export_loads_in_pycocotools_with_identical_rle(source, tmp_path):
-    path = tmp_path / "instances.json"
+    path = tmp_path / "exports" / "v1" / "instances.json"  # folders that do not exist yet
     assert export_coco(source, path) == 5
+    assert sorted(p.name for p in path.parent.iterdir()) == ["instances.json"]  # no partial file left
     coco = COCO(str(path))
     rows = read_images(source).to_pylist()
     assert sorted(coco.getImgIds()) == sorted(r["image_key"] for r in rows)
@@ -140,3 +142,16 @@ def _runs(mask):
     edges = np.concatenate([[0], change, [flat.size]])
     runs = np.diff(edges)
     return np.concatenate([[0], runs]) if flat[0] else runs
+
+
+def test_export_job_to_a_destination_it_cannot_write(source, tmp_path):
+    import subprocess
+    import sys
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    job = [sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "export.py"), source]
+    for args in (["--to", "coco", "--dest", str(taken / "instances.json")], ["--to", "sa1b", "--dest", str(taken)]):
+        r = subprocess.run(job + args, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith(f"error: {args[-1]}: ") and "Traceback" not in r.stderr
+    assert taken.read_text() == "a file"
