@@ -23,6 +23,7 @@ from pycocotools import mask as coco_mask
 
 from .identity import image_identity
 from .reader import iter_images
+from .writer import Skipped
 
 CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 _EXTRAS = ("predicted_iou", "stability_score", "point_coords", "crop_box", "stage", "round")
@@ -65,31 +66,50 @@ def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
     return n
 
 
-def read_coco(path: str | Path, images_dir: str | Path | None = None) -> Iterator[dict]:
+def read_coco(path: str | Path, images_dir: str | Path | None = None) -> Iterator[dict | Skipped]:
     """Writer-ready records from a COCO instances file (all categories become masks).
 
     image_id is the image's `sha256` field when present (our exports), else the sha256 of
-    images_dir / file_name.
+    images_dir / file_name. An image whose file is missing or whose annotations cannot be
+    read yields a Skipped with the reason; a file that is not COCO JSON is a ValueError.
     """
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_bytes())
+        images, annotations = data["images"], data.get("annotations", [])
+        if not all(isinstance(x, dict) for x in [*images, *annotations]):
+            raise TypeError("images and annotations must be lists of objects")
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a COCO instances JSON file ({type(e).__name__}: {e})") from None
+    if images_dir is None:  # the whole file needs it: refused before anything is committed
+        unnamed = next((i for i in images if "sha256" not in i), None)
+        if unnamed is not None:
+            raise ValueError(f"{path}: image {unnamed.get('file_name')} has no sha256; pass images_dir")
     names = {c["id"]: c.get("name") for c in data.get("categories", []) if c.get("name") != CATEGORY["name"]}
     by_image: dict[Any, list[dict]] = {}
-    for ann in data.get("annotations", []):
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    for info in data["images"]:
-        h, w = int(info["height"]), int(info["width"])
-        record = {"width": w, "height": h,
-                  "annotations": [_mask(a, h, w, names) for a in by_image.get(info["id"], [])]}
-        if "sha256" in info:
-            record.update(image_id=info["sha256"], image_key=int(info["id"]),
-                          uri=info.get("coco_url") or info["file_name"], phash=info.get("phash"))
-        else:
-            if images_dir is None:
-                raise ValueError(f"{path}: image {info['file_name']} has no sha256; pass images_dir")
-            file = Path(images_dir) / info["file_name"]
-            sha, phash = image_identity(file.read_bytes())
-            record.update(image_id=sha, uri=str(file), phash=phash)
+    for ann in annotations:
+        by_image.setdefault(ann.get("image_id"), []).append(ann)
+    for info in images:
+        try:
+            record = _coco_image(info, by_image.get(info.get("id"), []), names, path, images_dir)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            record = Skipped(f"{path}#{info.get('file_name', info.get('id'))}", f"bad_record: {type(e).__name__}: {e}")
         yield record
+
+
+def _coco_image(info: dict, annotations: list[dict], names: dict, path, images_dir) -> dict | Skipped:
+    """One COCO image entry as a writer record (Skipped when its file is missing)."""
+    h, w = int(info["height"]), int(info["width"])
+    record = {"width": w, "height": h, "annotations": [_mask(a, h, w, names) for a in annotations]}
+    if "sha256" in info:
+        record.update(image_id=info["sha256"], image_key=int(info["id"]),
+                      uri=info.get("coco_url") or info["file_name"], phash=info.get("phash"))
+        return record
+    file = Path(images_dir) / info["file_name"]
+    if not file.is_file():
+        return Skipped(str(file), "missing: no such image file")
+    sha, phash = image_identity(file.read_bytes())
+    record.update(image_id=sha, uri=str(file), phash=phash)
+    return record
 
 
 def _mask(ann: dict, h: int, w: int, names: dict | None = None) -> dict:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from .identity import image_identity
 from .reader import iter_images
+from .writer import Skipped
 
 KEY_TABLE = "image_keys.parquet"
 KEY_SCHEMA = pa.schema([("image_key", pa.int64()), ("image_id", pa.string()), ("uri", pa.string()),
@@ -70,31 +71,42 @@ def from_sa1b(doc: dict, image_id: str, uri: str, phash: str | None, image_key: 
     return record
 
 
-def read_sa1b(source: str | Path) -> Iterator[dict]:
+def read_sa1b(source: str | Path) -> Iterator[dict | Skipped]:
     """Writer-ready records from an SA-1B folder or tar shard.
 
     The sha256 image_id comes from `image_keys.parquet` when the folder has one (our exports),
     otherwise from the image file named by file_name, which must then sit beside the JSON.
+    A record that cannot be read (bad JSON, a missing image) yields a Skipped with the
+    reason; a source that is neither a folder nor a tar file is a ValueError.
     """
     source = Path(source)
     if source.is_file() and tarfile.is_tarfile(source):
         yield from _read_tar(source)
         return
+    if not source.is_dir():
+        raise ValueError(f"{source}: not an SA-1B folder or tar shard")
     keys = _key_table(source / KEY_TABLE)
     for path in sorted(source.glob("*.json")):
-        doc = json.loads(path.read_text())
-        known = keys.get(doc["image"]["image_id"])
-        if known is not None:
-            yield from_sa1b(doc, known["image_id"], known["uri"], known["phash"], known["image_key"])
-            continue
-        image_path = path.parent / doc["image"]["file_name"]
-        if not image_path.exists():
-            raise FileNotFoundError(f"{path}: image {image_path} not found and no {KEY_TABLE} entry")
-        sha, phash = image_identity(image_path.read_bytes())
-        yield from_sa1b(doc, sha, str(image_path), phash)
+        try:
+            record = _folder_record(path, keys)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            record = Skipped(str(path), f"bad_record: {type(e).__name__}: {e}")
+        yield record
 
 
-def _read_tar(path: Path) -> Iterator[dict]:
+def _folder_record(path: Path, keys: dict[int, dict]) -> dict | Skipped:
+    doc = json.loads(path.read_bytes())
+    known = keys.get(doc["image"]["image_id"])
+    if known is not None:
+        return from_sa1b(doc, known["image_id"], known["uri"], known["phash"], known["image_key"])
+    image_path = path.parent / doc["image"]["file_name"]
+    if not image_path.is_file():
+        return Skipped(str(path), f"missing: image {image_path.name} not found and no {KEY_TABLE} entry")
+    sha, phash = image_identity(image_path.read_bytes())
+    return from_sa1b(doc, sha, str(image_path), phash)
+
+
+def _read_tar(path: Path) -> Iterator[dict | Skipped]:
     """SA-1B shards hold sa_N.jpg next to sa_N.json; pair them as they stream by."""
     images: dict[str, bytes] = {}
     docs: dict[str, dict] = {}
@@ -105,15 +117,22 @@ def _read_tar(path: Path) -> Iterator[dict]:
             name = os.path.basename(member.name)
             data = tar.extractfile(member).read()
             if name.endswith(".json"):
-                doc = json.loads(data)
-                docs[doc["image"]["file_name"]] = doc
+                try:
+                    doc = json.loads(data)
+                    docs[doc["image"]["file_name"]] = doc
+                except (ValueError, KeyError, TypeError) as e:
+                    yield Skipped(f"{path}#{name}", f"bad_record: {type(e).__name__}: {e}")
             else:
                 images[name] = data
             for file_name in [f for f in docs if f in images]:
                 sha, phash = image_identity(images.pop(file_name))
-                yield from_sa1b(docs.pop(file_name), sha, f"{path}#{file_name}", phash)
-    if docs:
-        raise FileNotFoundError(f"{path}: no image for {sorted(docs)[:5]}")
+                try:
+                    record = from_sa1b(docs.pop(file_name), sha, f"{path}#{file_name}", phash)
+                except (ValueError, KeyError, TypeError) as e:
+                    record = Skipped(f"{path}#{file_name}", f"bad_record: {type(e).__name__}: {e}")
+                yield record
+    for file_name in sorted(docs):
+        yield Skipped(f"{path}#{file_name}", "missing: the shard has no image for this record")
 
 
 def _key_table(path: Path) -> dict[int, dict]:

@@ -20,6 +20,7 @@ Two ways to keep a retried chunk from duplicating rows:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
 import numpy as np
@@ -44,6 +45,15 @@ def open_table(uri: str, schema: pa.Schema, options: dict[str, str]) -> DeltaTab
         # mode="ignore": a writer that loses the race to create version 0 just opens it.
         DeltaTable.create(uri, schema, mode="ignore", storage_options=options)
     return DeltaTable(uri, storage_options=options)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input an importer could not use (a missing image file, an unreadable record): in
+    an image stream given to commit_all it becomes a quarantine row with its reason."""
+
+    uri: str
+    reason: str
 
 
 def commit_metadata(lineage: LineageRecord, **extra: Any) -> dict[str, Any]:
@@ -139,19 +149,31 @@ class DatasetWriter:
         self._keys = np.union1d(self._table_keys(), table["image_key"].to_numpy())
         return self.images.version()
 
-    def commit_all(self, images: Iterable[dict], chunk_images: int = 1000) -> list[int]:
-        """Commit an image stream in chunks of chunk_images; returns the versions made.
-        Chunks are numbered on from the run's last committed chunk, so nothing is skipped."""
+    def commit_all(self, images: Iterable[dict | Skipped], chunk_images: int = 1000) -> list[int]:
+        """Commit an image stream in chunks of chunk_images; returns the versions of the
+        images table made. Chunks are numbered on from the run's last committed chunk, so
+        nothing is skipped. Skipped items are appended to the quarantine table with each
+        chunk."""
         last = self.images.transaction_version(self.app_id)
-        versions, buf, chunk = [], [], (last + 1 if last is not None else 0)
+        versions, buf, skipped, chunk = [], [], [], (last + 1 if last is not None else 0)
         for image in images:
+            if isinstance(image, Skipped):
+                skipped.append({"uri": image.uri, "reason": image.reason, "run_id": self.lineage.run_id})
+                continue
             buf.append(image)
             if len(buf) == chunk_images:
                 versions.append(self.commit_images(buf, chunk=chunk))
                 buf, chunk = [], chunk + 1
+                skipped = self._quarantine(skipped)
         if buf:
             versions.append(self.commit_images(buf, chunk=chunk))
+        self._quarantine(skipped)
         return [v for v in versions if v is not None]
+
+    def _quarantine(self, rows: list[dict]) -> list[dict]:
+        if rows:
+            self.append("quarantine", rows)
+        return []
 
     def _complete(self, image: dict, key: int) -> dict:
         anns = []

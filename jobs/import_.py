@@ -4,7 +4,10 @@
     python jobs/import_.py ROOT --from coco labels.json --images-dir images/ --stage manual --round 0
 
 Each source is committed in chunks as one run, with the stage and round given here; images
-already in the dataset are skipped, so an interrupted import can simply be rerun.
+already in the dataset are skipped, so an interrupted import can simply be rerun. A record
+that cannot be used (its image file missing, unreadable JSON) goes to the quarantine table
+with the reason and the import goes on; a source that is missing or not in the format
+stops it with exit status 2.
 """
 from __future__ import annotations
 
@@ -32,16 +35,35 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-images", type=int, default=1000)
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
+    absent = [s for s in args.sources if not Path(s).exists()]
+    if absent:
+        print(f"error: no such source: {', '.join(absent)}", file=sys.stderr)
+        return 2
     lineage = new_lineage(round=args.round, stage=args.stage, run_id=args.run_id,
                           params={"import": args.fmt, "sources": args.sources})
     writer = DatasetWriter(args.root, lineage, endpoint_url=args.endpoint_url)
     writer.start_run()
-    if args.fmt == "sa1b":
-        versions = import_sa1b(args.sources, writer, args.chunk_images)
-    else:
-        versions = [v for s in args.sources for v in import_coco(s, writer, args.images_dir, args.chunk_images)]
-    print(f"run {lineage.run_id}: {len(versions)} commits" + (f", now at version {versions[-1]}" if versions else ""))
+    try:
+        if args.fmt == "sa1b":
+            versions = import_sa1b(args.sources, writer, args.chunk_images)
+        else:
+            versions = [v for s in args.sources for v in import_coco(s, writer, args.images_dir, args.chunk_images)]
+    except ValueError as e:  # a source that is not the format (what came before it is committed)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    skipped = _quarantined(args.root, lineage.run_id, writer.options)
+    print(f"run {lineage.run_id}: {len(versions)} commits" + (f", now at version {versions[-1]}" if versions else "")
+          + (f"; {skipped} records skipped (their reasons are in the quarantine table)" if skipped else ""))
     return 0
+
+
+def _quarantined(root: str, run_id: str, options: dict[str, str]) -> int:
+    from dataset.reader import DatasetNotFound, read_table
+
+    try:
+        return sum(r == run_id for r in read_table(root, "quarantine", options=options)["run_id"].to_pylist())
+    except DatasetNotFound:
+        return 0
 
 
 if __name__ == "__main__":

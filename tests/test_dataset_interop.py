@@ -155,3 +155,42 @@ def test_export_job_to_a_destination_it_cannot_write(source, tmp_path):
         r = subprocess.run(job + args, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.startswith(f"error: {args[-1]}: ") and "Traceback" not in r.stderr
     assert taken.read_text() == "a file"
+
+
+def test_unusable_import_records_are_quarantined_and_the_rest_committed(tmp_path):
+    from dataset import read_table
+
+    rng = np.random.default_rng(5)
+    (tmp_path / "img").mkdir()
+    for name in ("good.jpg", "bad_segm.jpg"):
+        (tmp_path / "img" / name).write_bytes(_jpeg(rng, 40, 50))
+    square = [[5.0, 5.0, 30.0, 5.0, 30.0, 20.0, 5.0, 20.0]]
+    coco = {"images": [{"id": 1, "width": 50, "height": 40, "file_name": "good.jpg"},
+                       {"id": 2, "width": 50, "height": 40, "file_name": "gone.jpg"},
+                       {"id": 3, "width": 50, "height": 40, "file_name": "bad_segm.jpg"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": square},
+                            {"id": 2, "image_id": 2, "category_id": 1, "segmentation": square},
+                            {"id": 3, "image_id": 3, "category_id": 1, "segmentation": {"size": [40, 50]}}]}
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(coco))
+    root = str(tmp_path / "ds")
+    writer = DatasetWriter(root, new_lineage(round=0, stage="manual", run_id="imp"))
+    assert len(import_coco(path, writer, images_dir=tmp_path / "img")) == 1
+    assert [r["uri"] for r in read_images(root).to_pylist()] == [str(tmp_path / "img" / "good.jpg")]
+    reasons = {q["uri"]: q["reason"] for q in read_table(root, "quarantine").to_pylist()}
+    assert reasons == {str(tmp_path / "img" / "gone.jpg"): "missing: no such image file",
+                       f"{path}#bad_segm.jpg": "bad_record: KeyError: 'counts'"}
+    # An SA-1B shard whose record has no image, and one record that is not JSON.
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("sa_1.json", json.dumps({"image": {"image_id": 1, "width": 8, "height": 8,
+                                                               "file_name": "sa_1.jpg"}, "annotations": []})),
+                           ("sa_2.json", "{not json")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data.encode()))
+    skipped = list(read_sa1b(shard))
+    assert [(s.uri, s.reason.split(":")[0]) for s in skipped] == [(f"{shard}#sa_2.json", "bad_record"),
+                                                                  (f"{shard}#sa_1.jpg", "missing")]
+    with pytest.raises(ValueError, match="not a COCO instances JSON file"):
+        next(read_coco(shard))
