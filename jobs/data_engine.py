@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"invalid settings:\n{e}", file=sys.stderr)
         return 2
+    from pipeline.sources import InputError, check_output
+
+    try:
+        check_output(config.root)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     until = None
     if args.until:
         r, _, stage = args.until.partition(":")

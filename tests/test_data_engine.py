@@ -273,6 +273,9 @@ def test_cli_refuses_bad_settings_before_starting_anything(tmp_path, capsys):
                      "--auto-precision", "1.5"]) == 2
     assert "auto_precision" in capsys.readouterr().err
     assert not (tmp_path / "rounds").exists()
+    (tmp_path / "taken").write_text("a file")
+    assert cli_main(["--root", str(tmp_path / "taken"), "--synthetic-inputs", "4"]) == 2
+    assert "is a file; the output is a dataset folder" in capsys.readouterr().err
 
 
 # ---- calibrated automatic stage (engine.calibrate) ---------------------------------------------
