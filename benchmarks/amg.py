@@ -265,7 +265,8 @@ def main() -> None:
                     f"  [encode {enc:.2f} s, decode {dec:.2f} s, post {post:.2f} s]")
             if ref is not None:
                 m = match_records(out, ref)
-                line += (f"\n      speed-up x{t_ref / t:6.1f} (decode + post-process alone x{ref_rest / (dec + post):.1f});"
+                line += (f"\n      speed-up x{t_ref / t:6.1f} "
+                         f"(decode + post-process alone x{ref_rest / (dec + post):.1f});"
                          f" official masks matched {m['matched']}/{m['theirs']}"
                          f" (min IoU {m['min_iou']:.4f}), equal RLE {m['equal_rle']}, ours unmatched "
                          f"{m['ours'] - m['matched']}")

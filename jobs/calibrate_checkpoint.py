@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from amg import AmgParams  # noqa: E402
 from amg.params import CHECKPOINT_DEFAULTS  # noqa: E402
 from engine.calibrate import calibrate_on_scenes  # noqa: E402
-from model import load_checkpoint, save_checkpoint  # noqa: E402
+from model import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from training.automatic_eval import automatic_metrics, candidate_ceiling, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
 from training.iou_head import fit_iou_head, grid_targets, ranking_quality, split_scenes  # noqa: E402
@@ -107,7 +107,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    model, meta = load_checkpoint(args.checkpoint)
+    try:
+        model, meta = load_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     size = args.size or model.image_size
     command = " ".join(["python", "jobs/calibrate_checkpoint.py", *(argv if argv is not None else sys.argv[1:])])
     report = {}

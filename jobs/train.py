@@ -26,7 +26,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 
 import yaml  # noqa: E402
 
-from model import load_checkpoint, read_checkpoint_meta, save_checkpoint  # noqa: E402
+from model import (  # noqa: E402
+    CheckpointError, load_checkpoint, read_checkpoint_config, read_checkpoint_meta, save_checkpoint,
+)
 from training.data import ParquetExamples, synthetic_example  # noqa: E402
 from training.automatic_eval import automatic_metrics, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
@@ -56,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="from scratch: ViT-style encoder init with a sin-cos position embedding")
     parser.add_argument("--synthetic-size", type=int, help="side of the synthetic scenes, px")
     parser.add_argument("--no-synthetic", action="store_true", help="train on --parquet data only")
-    parser.add_argument("--parquet", action="append", help="dataset root, Delta table or Parquet file/folder (repeatable)")
+    parser.add_argument("--parquet", action="append",
+                        help="dataset root, Delta table or Parquet file/folder (repeatable)")
     parser.add_argument("--output", help="checkpoint file to write (default: <storage>/<name>/final.pt)")
     parser.add_argument("--storage", default="runs", help="Ray Train storage path (local folder or s3://)")
     parser.add_argument("--name", help="run name under --storage; the same name resumes")
@@ -114,13 +117,15 @@ def init_lineage(path: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = build_config(args)
-    if cfg.parquet:  # refuse unusable data here, not in every worker after Ray Train started
-        try:
+    try:  # refuse unusable inputs here, not in every worker after Ray Train started
+        if cfg.parquet:
             ParquetExamples(cfg.parquet.paths, cfg.parquet.image_column, cfg.parquet.annotations_column,
                             cfg.parquet.endpoint_url)
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        if cfg.init_checkpoint and "://" not in cfg.init_checkpoint:
+            read_checkpoint_config(cfg.init_checkpoint)  # as the workers load it
+    except (ValueError, OSError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     init_ray()
     started = time.time()
     path, metrics = run_training(

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from model import Sam, load_checkpoint, save_checkpoint  # noqa: E402
+from model import CheckpointError, Sam, load_checkpoint, save_checkpoint  # noqa: E402
 from model.checkpoint import file_sha256  # noqa: E402
 from model.crop_embedder import ImageTextEmbedder  # noqa: E402
 from model.text import load_embedder  # noqa: E402
@@ -114,7 +114,11 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     start = time.perf_counter()
     embedder = load_embedder(args.embedder)
-    base, _ = load_checkpoint(args.init_checkpoint)
+    try:
+        base, _ = load_checkpoint(args.init_checkpoint)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     size = base.image_size
     if base.config.text_embed_dim:
         if base.config.text_embed_dim != embedder.dim:
