@@ -373,3 +373,13 @@ def test_decoder_trains_after_inference_mode_use():
     features.requires_grad_()
     decoder.masks_from(tokens, features).square().sum().backward()
     assert features.grad is not None and features.grad.abs().sum() > 0
+
+
+def test_train_job_refuses_unusable_inputs_before_starting_ray(tmp_path, capsys):
+    from jobs.train import main
+
+    assert main(["--init-checkpoint", str(tmp_path / "none.pt"), "--steps", "1", "--storage", str(tmp_path)]) == 2
+    assert "none.pt: checkpoint file not found" in capsys.readouterr().err
+    assert main(["--parquet", str(tmp_path / "nowhere"), "--steps", "1", "--storage", str(tmp_path)]) == 2
+    assert "nowhere: no such file, folder or table" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no run was started
