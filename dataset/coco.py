@@ -92,7 +92,8 @@ def read_coco(path: str | Path, images_dir: str | Path | None = None) -> Iterato
         try:
             record = _coco_image(info, by_image.get(info.get("id"), []), names, path, images_dir)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            record = Skipped(f"{path}#{info.get('file_name', info.get('id'))}", f"bad_record: {type(e).__name__}: {e}")
+            where = info.get("file_name", info.get("id"))
+            record = Skipped(f"{path}#{where}", f"bad_record: {type(e).__name__}: {e}")
         yield record
 
 
