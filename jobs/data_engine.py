@@ -92,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"invalid settings:\n{e}", file=sys.stderr)
         return 2
+    from model import CheckpointError, read_checkpoint_config
     from pipeline.sources import InputError, check_output
 
     try:
         check_output(config.root)
-    except InputError as e:
+        read_checkpoint_config(config.initial_checkpoint)  # before round 0 copies it under the root
+    except (InputError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     until = None

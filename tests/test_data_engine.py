@@ -276,6 +276,11 @@ def test_cli_refuses_bad_settings_before_starting_anything(tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
     assert cli_main(["--root", str(tmp_path / "taken"), "--synthetic-inputs", "4"]) == 2
     assert "is a file; the output is a dataset folder" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert cli_main(["--root", str(tmp_path / "ds"), "--synthetic-inputs", "4",
+                     "--checkpoint", str(tmp_path / "junk.pt")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'junk.pt'}: ")  # the file given, not a copy
+    assert not (tmp_path / "ds").exists()
 
 
 # ---- calibrated automatic stage (engine.calibrate) ---------------------------------------------
