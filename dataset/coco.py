@@ -14,6 +14,7 @@ text path trains on: training/text.py), except our own class-agnostic "object".
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -76,7 +77,7 @@ def read_coco(path: str | Path, images_dir: str | Path | None = None) -> Iterato
     try:
         data = json.loads(Path(path).read_bytes())
         images, annotations = data["images"], data.get("annotations", [])
-        if not all(isinstance(x, dict) for x in [*images, *annotations]):
+        if not all(isinstance(x, dict) for x in itertools.chain(images, annotations)):
             raise TypeError("images and annotations must be lists of objects")
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path}: not a COCO instances JSON file ({type(e).__name__}: {e})") from None

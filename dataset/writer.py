@@ -74,6 +74,7 @@ class DatasetWriter:
         self.images = open_table(table_uri(self.root, "annotations"), IMAGES, self.options)
         self._keys: np.ndarray | None = None  # sorted image_keys of the table, loaded on first use
         self._owners: dict[int, str | None] = {}  # key -> image_id, for the keys of the current chunk
+        self.skipped = 0  # Skipped items commit_all has quarantined
 
     # -- the run's own records -------------------------------------------------------------
     def start_run(self, listing: Iterable[Any] = ()) -> None:
@@ -173,6 +174,7 @@ class DatasetWriter:
     def _quarantine(self, rows: list[dict]) -> list[dict]:
         if rows:
             self.append("quarantine", rows)
+            self.skipped += len(rows)
         return []
 
     def _complete(self, image: dict, key: int) -> dict:

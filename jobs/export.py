@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.coco import export_coco  # noqa: E402
-from dataset.reader import DatasetNotFound, export_parquet, open_version, resolve_version  # noqa: E402
+from dataset.reader import DatasetNotFound, export_parquet, open_version  # noqa: E402
 from dataset.sa1b import export_sa1b  # noqa: E402
 from dataset.storage import storage_options  # noqa: E402
 
@@ -33,9 +33,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     options = storage_options(args.root, args.endpoint_url)
     try:
-        version = resolve_version(args.root, version=args.version, run_id=args.run_id, round=args.round,
-                                  options=options)
-        open_version(args.root, version=version, options=options)  # that version exists
+        version = open_version(args.root, version=args.version, run_id=args.run_id, round=args.round,
+                               options=options).version()  # resolved, and it exists
     except DatasetNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

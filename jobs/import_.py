@@ -51,19 +51,10 @@ def main(argv=None) -> int:
     except ValueError as e:  # a source that is not the format (what came before it is committed)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    skipped = _quarantined(args.root, lineage.run_id, writer.options)
     print(f"run {lineage.run_id}: {len(versions)} commits" + (f", now at version {versions[-1]}" if versions else "")
-          + (f"; {skipped} records skipped (their reasons are in the quarantine table)" if skipped else ""))
+          + (f"; {writer.skipped} records skipped (their reasons are in the quarantine table)"
+             if writer.skipped else ""))
     return 0
-
-
-def _quarantined(root: str, run_id: str, options: dict[str, str]) -> int:
-    from dataset.reader import DatasetNotFound, read_table
-
-    try:
-        return sum(r == run_id for r in read_table(root, "quarantine", options=options)["run_id"].to_pylist())
-    except DatasetNotFound:
-        return 0
 
 
 if __name__ == "__main__":

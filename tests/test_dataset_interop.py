@@ -176,6 +176,7 @@ def test_unusable_import_records_are_quarantined_and_the_rest_committed(tmp_path
     root = str(tmp_path / "ds")
     writer = DatasetWriter(root, new_lineage(round=0, stage="manual", run_id="imp"))
     assert len(import_coco(path, writer, images_dir=tmp_path / "img")) == 1
+    assert writer.skipped == 2
     assert [r["uri"] for r in read_images(root).to_pylist()] == [str(tmp_path / "img" / "good.jpg")]
     reasons = {q["uri"]: q["reason"] for q in read_table(root, "quarantine").to_pylist()}
     assert reasons == {str(tmp_path / "img" / "gone.jpg"): "missing: no such image file",

@@ -99,9 +99,10 @@ def _parquet_dataset(path: str, endpoint_url: str | None):
     from dataset.storage import arrow_dataset, arrow_filesystem, is_delta_table, is_s3, storage_options, table_uri
 
     options = storage_options(path, endpoint_url)
-    if not is_delta_table(path, options) and is_delta_table(table_uri(path, "annotations"), options):
-        path = table_uri(path, "annotations")
-    if is_delta_table(path, options):
+    delta = is_delta_table(path, options)
+    if not delta and is_delta_table(table_uri(path, "annotations"), options):
+        path, delta = table_uri(path, "annotations"), True
+    if delta:
         return arrow_dataset(DeltaTable(path, storage_options=options or None), path, options)
     try:
         if is_s3(path):
