@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from model.precision import decoding_model
 from model.predictor import PRECISIONS
 from model.sam import Sam
 from model.transforms import scale_coords
@@ -79,6 +80,7 @@ def decode_crop(
     crop_size = (y1 - y0, x1 - x0)
     points = grid * np.array(crop_size)[None, ::-1]  # normalized -> crop pixels (x, y)
     dtype = PRECISIONS[precision]
+    model = decoding_model(model, dtype)
     embedding = embedding.to(model.device, dtype or torch.float32)
     parts: list[Survivors] = []
     funnel = dict(candidates=0, iou=0, stability=0, crop_edge=0)

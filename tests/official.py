@@ -64,3 +64,32 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
         if p.ndim == 1 and name.endswith("weight"):
             noise += 1.0  # norm scales stay around one
         p.copy_(noise)
+
+
+def pixels_off_threshold(official: Sam, image, ours: dict, theirs: dict) -> float:
+    """Where two automatic records of the same prompt differ, how far the official logits lie
+    from the mask threshold (the largest |logit - threshold| over the differing pixels; 0
+    when the masks are equal). Rounding can flip only pixels within float error of the
+    threshold; a real difference shows up as a pixel far from it. The logits are the official
+    predictor's for the record's point on its crop, of the multimask output whose mask is
+    closest to the official record's; outside the crop they count as infinitely far."""
+    import numpy as np
+    from pycocotools import mask as coco_mask
+    from segment_anything import SamPredictor
+
+    from amg.rle import to_coco_rle
+
+    a, b = (coco_mask.decode(to_coco_rle(r["segmentation"])).astype(bool) for r in (ours, theirs))
+    differ = a != b
+    if not differ.any():
+        return 0.0
+    x0, y0, w, h = (int(v) for v in theirs["crop_box"])
+    predictor = SamPredictor(official)
+    predictor.set_image(np.ascontiguousarray(image[y0:y0 + h, x0:x0 + w]))
+    point = np.asarray(theirs["point_coords"], dtype=np.float64) - [x0, y0]
+    logits, _, _ = predictor.predict(point_coords=point, point_labels=np.ones(len(point)), multimask_output=True,
+                                     return_logits=True)
+    full = np.full((len(logits), *image.shape[:2]), np.inf, dtype=np.float64)
+    full[:, y0:y0 + h, x0:x0 + w] = logits - official.mask_threshold
+    closest = max(range(len(full)), key=lambda k: ((full[k] > 0) & b).sum() / max(((full[k] > 0) | b).sum(), 1))
+    return float(np.abs(full[closest][differ]).max())

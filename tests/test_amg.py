@@ -14,7 +14,7 @@ from amg import AmgParams, AutomaticMaskGenerator
 from amg.compare import match_records
 from model import Sam, get_config
 from model.checkpoint import load_weights
-from tests.official import build_official, randomize
+from tests.official import build_official, pixels_off_threshold, randomize
 from training.synthetic import make_scene
 
 # Random weights: the same weights go into both generators. Random weights give low
@@ -61,10 +61,15 @@ def test_same_masks_as_official(models, images, setting, image_name):
     assert len(mine) == len(theirs)
     assert result["matched"] == len(theirs)
     assert result["min_iou"] >= 0.99
-    assert result["equal_rle"] >= 0.95 * len(theirs)
+    # Record by record (one per prompt here): the same masks but for pixels whose official
+    # logit is within float rounding of the threshold. With ~10 masks a fraction of equal
+    # RLEs says little; this says why any two differ (one pixel of one mask flips on some
+    # CPUs' kernels, not on others).
     for a, b in zip(sorted(mine, key=lambda r: r["point_coords"]), sorted(theirs, key=lambda r: r["point_coords"])):
-        assert a["crop_box"] == b["crop_box"] and a["area"] == b["area"]
+        assert a["crop_box"] == b["crop_box"] and abs(a["area"] - b["area"]) <= 0.001 * b["area"]
         assert abs(a["predicted_iou"] - b["predicted_iou"]) < 1e-4
+        assert pixels_off_threshold(official, image, a, b) < 1e-4
+    assert result["equal_rle"] >= 0.9 * len(theirs)
 
 
 def test_records_agree_with_pycocotools(models, images):

@@ -1,0 +1,55 @@
+"""The prompt side of a model held in bf16, for decoding many prompts at once.
+
+Under autocast the mask decoder keeps its weights and its residual stream in fp32 and
+casts at every matmul. Decoding a point grid is bound by memory passes over per-prompt
+image features (B x hw x C), not by the matmuls, so autocast gains little and its casts
+can cost more than they save (benchmarks/amg.py). A twin of the model whose prompt
+encoder and mask decoder hold bf16 weights keeps those features in bf16: half the bytes
+per pass, and matmuls without casts. The image encoder is shared, not copied.
+
+The twin is made once per model and made again when the model's weights change (a new
+checkpoint loaded in place, a training step), so callers can ask for it on every call."""
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+
+from .sam import Sam
+
+_TWIN_MODULES = ("prompt_encoder", "mask_decoder")
+_twins: "weakref.WeakKeyDictionary[Sam, tuple[tuple, Sam]]" = weakref.WeakKeyDictionary()
+
+
+def decoding_model(model: Sam, dtype: torch.dtype | None) -> Sam:
+    """The model to decode prompts with at `dtype` (None: fp32): for bf16, a twin whose
+    prompt encoder and mask decoder hold bf16 weights (run it under bf16 autocast, which
+    casts fp32 inputs such as point coordinates); otherwise the model itself. fp16 stays
+    with autocast: without fp32 LayerNorm statistics its range is too small."""
+    if dtype != torch.bfloat16:
+        return model
+    signature = _signature(model)
+    cached = _twins.get(model)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    twin = copy.copy(model)  # shares the image encoder, buffers and config
+    twin._modules = dict(model._modules)
+    with torch.inference_mode(False), torch.no_grad():
+        for name in _TWIN_MODULES:
+            twin._modules[name] = copy.deepcopy(model._modules[name]).to(dtype).requires_grad_(False)
+    _twins[model] = (signature, twin)
+    return twin
+
+
+def _signature(model: Sam) -> tuple:
+    """Where the prompt side's weights live and how often they were written in place."""
+    tensors = [t for name in _TWIN_MODULES for t in model._modules[name].state_dict().values()]
+    return tuple((t.data_ptr(), t.device.type, _version(t)) for t in tensors)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # weights made under inference mode have no version counter
+        return -1
