@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 
 from dataset import open_dataset, resolve_version, storage_options
-from dataset.reader import open_version
+from dataset.reader import open_version, reading
 
 from . import figures, page, sources, stats
 from .gallery import tile
@@ -34,8 +34,9 @@ def build_report(root: str, *, version: int | None = None, run_id: str | None = 
     dataset = open_dataset(root, options=options, version=v)
 
     st = stats.VersionStats()
-    stats.scan(dataset, st, sample_images)
-    rows = list(stats.read_sample(dataset, st))
+    with reading(root):
+        stats.scan(dataset, st, sample_images)
+        rows = list(stats.read_sample(dataset, st))
     stats.measure_concavity(st, rows, max_concavity_masks)
     tiles = [tile(r, endpoint_url) for r in rows[:gallery_images]]
 

@@ -41,28 +41,32 @@ def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
-    n = 0
-    with open(partial, "w") as f:
-        f.write('{"info":{"description":"samengine export"},"licenses":[],')
-        f.write(f'"categories":[{json.dumps(CATEGORY)}],"images":[')
-        for image in iter_images(root, **pin):
-            entry = {"id": image["image_key"], "width": image["width"], "height": image["height"],
-                     "file_name": os.path.basename(image["uri"]), "sha256": image["image_id"],
-                     "coco_url": image["uri"], "phash": image["phash"]}
-            f.write(("," if n else "") + json.dumps(entry))
-            n += 1
-        f.write('],"annotations":[')
-        first = True
-        for image in iter_images(root, **pin):
-            for ann in image["annotations"]:
-                entry = {"id": ann["id"], "image_id": image["image_key"], "category_id": CATEGORY["id"],
-                         "segmentation": ann["segmentation"], "area": ann["area"], "bbox": ann["bbox"],
-                         "iscrowd": 0, **{k: ann[k] for k in _EXTRAS}}
-                if ann.get("text_prompt") is not None:
-                    entry["text_prompt"] = ann["text_prompt"]
-                f.write(("" if first else ",") + json.dumps(entry))
-                first = False
-        f.write("]}")
+    try:
+        n = 0
+        with open(partial, "w") as f:
+            f.write('{"info":{"description":"samengine export"},"licenses":[],')
+            f.write(f'"categories":[{json.dumps(CATEGORY)}],"images":[')
+            for image in iter_images(root, **pin):
+                entry = {"id": image["image_key"], "width": image["width"], "height": image["height"],
+                         "file_name": os.path.basename(image["uri"]), "sha256": image["image_id"],
+                         "coco_url": image["uri"], "phash": image["phash"]}
+                f.write(("," if n else "") + json.dumps(entry))
+                n += 1
+            f.write('],"annotations":[')
+            first = True
+            for image in iter_images(root, **pin):
+                for ann in image["annotations"]:
+                    entry = {"id": ann["id"], "image_id": image["image_key"], "category_id": CATEGORY["id"],
+                             "segmentation": ann["segmentation"], "area": ann["area"], "bbox": ann["bbox"],
+                             "iscrowd": 0, **{k: ann[k] for k in _EXTRAS}}
+                    if ann.get("text_prompt") is not None:
+                        entry["text_prompt"] = ann["text_prompt"]
+                    f.write(("" if first else ",") + json.dumps(entry))
+                    first = False
+            f.write("]}")
+    except BaseException:  # a half-written file is no export: leave nothing behind
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, dest)
     return n
 

@@ -7,6 +7,7 @@ DuckDB and Polars read the same table directly (`delta_scan(...)`, `pl.read_delt
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -22,6 +23,29 @@ from .writer import METADATA_KEY
 
 class DatasetNotFound(LookupError):
     """No such table under the root, or no such version of it."""
+
+
+class DataFileMissing(FileNotFoundError):
+    """A data file that a table's version names is gone from the store (deleted by hand, a
+    lifecycle rule): what it held cannot be read."""
+
+
+def missing_file_message(root: str, name: str, error: OSError) -> str:
+    """What a reader says of a lost data file, and the fix."""
+    return (f"{root}: the {name} table names a data file that is missing ({error}); "
+            f"`python jobs/validate.py {root}` lists the faults, `python jobs/maintain.py {root} repair` "
+            "drops the missing files from the table (their rows are lost)")
+
+
+@contextmanager
+def reading(root: str, name: str = "annotations"):
+    """Turns pyarrow's FileNotFoundError for a lost data file into DataFileMissing."""
+    try:
+        yield
+    except DataFileMissing:
+        raise
+    except FileNotFoundError as e:
+        raise DataFileMissing(missing_file_message(root, name, e)) from e
 
 
 def _options(root: str, options: dict[str, str] | None) -> dict[str, str]:
@@ -86,7 +110,8 @@ def open_dataset(root: str, *, options: dict[str, str] | None = None, **pin: Any
 
 def read_images(root: str, *, columns: list[str] | None = None, filter: Any = None, **pin: Any) -> pa.Table:
     """A version's images as a pyarrow table in our schema (all columns unless `columns`)."""
-    table = open_dataset(root, **pin).to_table(columns=columns, filter=filter)
+    with reading(root):
+        table = open_dataset(root, **pin).to_table(columns=columns, filter=filter)
     if columns is None:
         return conform(table)
     return table.cast(pa.schema([IMAGES.field(c) for c in columns]))
@@ -100,8 +125,9 @@ def read_pandas(root: str, **kwargs: Any):
 def iter_images(root: str, *, batch_rows: int = 256, **pin: Any) -> Iterator[dict]:
     """Image rows of a version as dicts, streamed a batch of rows at a time."""
     ds = open_dataset(root, **pin)
-    for batch in ds.to_batches(batch_size=batch_rows):
-        yield from conform(pa.Table.from_batches([batch])).to_pylist()
+    with reading(root):
+        for batch in ds.to_batches(batch_size=batch_rows):
+            yield from conform(pa.Table.from_batches([batch])).to_pylist()
 
 
 def iter_masks(root: str, **kwargs: Any) -> Iterator[tuple[dict, dict]]:
@@ -126,12 +152,13 @@ def export_parquet(root: str, dest: str, *, max_rows_per_file: int = 50_000, **p
     tool without Delta support); returns the files written. dest is a local folder."""
     written: list[str] = []
     ds = open_dataset(root, **pin)
-    pads.write_dataset(
-        ds.scanner(), dest, format="parquet", max_rows_per_file=max_rows_per_file,
-        max_rows_per_group=min(max_rows_per_file, 10_000),
-        file_options=pads.ParquetFileFormat().make_write_options(compression="zstd"),
-        file_visitor=lambda f: written.append(f.path), existing_data_behavior="overwrite_or_ignore",
-    )
+    with reading(root):
+        pads.write_dataset(
+            ds.scanner(), dest, format="parquet", max_rows_per_file=max_rows_per_file,
+            max_rows_per_group=min(max_rows_per_file, 10_000),
+            file_options=pads.ParquetFileFormat().make_write_options(compression="zstd"),
+            file_visitor=lambda f: written.append(f.path), existing_data_behavior="overwrite_or_ignore",
+        )
     return sorted(written)
 
 
@@ -141,4 +168,5 @@ def read_table(root: str, name: str, *, version: int | None = None,
     schema, _ = TABLES[name]
     options, uri = _options(root, options), table_uri(root, name)
     dt = _open(root, name, options, version)
-    return conform(arrow_dataset(dt, uri, options).to_table(), schema)
+    with reading(root, name):
+        return conform(arrow_dataset(dt, uri, options).to_table(), schema)

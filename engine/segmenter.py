@@ -79,6 +79,7 @@ class Segmenter:
         points = np.asarray(request.points, np.float32).reshape(-1, 2)
         labels = np.asarray(request.labels, np.int64)
         box = np.asarray(request.box, np.float32) if request.box is not None else None
+        _check_inside(points, box, size)
         mask_input = self._mask_input(request.mask_input)
         text = normalize_phrase(request.text) if request.text is not None else None
         multimask = request.multimask
@@ -151,3 +152,14 @@ def annotation_record(mask: AcceptedMask, height: int, width: int) -> dict:
         crop_box=[0, 0, width, height],
         text_prompt=mask.text_prompt,
     )
+
+
+def _check_inside(points: np.ndarray, box: np.ndarray | None, size: tuple[int, int]) -> None:
+    """A click outside the image, or a box that misses it, is a client's mistake (a stale
+    image, swapped x and y): the model would still answer, with a mask of nothing asked for."""
+    h, w = size
+    outside = [(float(x), float(y)) for x, y in points if not (0 <= x <= w and 0 <= y <= h)]
+    if outside:
+        raise ValueError(f"clicks outside the {w} x {h} image (x, y): {outside[:3]}")
+    if box is not None and (box[2] < 0 or box[3] < 0 or box[0] > w or box[1] > h):
+        raise ValueError(f"box {box.tolist()} (XYXY) lies outside the {w} x {h} image")

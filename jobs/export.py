@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.coco import export_coco  # noqa: E402
-from dataset.reader import DatasetNotFound, export_parquet, open_version  # noqa: E402
+from dataset.reader import DataFileMissing, DatasetNotFound, export_parquet, open_version  # noqa: E402
 from dataset.sa1b import export_sa1b  # noqa: E402
 from dataset.storage import storage_options  # noqa: E402
 
@@ -45,6 +45,9 @@ def main(argv=None) -> int:
             n = f"{export_coco(args.root, args.dest, version=version, options=options)} images"
         else:
             n = f"{len(export_parquet(args.root, args.dest, version=version, options=options))} files"
+    except DataFileMissing as e:  # before OSError, of which it is one: the source lost a file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:  # a destination that cannot be written
         print(f"error: {args.dest}: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset import iter_images  # noqa: E402
+from dataset import DataFileMissing, DatasetNotFound, iter_images  # noqa: E402
 from dataset.lineage import new_lineage  # noqa: E402
 from engine.semi_auto import confident, export_tasks, import_tasks, local_files_url, write_project  # noqa: E402
 
@@ -41,8 +41,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.command == "export":
-        images = [{**im, "annotations": confident(im["annotations"], args.min_iou)}
-                  for im in iter_images(args.root, run_id=args.run_id)]
+        try:
+            images = [{**im, "annotations": confident(im["annotations"], args.min_iou)}
+                      for im in iter_images(args.root, run_id=args.run_id)]
+        except (DatasetNotFound, DataFileMissing) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         url = local_files_url(args.local_files_root) if args.local_files_root else (lambda uri: uri)
         tasks = export_tasks(images, model_version=args.run_id or "", image_url=url)
         tasks_path, config_path = write_project(args.dest, tasks)

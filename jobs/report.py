@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dashboards import write_report  # noqa: E402
-from dataset.reader import DatasetNotFound  # noqa: E402
+from dataset.reader import DataFileMissing, DatasetNotFound  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         path = write_report(args.root, out=args.out, version=args.version, run_id=args.run_id, round=args.round,
                             endpoint_url=args.endpoint_url, sample_images=args.sample_images,
                             max_concavity_masks=args.concavity_masks, gallery_images=args.gallery)
-    except DatasetNotFound as e:
+    except (DatasetNotFound, DataFileMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
+from dataset.reader import missing_file_message
 from dataset.storage import arrow_dataset, is_delta_table, table_uri
 
 from .sources import InputError
@@ -28,10 +29,8 @@ def _read(root: str, name: str, columns: list[str], options: dict[str, str], run
         return arrow_dataset(DeltaTable(uri, storage_options=options), uri, options).to_table(columns=columns,
                                                                                               filter=where)
     except FileNotFoundError as e:  # a data file the log names is gone: what it held is unknown
-        raise InputError(
-            f"output {root}: the {name} table names a data file that is missing ({e}); "
-            f"`python jobs/validate.py {root}` lists the faults, `python jobs/maintain.py {root} repair` drops "
-            "the missing files (their rows are lost) so that the next run annotates those inputs again") from e
+        raise InputError(f"output {missing_file_message(root, name, e)}, so that the next run annotates "
+                         "those inputs again") from e
 
 
 def committed_state(root: str, options: dict[str, str], run_id: str | None = None

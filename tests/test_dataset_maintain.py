@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 from deltalake import DeltaTable
 
-from dataset import DatasetWriter, read_images, read_table, resolve_version, storage_options, table_uri
+from dataset import (DataFileMissing, DatasetWriter, export_parquet, iter_images, read_images, read_table,
+                     resolve_version, storage_options, table_uri)
 from dataset.lineage import new_lineage
 from dataset.synthetic import image_records
 from dataset.validation import validate
+from jobs.export import main as export_main
 from jobs.maintain import main as maintain_main
+from jobs.report import main as report_main
 from tests.s3server import moto_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +152,7 @@ def test_compact_on_s3():
         assert "would delete 3 files" in out, out
 
 
-def test_repair_drops_a_lost_file_and_the_next_run_redoes_its_inputs(tmp_path):
+def test_repair_drops_a_lost_file_and_the_next_run_redoes_its_inputs(tmp_path, capsys):
     from pipeline.progress import committed_state
     from pipeline.sources import InputError
 
@@ -166,6 +169,18 @@ def test_repair_drops_a_lost_file_and_the_next_run_redoes_its_inputs(tmp_path):
     # The resume read says what happened and what to do, instead of a pyarrow traceback.
     with pytest.raises(InputError, match=r"annotations table names a data file that is missing.*maintain.py .* repair"):
         committed_state(root, {})
+    # So do the readers and the jobs that read a version, instead of pyarrow's FileNotFoundError.
+    fix = r"data file that is missing.*" + re.escape(lost.name) + r".*maintain.py .* repair"
+    for read in (lambda: read_images(root), lambda: list(iter_images(root)),
+                 lambda: export_parquet(root, str(tmp_path / "parquet"))):
+        with pytest.raises(DataFileMissing, match=fix):
+            read()
+    for job, args in ((export_main, ["--to", "coco", "--dest", str(tmp_path / "coco.json")]),
+                      (export_main, ["--to", "parquet", "--dest", str(tmp_path / "parquet")]),
+                      (report_main, ["--out", str(tmp_path / "report.html"), "--gallery", "0"])):
+        assert job([root, *args]) == 2
+        assert re.search(fix, capsys.readouterr().err)
+    assert not any(tmp_path.glob("coco.json*")) and not (tmp_path / "report.html").exists()
     assert validate(root).faults["missing_file"]
     assert _run(root, "repair", "--dry-run").splitlines()[0] == "annotations: would drop 1 missing data files:"
     assert not validate(root).ok  # a dry run changes nothing

@@ -164,6 +164,14 @@ def test_protocol_refuses_bad_requests(service, session):
     with pytest.raises(EngineError) as e:
         client.predict(**ref)  # no prompt at all
     assert e.value.status == 422
+    w, h = opened["width"], opened["height"]
+    for bad_prompt, says in ((dict(points=[[5, 5], [w + 40, 5]], labels=[1, 1]), "clicks outside"),
+                             (dict(points=[[5, -1]], labels=[1]), "clicks outside"),
+                             (dict(box=[w + 1, 0, w + 50, 20]), "box")):
+        with pytest.raises(EngineError) as e:
+            client.predict(**ref, **bad_prompt)
+        assert e.value.status == 422 and says in e.value.detail and f"{w} x {h}" in e.value.detail
+    client.predict(**ref, points=[[w, h]], labels=[1])  # the far corner is inside
     with pytest.raises(EngineError) as e:
         client.commit(1, opened["image_id"], [mask])
     assert e.value.status == 409  # index 1 is another image
