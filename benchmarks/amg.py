@@ -6,6 +6,7 @@ seconds (vit_b/l/h: the image encoder is the official network on both sides).
 
     python benchmarks/amg.py                                # bundled checkpoint and photos
     python benchmarks/amg.py --size 768x1024 --points-per-side 32 --precision fp32 bf16
+    python benchmarks/amg.py --images 2 --repeat 3          # best of 3 per side (noisy machines)
     python benchmarks/amg.py --model-type vit_b --random-weights --skip-official
     python benchmarks/amg.py --skip-official --precision fp32 --threads 1 \
         --results-json benchmarks/results/cpu-2core.json --results-name cpu-2core
@@ -113,6 +114,18 @@ def timed(fn, *args):
     return out, dt, mem.mb
 
 
+def best_of(n: int, fn, *args, seconds_inside=None):
+    """fn(*args) run n times: (last output, best wall seconds, median wall seconds, peak MB over
+    all runs, seconds_inside() of the best run). On a shared machine single runs vary by up to
+    2x; the best of a few is the steadier figure, the median shows the spread."""
+    runs = []
+    for _ in range(n):
+        out, dt, mb = timed(fn, *args)
+        runs.append((dt, mb, seconds_inside() if seconds_inside else 0.0))
+    best = min(runs)
+    return out, best[0], float(np.median([r[0] for r in runs])), max(r[1] for r in runs), best[2]
+
+
 def _sync(model) -> None:
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
@@ -130,6 +143,10 @@ def stage_times(model, image, params, precision):
     postprocess(crops, enc.orig_size, params)
     t3 = time.perf_counter()
     return t1 - t0, t2 - t1, t3 - t2
+
+
+def _spread(n: int, median: float) -> str:
+    return f"  (best of {n}, median {median:.2f} s)" if n > 1 else ""
 
 
 def read_seconds(image: np.ndarray) -> float:
@@ -204,6 +221,8 @@ def main() -> None:
                     help="default: the checkpoint's recommendation (the official 0.95 without one)")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--skip-official", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="time each side this many times per image (after the warm-up) and report the best")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="torch device of our model (and the official one)")
     ap.add_argument("--results-json", default=None, metavar="PATH",
@@ -245,16 +264,21 @@ def main() -> None:
         ref = None
         if official is not None:
             official.generate(image)  # warm-up, as ours gets: first calls pay one-off set-up (seconds)
-            official.encode_seconds = 0.0
-            ref, t_ref, m_ref = timed(official.generate, image)
-            ref_rest = t_ref - official.encode_seconds
+
+            def official_run():
+                official.encode_seconds = 0.0
+                return official.generate(image)
+
+            ref, t_ref, t_ref_median, m_ref, enc_ref = best_of(
+                args.repeat, official_run, seconds_inside=lambda: official.encode_seconds)
+            ref_rest = t_ref - enc_ref
             print(f"  official       {t_ref:8.2f} s  peak +{m_ref:7.0f} MB  {len(ref)} masks"
-                  f"  [encode {official.encode_seconds:.2f} s, decode + post {ref_rest:.2f} s]")
+                  f"  [encode {enc_ref:.2f} s, decode + post {ref_rest:.2f} s]{_spread(args.repeat, t_ref_median)}")
         for precision in args.precision:
             gen = AutomaticMaskGenerator(model, params, precision=precision)
             gen.generate(image)  # warm-up
-            out, t, m = timed(gen.generate, image)
-            enc, dec, post = stage_times(model, image, params, precision)
+            out, t, t_median, m, _ = best_of(args.repeat, gen.generate, image)
+            enc, dec, post = np.min([stage_times(model, image, params, precision) for _ in range(args.repeat)], axis=0)
             if args.results_json and precision == args.precision[0]:
                 for stage, dt in zip(("encode", "decode_prompts", "postprocess"), (enc, dec, post)):
                     seconds[stage] += dt
@@ -262,14 +286,15 @@ def main() -> None:
                 seconds["write"] += write_seconds(out)
                 masks += len(out)
             line = (f"  ours {precision:5s}     {t:8.2f} s  peak +{m:7.0f} MB  {len(out)} masks"
-                    f"  [encode {enc:.2f} s, decode {dec:.2f} s, post {post:.2f} s]")
+                    f"  [encode {enc:.2f} s, decode {dec:.2f} s, post {post:.2f} s]{_spread(args.repeat, t_median)}")
             if ref is not None:
                 m = match_records(out, ref)
+                below = sum(iou < 0.99 for iou in m["ious"])
                 line += (f"\n      speed-up x{t_ref / t:6.1f} "
                          f"(decode + post-process alone x{ref_rest / (dec + post):.1f});"
                          f" official masks matched {m['matched']}/{m['theirs']}"
-                         f" (min IoU {m['min_iou']:.4f}), equal RLE {m['equal_rle']}, ours unmatched "
-                         f"{m['ours'] - m['matched']}")
+                         f" (min IoU {m['min_iou']:.4f}, {below} under 0.99), equal RLE {m['equal_rle']},"
+                         f" ours unmatched {m['ours'] - m['matched']}")
             print(line)
     if args.results_json:
         write_results(args.results_json, throughput_results(args, model, params, seconds, len(images), masks))

@@ -157,7 +157,7 @@ def test_amg_benchmark_writes_results(tmp_path):
     path = tmp_path / "amg.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "amg.py"), "--skip-official", "--precision", "fp32",
            "--threads", "1", "--points-per-side", "4", "--size", "128x160", "--images", "2",
-           "--results-json", str(path), "--results-name", "tiny"]
+           "--repeat", "2", "--results-json", str(path), "--results-name", "tiny"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     r = load_results(path)
@@ -175,6 +175,7 @@ def test_amg_benchmark_writes_results(tmp_path):
     assert r.config["pred_iou_thresh"] == recommended["pred_iou_thresh"]
     assert r.config["stability_score_thresh"] == recommended["stability_score_thresh"]
     assert f"wrote {path}" in proc.stdout
+    assert proc.stdout.count("(best of 2, median") == 2  # one line per image
 
 
 def test_amg_write_stage_serialises_real_records(photo):
