@@ -240,6 +240,22 @@ def test_label_studio_jobs_export_and_import(tmp_path):
     assert sum(len(r["annotations"]) for r in rows.values()) > 0
 
 
+def test_label_studio_export_of_a_missing_or_damaged_dataset_is_an_error(tmp_path, capsys):
+    from dataset import DatasetWriter
+    from dataset.lineage import new_lineage
+    from dataset.synthetic import image_records
+    from jobs import label_studio as job
+
+    assert job.main(["export", str(tmp_path / "nothing"), str(tmp_path / "ls")]) == 2
+    assert "no dataset at" in capsys.readouterr().err
+    root = tmp_path / "auto"
+    DatasetWriter(str(root), new_lineage(round=0, stage="auto", run_id="auto")).commit_images(image_records(2, 3))
+    next((root / "annotations").glob("*.parquet")).unlink()  # a data file lost from the store
+    assert job.main(["export", str(root), str(tmp_path / "ls")]) == 2
+    assert "data file that is missing" in capsys.readouterr().err
+    assert not (tmp_path / "ls").exists()
+
+
 def as_coco(segmentation: dict) -> dict:
     return {"size": segmentation["size"], "counts": segmentation["counts"].encode()}
 
