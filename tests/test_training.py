@@ -3,6 +3,7 @@ Train run that must learn and resume."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,13 @@ def test_a_dataset_root_trains_on_its_annotations_table(tmp_path):
     examples = ParquetExamples([str(root)])
     assert len(examples) == 1
     np.testing.assert_array_equal(examples.take([0])[0].masks, scene.masks)
+    # A data file lost from the store is named, with the fix, before any training starts.
+    from dataset import DataFileMissing
+
+    lost = next((root / "annotations").glob("*.parquet"))
+    lost.unlink()
+    with pytest.raises(DataFileMissing, match=re.escape(lost.name) + ".*maintain.py .* repair"):
+        ParquetExamples([str(root)])
 
 
 def test_parquet_rows_decode_like_the_pipeline(tmp_path):

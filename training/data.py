@@ -71,7 +71,10 @@ class ParquetExamples:
                                  f"(it has {', '.join(part.schema.names)})")
         self.dataset = parts[0] if len(parts) == 1 else ds.dataset(parts)
         self.columns = [image_column, annotations_column]
-        self.length = self.dataset.count_rows()
+        from dataset.reader import reading
+
+        with reading(", ".join(map(str, paths))):  # reads every file's footer: a lost one is named
+            self.length = self.dataset.count_rows()
         if self.length == 0:
             raise ValueError(f"no rows in {list(paths)}")
 
