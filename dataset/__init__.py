@@ -2,14 +2,15 @@
 SA-1B / COCO interchange (`sa1b`, `coco`), checks (`validation`) and upkeep (`maintenance`).
 Record shapes live in `schemas`."""
 from .reader import (
-    DataFileMissing, DatasetNotFound, export_parquet, history, iter_images, iter_masks, open_dataset, open_version, read_images,
-    read_pandas, read_ray, read_table, resolve_version,
+    DataFileMissing, DatasetNotFound, export_parquet, history, iter_images, iter_masks, open_dataset, open_version,
+    read_images, read_pandas, read_ray, read_table, resolve_version,
 )
 from .storage import TABLE_NAMES, storage_options, table_uri
 from .writer import DatasetWriter, committed_image_ids, open_table
 
 __all__ = [
-    "DataFileMissing", "DatasetNotFound", "DatasetWriter", "TABLE_NAMES", "committed_image_ids", "export_parquet", "history", "iter_images",
+    "DataFileMissing", "DatasetNotFound", "DatasetWriter", "TABLE_NAMES", "committed_image_ids", "export_parquet",
+    "history", "iter_images",
     "iter_masks", "open_dataset", "open_table", "open_version", "read_images", "read_pandas", "read_ray", "read_table",
     "resolve_version", "storage_options", "table_uri",
 ]

@@ -12,6 +12,7 @@ checkpoint loaded in place, a training step), so callers can ask for it on every
 from __future__ import annotations
 
 import copy
+import itertools
 import weakref
 
 import torch
@@ -44,7 +45,8 @@ def decoding_model(model: Sam, dtype: torch.dtype | None) -> Sam:
 
 def _signature(model: Sam) -> tuple:
     """Where the prompt side's weights live and how often they were written in place."""
-    tensors = [t for name in _TWIN_MODULES for t in model._modules[name].state_dict().values()]
+    modules = [model._modules[name] for name in _TWIN_MODULES]
+    tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
     return tuple((t.data_ptr(), t.device.type, _version(t)) for t in tensors)
 
 

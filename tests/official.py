@@ -1,14 +1,19 @@
 """Helpers to build the official segment-anything model (the test oracle) with the same
-architecture as one of our configs, and to give every parameter random values."""
+architecture as one of our configs, to give every parameter random values, and to tell a
+rounding flip from a real difference between two automatic masks."""
 from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import torch
+from pycocotools import mask as coco_mask
+from segment_anything import SamPredictor
 from segment_anything.modeling import (
     ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer,
 )
 
+from amg.rle import to_coco_rle
 from model.config import SamConfig
 
 
@@ -73,12 +78,6 @@ def pixels_off_threshold(official: Sam, image, ours: dict, theirs: dict) -> floa
     threshold; a real difference shows up as a pixel far from it. The logits are the official
     predictor's for the record's point on its crop, of the multimask output whose mask is
     closest to the official record's; outside the crop they count as infinitely far."""
-    import numpy as np
-    from pycocotools import mask as coco_mask
-    from segment_anything import SamPredictor
-
-    from amg.rle import to_coco_rle
-
     a, b = (coco_mask.decode(to_coco_rle(r["segmentation"])).astype(bool) for r in (ours, theirs))
     differ = a != b
     if not differ.any():
