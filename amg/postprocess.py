@@ -2,14 +2,14 @@
 within each crop), small-region cleanup, and the output records. Runs on CPU from the compact decode payload."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torchvision.ops import box_area
 
 from .decode import Candidates
-from .masks import box_nms, masks_to_boxes_xyxy, remove_small_regions, uncrop_boxes, uncrop_points
+from .masks import box_nms, uncrop_boxes, uncrop_points
 from .params import AmgParams
-from .rle import masks_to_rle_counts, rle_area, rle_bbox, rle_to_coco
+from .regions import clean_small_regions
+from .rle import counts_to_crop, rle_area, rle_bbox, rle_to_coco
 
 
 def postprocess(crops: list[Candidates], orig_size: tuple[int, int], params: AmgParams) -> list[dict]:
@@ -56,26 +56,20 @@ def _merge_crops(parts: list[dict], params: AmgParams) -> dict:
 def _clean_small_regions(data: dict, orig_size: tuple[int, int], params: AmgParams, suppress: bool = True) -> dict:
     """Fill small holes and drop small islands of every mask, then NMS again preferring
     masks that needed no change (unless suppress is off); re-encode the changed masks
-    that survive."""
-    masks, unchanged = [], []
-    for counts in data["counts"]:
-        mask = counts_to_mask(counts, orig_size)
-        mask, filled = remove_small_regions(mask, params.min_mask_region_area, "holes")
-        mask, dropped = remove_small_regions(mask, params.min_mask_region_area, "islands")
-        masks.append(mask)
-        unchanged.append(not (filled or dropped))
-    masks_t = torch.as_tensor(np.stack(masks))
-    scores = torch.tensor(unchanged, dtype=torch.float32)
-    boxes = masks_to_boxes_xyxy(masks_t)
+    that survive. Each mask is worked inside its box (amg.regions): no full-size masks."""
+    cleaned = [clean_small_regions(c, orig_size, params.min_mask_region_area) for c in data["counts"]]
+    changed = [i for i, c in enumerate(cleaned) if c is not None]
+    boxes = data["boxes"].clone()  # the decode stage's tight boxes of the unchanged masks
+    if changed:
+        boxes[changed] = torch.tensor([cleaned[i].box() for i in changed], dtype=boxes.dtype)
+    scores = torch.tensor([c is None for c in cleaned], dtype=torch.float32)
     keep = box_nms(boxes, scores, max(params.box_nms_thresh, params.crop_nms_thresh)) if suppress \
-        else torch.arange(len(masks))
-    changed = [i for i in keep.tolist() if not unchanged[i]]
+        else torch.arange(len(cleaned))
     counts = list(data["counts"])
-    for i, c in zip(changed, masks_to_rle_counts(masks_t[changed])):
-        counts[i] = c
-    new_boxes = data["boxes"].clone()
-    new_boxes[changed] = boxes[changed]
-    return _select({**data, "counts": counts, "boxes": new_boxes}, keep)
+    for i in keep.tolist():
+        if cleaned[i] is not None:
+            counts[i] = cleaned[i].counts(orig_size)
+    return _select({**data, "counts": counts, "boxes": boxes}, keep)
 
 
 def _records(data: dict, orig_size: tuple[int, int], output_mode: str) -> list[dict]:
@@ -85,7 +79,7 @@ def _records(data: dict, orig_size: tuple[int, int], output_mode: str) -> list[d
     elif output_mode == "uncompressed_rle":
         segmentations = [{"size": list(orig_size), "counts": c.tolist()} for c in counts]
     else:
-        segmentations = [counts_to_mask(c, orig_size) for c in counts]
+        segmentations = [counts_to_crop(c, orig_size, (0, orig_size[0]), (0, orig_size[1])) for c in counts]
     texts = data.get("texts")
     records = []
     for i, seg in enumerate(segmentations):
@@ -102,13 +96,6 @@ def _records(data: dict, orig_size: tuple[int, int], output_mode: str) -> list[d
         if texts is not None:
             records[-1]["text_prompt"] = texts[i]
     return records
-
-
-def counts_to_mask(counts: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Uncompressed COCO counts -> H x W bool (runs alternate 0, 1, ... column-major)."""
-    h, w = size
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape(w, h).T
 
 
 def _select(data: dict, keep: torch.Tensor) -> dict:

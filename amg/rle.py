@@ -93,6 +93,37 @@ def _row_to_column_major(flat, h: int, w: int):
     return mask_index * (h * w) + x * h + y
 
 
+def counts_to_crop(counts: np.ndarray, size: Sequence[int], rows: tuple[int, int], cols: tuple[int, int]
+                   ) -> np.ndarray:
+    """The pixels of a mask given by its counts (image H x W) in rows [r0, r1) and columns
+    [c0, c1): (r1 - r0) x (c1 - c0) bool, decoding only those columns."""
+    h = int(size[0])
+    (r0, r1), (c0, c1) = rows, cols
+    counts = np.asarray(counts, dtype=np.int64)
+    ends = np.cumsum(counts)
+    lo, hi = c0 * h, c1 * h  # the columns' span in column-major order
+    lengths = np.clip(ends, lo, hi) - np.clip(ends - counts, lo, hi)
+    values = np.arange(len(counts)) % 2 == 1  # runs alternate unset, set
+    return np.repeat(values, lengths).reshape(c1 - c0, h)[:, r0:r1].T
+
+
+def crop_to_counts(pixels: np.ndarray, size: Sequence[int], y0: int, x0: int) -> np.ndarray:
+    """Uncompressed counts of an H x W image mask whose set pixels all lie in `pixels`
+    (a bool crop placed at row y0, column x0)."""
+    h, w = int(size[0]), int(size[1])
+    ch, cw = pixels.shape
+    columns = np.zeros((1, h, cw), dtype=bool)  # the crop's columns, full height
+    columns[0, y0:y0 + ch] = pixels
+    counts = masks_to_rle_counts(torch.from_numpy(columns))[0]
+    counts[0] += x0 * h  # the columns before the crop: unset
+    after = (w - x0 - cw) * h
+    if after and len(counts) % 2:  # the last run is unset: it goes on
+        counts[-1] += after
+    elif after:
+        counts = np.append(counts, after)
+    return counts
+
+
 def rle_to_coco(counts_list: Sequence[np.ndarray], size: Sequence[int]) -> list[dict[str, Any]]:
     """Compressed COCO RLE dicts {"size": [h, w], "counts": str}, one per counts array.
 

@@ -17,6 +17,7 @@ from amg.grid import crop_boxes, point_grid, point_grids  # noqa: E402
 from amg.masks import (  # noqa: E402
     box_near_crop_edge, masks_to_boxes_xyxy, remove_small_regions, uncrop_boxes, uncrop_masks, uncrop_points,
 )
+from amg.regions import clean_small_regions  # noqa: E402
 from amg.upsample import ThresholdUpsampler  # noqa: E402
 from amg.rle import (  # noqa: E402
     _run_starts_numpy, _run_starts_torch, coco_to_mask, masks_to_rle_counts, rle_area,
@@ -262,6 +263,63 @@ def test_remove_small_regions_matches_official(mode, area_thresh):
         np.testing.assert_array_equal(ours, expected)
         if not ours_changed:
             assert ours is mask
+
+
+def cleanup_cases() -> list[np.ndarray]:
+    """Masks for the in-box cleanup: the cases above placed in larger images (margins of
+    every width, touching each border), and masks whose surroundings split or are small."""
+    cases = small_region_cases()
+    for k, mask in enumerate(cases[:12]):
+        h, w = mask.shape
+        top, left = [(0, 0), (1, 3), (9, 0), (0, 14), (5, 7), (2, 2)][k % 6]
+        placed = np.zeros((h + top + 4 * (k % 3), w + left + 3 * (k % 2)), dtype=bool)
+        placed[top:top + h, left:left + w] = mask
+        cases.append(placed)
+    band = np.zeros((20, 30), dtype=bool)
+    band[8:12] = True  # spans the width: above and below are two regions
+    band[9, 5:8] = False  # with a hole
+    column = band.T.copy()
+    ring = np.zeros((12, 12), dtype=bool)
+    ring[1:11, 1:11] = True
+    ring[4:8, 4:8] = False  # a hole the size of its surroundings
+    almost_full = np.ones((9, 9), dtype=bool)
+    almost_full[0, 0] = almost_full[8, 8] = almost_full[4, 4] = False  # small background pieces
+    speck = np.zeros((40, 50), dtype=bool)
+    speck[20, 30] = True
+    return cases + [band, column, ring, almost_full, speck, np.zeros((7, 5), dtype=bool), np.ones((7, 5), dtype=bool)]
+
+
+@pytest.mark.parametrize("area_thresh", [1, 3, 4.5, 30, 60, 200, 1e9])
+def test_in_box_cleanup_matches_official(area_thresh):
+    for mask in cleanup_cases():
+        size = mask.shape
+        expected, filled = official.remove_small_regions(mask, area_thresh, "holes")
+        expected, dropped = official.remove_small_regions(expected, area_thresh, "islands")
+        counts = masks_to_rle_counts(torch.from_numpy(mask)[None])[0]
+        cleaned = clean_small_regions(counts, size, area_thresh)
+        assert (cleaned is not None) == (filled or dropped)
+        if cleaned is None:
+            continue
+        whole = coco_to_mask(rle_to_coco([cleaned.counts(size)], size)[0]).astype(bool)
+        np.testing.assert_array_equal(whole, expected)
+        assert cleaned.box() == masks_to_boxes_xyxy(torch.from_numpy(expected)[None])[0].tolist()
+
+
+def test_in_box_cleanup_decodes_only_the_box(monkeypatch):
+    """A small mask on a large image is cleaned without the whole image (the point of it)."""
+    import amg.regions
+
+    def whole_image(*args):
+        raise AssertionError("worked on the whole image")
+
+    monkeypatch.setattr(amg.regions, "_on_whole_image", whole_image)
+    mask = np.zeros((3000, 4000), dtype=bool)
+    mask[1000:1040, 2000:2050] = True
+    mask[1010:1012, 2010:2012] = False  # a hole
+    mask[1100, 2100] = True  # an island
+    cleaned = clean_small_regions(masks_to_rle_counts(torch.from_numpy(mask)[None])[0], mask.shape, 10)
+    assert cleaned.pixels.shape == (103, 103) and (cleaned.y0, cleaned.x0) == (999, 1999)  # box + margin
+    assert cleaned.pixels.sum() == 40 * 50 and cleaned.box() == [2000, 1000, 2049, 1039]
 
 
 def test_remove_small_regions_rejects_unknown_mode():
