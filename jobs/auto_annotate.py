@@ -28,6 +28,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from amg.params import AmgParams  # noqa: E402
 from schemas.annotate import AnnotateConfig  # noqa: E402
+from schemas.settings_file import SettingsFileError, read_settings_file  # noqa: E402
 
 # Official scripts/amg.py flags that set generator parameters (same names, same meaning).
 AMG_FLAGS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
@@ -76,15 +77,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def load_config(argv=None) -> AnnotateConfig:
-    """Settings file, then flags on top; raises ValidationError naming a bad field."""
+    """Settings file, then flags on top; raises ValidationError naming a bad field, or
+    SettingsFileError."""
     args = vars(parser().parse_args(argv))
     data: dict = {}
     if "config" in args:
-        text = Path(args.pop("config")).read_text()
-        import yaml
-        data = yaml.safe_load(text) or {}  # YAML is a superset of JSON
-        if not isinstance(data, dict):
-            raise SystemExit("--config must hold a mapping of settings")
+        data = read_settings_file(args.pop("config"))
     args.pop("convert_to_rle", None)
     amg = dict(data.get("amg") or {})
     amg.update({k: args.pop(k) for k in AMG_FLAGS if k in args})
@@ -112,6 +110,9 @@ def main(argv=None) -> int:
         config = load_config(argv)
     except ValidationError as e:
         print(f"invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    except SettingsFileError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from pipeline.cluster import check_device, connect
     from pipeline.graph import run

@@ -25,6 +25,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 from pydantic import ValidationError  # noqa: E402
 
 from engine.rounds import RoundsConfig  # noqa: E402
+from schemas.settings_file import SettingsFileError, read_settings_file  # noqa: E402
 
 
 def parse_args(argv: list[str] | None):
@@ -62,9 +63,7 @@ def parse_args(argv: list[str] | None):
 def build_config(args: argparse.Namespace, annotate_args: list[str]) -> RoundsConfig:
     fields: dict = {}
     if args.config:
-        import yaml
-
-        fields = yaml.safe_load(Path(args.config).read_text()) or {}  # YAML reads JSON too
+        fields = read_settings_file(args.config)
     for name in ("root", "rounds", "initial_checkpoint", "train_steps", "synthetic_fraction", "promote_metric",
                  "promote_margin", "auto_precision"):
         if getattr(args, name) is not None:
@@ -91,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(args, annotate_args)
     except ValidationError as e:
         print(f"invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    except SettingsFileError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from model import CheckpointError, read_checkpoint_config
     from pipeline.sources import InputError, check_output

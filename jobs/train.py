@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 # A local Ray cluster started below inherits this, so its workers import our packages too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-import yaml  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 
 from model import (  # noqa: E402
     CheckpointError, load_checkpoint, read_checkpoint_config, read_checkpoint_meta, save_checkpoint,
@@ -32,6 +32,7 @@ from model import (  # noqa: E402
 from training.data import ParquetExamples, synthetic_example  # noqa: E402
 from training.automatic_eval import automatic_metrics, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
+from schemas.settings_file import SettingsFileError, read_settings_file  # noqa: E402
 from training.loop import ParquetSource, SyntheticSource, TrainConfig, run_training  # noqa: E402
 
 # flag -> TrainConfig field, for the flags that set a field directly.
@@ -76,8 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace) -> TrainConfig:
     fields: dict = {}
     if args.config:
-        text = Path(args.config).read_text()
-        fields = (json.loads(text) if args.config.endswith(".json") else yaml.safe_load(text)) or {}
+        fields = read_settings_file(args.config)
     fields |= {field: getattr(args, field) for field in FIELD_FLAGS if getattr(args, field) is not None}
     fields |= {field: getattr(args, field) for field in SWITCH_FLAGS if getattr(args, field) is not None}
     if fields.get("init_checkpoint") and "://" not in fields["init_checkpoint"]:
@@ -116,7 +116,14 @@ def init_lineage(path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = build_config(args)
+    try:
+        cfg = build_config(args)
+    except ValidationError as e:
+        print(f"invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    except SettingsFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:  # refuse unusable inputs here, not in every worker after Ray Train started
         if cfg.parquet:
             ParquetExamples(cfg.parquet.paths, cfg.parquet.image_column, cfg.parquet.annotations_column,

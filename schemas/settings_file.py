@@ -1,0 +1,51 @@
+"""The --config file of the jobs: a mapping of a settings model's fields in YAML, or in
+JSON for a .json file. Every way it can be wrong is one SettingsFileError with a one-line
+reason, which the jobs print and exit 2 on, as for a bad value of a field."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+
+class SettingsFileError(ValueError):
+    """The settings file is missing, unreadable, not YAML/JSON, or not a mapping."""
+
+
+def read_settings_file(path: str | Path) -> dict:
+    """The mapping in the file at path ({} for an empty file)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsFileError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise SettingsFileError(f"--config {path}: is a folder, not a settings file") from None
+    except UnicodeDecodeError:
+        raise SettingsFileError(f"--config {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise SettingsFileError(f"--config {path}: cannot read it: {e.strerror or e}") from None
+    if str(path).lower().endswith(".json"):  # JSON proper: YAML refuses e.g. tab indentation
+        try:
+            data = json.loads(text) if text.strip() else None
+        except json.JSONDecodeError as e:
+            raise SettingsFileError(f"--config {path}: not valid JSON at line {e.lineno}, column {e.colno}: "
+                                    f"{e.msg}") from None
+        return _mapping(data, path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise SettingsFileError(f"--config {path}: not valid YAML{where}: {problem}") from None
+    return _mapping(data, path)
+
+
+def _mapping(data, path) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsFileError(f"--config {path}: must hold a mapping of settings (field: value), "
+                                f"not a {type(data).__name__}")
+    return data
