@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -174,17 +176,39 @@ def file_sha256(path: str | os.PathLike) -> str:
 def _read(path: Path, mmap: bool = False) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
-    if mmap:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (pre-zip) files cannot be mapped: read them whole below
-            pass
+    _check_container(path)
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, OSError):  # legacy (pre-zip) files cannot be mapped: read them whole below
+                pass
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         raise CheckpointError(
-            f"{path}: refused to load: the file holds objects other than weights, which "
-            f"weights_only loading does not execute ({str(e).splitlines()[0]})"
+            f"{path}: refused to load: the file holds objects other than weights"
+            f"{f' ({refused.group(1)})' if refused else ''}, which weights_only loading does not execute"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL = 0x80  # the first byte of a pickle of protocol 2 or later (legacy torch.save files)
+
+
+def _check_container(path: Path) -> None:
+    """CheckpointError for a file that cannot be a checkpoint at all: empty, neither a zip
+    archive (torch.save's format) nor a pickle (its legacy one), or a cut-off archive."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty")
+    if head == _ZIP_MAGIC:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: the checkpoint is truncated or corrupt (an incomplete zip archive); "
+                                  "download or copy it again")
+    elif head[0] != _PICKLE_PROTOCOL:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint: it starts with {head!r}, where torch.save "
+                              "files start with a zip archive or a pickle")
