@@ -126,6 +126,11 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Committed inputs stay committed (exactly-once): the same command picks up the rest.
+        print(f"interrupted: what was committed to {config.output} is kept; run the same command again to "
+              "resume", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 

@@ -1,7 +1,8 @@
 """Crash and resume, exactly once: the job (driver + its embedded Ray) is SIGKILLed early
 (while reading), then mid-run (some chunks committed), a chunk's data files are left in
-the table without their Delta commit (what a kill between the two leaves), and the same
-command is rerun until it completes. Every input ends in exactly one table, once."""
+the table without their Delta commit (what a kill between the two leaves), a run is
+interrupted with Ctrl-C, and the same command is rerun until it completes. Every input
+ends in exactly one table, once."""
 from __future__ import annotations
 
 import hashlib
@@ -51,6 +52,24 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
         pass
 
 
+def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 300) -> int:
+    """SIGINT the job's process group once ready() holds; its exit code. Whatever of its
+    embedded cluster outlives it is killed."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the job ended before the interrupt point"
+        assert time.time() < deadline, "interrupt point not reached"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    code = proc.wait(timeout=120)
+    time.sleep(1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return code
+
+
 def test_sigkill_at_several_points_then_rerun_exactly_once(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -80,7 +99,15 @@ def test_sigkill_at_several_points_then_rerun_exactly_once(tmp_path):
     pq.write_table(to_table(orphan_rows), images / f"part-00000-{uuid.uuid4()}-c000.zstd.parquet")
     version_before = DeltaTable(str(images)).version()
 
-    # 4. The same command again, to the end.
+    # 4. Ctrl-C (SIGINT to the job's process group, as a terminal sends it) once one more
+    # chunk is committed: a one-line "interrupted ... resume" and exit code 130, no traceback.
+    interrupted = _interrupt_when(_start(args, tmp_path / "run4.log"),
+                                  lambda: DeltaTable(str(images)).version() > version_before)
+    log = (tmp_path / "run4.log").read_text()
+    assert interrupted == 130 and "run the same command again to resume" in log, log[-3000:]
+    assert "Traceback" not in log
+
+    # 5. The same command again, to the end.
     done = subprocess.run([sys.executable, "jobs/auto_annotate.py", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
