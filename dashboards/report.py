@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -122,8 +123,11 @@ def _rounds(st: stats.VersionStats, files: dict[int, dict]) -> list[dict]:
 
 
 def write_report(root: str, *, out: str | None = None, **kwargs) -> str:
-    """Build the report and write it to `out` (a local path) or, by default, to
-    <root>/reports/version-<N>.html; returns where it went."""
+    """Build the report and write it to `out` (a local path; missing folders are made) or, by
+    default, to <root>/reports/version-<N>.html; returns where it went. A local `out` that is
+    a folder, or whose folder cannot be made, is an OSError before the report is built."""
+    if out is not None:
+        _prepare_local(Path(out))
     html, data = build_report(root, **kwargs)
     if out is not None:
         with open(out, "w", encoding="utf-8") as f:
@@ -135,3 +139,14 @@ def write_report(root: str, *, out: str | None = None, **kwargs) -> str:
     with fs.open_output_stream(path) as f:
         f.write(html.encode("utf-8"))
     return f"{root.rstrip('/')}/{path}"
+
+
+def _prepare_local(out: Path) -> None:
+    """Make out's missing folders and refuse a folder as out, so that these mistakes cost no
+    build; nothing is created at out itself, so a failed build leaves no empty page."""
+    if out.is_dir():
+        raise IsADirectoryError(f"a folder; name the HTML file to write, such as {out / 'report.html'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's word for a file where the folder should be
+        raise NotADirectoryError(f"{out.parent} is a file, not a folder") from None

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from pycocotools import mask as coco_mask
 
 from .identity import image_identity
+from .exports import export_file_names
 from .reader import iter_images
 from .writer import Skipped
 
@@ -32,14 +33,19 @@ _EXTRAS = ("predicted_iou", "stability_score", "point_coords", "crop_box", "stag
 
 def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
     """Write a version as one COCO instances JSON file (local path; missing folders are made);
-    returns the image count.
+    returns the image count. Each image's file_name is its path relative to the folder that
+    holds them all (`export_file_names`).
 
     Streams: the images list is written in a first pass over the small columns, the
     annotations in a second, so memory holds one batch of rows at a time. The file appears
-    under its name only when complete (written beside it, then renamed).
+    under its name only when complete (written beside it, then renamed); a failed export
+    leaves nothing behind.
     """
     dest = Path(dest)
+    if dest.is_dir():  # refused before any work, not when the finished file cannot be renamed
+        raise IsADirectoryError(f"a folder; name the JSON file to write, such as {dest / 'instances.json'}")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    file_name = export_file_names(root, **pin)
     partial = dest.with_name(dest.name + ".partial")
     try:
         n = 0
@@ -48,7 +54,7 @@ def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
             f.write(f'"categories":[{json.dumps(CATEGORY)}],"images":[')
             for image in iter_images(root, **pin):
                 entry = {"id": image["image_key"], "width": image["width"], "height": image["height"],
-                         "file_name": os.path.basename(image["uri"]), "sha256": image["image_id"],
+                         "file_name": file_name(image["uri"]), "sha256": image["image_id"],
                          "coco_url": image["uri"], "phash": image["phash"]}
                 f.write(("," if n else "") + json.dumps(entry))
                 n += 1
@@ -64,10 +70,10 @@ def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
                     f.write(("" if first else ",") + json.dumps(entry))
                     first = False
             f.write("]}")
-    except BaseException:  # a half-written file is no export: leave nothing behind
+        os.replace(partial, dest)
+    except BaseException:  # a half-written or unplaced file is no export: leave nothing behind
         partial.unlink(missing_ok=True)
         raise
-    os.replace(partial, dest)
     return n
 
 

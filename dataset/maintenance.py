@@ -15,7 +15,7 @@ from typing import Any
 
 from deltalake import CommitProperties, DeltaTable
 
-from .storage import storage_options, table_uri
+from .storage import is_delta_table, storage_options, table_uri
 from .writer import METADATA_KEY, WRITER_PROPERTIES
 
 TARGET_FILE_SIZE = 256 * 1024 * 1024
@@ -37,9 +37,25 @@ def compact(root: str, name: str = "annotations", *, target_size: int = TARGET_F
 def vacuum(root: str, name: str = "annotations", *, retention_hours: int = DEFAULT_RETENTION_HOURS,
            dry_run: bool = False, options: dict[str, str] | None = None) -> list[str]:
     """Delete files unneeded by versions younger than retention_hours; returns their paths.
-    A retention below the table's minimum (7 days by default) is allowed on purpose."""
-    return _table(root, name, options).vacuum(
-        retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False, full=True)
+    A retention below the table's minimum (7 days by default) is allowed on purpose.
+
+    A full vacuum deletes every file of the table's folder that no version names, so it
+    deletes nothing, and raises ValueError, where that folder is not a Delta table or holds
+    files that are not Parquet: files of someone else's (an output folder that held them
+    before the tables were written there), not orphans of a killed writer."""
+    uri = table_uri(root, name)
+    options = options if options is not None else storage_options(root)
+    if not is_delta_table(uri, options):
+        raise ValueError(f"{uri} is not a Delta table: vacuum deletes nothing there")
+    table = DeltaTable(uri, storage_options=options)
+    unneeded = table.vacuum(retention_hours=retention_hours, dry_run=True, enforce_retention_duration=False, full=True)
+    foreign = sorted(path for path in unneeded if not path.endswith(".parquet"))
+    if foreign:
+        raise ValueError(f"{uri} holds files that no writer of the table makes ({', '.join(foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}): move them out of it; vacuum deleted nothing")
+    if dry_run:
+        return unneeded
+    return table.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False, full=True)
 
 
 def missing_files(root: str, name: str = "annotations", *, options: dict[str, str] | None = None) -> list[str]:

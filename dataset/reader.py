@@ -147,21 +147,6 @@ def read_ray(root: str, *, options: dict[str, str] | None = None, **pin: Any):
     return ray.data.read_delta(table_uri(root, "annotations"), version=v, storage_options=options)
 
 
-def export_parquet(root: str, dest: str, *, max_rows_per_file: int = 50_000, **pin: Any) -> list[str]:
-    """Write a version as plain Parquet files under dest (for Hugging Face `datasets`, or any
-    tool without Delta support); returns the files written. dest is a local folder."""
-    written: list[str] = []
-    ds = open_dataset(root, **pin)
-    with reading(root):
-        pads.write_dataset(
-            ds.scanner(), dest, format="parquet", max_rows_per_file=max_rows_per_file,
-            max_rows_per_group=min(max_rows_per_file, 10_000),
-            file_options=pads.ParquetFileFormat().make_write_options(compression="zstd"),
-            file_visitor=lambda f: written.append(f.path), existing_data_behavior="overwrite_or_ignore",
-        )
-    return sorted(written)
-
-
 def read_table(root: str, name: str, *, version: int | None = None,
                options: dict[str, str] | None = None) -> pa.Table:
     """A side table (quarantine, duplicates, listing, lineage) in our schema."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .identity import image_identity
+from .exports import export_file_names, replacing_folder
 from .reader import iter_images
 from .writer import Skipped
 
@@ -29,25 +31,38 @@ _MASK_FIELDS = ("id", "segmentation", "area", "bbox", "predicted_iou", "point_co
                 "crop_box")
 
 
-def to_sa1b(image: dict) -> dict:
+def to_sa1b(image: dict, file_name: str) -> dict:
     """One of our image rows -> its SA-1B JSON document."""
     return {
         "image": {"image_id": image["image_key"], "width": image["width"], "height": image["height"],
-                  "file_name": os.path.basename(image["uri"])},
+                  "file_name": file_name},
         "annotations": [{k: ann[k] for k in _MASK_FIELDS} for ann in image["annotations"]],
     }
 
 
 def export_sa1b(root: str, dest: str | Path, **pin: Any) -> int:
-    """Write a version as SA-1B JSON files under dest (a local folder); returns the image count."""
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    """Write a version as SA-1B JSON files under dest (a local folder); returns the image count.
+
+    JSON files are named by image_key, unique in a version, where SA-1B names them after the
+    image: images with the same base name in different folders must not share one. Each
+    file_name is the image's path relative to the folder that holds them all
+    (`export_file_names`). dest is replaced whole (`replacing_folder`), so that it holds
+    this export and no JSON file of an earlier one.
+    """
     keys: list[dict] = []
-    for image in iter_images(root, **pin):
-        (dest / f"{image['image_key']}.json").write_text(json.dumps(to_sa1b(image), separators=(",", ":")))
-        keys.append({k: image[k] for k in KEY_SCHEMA.names})
-    pq.write_table(pa.Table.from_pylist(keys, schema=KEY_SCHEMA), dest / KEY_TABLE, compression="zstd")
+    with replacing_folder(dest, _is_sa1b_export) as new:
+        file_name = export_file_names(root, **pin)
+        for image in iter_images(root, **pin):
+            doc = to_sa1b(image, file_name(image["uri"]))
+            (new / f"{image['image_key']}.json").write_text(json.dumps(doc, separators=(",", ":")))
+            keys.append({k: image[k] for k in KEY_SCHEMA.names})
+        pq.write_table(pa.Table.from_pylist(keys, schema=KEY_SCHEMA), new / KEY_TABLE, compression="zstd")
     return len(keys)
+
+
+def _is_sa1b_export(path: Path) -> bool:
+    """Whether path is one of the files export_sa1b writes."""
+    return path.is_file() and (path.name == KEY_TABLE or re.fullmatch(r"\d+\.json", path.name) is not None)
 
 
 def from_sa1b(doc: dict, image_id: str, uri: str, phash: str | None, image_key: int | None = None) -> dict:

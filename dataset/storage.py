@@ -8,6 +8,10 @@ Layout of a dataset root (a local folder or an s3:// prefix):
     <root>/listing/       the input listing of each run (uri, size, etag)
     <root>/lineage/       one row per run: checkpoint, parameters, code version, ...
 
+Beside the tables lie the job's run summaries (runs/) and reports (reports/), and in a data
+engine's root its rounds, checkpoints, inputs and training data (engine/): OTHER_ROOT_ENTRIES.
+A folder that holds something else and none of the tables is not a dataset root.
+
 Safe commits on S3: delta-rs commits version N by creating `_delta_log/N.json` only if it
 does not exist yet. On S3 that needs a conditional PUT (If-None-Match), which we ask for
 with `conditional_put=etag`. AWS S3 (since 2024), MinIO, Cloudflare R2, Ceph RGW (recent
@@ -23,13 +27,17 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 TABLE_NAMES = ("annotations", "quarantine", "duplicates", "listing", "lineage")
+OTHER_ROOT_ENTRIES = ("runs", "reports", "rounds", "checkpoints", "inputs", "train_data", "train_runs")
 
 # Environment variables passed on to delta-rs (object_store reads the same names).
 _AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL")
 
 
 def table_uri(root: str, name: str) -> str:
-    """URI of one of the dataset's tables under root."""
+    """URI of one of the dataset's tables under root. An empty root (an unset variable) is a
+    ValueError: its tables would lie at the top of the filesystem."""
+    if not str(root).strip():
+        raise ValueError(f"the dataset root is empty; cannot place its {name!r} table")
     if name not in TABLE_NAMES:
         raise ValueError(f"unknown table {name!r}; expected one of {TABLE_NAMES}")
     return f"{str(root).rstrip('/')}/{name}"

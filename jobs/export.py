@@ -4,7 +4,11 @@
     python jobs/export.py ROOT --to coco --dest FILE.json       # class-agnostic instances
     python jobs/export.py ROOT --to parquet --dest DIR --round 2  # for Hugging Face datasets
 
-The version is the latest unless --version, --run-id or --round pins it. dest is local.
+The version is the latest unless --version, --run-id or --round pins it. dest is local;
+missing folders are made. A folder dest (sa1b, parquet) is replaced whole by the new export
+once it is complete, and refused when it holds files that are not an earlier export of the
+same kind. A COCO dest names the JSON file (a folder is refused). A failed export leaves
+dest as it was.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.coco import export_coco  # noqa: E402
-from dataset.reader import DataFileMissing, DatasetNotFound, export_parquet, open_version  # noqa: E402
+from dataset.exports import export_parquet  # noqa: E402
+from dataset.reader import DataFileMissing, DatasetNotFound, open_version  # noqa: E402
 from dataset.sa1b import export_sa1b  # noqa: E402
 from dataset.storage import storage_options  # noqa: E402
 

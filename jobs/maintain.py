@@ -17,7 +17,8 @@ a version without the table's references to data files that no longer exist (del
 hand, lost by the store): their rows are lost, and rerunning the job that wrote them
 annotates those inputs again; --dry-run lists them.
 
-Prints what it did (or would do) per table; exit status 1 when a named table is absent.
+Prints what it did (or would do) per table; exit status 1 when a named table is absent, 2
+(with a one-line error) when the root holds none of the dataset's tables.
 Operations in dataset/maintenance.py; S3 settings as in dataset/storage.py.
 """
 from __future__ import annotations
@@ -100,16 +101,25 @@ def main(argv=None) -> int:
     if args.retention_hours < 0:
         ap.error("--retention-hours must be >= 0")
     options = storage_options(args.root, args.endpoint_url)
+    present = {name for name in TABLE_NAMES if is_delta_table(table_uri(args.root, name), options)}
+    if not present:  # a mistyped root is not five absent tables
+        print(f"error: no dataset at {args.root}: none of its tables ({', '.join(TABLE_NAMES)}) is there",
+              file=sys.stderr)
+        return 2
     names = TABLE_NAMES if args.table == "all" else (args.table,)
     status = 0
     for name in names:
         uri = table_uri(args.root, name)
-        if not is_delta_table(uri, options):
+        if name not in present:
             print(f"{name}: no table at {uri}")
             status = status if args.table == "all" else 1
             continue
         dt = DeltaTable(uri, storage_options=options)
-        {"compact": _compact, "vacuum": _vacuum, "repair": _repair}[args.action](args.root, name, dt, args, options)
+        try:
+            {"compact": _compact, "vacuum": _vacuum, "repair": _repair}[args.action](args.root, name, dt, args, options)
+        except ValueError as e:  # vacuum refusing a table folder that holds files of someone else's
+            print(f"error: {name}: {e}", file=sys.stderr)
+            status = 2
     return status
 
 

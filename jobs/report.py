@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     pin.add_argument("--version", type=int, help="Delta version of the annotations table")
     pin.add_argument("--run-id", help="the last version committed by this run")
     pin.add_argument("--round", type=int, help="the last version committed in this round")
-    ap.add_argument("--out", help="local HTML file to write (default: <root>/reports/version-<N>.html)")
+    ap.add_argument("--out", help="local HTML file to write, missing folders made "
+                                   "(default: <root>/reports/version-<N>.html)")
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     ap.add_argument("--sample-images", type=int, default=64, help="random images for concavity and the gallery")
     ap.add_argument("--concavity-masks", type=int, default=1000, help="most masks decoded for concavity")
@@ -38,6 +39,9 @@ def main(argv=None) -> int:
                             max_concavity_masks=args.concavity_masks, gallery_images=args.gallery)
     except (DatasetNotFound, DataFileMissing) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a destination that cannot be written
+        print(f"error: {args.out or args.root}: {e}", file=sys.stderr)
         return 2
     print(path)
     return 0

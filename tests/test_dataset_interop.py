@@ -4,14 +4,17 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
-from dataset import DatasetWriter, read_images
+import dataset.coco
+from dataset import DatasetWriter, export_parquet, read_images
 from dataset.coco import export_coco, import_coco, read_coco
 from dataset.lineage import new_lineage
 from dataset.sa1b import KEY_TABLE, export_sa1b, import_sa1b, read_sa1b
@@ -195,3 +198,83 @@ def test_unusable_import_records_are_quarantined_and_the_rest_committed(tmp_path
                                                                   (f"{shard}#sa_1.jpg", "missing")]
     with pytest.raises(ValueError, match="not a COCO instances JSON file"):
         next(read_coco(shard))
+
+
+def _dataset_at(root, uris, batches=1):
+    """A dataset whose images lie at uris, committed in `batches` versions."""
+    records = image_records(len(uris), 1, h=32, w=32)
+    for record, uri in zip(records, uris):
+        record["uri"] = uri
+    w = DatasetWriter(str(root), new_lineage(round=0, stage="auto"))
+    step = -(-len(records) // batches)
+    return [w.commit_images(records[i:i + step]) for i in range(0, len(records), step)]
+
+
+def _exported_names(root, tmp_path):
+    """{file_name} of the COCO export, checked equal to the SA-1B export's, one JSON file per image."""
+    export_coco(root, tmp_path / "coco.json")
+    coco = {i["file_name"] for i in json.loads((tmp_path / "coco.json").read_text())["images"]}
+    assert export_sa1b(root, tmp_path / "sa1b") == len(coco)
+    docs = sorted((tmp_path / "sa1b").glob("*.json"))
+    assert len(docs) == len(coco)
+    assert {json.loads(d.read_text())["image"]["file_name"] for d in docs} == coco
+    return coco
+
+
+def test_exports_name_images_by_their_path_below_the_common_folder(source, tmp_path):
+    assert _exported_names(source, tmp_path / "flat") == {f"img_{i:05d}.jpg" for i in range(5)}  # base names
+    root = tmp_path / "nested"
+    _dataset_at(root, ["/data/set/a/img.png", "/data/set/b/img.png", "/data/set/b/deep/c.png",
+                       "file:///data/set/a/caf%E9.png"])  # a name that is not UTF-8, as pipeline/sources stores it
+    names = _exported_names(str(root), tmp_path / "nested-out")
+    assert names == {"a/img.png", "b/img.png", "b/deep/c.png", "a/caf%E9.png"}
+    assert unquote_to_bytes("a/caf%E9.png") == b"a/caf\xe9.png"
+    on_s3 = tmp_path / "s3"
+    _dataset_at(on_s3, ["s3://bucket/photos/2024/a/img.png", "s3://bucket/photos/2024/b/img.png"])
+    assert _exported_names(str(on_s3), tmp_path / "s3-out") == {"a/img.png", "b/img.png"}
+
+
+def test_a_failed_coco_export_leaves_nothing_behind(source, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    job = [sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "export.py"), source]
+    r = subprocess.run(job + ["--to", "coco", "--dest", str(folder)], capture_output=True, text=True, timeout=120)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports"] and not any(folder.iterdir())
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith(f"error: {folder}: a folder; name the JSON file to write"), r.stderr
+
+    def no_rename(src, dst):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(dataset.coco.os, "replace", no_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        export_coco(source, folder / "instances.json")
+    assert not any(folder.iterdir())
+
+
+def test_folder_exports_replace_an_earlier_export(tmp_path):
+    root = str(tmp_path / "ds")
+    first, _ = _dataset_at(root, [f"/img/{i}.png" for i in range(40)], batches=2)
+    assert read_images(root, version=first).num_rows == 20
+    parquet, sa1b = tmp_path / "parquet", tmp_path / "sa1b"
+    assert len(export_parquet(root, str(parquet), max_rows_per_file=5)) == 8 and export_sa1b(root, sa1b) == 40
+    files = export_parquet(root, str(parquet), max_rows_per_file=5, version=first)  # fewer rows, same folder
+    assert len(files) == 4 and sorted(map(str, parquet.iterdir())) == files
+    assert pq.read_table(parquet).num_rows == 20
+    assert export_sa1b(root, sa1b, version=first) == 20
+    assert len(list(sa1b.glob("*.json"))) == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "parquet", "sa1b"]  # no temporary folder left
+    assert parquet.stat().st_mode == sa1b.stat().st_mode == (tmp_path / "ds").stat().st_mode  # not private
+    # A folder that holds anything else is refused before any work, and kept as it was.
+    (parquet / "README.md").write_text("dataset card")
+    (sa1b / "img.png").write_bytes(b"an image")
+    for export, dest in ((export_parquet, parquet), (export_sa1b, sa1b)):
+        before = sorted(p.name for p in dest.iterdir())
+        with pytest.raises(FileExistsError, match="not an earlier export"):
+            export(root, str(dest))
+        assert sorted(p.name for p in dest.iterdir()) == before
+    assert (parquet / "README.md").read_text() == "dataset card"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "parquet", "sa1b"]

@@ -134,6 +134,22 @@ def test_absent_table_and_bad_arguments(tmp_path, capsys):
         assert exit_.value.code == 2
 
 
+def test_a_root_without_tables_is_an_error_for_every_action(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a dataset")
+    actions = (["compact"], ["vacuum"], ["vacuum", "--dry-run"], ["repair"], ["repair", "--table", "lineage"])
+    for root in (tmp_path / "nonexistent", empty):
+        for args in actions:
+            assert maintain_main([str(root), *args]) == 2, args
+            captured = capsys.readouterr()
+            assert captured.out == "" and captured.err == f"error: no dataset at {root}: none of its tables " \
+                "(annotations, quarantine, duplicates, listing, lineage) is there\n", args
+    out = subprocess.run(JOB + [str(tmp_path / "nonexistent"), "vacuum"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "" and len(out.stderr.splitlines()) == 1, out.stdout + out.stderr
+    assert not (tmp_path / "nonexistent").exists() and [p.name for p in empty.iterdir()] == ["notes.txt"]
+
+
 def test_compact_on_s3():
     with moto_server("maint") as endpoint:
         root = "s3://maint/ds"

@@ -260,6 +260,22 @@ def test_report_of_an_older_version(made, tmp_path):
     assert data["side_scope"] == "the 1 run(s) of this version" and sum(data["quarantine"].values()) == 3
 
 
+def test_report_out_in_missing_folders_or_where_it_cannot_be_written(made, tmp_path, capsys):
+    """Missing folders of --out are made; an --out under a file or at a folder is one line, exit 2."""
+    root = made["root"]
+    out = tmp_path / "missing" / "dir" / "sub" / "r.html"
+    assert report_main([root, "--out", str(out), "--sample-images", "2", "--gallery", "0"]) == 0
+    assert parse(out.read_text()).data["root"] == root
+    capsys.readouterr()
+    (tmp_path / "file.txt").write_text("a file")
+    for bad in (tmp_path / "file.txt" / "x.html", tmp_path / "file.txt" / "sub" / "x.html", tmp_path / "missing"):
+        assert report_main([root, "--out", str(bad), "--sample-images", "2", "--gallery", "0"]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad}: ") and len(err.splitlines()) == 1, err
+    assert (tmp_path / "file.txt").read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dir", "file.txt", "missing", "r.html", "sub"]
+
+
 def test_report_of_a_dataset_on_s3(made, report, tmp_path):
     """The same version copied to an S3 server: same numbers; the page is written beside it."""
     from tests.s3server import moto_server

@@ -290,7 +290,7 @@ def test_dataset_targets_from_tables_on_s3(tmp_path):
     from dataset.coco import import_coco
     from dataset.identity import image_identity
     from dataset.lineage import new_lineage
-    from dataset.reader import export_parquet
+    from dataset.exports import export_parquet
     from dataset.storage import table_uri
     from tests.s3server import moto_server
     from training.data import ParquetExamples

@@ -1,0 +1,135 @@
+"""The Parquet export, and what the exports (COCO, SA-1B, Parquet) share: the file name each
+image is exported under, and a destination folder replaced whole by a finished export."""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import quote, unquote_to_bytes
+
+import pyarrow.dataset as pads
+
+from .reader import open_dataset, reading
+
+
+@contextmanager
+def replacing_folder(dest: str | Path, is_export: Callable[[Path], bool]) -> Iterator[Path]:
+    """An empty folder beside dest to write an export into, which replaces dest when the
+    export is complete and is removed when it fails: dest then holds exactly one export,
+    never the leftover files of an earlier, larger one, nor half of a new one.
+
+    Replacing deletes what dest held, so dest must be absent, empty, or hold only files that
+    `is_export` accepts (an earlier export); anything else is refused before any work, with
+    FileExistsError (NotADirectoryError when dest is a file). Missing parent folders are made.
+    """
+    dest = Path(dest)
+    _refuse_foreign_files(dest, is_export)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    new = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.partial"
+    new.mkdir()  # not mkdtemp: the export keeps this folder's permissions, and mkdtemp's are private
+    try:
+        yield new
+        _refuse_foreign_files(dest, is_export)  # again: files may have come during a long export
+        _swap_in(new, dest)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+
+
+def _refuse_foreign_files(dest: Path, is_export: Callable[[Path], bool]) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise NotADirectoryError("a file, not a folder")
+    foreign = sorted(p.name for p in dest.iterdir() if not is_export(p)) if dest.exists() else []
+    if foreign:
+        raise FileExistsError(f"the folder holds {len(foreign)} files that are not an earlier export "
+                              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                              "export to a new or empty folder, or move them away")
+
+
+def _swap_in(new: Path, dest: Path) -> None:
+    """Rename new to dest. A folder cannot be renamed over a non-empty one, so an existing dest
+    is first moved aside (and put back if the second rename fails), then deleted."""
+    if not dest.exists():
+        os.replace(new, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+    os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old)
+
+
+def export_file_names(root: str, **pin: Any) -> Callable[[str], str]:
+    """The `file_name` that COCO and SA-1B exports give each image of a version, by its uri.
+
+    Loaders open images dir / file_name, so the name is the image's path relative to the
+    deepest folder that holds every image of the version (for s3:// URIs, the longest common
+    prefix that ends at a "/"): a/img.png and b/img.png keep apart, and the images of one
+    flat folder are named by their base names. A local name that is not UTF-8 is stored as a
+    percent-encoded file:// URI (no Arrow string holds its bytes); it is compared by those
+    bytes, and its relative name stays percent-encoded, as JSON holds only text
+    (`urllib.parse.unquote_to_bytes` gives the bytes back). Other names are not encoded,
+    so a "%" in them is literal.
+
+    Reads the uri column once, a batch at a time.
+    """
+    folder = None
+    with reading(root):
+        for batch in open_dataset(root, **pin).to_batches(columns=["uri"]):
+            for uri in batch.column(0).to_pylist():
+                folder = _common_folder(folder, _name_bytes(uri))
+    return functools.partial(_relative_name, folder=folder or b"")
+
+
+def _name_bytes(uri: str) -> bytes:
+    """A uri as the bytes that name its file: a file:// URI percent-decoded, any other as UTF-8."""
+    return unquote_to_bytes(uri.removeprefix("file://")) if uri.startswith("file://") else uri.encode()
+
+
+def _common_folder(folder: bytes | None, name: bytes) -> bytes:
+    """The deepest folder (ending in "/", or empty) holding both folder and name."""
+    parent = name[:name.rfind(b"/") + 1]
+    if folder is None:
+        return parent
+    common = os.path.commonprefix([folder, parent])
+    return common[:common.rfind(b"/") + 1]
+
+
+def _relative_name(uri: str, folder: bytes) -> str:
+    name = _name_bytes(uri)[len(folder):]
+    try:
+        return name.decode()
+    except UnicodeDecodeError:
+        return quote(name, safe="/")
+
+
+def export_parquet(root: str, dest: str, *, max_rows_per_file: int = 50_000, **pin: Any) -> list[str]:
+    """Write a version as plain Parquet files under dest (for Hugging Face `datasets`, or any
+    tool without Delta support); returns the files written. dest is a local folder, replaced
+    whole (`replacing_folder`): a re-export into it holds that version's rows and no others.
+    Replaced rather than refused, as exporting each round into the folder a training job reads
+    is the common use."""
+    written: list[str] = []
+    ds = open_dataset(root, **pin)
+    with replacing_folder(dest, _is_parquet_export) as new, reading(root):
+        pads.write_dataset(
+            ds.scanner(), new, format="parquet", basename_template="part-{i}.parquet",
+            max_rows_per_file=max_rows_per_file, max_rows_per_group=min(max_rows_per_file, 10_000),
+            file_options=pads.ParquetFileFormat().make_write_options(compression="zstd"),
+            file_visitor=lambda f: written.append(os.path.join(dest, os.path.basename(f.path))),
+        )
+    return sorted(written)
+
+
+def _is_parquet_export(path: Path) -> bool:
+    """Whether path is one of the files export_parquet writes (its basename_template)."""
+    return path.is_file() and re.fullmatch(r"part-\d+\.parquet", path.name) is not None
