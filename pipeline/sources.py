@@ -2,14 +2,15 @@
 any S3-compatible store (s3fs; endpoint from the config or AWS_ENDPOINT_URL).
 
 Input specs:
-    /data/images            a folder, walked recursively, image suffixes only
+    /data/images            a folder, walked recursively (symlinked folders too), image suffixes only
     /data/img.jpg           one file
     /data/**/*.png          a glob (everything it matches)
     s3://bucket/prefix      every image object under the prefix
     /data/list.txt          a manifest: one URI (local path, file:// or s3://) per line, '#' comments
 
-A local input's URI is its absolute path; one whose name is not valid UTF-8 gets a
-percent-encoded file:// URI of its bytes instead (local_uri), which read_bytes opens.
+A spec that lists nothing is an InputError. A local input's URI is its absolute path as
+listed, symlinks not resolved; one whose name is not valid UTF-8 gets a percent-encoded
+file:// URI of its bytes instead (local_uri), which read_bytes opens.
 """
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ from urllib.parse import quote, unquote_to_bytes
 
 import pyarrow as pa
 
-from dataset.storage import is_s3
+from dataset.storage import OTHER_ROOT_ENTRIES, TABLE_NAMES, is_s3
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# Suffixes a folder or prefix listing takes: the formats pipeline.images decodes, then image
+# formats it recognises but does not decode, listed so that they are quarantined as
+# unsupported_format instead of being left out without a word.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".avif",
+                  ".heic", ".heif", ".jp2", ".j2k", ".jxl", ".psd", ".qoi", ".ppm", ".ico")
 MANIFEST_SUFFIXES = (".txt", ".lst")
 LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string())])
 
@@ -55,10 +60,14 @@ def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None)
 
 def check_output(root: str, endpoint_url: str | None = None) -> None:
     """InputError when a dataset root cannot be written, checked before any work starts:
-    a local path that is (or lies under) a file or a folder without write permission; an
-    S3 bucket that does not exist or cannot be reached."""
+    an empty name; a local path that is (or lies under) a file or a folder without write
+    permission; an S3 bucket that does not exist or cannot be reached; a folder or prefix
+    that holds something other than a dataset (_check_local_dataset_root)."""
+    if not str(root).strip():
+        raise InputError("output is empty: name a local folder or s3://bucket/prefix")
     if is_s3(root):
         _check_bucket(root, endpoint_url, "output")
+        _check_s3_dataset_root(root, endpoint_url)
         return
     path = os.path.abspath(str(root).removeprefix("file://"))
     existing = path
@@ -68,6 +77,68 @@ def check_output(root: str, endpoint_url: str | None = None) -> None:
         raise InputError(f"output {root}: {existing} is a file; the output is a dataset folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"output {root}: no permission to write in {existing}")
+    if existing == path:
+        _check_local_dataset_root(root, path)
+
+
+# A dataset root is new, empty, or a dataset: the job writes its tables only where no files of
+# the user's can end up among them, since a vacuum deletes every file of a table's folder
+# that the table does not name.
+def _not_a_table(root: str, folder: str) -> InputError:
+    return InputError(f"output {root}: {folder} holds files but no _delta_log, so it is not a table of a "
+                      "dataset; name a new or empty folder, or an existing dataset")
+
+
+def _not_a_dataset(root: str, folder: str) -> InputError:
+    return InputError(f"output {root}: {folder} is not empty and holds none of the dataset's tables "
+                      f"({', '.join(TABLE_NAMES)}); name a new or empty folder, or an existing dataset")
+
+
+def _check_local_dataset_root(root: str, path: str) -> None:
+    """InputError when the existing folder path holds a table's folder that is neither empty
+    nor a Delta table, or holds no Delta table but other things than the engine writes beside
+    its tables (OTHER_ROOT_ENTRIES): a home folder, a folder of images. Hidden names
+    (.DS_Store) do not count; vacuum leaves them alone too."""
+    entries = _visible(os.listdir(path))
+    for name in TABLE_NAMES:
+        folder = os.path.join(path, name)
+        if name in entries and not (os.path.isdir(folder) and _empty_or_delta(os.listdir(folder))):
+            raise _not_a_table(root, folder)
+    is_dataset = any(os.path.isdir(os.path.join(path, name, "_delta_log")) for name in TABLE_NAMES)
+    if not is_dataset and set(entries) - set(TABLE_NAMES) - set(OTHER_ROOT_ENTRIES):
+        raise _not_a_dataset(root, path)
+
+
+def _empty_or_delta(names: list[str]) -> bool:
+    """Whether a table's folder holding these names may take the table: one holding nothing
+    (hidden names aside), or a _delta_log (its writer is ours, even if a crash left it empty)."""
+    return "_delta_log" in names or not _visible(names)
+
+
+def _visible(names: list[str]) -> list[str]:
+    return [n for n in names if not n.startswith(".")]
+
+
+def _check_s3_dataset_root(root: str, endpoint_url: str | None) -> None:
+    """_check_local_dataset_root's rule for an s3:// prefix, in at most 11 one-key listings (never
+    a listing of what the prefix holds): a table prefix with objects but no _delta_log, or
+    a prefix with objects and none of the tables (nothing the engine writes there comes
+    before its tables), is refused."""
+    fs = s3_filesystem(endpoint_url)
+    base = _s3_path(root).rstrip("/")
+    tables = [name for name in TABLE_NAMES if _s3_holds_objects(fs, f"{base}/{name}")]
+    for name in tables:
+        if not _s3_holds_objects(fs, f"{base}/{name}/_delta_log"):
+            raise _not_a_table(root, f"{root.rstrip('/')}/{name}")
+    if not tables and _s3_holds_objects(fs, base):
+        raise _not_a_dataset(root, root)
+
+
+def _s3_holds_objects(fs, path: str) -> bool:
+    """Whether any object lies under the folder path ("bucket/key"): one listing of one key."""
+    bucket, _, key = path.partition("/")
+    listed = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
+    return listed.get("KeyCount", 0) > 0
 
 
 def _check_bucket(uri: str, endpoint_url: str | None, role: str) -> None:
@@ -90,28 +161,52 @@ def _s3_path(uri: str) -> str:
 
 
 def list_inputs(spec: str, endpoint_url: str | None = None) -> pa.Table:
-    """The objects an input spec names, as a table (uri, size, etag), sorted by uri.
-    size/etag are None where the source does not give them cheaply (manifests)."""
+    """The objects an input spec names, as a table (uri, size, etag), sorted by uri, one row
+    per object however often it is named. size/etag are None where the source does not give
+    them cheaply (manifests). InputError when it lists nothing: an empty folder, prefix or
+    manifest or a glob that matches nothing is a wrong path or an unmounted volume, not a
+    run with nothing to do (a rerun lists its inputs again and skips those done)."""
     if is_s3(spec):
         rows = _list_s3(spec, endpoint_url)
     elif any(c in spec for c in "*?["):
         rows = [_local_row(p) for p in sorted(Path("/").glob(os.path.abspath(spec).lstrip("/"))) if p.is_file()]
     elif os.path.isdir(spec):
-        rows = [_local_row(p) for p in sorted(Path(spec).rglob("*"))
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        rows = [_local_row(p) for p in _image_files(spec)]
     elif os.path.isfile(spec) and spec.lower().endswith(MANIFEST_SUFFIXES):
         rows = _read_manifest(spec, endpoint_url)
     elif os.path.isfile(spec):
-        rows = [_local_row(Path(spec))]
+        rows = [_local_row(spec)]
     else:
         raise InputError(f"input {spec!r} is not a folder, file, glob, manifest or s3:// prefix")
+    if not rows:
+        raise InputError(f"input {spec!r} lists no inputs (folders and s3:// prefixes take the suffixes "
+                         f"{' '.join(IMAGE_SUFFIXES)})")
     rows = sorted({r["uri"]: r for r in rows}.values(), key=lambda r: r["uri"])
     return pa.Table.from_pylist(rows, schema=LISTING)
 
 
-def _local_row(path: Path) -> dict:
-    st = path.stat()
-    return {"uri": local_uri(path.resolve()), "size": st.st_size, "etag": f"mtime:{st.st_mtime_ns}"}
+def _image_files(folder: str) -> list[str]:
+    """Files with an image suffix under folder. Symlinked folders are walked too, as by
+    `find -L`, except one that leads back to a folder it lies in, which would never end."""
+    found = []
+    outer = {folder: frozenset()}  # a folder to walk -> the real paths of the folders around it
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        around = outer.pop(top) | {os.path.realpath(top)}
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(top, d)) not in around]
+        outer.update((os.path.join(top, d), around) for d in dirs)
+        for name in files:
+            path = os.path.join(top, name)
+            if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path):
+                found.append(path)
+    return found
+
+
+def _local_row(path: str | Path) -> dict:
+    """The listing row of a local file. Its URI is its absolute path as listed: a symlink
+    keeps the name it was given (cat.png -> /store/5f2a9c0e1b in DVC, git-annex or a Hugging
+    Face cache) and is read through; size and mtime are those of the file it leads to."""
+    st = os.stat(path)
+    return {"uri": local_uri(os.path.abspath(path)), "size": st.st_size, "etag": f"mtime:{st.st_mtime_ns}"}
 
 
 def local_uri(path: str | Path) -> str:
@@ -151,7 +246,7 @@ def _list_s3(spec: str, endpoint_url: str | None) -> list[dict]:
 
 
 def _read_manifest(path: str, endpoint_url: str | None) -> list[dict]:
-    base = Path(path).resolve().parent
+    base = os.path.dirname(os.path.abspath(path))
     rows = []
     try:
         text = Path(path).read_bytes().decode("utf-8")
@@ -161,9 +256,18 @@ def _read_manifest(path: str, endpoint_url: str | None) -> list[dict]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        uri = line if is_s3(line) or line.startswith("file://") else local_uri((base / line).resolve())
-        rows.append({"uri": uri, "size": None, "etag": None})
+        rows.append({"uri": _manifest_uri(line, base), "size": None, "etag": None})
     return rows
+
+
+def _manifest_uri(entry: str, base: str) -> str:
+    """The URI of a manifest entry: an s3:// URI as written; a local path (relative to the
+    manifest's folder base) or file:// URI as the listing of its folder names it, so that a
+    file named both ways is one input."""
+    if is_s3(entry):
+        return entry
+    path = os.fsdecode(_local_path(entry))
+    return local_uri(os.path.abspath(os.path.join(base, path)))
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -176,8 +280,8 @@ class ReadError(OSError):
 def read_bytes(uri: str, *, max_bytes: int, size: int | None = None, endpoint_url: str | None = None,
                retries: int = 4, backoff_s: float = 0.5) -> bytes:
     """The object's bytes. Transient errors are retried with exponential backoff; a missing,
-    forbidden or oversize object (by its listed size, else by what arrives) raises ReadError
-    at once with its reason."""
+    forbidden or oversize object (by its listed size, else by what arrives) or a folder
+    raises ReadError at once with its reason, which a rerun does not try again."""
     if size is not None and size > max_bytes:
         raise ReadError("too_large_file", f"{size} bytes > limit {max_bytes}")
     for attempt in range(retries + 1):
@@ -185,8 +289,10 @@ def read_bytes(uri: str, *, max_bytes: int, size: int | None = None, endpoint_ur
             return _read_once(uri, max_bytes, size, endpoint_url)
         except ReadError:
             raise
-        except FileNotFoundError as e:
+        except (FileNotFoundError, NotADirectoryError) as e:
             raise ReadError("missing", str(e) or uri) from e
+        except IsADirectoryError as e:  # a folder named in a manifest
+            raise ReadError("not_a_file", str(e) or uri) from e
         except PermissionError as e:
             raise ReadError("forbidden", str(e) or uri) from e
         except Exception as e:  # network / server errors: try again

@@ -82,6 +82,14 @@ class AnnotateConfig(BaseModel):
                                description="default: a fresh id per invocation (letters, digits, . _ -)")
     ray_address: str | None = Field(None, description="default: RAY_ADDRESS, a running local cluster, or embedded")
 
+    @field_validator("output")
+    @classmethod
+    def _named_output(cls, v: str) -> str:
+        # An unset shell variable (--output "$OUT") would put the tables at the filesystem's root.
+        if not v.strip():
+            raise ValueError("the output is empty: name a local folder or s3://bucket/prefix")
+        return v
+
     @field_validator("amg")
     @classmethod
     def _rle_output(cls, v: AmgParams) -> AmgParams:
