@@ -24,11 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pydantic import ValidationError  # noqa: E402
 
 from amg.params import AmgParams  # noqa: E402
 from schemas.annotate import AnnotateConfig  # noqa: E402
-from schemas.settings_file import SettingsFileError, read_settings_file  # noqa: E402
+from schemas.settings_file import (  # noqa: E402
+    SETTINGS_ERRORS, read_settings_file, settings_error_message,
+)
 
 # Official scripts/amg.py flags that set generator parameters (same names, same meaning).
 AMG_FLAGS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
@@ -108,11 +109,8 @@ def load_config(argv=None) -> AnnotateConfig:
 def main(argv=None) -> int:
     try:
         config = load_config(argv)
-    except ValidationError as e:
-        print(f"invalid settings:\n{e}", file=sys.stderr)
-        return 2
-    except SettingsFileError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except SETTINGS_ERRORS as e:
+        print(settings_error_message(e), file=sys.stderr)
         return 2
     from pipeline.cluster import check_device, connect
     from pipeline.graph import run

@@ -22,10 +22,11 @@ sys.path.insert(0, str(ROOT))
 # A local Ray cluster started below inherits this, so its workers import our packages too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-from pydantic import ValidationError  # noqa: E402
 
 from engine.rounds import RoundsConfig  # noqa: E402
-from schemas.settings_file import SettingsFileError, read_settings_file  # noqa: E402
+from schemas.settings_file import (  # noqa: E402
+    SETTINGS_ERRORS, read_settings_file, settings_error_message,
+)
 
 
 def parse_args(argv: list[str] | None):
@@ -88,11 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args, annotate_args = parse_args(argv)
     try:
         config = build_config(args, annotate_args)
-    except ValidationError as e:
-        print(f"invalid settings:\n{e}", file=sys.stderr)
-        return 2
-    except SettingsFileError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except SETTINGS_ERRORS as e:
+        print(settings_error_message(e), file=sys.stderr)
         return 2
     from model import CheckpointError, read_checkpoint_config
     from pipeline.sources import InputError, check_output

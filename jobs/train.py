@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT))
 # A local Ray cluster started below inherits this, so its workers import our packages too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-from pydantic import ValidationError  # noqa: E402
 
 from model import (  # noqa: E402
     CheckpointError, load_checkpoint, read_checkpoint_config, read_checkpoint_meta, save_checkpoint,
@@ -32,7 +31,9 @@ from model import (  # noqa: E402
 from training.data import ParquetExamples, synthetic_example  # noqa: E402
 from training.automatic_eval import automatic_metrics, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
-from schemas.settings_file import SettingsFileError, read_settings_file  # noqa: E402
+from schemas.settings_file import (  # noqa: E402
+    SETTINGS_ERRORS, read_settings_file, settings_error_message,
+)
 from training.loop import ParquetSource, SyntheticSource, TrainConfig, run_training  # noqa: E402
 
 # flag -> TrainConfig field, for the flags that set a field directly.
@@ -118,11 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = build_config(args)
-    except ValidationError as e:
-        print(f"invalid settings:\n{e}", file=sys.stderr)
-        return 2
-    except SettingsFileError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except SETTINGS_ERRORS as e:
+        print(settings_error_message(e), file=sys.stderr)
         return 2
     try:  # refuse unusable inputs here, not in every worker after Ray Train started
         if cfg.parquet:

@@ -7,10 +7,21 @@ import json
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 
 class SettingsFileError(ValueError):
     """The settings file is missing, unreadable, not YAML/JSON, or not a mapping."""
+
+
+# What building a job's settings from its file and flags raises for the user's mistakes.
+SETTINGS_ERRORS = (ValidationError, SettingsFileError)
+
+
+def settings_error_message(error: Exception) -> str:
+    """The message a job prints (then exits 2) for one of SETTINGS_ERRORS: pydantic's names
+    each bad field on its own lines; a file's problem is one line."""
+    return f"invalid settings:\n{error}" if isinstance(error, ValidationError) else f"error: {error}"
 
 
 def read_settings_file(path: str | Path) -> dict:

@@ -36,37 +36,37 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
-    """SIGKILL the driver once ready() holds, then whatever of its embedded cluster is left."""
+def _wait_for(proc: subprocess.Popen, ready, timeout: float) -> None:
     deadline = time.time() + timeout
     while not ready():
-        assert proc.poll() is None, "the job ended before the kill point"
-        assert time.time() < deadline, "kill point not reached"
+        assert proc.poll() is None, "the job ended before the point to stop it"
+        assert time.time() < deadline, "the point to stop the job was not reached"
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Whatever of the job's embedded cluster outlives the driver."""
     time.sleep(1)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    """SIGKILL the driver once ready() holds, then whatever of its embedded cluster is left."""
+    _wait_for(proc, ready, timeout)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _kill_group(proc)
 
 
 def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 300) -> int:
-    """SIGINT the job's process group once ready() holds; its exit code. Whatever of its
-    embedded cluster outlives it is killed."""
-    deadline = time.time() + timeout
-    while not ready():
-        assert proc.poll() is None, "the job ended before the interrupt point"
-        assert time.time() < deadline, "interrupt point not reached"
-        time.sleep(0.05)
+    """SIGINT the job's process group once ready() holds (a terminal's Ctrl-C); its exit code."""
+    _wait_for(proc, ready, timeout)
     os.killpg(proc.pid, signal.SIGINT)
     code = proc.wait(timeout=120)
-    time.sleep(1)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    _kill_group(proc)
     return code
 
 
