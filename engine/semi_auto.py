@@ -20,6 +20,7 @@ Label Studio task JSON, as used here (one object per image):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -88,9 +89,20 @@ def export_tasks(images: Iterable[dict], *, model_version: str = "",
 
 
 def local_files_url(document_root: str) -> Callable[[str], str]:
-    """image_url for Label Studio's local file serving (LOCAL_FILES_DOCUMENT_ROOT)."""
-    root = Path(document_root).resolve()
-    return lambda uri: f"/data/local-files/?d={Path(uri).resolve().relative_to(root).as_posix()}"
+    """image_url for Label Studio's local file serving (LOCAL_FILES_DOCUMENT_ROOT). An image is
+    named by the path it was listed under (a symlink by its own name, which Label Studio opens
+    through), or by its real path where only that lies under the root."""
+    root, real_root = os.path.abspath(document_root), os.path.realpath(document_root)
+
+    def url(uri: str) -> str:
+        path = os.path.abspath(uri)
+        if os.path.commonpath([root, path]) != root:
+            path, base = os.path.realpath(uri), real_root
+        else:
+            base = root
+        return f"/data/local-files/?d={Path(os.path.relpath(path, base)).as_posix()}"
+
+    return url
 
 
 def write_project(folder: str | Path, tasks: list[dict]) -> tuple[Path, Path]:

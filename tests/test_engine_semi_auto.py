@@ -139,6 +139,22 @@ def test_malformed_brush_rle_is_refused():
 
 
 # -- Label Studio tasks out and back ---------------------------------------------------------------
+def test_local_files_url_names_a_symlinked_image_by_its_own_name(tmp_path):
+    """A symlink kept under its own name (DVC / git-annex layouts) is served by that name, not
+    by its target outside the document root; a root given through a symlink still works."""
+    from engine.semi_auto import local_files_url
+
+    store, root = tmp_path / "store", tmp_path / "root"
+    (root / "cats").mkdir(parents=True)
+    store.mkdir()
+    (store / "5f2a9c").write_bytes(b"image")
+    (root / "cats" / "cat.png").symlink_to(store / "5f2a9c")
+    (root / "dog.png").write_bytes(b"image")
+    (tmp_path / "link_to_root").symlink_to(root)
+    assert local_files_url(str(root))(str(root / "cats" / "cat.png")) == "/data/local-files/?d=cats/cat.png"
+    assert local_files_url(str(tmp_path / "link_to_root"))(str(root / "dog.png")) == "/data/local-files/?d=dog.png"
+
+
 def test_label_studio_tasks_round_trip(tmp_path):
     import json
 
