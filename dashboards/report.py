@@ -122,16 +122,24 @@ def _rounds(st: stats.VersionStats, files: dict[int, dict]) -> list[dict]:
     return out
 
 
+class DestinationError(OSError):
+    """The local `out` of a report cannot be written (the dataset's own failures stay other
+    OSErrors, so that callers blame the right path)."""
+
+
 def write_report(root: str, *, out: str | None = None, **kwargs) -> str:
     """Build the report and write it to `out` (a local path; missing folders are made) or, by
     default, to <root>/reports/version-<N>.html; returns where it went. A local `out` that is
-    a folder, or whose folder cannot be made, is an OSError before the report is built."""
+    a folder, or whose folder cannot be made, is a DestinationError before the report is built."""
     if out is not None:
         _prepare_local(Path(out))
     html, data = build_report(root, **kwargs)
     if out is not None:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(html)
+        try:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(html)
+        except OSError as e:
+            raise DestinationError(str(e)) from e
         return out
     fs = sources.root_filesystem(root, storage_options(root, kwargs.get("endpoint_url")))
     fs.create_dir(sources.REPORTS_DIR, recursive=True)
@@ -145,8 +153,10 @@ def _prepare_local(out: Path) -> None:
     """Make out's missing folders and refuse a folder as out, so that these mistakes cost no
     build; nothing is created at out itself, so a failed build leaves no empty page."""
     if out.is_dir():
-        raise IsADirectoryError(f"a folder; name the HTML file to write, such as {out / 'report.html'}")
+        raise DestinationError(f"a folder; name the HTML file to write, such as {out / 'report.html'}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # mkdir's word for a file where the folder should be
-        raise NotADirectoryError(f"{out.parent} is a file, not a folder") from None
+        raise DestinationError(f"{out.parent} is a file, not a folder") from None
+    except OSError as e:
+        raise DestinationError(str(e)) from e

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from pycocotools import mask as coco_mask
 
-from .identity import image_identity
+from .identity import image_identity_and_size
 from .exports import export_file_names
 from .reader import iter_images
 from .writer import Skipped
@@ -119,13 +119,18 @@ def _coco_image(info: dict, annotations: list[dict], names: dict, path, images_d
     file = Path(images_dir) / info["file_name"]
     if not file.is_file():
         return Skipped(str(file), "missing: no such image file")
-    sha, phash = image_identity(file.read_bytes())
+    sha, phash, size = image_identity_and_size(file.read_bytes())
+    if size is not None and size != (h, w):  # masks drawn for another size would not fit the image
+        return Skipped(str(file), f"size_mismatch: the image is {size[1]}x{size[0]}, its COCO entry says {w}x{h}")
     record.update(image_id=sha, uri=str(file), phash=phash)
     return record
 
 
 def _mask(ann: dict, h: int, w: int, names: dict | None = None) -> dict:
     rle = _to_rle(ann["segmentation"], h, w)
+    if [int(s) for s in rle["size"]] != [h, w]:
+        raise ValueError(f"annotation {ann.get('id')}: segmentation size {list(rle['size'])} is not the image's "
+                         f"[{h}, {w}] (height, width)")
     mask = {"segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
             "area": int(coco_mask.area(rle)), "bbox": [int(v) for v in coco_mask.toBbox(rle)],
             "predicted_iou": ann.get("predicted_iou", ann.get("score")),

@@ -28,10 +28,18 @@ def phash_rgb(rgb: np.ndarray) -> str:
 
 def image_identity(data: bytes) -> tuple[str, str | None]:
     """(sha256 hex, phash hex or None if the bytes do not decode as an image)."""
+    sha, phash, _ = image_identity_and_size(data)
+    return sha, phash
+
+
+def image_identity_and_size(data: bytes) -> tuple[str, str | None, tuple[int, int] | None]:
+    """image_identity, and the upright image's (height, width) as the pipeline decodes it
+    (None for both if the bytes do not decode as an image)."""
     from pipeline.images import BadImage, ImageLimits, decode_image  # decoding lives with the pipeline's reader
 
     sha = sha256_hex(data)
     try:  # any size or shape the decoder can read has a phash; the pipeline's limits are its own
-        return sha, phash_rgb(decode_image(data, limits=ImageLimits(min_side=1, max_aspect_ratio=float("inf"))))
+        rgb = decode_image(data, limits=ImageLimits(min_side=1, max_aspect_ratio=float("inf")))
     except BadImage:
-        return sha, None
+        return sha, None, None
+    return sha, phash_rgb(rgb), rgb.shape[:2]

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dashboards import write_report  # noqa: E402
+from dashboards.report import DestinationError  # noqa: E402
 from dataset.reader import DataFileMissing, DatasetNotFound  # noqa: E402
 
 
@@ -40,8 +41,11 @@ def main(argv=None) -> int:
     except (DatasetNotFound, DataFileMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a destination that cannot be written
-        print(f"error: {args.out or args.root}: {e}", file=sys.stderr)
+    except DestinationError as e:
+        print(f"error: {args.out}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the dataset's storage (missing bucket, unreachable endpoint, ...)
+        print(f"error: {args.root}: {e}", file=sys.stderr)
         return 2
     print(path)
     return 0

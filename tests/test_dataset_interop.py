@@ -138,6 +138,34 @@ def test_import_of_foreign_coco_polygons_and_rle(tmp_path):
     assert validate(root, decode=True).ok
 
 
+def test_coco_import_quarantines_an_image_of_another_size_than_declared(tmp_path):
+    """Masks drawn for a declared size that is not the file's would not fit the image: the
+    image is quarantined with both sizes, as is one whose RLE has another size than it."""
+    from dataset import read_table
+
+    rng = np.random.default_rng(6)
+    (tmp_path / "img").mkdir()
+    for name in ("true.jpg", "lies.jpg", "rle.jpg"):
+        (tmp_path / "img" / name).write_bytes(_jpeg(rng, 40, 50))
+    square = [[5.0, 5.0, 30.0, 5.0, 30.0, 20.0, 5.0, 20.0]]
+    wrong_rle = {"size": [96, 128], "counts": [0, 96 * 128]}
+    coco = {"images": [{"id": 1, "width": 50, "height": 40, "file_name": "true.jpg"},
+                       {"id": 2, "width": 640, "height": 480, "file_name": "lies.jpg"},
+                       {"id": 3, "width": 50, "height": 40, "file_name": "rle.jpg"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": square},
+                            {"id": 2, "image_id": 2, "category_id": 1, "segmentation": square},
+                            {"id": 3, "image_id": 3, "category_id": 1, "segmentation": wrong_rle}]}
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(coco))
+    root = str(tmp_path / "ds")
+    import_coco(path, DatasetWriter(root, new_lineage(round=0, stage="manual")), images_dir=tmp_path / "img")
+    assert [r["uri"] for r in read_images(root).to_pylist()] == [str(tmp_path / "img" / "true.jpg")]
+    reasons = {Path(q["uri"]).name: q["reason"] for q in read_table(root, "quarantine").to_pylist()}
+    assert reasons["lies.jpg"] == "size_mismatch: the image is 50x40, its COCO entry says 640x480"
+    assert reasons["labels.json#rle.jpg"].startswith("bad_record: ValueError: annotation 3: segmentation size "
+                                                     "[96, 128] is not the image's [40, 50]")
+
+
 def _runs(mask):
     """Uncompressed COCO runs of an H x W mask (column-major, starting with zeros)."""
     flat = mask.T.ravel()

@@ -276,8 +276,9 @@ def test_report_out_in_missing_folders_or_where_it_cannot_be_written(made, tmp_p
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["dir", "file.txt", "missing", "r.html", "sub"]
 
 
-def test_report_of_a_dataset_on_s3(made, report, tmp_path):
-    """The same version copied to an S3 server: same numbers; the page is written beside it."""
+def test_report_of_a_dataset_on_s3(made, report, tmp_path, capsys):
+    """The same version copied to an S3 server: same numbers; the page is written beside it.
+    A missing bucket is an error of the dataset, not of the --out it would be written to."""
     from tests.s3server import moto_server
 
     with moto_server("data") as endpoint:
@@ -292,6 +293,10 @@ def test_report_of_a_dataset_on_s3(made, report, tmp_path):
         version = report["page"].data["version"]
         key = f"ds/reports/version-{version}.html"
         data = parse(client.get_object(Bucket="data", Key=key)["Body"].read().decode()).data
+        capsys.readouterr()
+        assert report_main(["s3://nobucket/ds", "--out", str(tmp_path / "x.html")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: s3://nobucket/ds") and "x.html" not in err and "Traceback" not in err, err
     assert written
     mine = report["page"].data
     for name in ("images", "masks", "masks_per_image", "relative_size", "centres", "predicted_iou",
