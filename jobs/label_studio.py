@@ -53,10 +53,14 @@ def main(argv=None) -> int:
         n = sum(len(im["annotations"]) for im in images)
         print(f"{len(tasks)} tasks, {n} pre-annotations: {tasks_path}, labeling config {config_path}")
     else:
-        tasks = json.loads(Path(args.export).read_text())
         lineage = new_lineage(round=args.round, stage="semi_auto", run_id=args.run_id,
                               params={"source": "label_studio", "export": str(args.export)})
-        summary = import_tasks(tasks, args.root, lineage)
+        try:
+            tasks = json.loads(Path(args.export).read_text(encoding="utf-8"))
+            summary = import_tasks(tasks, args.root, lineage)
+        except (OSError, ValueError) as e:  # unreadable or not JSON (a ValueError); results we cannot read
+            print(f"error: {args.export}: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(summary))
     return 0
 

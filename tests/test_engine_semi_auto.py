@@ -2,6 +2,7 @@
 into the dataset, and pre-filled masks completed by the simulated annotator over HTTP."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,22 @@ def test_label_studio_export_of_a_missing_or_damaged_dataset_is_an_error(tmp_pat
     assert job.main(["export", str(root), str(tmp_path / "ls")]) == 2
     assert "data file that is missing" in capsys.readouterr().err
     assert not (tmp_path / "ls").exists()
+
+
+def test_label_studio_import_of_a_bad_export_is_an_error(tmp_path, capsys):
+    """A missing, non-JSON or unsupported export is one line and exit 2, nothing written."""
+    from jobs import label_studio as job
+
+    (tmp_path / "broken.json").write_text('[{"id": 1,')
+    polygon = [{"id": 1, "data": {"image": "/x.png", "image_id": "ab"}, "annotations": [{"result": [
+        {"type": "polygonlabels", "original_width": 8, "original_height": 8,
+         "value": {"points": [[0, 0], [50, 0], [50, 50]], "polygonlabels": ["object"]}}]}]}]
+    (tmp_path / "polygon.json").write_text(json.dumps(polygon))
+    for name in ("missing.json", "broken.json", "polygon.json"):
+        assert job.main(["import", str(tmp_path / name), str(tmp_path / "ds"), "--round", "1"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / name}: ") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "ds").exists()
 
 
 def as_coco(segmentation: dict) -> dict:
