@@ -17,7 +17,7 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from schemas import IMAGES, TABLES, conform
 
-from .storage import arrow_dataset, storage_options, table_uri
+from .storage import arrow_dataset, storage_options, store_error, table_uri
 from .writer import METADATA_KEY
 
 
@@ -62,6 +62,8 @@ def _open(root: str, name: str, options: dict[str, str], version: int | None = N
         if version is None:
             raise
         raise DatasetNotFound(f"{root}: the {name} table has no version {version} ({e})") from e
+    except OSError as e:  # the store itself: a missing bucket, an unreachable endpoint, no credentials
+        raise DatasetNotFound(f"cannot read the dataset at {root}: {store_error(e)}") from e
 
 
 def history(root: str, name: str = "annotations", options: dict[str, str] | None = None) -> list[dict]:

@@ -21,6 +21,7 @@ writers overwrite each other's commit, so run a single writer against such a sto
 from __future__ import annotations
 
 import os
+import re
 from urllib.parse import urlparse
 
 import pyarrow.dataset as pads
@@ -45,6 +46,18 @@ def table_uri(root: str, name: str) -> str:
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith(("s3://", "s3a://"))
+
+
+def store_error(error: Exception) -> str:
+    """One line for an object-store error of delta-rs, whose message nests its causes over many
+    lines: the S3 error code and message where the server sent one (NoSuchBucket: ...), else
+    the innermost cause (Connection refused, ...)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    code = re.search(r"<Code>([^<]+)</Code>(?:<Message>([^<]+)</Message>)?", text)
+    if code:
+        return f"{code.group(1)}: {code.group(2)}" if code.group(2) else code.group(1)
+    lines = [line.strip(" ↳") for line in text.splitlines() if line.strip(" ↳")]
+    return lines[-1] if lines else type(error).__name__
 
 
 def is_delta_table(uri: str, options: dict[str, str] | None = None) -> bool:

@@ -34,7 +34,7 @@ from deltalake import DeltaTable  # noqa: E402
 
 from dataset.maintenance import (DEFAULT_RETENTION_HOURS, TARGET_FILE_SIZE, compact, missing_files,  # noqa: E402
                                  repair, vacuum)
-from dataset.storage import TABLE_NAMES, is_delta_table, storage_options, table_uri  # noqa: E402
+from dataset.storage import TABLE_NAMES, is_delta_table, storage_options, store_error, table_uri  # noqa: E402
 
 
 def _files(dt: DeltaTable) -> pa.Table:
@@ -101,7 +101,11 @@ def main(argv=None) -> int:
     if args.retention_hours < 0:
         ap.error("--retention-hours must be >= 0")
     options = storage_options(args.root, args.endpoint_url)
-    present = {name for name in TABLE_NAMES if is_delta_table(table_uri(args.root, name), options)}
+    try:
+        present = {name for name in TABLE_NAMES if is_delta_table(table_uri(args.root, name), options)}
+    except OSError as e:  # the store itself: a missing bucket, an unreachable endpoint
+        print(f"error: cannot reach the dataset at {args.root}: {store_error(e)}", file=sys.stderr)
+        return 2
     if not present:  # a mistyped root is not five absent tables
         print(f"error: no dataset at {args.root}: none of its tables ({', '.join(TABLE_NAMES)}) is there",
               file=sys.stderr)

@@ -49,3 +49,19 @@ def test_write_and_read_a_dataset_on_s3(s3_endpoint):
     assert committed_image_ids(root) == {r["image_id"] for r in records}
     assert read_table(root, "lineage").to_pylist()[0]["run_id"] == "s3run"
     assert validate(root).ok
+
+
+def test_jobs_on_a_missing_bucket_or_unreachable_endpoint_are_one_line_errors(s3_endpoint, capsys):
+    """validate, export, maintain and report name the store's reason (not a delta-rs traceback
+    nested over many lines), with exit code 2."""
+    from jobs import export, maintain, report, validate
+
+    for main, argv in ((validate.main, ["s3://nobucket/ds"]),
+                       (export.main, ["s3://nobucket/ds", "--to", "coco", "--dest", "/nonexistent/x.json"]),
+                       (maintain.main, ["s3://nobucket/ds", "compact"]),
+                       (report.main, ["s3://nobucket/ds", "--out", "/nonexistent/x.html"]),
+                       (validate.main, ["s3://data/ds", "--endpoint-url", "http://127.0.0.1:9"])):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        reason = "Connection refused" if "--endpoint-url" in argv else "NoSuchBucket: The specified bucket"
+        assert err.startswith("error: cannot re") and reason in err and len(err.splitlines()) == 1, err
