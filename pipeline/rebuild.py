@@ -85,6 +85,21 @@ def find_changes(config: AnnotateConfig, listing: pa.Table, options: dict[str, s
     return changes
 
 
+def orphaned_duplicates(root: str, stale: list[str], listed: set[str], options: dict[str, str]) -> list[str]:
+    """Listed inputs recorded as duplicates of an image whose rows go with `stale` (changed or
+    pruned at the source). Without their original they are examined again (their records go
+    too): the old bytes of a changed file under another name, or a renamed file whose old
+    name is pruned, would otherwise be lost from the dataset."""
+    images = _table(root, "annotations", ["uri", "image_id"], options)
+    dups = _table(root, "duplicates", ["uri", "duplicate_of"], options)
+    if not stale or images is None or dups is None:
+        return []
+    going = set(stale)
+    gone = {i for u, i in zip(images["uri"].to_pylist(), images["image_id"].to_pylist()) if u in going}
+    return sorted(u for u, of in zip(dups["uri"].to_pylist(), dups["duplicate_of"].to_pylist())
+                  if of in gone and u in listed and u not in going)
+
+
 def delete_records(root: str, uris: list[str], options: dict[str, str], reason: str,
                    keep_run: str | None = None) -> int:
     """Delete the rows of these URIs from the three record tables (one commit per table and
@@ -133,7 +148,10 @@ def rebuild(config: AnnotateConfig, *, full: bool = False, prune_deleted: bool =
         report.update(new=len(changes.new), changed=len(changes.changed), touched=len(changes.touched),
                       deleted=len(changes.deleted))
         stale = changes.changed + (changes.deleted if prune_deleted else [])
-        report["removed_rows"] = delete_records(config.output, stale, options, "changed or deleted at the source")
+        orphans = orphaned_duplicates(config.output, stale, set(listing["uri"].to_pylist()), options)
+        report["requeued_duplicates"] = len(orphans)
+        report["removed_rows"] = delete_records(config.output, stale + orphans, options,
+                                                "changed or deleted at the source, or a duplicate of such")
         if changes.touched and not (changes.new or changes.changed):
             _record_listing(config, listing, options)  # so the next rebuild does not hash them again
         summary = run(config, log=log)

@@ -109,3 +109,11 @@ def test_incremental_then_full_rebuild(ray_session, tmp_path):
     v2 = _versions(out)
     r = rebuild(load_config(full_args), full=True)
     assert r["run"]["processed"] == 0 and r["superseded_rows"] == 0 and _versions(out) == v2
+
+    # The kept copy changes at the source: the other copy (the old bytes) loses its original,
+    # so it is examined again and annotated, not left as a duplicate of rows that are gone.
+    (src / kept).write_bytes(_png(make_scene(seed=555, size=(96, 128)).image))
+    r = rebuild(load_config(full_args), prune_deleted=True)
+    assert (r["changed"], r["requeued_duplicates"], r["run"]["annotated"]) == (1, 1, 2)
+    assert sorted(_rows(out)) == ["bad.jpg", "s0.png", "s1.png", "s2.png", "s4.png"]
+    assert read_table(str(out), "duplicates").num_rows == 0
