@@ -11,6 +11,7 @@ those inputs again, since they no longer count as done.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from deltalake import CommitProperties, DeltaTable
@@ -47,15 +48,14 @@ def vacuum(root: str, name: str = "annotations", *, retention_hours: int = DEFAU
     options = options if options is not None else storage_options(root)
     if not is_delta_table(uri, options):
         raise ValueError(f"{uri} is not a Delta table: vacuum deletes nothing there")
-    table = DeltaTable(uri, storage_options=options)
-    unneeded = table.vacuum(retention_hours=retention_hours, dry_run=True, enforce_retention_duration=False, full=True)
+    run = functools.partial(_table(root, name, options).vacuum, retention_hours=retention_hours,
+                            enforce_retention_duration=False, full=True)
+    unneeded = run(dry_run=True)
     foreign = sorted(path for path in unneeded if not path.endswith(".parquet"))
     if foreign:
         raise ValueError(f"{uri} holds files that no writer of the table makes ({', '.join(foreign[:5])}"
                          f"{', ...' if len(foreign) > 5 else ''}): move them out of it; vacuum deleted nothing")
-    if dry_run:
-        return unneeded
-    return table.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False, full=True)
+    return unneeded if dry_run else run(dry_run=False)
 
 
 def missing_files(root: str, name: str = "annotations", *, options: dict[str, str] | None = None) -> list[str]:
