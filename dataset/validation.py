@@ -16,6 +16,11 @@ Kinds (each has a test that plants it):
   area               area differs from the mask's pixel count
   bbox               bbox differs from pycocotools.mask.toBbox of the mask
   decode             (decode=True) pycocotools' decoded mask disagrees with the runs
+  duplicate_of       a duplicates record names as its kept image (duplicate_of) no image of
+                     the version: the input was skipped for an image the dataset does not
+                     hold (older rebuilds could leave these). The records are those the
+                     duplicates table held when the version was committed; not checked
+                     when data files are missing (their images are unknown)
 """
 from __future__ import annotations
 
@@ -27,12 +32,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+from deltalake import DeltaTable
 from pycocotools import mask as coco_mask
 
 from schemas import IMAGES, Stage, conform
 from schemas.records import SHA256_HEX
 
-from .reader import open_dataset, resolve_version
+from .reader import history, open_dataset, resolve_version
+from .storage import arrow_dataset, is_delta_table, storage_options, table_uri
 
 
 @dataclass
@@ -88,7 +95,36 @@ def validate(root: str, *, decode: bool = False, batch_rows: int = 256, **pin: A
     ids, counts = np.unique(np.concatenate(ann_ids or [np.zeros(0, np.int64)]), return_counts=True)
     for value, n in zip(ids[counts > 1], counts[counts > 1]):
         report.add("duplicate_id", f"annotation id {value} used {n} times")
+    if "missing_file" not in report.faults:
+        _check_duplicates(root, options if options is not None else storage_options(root), image_ids, report)
     return report
+
+
+def _check_duplicates(root: str, options: dict[str, str], image_ids: Counter, report: Report) -> None:
+    """Each duplicates record of the version must name one of its images as the one kept.
+    The duplicates table is read as it was when the version was committed (the last of its
+    versions no later than that commit), so a record a later run added is not held against
+    an earlier version."""
+    uri = table_uri(root, "duplicates")
+    if not is_delta_table(uri, options):
+        return  # an imported dataset, or one older than the table
+    commits = history(root, options=options)
+    table = DeltaTable(uri, storage_options=options)
+    if report.version != commits[-1]["version"]:
+        stamp = next((c["timestamp"] for c in commits if c["version"] == report.version), None)
+        older = [c["version"] for c in table.history() if stamp is not None and c["timestamp"] <= stamp]
+        if not older:
+            return
+        table.load_as_version(max(older))
+    try:
+        rows = arrow_dataset(table, uri, options).to_table(columns=["uri", "duplicate_of"])
+    except FileNotFoundError as e:
+        report.add("missing_file", f"duplicates table: {e}")
+        return
+    for row_uri, kept in zip(rows["uri"].to_pylist(), rows["duplicate_of"].to_pylist()):
+        if kept not in image_ids:
+            report.add("duplicate_of", f"{row_uri}: skipped as a duplicate of {kept[:16]}..., which is no image "
+                                       f"of version {report.version}")
 
 
 def _present_files(ds: pads.FileSystemDataset, report: Report) -> pads.FileSystemDataset:

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from dataset.identity import phash_rgb, sha256_hex
 from pipeline.images import ImageLimits, decode_image
-from pipeline.sources import list_inputs, read_bytes
+from pipeline.sources import InputError, list_inputs, read_bytes
 
 # Any image the decoder can read may be annotated by hand; the pipeline's size limits are its own.
 LIMITS = ImageLimits(min_side=1, max_aspect_ratio=float("inf"))
@@ -38,6 +38,26 @@ class ImageCatalog:
         self.uris = list(uris)
         self.max_bytes = max_bytes
         self.endpoint_url = endpoint_url
+        self._ids: dict[int, str] = {}  # index -> image_id as last read here
+
+    @classmethod
+    def of(cls, config) -> "ImageCatalog":
+        """The images of a service's EngineConfig (its images spec, or its images_from
+        dataset). InputError when they cannot be listed or there are none: the list is made
+        once, at start, so that an index names the same image on every replica, and a
+        service with nothing to show is a wrong path or one started before its images."""
+        from dataset import DataFileMissing, DatasetNotFound
+
+        if config.images is not None:
+            return cls.from_spec(config.images, max_bytes=config.max_image_bytes)
+        try:
+            catalog = cls.from_dataset(config.images_from, run_id=config.prefill_run_id,
+                                       max_bytes=config.max_image_bytes)
+        except (DatasetNotFound, DataFileMissing) as e:
+            raise InputError(str(e)) from None
+        if not len(catalog):
+            raise InputError(f"dataset {config.images_from!r} lists no images")
+        return catalog
 
     @classmethod
     def from_spec(cls, spec: str, **kwargs) -> "ImageCatalog":
@@ -60,7 +80,9 @@ class ImageCatalog:
             raise IndexError(f"image index {index} out of range (0..{len(self.uris) - 1})")
         uri = self.uris[index]
         data = read_bytes(uri, max_bytes=self.max_bytes, endpoint_url=self.endpoint_url)
-        return LoadedImage(index, uri, sha256_hex(data), decode_image(data, limits=LIMITS))
+        image = LoadedImage(index, uri, sha256_hex(data), decode_image(data, limits=LIMITS))
+        self._ids[index] = image.image_id
+        return image
 
     def load_checked(self, index: int, image_id: str) -> LoadedImage:
         """Image `index`, which must still be the image_id the client opened."""
@@ -68,6 +90,14 @@ class ImageCatalog:
         if image.image_id != image_id:
             raise KeyError(f"image {index} ({image.uri}) is not {image_id[:16]}...: changed on disk?")
         return image
+
+    def check(self, index: int, image_id: str) -> LoadedImage | None:
+        """Raise as load_checked does unless image `index` is image_id. Reads the file only
+        when this catalog last read it as another image or never (and returns the image),
+        so a click on a cached embedding costs no read."""
+        if self._ids.get(index) == image_id:
+            return None
+        return self.load_checked(index, image_id)
 
 
 def phash(image: LoadedImage) -> str:

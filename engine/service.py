@@ -63,11 +63,7 @@ class AnnotationService:
             generator = AmgParams(**{**cfg.amg.model_dump(), "output_mode": "coco_rle",
                                      "pred_iou_thresh": cfg.prefill_min_iou})
         self.segmenter = Segmenter(model, precision=cfg.precision, cache_bytes=cfg.cache_bytes, generator=generator)
-        if cfg.images is not None:
-            self.catalog = ImageCatalog.from_spec(cfg.images, max_bytes=cfg.max_image_bytes)
-        else:
-            self.catalog = ImageCatalog.from_dataset(cfg.images_from, run_id=cfg.prefill_run_id,
-                                                     max_bytes=cfg.max_image_bytes)
+        self.catalog = ImageCatalog.of(cfg)
         # image_id -> pre-filled mask records of a dataset (the generator's are the segmenter's).
         self.prefills: dict[str, list[dict]] = {}
         if cfg.prefill == "dataset":
@@ -122,8 +118,11 @@ class AnnotationService:
 
     @app.post("/api/predict", response_model=PredictResponse)
     def predict(self, request: PredictRequest) -> PredictResponse:
+        # Checked even when the embedding is cached (the cache knows image_ids, not indexes):
+        # a mask must be of the image the client has at `index`.
+        image = self._load(request.index, request.image_id, check_only=True)
         try:
-            out = self.segmenter.predict(request, lambda: self._load(request.index, request.image_id))
+            out = self.segmenter.predict(request, lambda: image or self._load(request.index, request.image_id))
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
         return PredictResponse(**out)
@@ -155,10 +154,14 @@ class AnnotationService:
                            cache_items=len(c), cache_bytes=c.nbytes, cache_limit_bytes=c.max_bytes,
                            commits=self.commits)
 
-    def _load(self, index: int, image_id: str | None = None):
+    def _load(self, index: int, image_id: str | None = None, *, check_only: bool = False):
+        """Image `index` (which must still be image_id when given), or the HTTP error of a
+        bad index. check_only: None instead when this replica has read it as image_id."""
         try:
             if image_id is None:
                 return self.catalog.load(index)
+            if check_only:
+                return self.catalog.check(index, image_id)
             return self.catalog.load_checked(index, image_id)
         except IndexError as e:
             raise HTTPException(404, str(e)) from None

@@ -6,8 +6,11 @@
     python jobs/annotate_service.py --images DIR --output ROOT --stage semi_auto --prefill generator
 
 Serve listens on 127.0.0.1 only (open http://127.0.0.1:PORT/; reach it from elsewhere
-through an SSH tunnel). It runs on the Ray cluster that ray.init() finds, or a local one,
-until Ctrl-C. Every "Save & next" commits one image to the output dataset.
+through an SSH tunnel). It runs on the Ray cluster that --address, RAY_ADDRESS or a `ray
+start` here names, else on an embedded local one (pipeline/cluster.py), until Ctrl-C.
+Every "Save & next" commits one image to the output dataset. The images are listed once, at
+start, so that an index names the same image on every replica: a source with none (an
+empty folder, a wrong path) is refused in one line, exit 2; start it when they are there.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-mb", type=int, default=512, help="embedding cache per replica")
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--address", help="Ray cluster to use (default: the one ray.init() finds, else a local one)")
+    ap.add_argument("--address", help="Ray cluster to use (default: RAY_ADDRESS, a running local cluster, or embedded)")
     args = ap.parse_args(argv)
     config = EngineConfig(
         images=args.images, images_from=args.images_from, output=args.output, stage=args.stage, round=args.round,
@@ -54,12 +57,25 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
+    from engine.images import ImageCatalog
     from engine.service import start
+    from pipeline.cluster import connect
+    from pipeline.sources import InputError
 
+    try:
+        ImageCatalog.of(config)  # here first: a wrong or empty source is one line, not a failed deployment
+    except InputError as e:
+        print(f"error: {e} (the service lists its images once, at start: start it when they are there)",
+              file=sys.stderr)
+        return 2
     # SIGTERM (and SIGINT, which a background shell may ignore) end the service cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
-    ray.init(address=args.address)
+    try:
+        connect(args.address, log_to_driver=True)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         url = start(config, port=args.port)
         print(f"annotation page: {url}/  (stage {config.stage}, round {config.round}, output {config.output})",

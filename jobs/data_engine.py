@@ -115,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             from engine.round_stages import simulated_annotator
 
             hooks[stage] = simulated_annotator(stage, images_per_round=n)
-    import ray
-
     from engine.rounds import run_rounds
+    from pipeline.cluster import connect
 
-    if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=False)
+    try:
+        connect(args.address)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         records = run_rounds(config, hooks, until=until)
     except ValueError as e:

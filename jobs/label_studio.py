@@ -5,6 +5,9 @@
     python jobs/label_studio.py import EXPORT.json ROOT --round R [--run-id RUN]
         # a Label Studio JSON export -> dataset ROOT, stage semi_auto
 
+A dataset root may be an s3:// prefix; --endpoint-url (default: AWS_ENDPOINT_URL) names an
+S3-compatible store (MinIO, Ceph, moto), as for the other jobs.
+
 Pre-annotations are the masks of the dataset version (an automatic run) whose predicted
 IoU is at least --min-iou, as brush labels in Label Studio's RLE. Images are referenced by
 their uri, or under Label Studio's local file serving with --local-files-root (the folder
@@ -19,8 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset import DataFileMissing, DatasetNotFound, iter_images  # noqa: E402
+from dataset import DataFileMissing, DatasetNotFound, iter_images, storage_options  # noqa: E402
 from dataset.lineage import new_lineage  # noqa: E402
+from dataset.storage import store_error  # noqa: E402
 from engine.semi_auto import confident, export_tasks, import_tasks, local_files_url, write_project  # noqa: E402
 
 
@@ -33,17 +37,20 @@ def main(argv=None) -> int:
     out.add_argument("--min-iou", type=float, default=0.92)
     out.add_argument("--run-id", help="pin the dataset to this run's last version")
     out.add_argument("--local-files-root")
+    out.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     back = sub.add_parser("import")
     back.add_argument("export", help="Label Studio JSON export of the finished tasks")
     back.add_argument("root", help="dataset root to commit into (stage semi_auto)")
     back.add_argument("--round", type=int, required=True)
     back.add_argument("--run-id")
+    back.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
+    options = storage_options(args.root, args.endpoint_url)
 
     if args.command == "export":
         try:
             images = [{**im, "annotations": confident(im["annotations"], args.min_iou)}
-                      for im in iter_images(args.root, run_id=args.run_id)]
+                      for im in iter_images(args.root, run_id=args.run_id, options=options)]
         except (DatasetNotFound, DataFileMissing) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -57,8 +64,15 @@ def main(argv=None) -> int:
                               params={"source": "label_studio", "export": str(args.export)})
         try:
             tasks = json.loads(Path(args.export).read_text(encoding="utf-8"))
-            summary = import_tasks(tasks, args.root, lineage)
-        except (OSError, ValueError) as e:  # unreadable or not JSON (a ValueError); results we cannot read
+        except (OSError, ValueError) as e:  # unreadable, or not JSON (a ValueError)
+            print(f"error: {args.export}: {e}", file=sys.stderr)
+            return 2
+        try:
+            summary = import_tasks(tasks, args.root, lineage, options=options)
+        except OSError as e:  # the dataset's store: a missing bucket, an unreachable endpoint
+            print(f"error: cannot write the dataset at {args.root}: {store_error(e)}", file=sys.stderr)
+            return 2
+        except ValueError as e:  # results we cannot read
             print(f"error: {args.export}: {e}", file=sys.stderr)
             return 2
         print(json.dumps(summary))

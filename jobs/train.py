@@ -6,9 +6,9 @@
     python jobs/train.py --init-checkpoint p16.pt --patch-size 8 --steps 1700   # finer patches
 
 Settings come from TrainConfig's defaults, then --config (YAML or JSON of TrainConfig),
-then the flags given. ray.init() finds a running cluster (RAY_ADDRESS, or one started on
-this machine) or starts a local one. Running the same command again with the same
---storage and --name resumes from the run's latest checkpoint.
+then the flags given. It joins the cluster that RAY_ADDRESS or a `ray start` on this
+machine names, else starts an embedded local one (pipeline/cluster.py). Running the same
+command again with the same --storage and --name resumes from the run's latest checkpoint.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
+from pipeline.cluster import connect  # noqa: E402
+from pipeline.sources import InputError  # noqa: E402
 from model import (  # noqa: E402
     CheckpointError, load_checkpoint, read_checkpoint_config, read_checkpoint_meta, save_checkpoint,
 )
@@ -95,17 +97,6 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**fields)
 
 
-def init_ray() -> None:
-    import ray
-
-    try:
-        # Starts a local cluster sized to this machine when no cluster is found...
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-    except ValueError:
-        # ...and refuses those arguments (before connecting) when one is found.
-        ray.init()
-
-
 def init_lineage(path: str) -> dict:
     """Where a fine-tuned model's starting weights came from: the starting file's own
     command, steps, training time and code version (and its starting file's, if any), so
@@ -131,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    init_ray()
+    try:
+        connect(None)
+    except InputError as e:  # RAY_ADDRESS names a cluster that does not answer
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     started = time.time()
     path, metrics = run_training(
         cfg, args.storage, num_workers=args.workers, use_gpu=args.gpu, resume=not args.no_resume,

@@ -6,24 +6,93 @@ embedded local Ray with its dashboard (and job API) on 127.0.0.1 only and Ray's 
 authentication on (the default in Ray 2.60), so every RPC and HTTP call needs the token.
 Ray resolves a loopback node address to the machine's own IP, so its internal ports listen
 on that address: the token, not the address, is what keeps them closed.
+
+Ray itself retries an address that does not answer for about a quarter of an hour before
+a traceback, so the address is checked first: a cluster named by --address or RAY_ADDRESS
+that does not answer is an InputError within seconds. The address file a `ray start` leaves
+(<temp dir>/ray/ray_current_cluster) outlives a cluster that died without `ray stop`; when
+no address was given and the cluster it names does not answer, the run says so and starts
+the embedded Ray, as if there were no file.
 """
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import time
+
+from .sources import InputError
+
+PROBE_TIMEOUT_S = 5.0  # how long a GCS port may take to answer a TCP connect (milliseconds when up)
 
 
-def connect(address: str | None = None) -> str:
-    """Connect (or start the embedded cluster); returns "joined" or "embedded"."""
+def connect(address: str | None = None, *, log_to_driver: bool = False) -> str:
+    """Connect (or start the embedded cluster); returns "joined" or "embedded". InputError
+    when the cluster named by `address` or RAY_ADDRESS does not answer."""
     import ray
-    from ray._private.utils import read_ray_address  # what ray.init() itself consults
+    from ray._private.utils import get_ray_address_file, read_ray_address  # what ray.init() consults
 
     if ray.is_initialized():
         return "joined"
-    if address or os.environ.get("RAY_ADDRESS") or read_ray_address():
-        ray.init(address=address, log_to_driver=False)
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given and given != "local":
+        problem = gcs_problem(given)
+        if problem:
+            named_by, fix = (("--address", "leave --address out") if address else
+                             ("RAY_ADDRESS", "unset RAY_ADDRESS"))
+            raise InputError(f"{named_by}={given}: {problem}; start that cluster (ray start --head), name a "
+                             f"running one, or {fix} to run on an embedded local Ray")
+        ray.init(address=given, log_to_driver=log_to_driver)
         return "joined"
-    ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=False)
+    recorded = None if given else read_ray_address()
+    if recorded:
+        problem = gcs_problem(recorded)
+        if not problem:
+            ray.init(log_to_driver=log_to_driver)
+            return "joined"
+        print(f"note: {get_ray_address_file(None)} names {recorded}, but {problem} (a cluster stopped without "
+              "`ray stop`?); starting an embedded local Ray instead. Remove the file to drop this note.",
+              file=sys.stderr, flush=True)
+    ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
     return "embedded"
+
+
+def gcs_problem(address: str) -> str | None:
+    """Why no Ray cluster can be joined at `address` (a GCS host:port, "auto", or a
+    ray://host:port client server), or None when it answers: TCP connects for up to
+    PROBE_TIMEOUT_S, then for a GCS one handshake, which Ray bounds at about 40 s (a port
+    that answers but is not a GCS)."""
+    from ray._common.network_utils import parse_address
+    from ray._private.services import canonicalize_bootstrap_address
+
+    client = address.startswith("ray://")
+    try:
+        # The host:port ray.init() itself would dial (it resolves a loopback host to this
+        # machine's IP, and "auto" to a cluster found here).
+        target = address[len("ray://"):] if client else canonicalize_bootstrap_address(address)
+    except (ValueError, ConnectionError) as e:
+        return str(e).splitlines()[0]
+    host, port = parse_address(target or "") or (None, "")
+    if not port.isdigit():
+        return "not a Ray address (host:port of the head's GCS, or ray://host:port)"
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    while True:  # a head that is still starting gets the few seconds
+        try:
+            socket.create_connection((host, int(port)), timeout=max(deadline - time.monotonic(), 0.1)).close()
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                return f"nothing answers at {target} ({e.strerror or 'no answer'} for {PROBE_TIMEOUT_S:g} s)"
+            time.sleep(0.5)
+    if client:
+        return None
+    from ray._raylet import GcsClient
+
+    try:
+        GcsClient(address=target)
+    except Exception as e:  # noqa: BLE001  Ray's RpcError (and whatever its binding raises)
+        return f"{target} answers, but not as a Ray cluster's GCS ({str(e).splitlines()[0]})"
+    return None
 
 
 def check_device(device: str, mode: str) -> None:
@@ -31,8 +100,6 @@ def check_device(device: str, mode: str) -> None:
     and this machine has no GPU for it: its GPU workers would wait forever. A joined
     cluster may still gain GPU nodes (an autoscaler), so there graph.run only warns."""
     import ray
-
-    from .sources import InputError
 
     if device.startswith("cuda") and mode == "embedded" and not ray.cluster_resources().get("GPU", 0):
         raise InputError(f"--device {device}: this machine has no GPU that Ray can use; "

@@ -1,7 +1,9 @@
 """The validator finds each kind of fault it claims to, and the job exits non-zero on them."""
 import copy
+import hashlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from dataset import DatasetWriter, read_images
 from dataset.lineage import new_lineage
 from dataset.synthetic import image_records
 from dataset.validation import validate
-from schemas import IMAGES, to_table
+from schemas import DUPLICATES, IMAGES, to_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,3 +178,46 @@ def test_a_missing_data_file_is_reported_and_the_others_still_checked(tmp_path, 
     report = validate(root)
     assert report.faults["missing_file"] == [f"{lost.name}: named by version 1, absent from the store"]
     assert report.images == len(rows) - 1 and len(report.faults["area"]) == 1
+
+
+def _write_duplicates(root, kept_ids):
+    """One duplicates record per kept image_id (exact copies under new names)."""
+    rows = [{"uri": f"copy_{i}.png", "image_id": hashlib.sha256(b"%d" % i).hexdigest(), "duplicate_of": kept,
+             "kind": "exact", "distance": 0, "run_id": "r"} for i, kept in enumerate(kept_ids)]
+    write_deltalake(f"{root}/duplicates", to_table(rows, DUPLICATES), mode="append")
+
+
+def test_a_duplicate_of_no_image_is_reported(tmp_path, good):
+    """A duplicates record whose kept image (duplicate_of) is in no row: its input was
+    skipped for an image the dataset does not hold."""
+    root = _write(tmp_path, copy.deepcopy(good))
+    gone = "f" * 64
+    _write_duplicates(root, [good[0]["image_id"], gone])
+    report = validate(root)
+    assert set(report.faults) == {"duplicate_of"}, report.text()
+    assert report.faults["duplicate_of"] == [f"copy_1.png: skipped as a duplicate of {gone[:16]}..., which is no "
+                                             "image of version 0"]
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "validate.py"), root], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "duplicate_of: 1" in r.stdout and "copy_1.png" in r.stdout, r.stdout + r.stderr
+
+
+def test_duplicates_are_checked_as_of_the_version(tmp_path, good):
+    """A pinned version is checked with the duplicates table as it was when the version was
+    committed: a record added later (its kept image committed later too) is not held
+    against it."""
+    def later(write, *args):
+        time.sleep(0.01)  # commit timestamps are in milliseconds
+        write(*args)
+
+    root = _write(tmp_path, copy.deepcopy(good[:1]))  # version 0
+    later(_write_duplicates, root, [good[0]["image_id"], "d" * 64])
+    later(_write, tmp_path, copy.deepcopy(good[1:2]))  # version 1
+    later(_write_duplicates, root, [good[2]["image_id"]])  # kept image in version 2
+    later(_write, tmp_path, copy.deepcopy(good[2:]))  # version 2
+    later(_write_duplicates, root, ["e" * 64])
+    assert validate(root, version=0).ok
+    assert [f.split(":")[0] for f in validate(root, version=1).faults["duplicate_of"]] == ["copy_1.png"]
+    assert sorted(validate(root, version=1).faults) == ["duplicate_of"]
+    latest = validate(root).faults["duplicate_of"]
+    assert sorted(f.split(" of ")[1][:4] for f in latest) == ["dddd", "eeee"]

@@ -190,6 +190,59 @@ def test_protocol_refuses_bad_requests(service, session):
     assert out["segmentation"]["size"] == [opened["height"], opened["width"]]
 
 
+def test_a_click_on_a_cached_embedding_is_checked_against_its_index(service, session):
+    """The embedding cache is keyed by image_id: a click naming an index that is not that
+    image (out of range, or another image) is refused, not answered from the cache."""
+    client = session["client"]
+    opened = session["results"][0]["opened"]
+    assert client.open(0)["encoded"] is False  # image 0's embedding is cached
+    click = {"image_id": opened["image_id"], "points": [[5, 5]], "labels": [1]}
+    with pytest.raises(EngineError) as e:
+        client.predict(index=99, **click)
+    assert e.value.status == 404 and "out of range" in e.value.detail
+    with pytest.raises(EngineError) as e:
+        client.predict(index=1, **click)
+    assert e.value.status == 409 and "is not" in e.value.detail
+    assert client.predict(index=0, **click)["encoded"] is False
+
+
+def test_catalog_check_reads_an_image_once(tmp_path):
+    from engine.images import ImageCatalog
+
+    write_scenes(tmp_path / "images", [11, 12])
+    catalog = ImageCatalog.from_spec(str(tmp_path / "images"), max_bytes=1 << 24)
+    ids = [hashlib.sha256(Path(u).read_bytes()).hexdigest() for u in catalog.uris]
+    assert catalog.check(0, ids[0]).image_id == ids[0]  # read once...
+    assert catalog.check(0, ids[0]) is None  # ...then known without a read
+    with pytest.raises(KeyError, match="is not"):
+        catalog.check(1, ids[0])
+    with pytest.raises(KeyError, match="is not"):
+        catalog.check(0, ids[1])
+    with pytest.raises(IndexError, match="out of range"):
+        catalog.check(2, ids[0])
+
+
+def test_service_without_images_is_refused_in_one_line(tmp_path, capsys):
+    """The service lists its images once, at start (an index must name the same image on
+    every replica): started on an empty folder or dataset, or a wrong path, it says so in one
+    line and exits 2 before starting Ray, instead of a failed Serve deployment."""
+    from dataset import DatasetWriter
+    from dataset.lineage import new_lineage
+    from jobs import annotate_service
+
+    (tmp_path / "empty").mkdir()
+    DatasetWriter(str(tmp_path / "nothing_yet"), new_lineage(round=0, stage="auto")).start_run()
+    for argv, says in ((["--images", str(tmp_path / "empty")], "lists no inputs"),
+                       (["--images", str(tmp_path / "typo")], "is not a folder, file, glob"),
+                       (["--images-from", str(tmp_path / "nothing_yet")], "lists no images"),
+                       (["--images-from", str(tmp_path / "typo")], "no dataset at")):
+        assert annotate_service.main([*argv, "--output", str(tmp_path / "out")]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "lists its images once, at start" in err, err
+        assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def chromium() -> str | None:
     return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
