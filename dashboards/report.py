@@ -13,6 +13,7 @@ import numpy as np
 
 from dataset import open_dataset, resolve_version, storage_options
 from dataset.reader import open_version, reading
+from dataset.storage import REPORTS_DIR, RUNS_DIR
 
 from . import figures, page, sources, stats
 from .gallery import tile
@@ -46,7 +47,7 @@ def build_report(root: str, *, version: int | None = None, run_id: str | None = 
     # Side tables and run summaries carry run ids, not versions: the latest version takes
     # every run (also those that committed no image); an older one the runs it holds.
     run_ids = None if v == latest else {r["run_id"] for r in runs}
-    summaries = {s["run_id"]: s for s in sources.read_json_dir(fs, sources.RUNS_DIR) if "run_id" in s}
+    summaries = {s["run_id"]: s for s in sources.read_json_dir(fs, RUNS_DIR) if "run_id" in s}
     funnel_runs = [s for rid, s in summaries.items() if run_ids is None or rid in run_ids]
     funnel = Counter()
     for s in funnel_runs:
@@ -142,8 +143,8 @@ def write_report(root: str, *, out: str | None = None, **kwargs) -> str:
             raise DestinationError(str(e)) from e
         return out
     fs = sources.root_filesystem(root, storage_options(root, kwargs.get("endpoint_url")))
-    fs.create_dir(sources.REPORTS_DIR, recursive=True)
-    path = f"{sources.REPORTS_DIR}/version-{data['version']}.html"
+    fs.create_dir(REPORTS_DIR, recursive=True)
+    path = f"{REPORTS_DIR}/version-{data['version']}.html"
     with fs.open_output_stream(path) as f:
         f.write(html.encode("utf-8"))
     return f"{root.rstrip('/')}/{path}"

@@ -23,9 +23,7 @@ from collections import Counter
 import pyarrow.fs as pafs
 
 from dataset import history, read_table
-from dataset.storage import arrow_filesystem
-
-ROUNDS_DIR, RUNS_DIR, REPORTS_DIR = "rounds", "runs", "reports"
+from dataset.storage import ROUNDS_DIR, arrow_filesystem
 
 
 def root_filesystem(root: str, options: dict[str, str]) -> pafs.FileSystem:

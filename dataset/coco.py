@@ -10,13 +10,17 @@ Imports accept polygon, uncompressed and compressed RLE segmentations; each beco
 compressed RLE and its area and bbox are recomputed from the mask, so imported rows meet the
 same checks as generated ones (COCO's own polygon areas differ slightly from mask areas).
 A mask's category name becomes its `text_prompt` (the words that name its object, which the
-text path trains on: training/text.py), except our own class-agnostic "object".
+text path trains on: training/text.py), except our own class-agnostic "object". A mask's
+`stage` and `round` come from the file where it has them (our exports do), else from the
+importing run; `from_file=()` makes the run's win. Annotations whose image_id names no image
+of the file cannot be imported: they are counted (`CocoFile.orphans`), not guessed at.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,6 +33,7 @@ from .writer import Skipped
 
 CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 _EXTRAS = ("predicted_iou", "stability_score", "point_coords", "crop_box", "stage", "round")
+_RUN_FIELDS = ("stage", "round")  # a mask's fields that the importing run sets where the file does not
 
 
 def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
@@ -77,13 +82,42 @@ def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
     return n
 
 
-def read_coco(path: str | Path, images_dir: str | Path | None = None) -> Iterator[dict | Skipped]:
-    """Writer-ready records from a COCO instances file (all categories become masks).
+@dataclass
+class CocoFile:
+    """A COCO instances file, parsed and checked whole by read_coco; iterating it yields
+    writer-ready records, one per image (a Skipped for an image that cannot be used)."""
+
+    path: str
+    images: list[dict]
+    annotations: dict[Any, list[dict]]  # by image_id
+    names: dict[Any, str]  # category id -> name, except our own "object"
+    images_dir: str | Path | None
+    from_file: tuple[str, ...]  # of _RUN_FIELDS, those a mask takes from the file where it has them
+    orphans: int  # annotations whose image_id names no image of the file: not imported
+
+    def __iter__(self) -> Iterator[dict | Skipped]:
+        for info in self.images:
+            try:
+                record = _coco_image(self, info)
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+                where = info.get("file_name", info.get("id"))
+                record = Skipped(f"{self.path}#{where}", f"bad_record: {type(e).__name__}: {e}")
+            yield record
+
+
+def read_coco(path: str | Path, images_dir: str | Path | None = None, *,
+              from_file: tuple[str, ...] = _RUN_FIELDS) -> CocoFile:
+    """A COCO instances file (all categories become masks), read and checked before
+    anything is written: a file that is not COCO JSON is a ValueError here.
 
     image_id is the image's `sha256` field when present (our exports), else the sha256 of
     images_dir / file_name. An image whose file is missing or whose annotations cannot be
-    read yields a Skipped with the reason; a file that is not COCO JSON is a ValueError.
+    read becomes a Skipped with the reason. from_file: which of a mask's stage and round
+    come from the file where it has them; the others (and those it lacks) are the
+    importing run's.
     """
+    if not set(from_file) <= set(_RUN_FIELDS):
+        raise ValueError(f"from_file takes {_RUN_FIELDS}, not {from_file}")
     try:
         data = json.loads(Path(path).read_bytes())
         images, annotations = data["images"], data.get("annotations", [])
@@ -99,24 +133,21 @@ def read_coco(path: str | Path, images_dir: str | Path | None = None) -> Iterato
     by_image: dict[Any, list[dict]] = {}
     for ann in annotations:
         by_image.setdefault(ann.get("image_id"), []).append(ann)
-    for info in images:
-        try:
-            record = _coco_image(info, by_image.get(info.get("id"), []), names, path, images_dir)
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            where = info.get("file_name", info.get("id"))
-            record = Skipped(f"{path}#{where}", f"bad_record: {type(e).__name__}: {e}")
-        yield record
+    known = {info.get("id") for info in images}
+    orphans = sum(len(anns) for image_id, anns in by_image.items() if image_id not in known)
+    return CocoFile(str(path), images, by_image, names, images_dir, tuple(from_file), orphans)
 
 
-def _coco_image(info: dict, annotations: list[dict], names: dict, path, images_dir) -> dict | Skipped:
+def _coco_image(coco: CocoFile, info: dict) -> dict | Skipped:
     """One COCO image entry as a writer record (Skipped when its file is missing)."""
     h, w = int(info["height"]), int(info["width"])
-    record = {"width": w, "height": h, "annotations": [_mask(a, h, w, names) for a in annotations]}
+    annotations = coco.annotations.get(info.get("id"), [])
+    record = {"width": w, "height": h, "annotations": [_mask(a, h, w, coco.names, coco.from_file) for a in annotations]}
     if "sha256" in info:
         record.update(image_id=info["sha256"], image_key=int(info["id"]),
                       uri=info.get("coco_url") or info["file_name"], phash=info.get("phash"))
         return record
-    file = Path(images_dir) / info["file_name"]
+    file = Path(coco.images_dir) / info["file_name"]
     if not file.is_file():
         return Skipped(str(file), "missing: no such image file")
     sha, phash, size = image_identity_and_size(file.read_bytes())
@@ -126,7 +157,10 @@ def _coco_image(info: dict, annotations: list[dict], names: dict, path, images_d
     return record
 
 
-def _mask(ann: dict, h: int, w: int, names: dict | None = None) -> dict:
+def _mask(ann: dict, h: int, w: int, names: dict | None = None, from_file: tuple[str, ...] = _RUN_FIELDS) -> dict:
+    fault = _polygon_fault(ann["segmentation"])
+    if fault:
+        raise ValueError(f"annotation {ann.get('id')}: {fault}")
     rle = _to_rle(ann["segmentation"], h, w)
     if [int(s) for s in rle["size"]] != [h, w]:
         raise ValueError(f"annotation {ann.get('id')}: segmentation size {list(rle['size'])} is not the image's "
@@ -136,10 +170,27 @@ def _mask(ann: dict, h: int, w: int, names: dict | None = None) -> dict:
             "predicted_iou": ann.get("predicted_iou", ann.get("score")),
             "stability_score": ann.get("stability_score"),
             "point_coords": ann.get("point_coords") or [], "crop_box": ann.get("crop_box") or [0, 0, w, h]}
-    mask.update({k: ann[k] for k in ("stage", "round", "text_prompt") if k in ann})
+    mask.update({k: ann[k] for k in (*from_file, "text_prompt") if k in ann})
     if mask.get("text_prompt") is None and names and names.get(ann.get("category_id")):
         mask["text_prompt"] = str(names[ann["category_id"]])
     return mask
+
+
+def _polygon_fault(segm: Any) -> str | None:
+    """Why a polygon segmentation cannot be drawn (None when it can, or is not polygons).
+    pycocotools fails on these with errors that do not name the fault (an IndexError for no
+    polygon, a bare Exception, which would end the import, for an empty one), or reads a
+    4-number polygon as a box."""
+    if not isinstance(segm, list):
+        return None
+    if not segm:
+        return "empty segmentation (no polygon)"
+    for i, poly in enumerate(segm):
+        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+            return f"polygon {i} is not a list of numbers"
+        if len(poly) < 6 or len(poly) % 2:
+            return f"polygon {i} has {len(poly)} coordinates; a polygon needs 3 or more x, y pairs"
+    return None
 
 
 def _to_rle(segm: Any, h: int, w: int) -> dict:
@@ -154,5 +205,6 @@ def _to_rle(segm: Any, h: int, w: int) -> dict:
 
 def import_coco(path: str | Path, writer, images_dir: str | Path | None = None,
                 chunk_images: int = 1000) -> list[int]:
-    """Commit a COCO file through a DatasetWriter; returns the versions made."""
+    """Commit a COCO file through a DatasetWriter; returns the versions made (jobs/import_.py
+    reads the file first, with read_coco, to refuse a bad one before creating anything)."""
     return writer.commit_all(read_coco(path, images_dir), chunk_images)

@@ -9,8 +9,9 @@ Layout of a dataset root (a local folder or an s3:// prefix):
     <root>/lineage/       one row per run: checkpoint, parameters, code version, ...
 
 Beside the tables lie the job's run summaries (runs/) and reports (reports/), and in a data
-engine's root its rounds, checkpoints, inputs and training data (engine/): OTHER_ROOT_ENTRIES.
-A folder that holds something else and none of the tables is not a dataset root.
+engine's root its rounds, checkpoints, inputs and training data (engine/): OTHER_ROOT_ENTRIES,
+named once here for the places that write them. A folder that holds something else and none
+of the tables is not a dataset root.
 
 Safe commits on S3: delta-rs commits version N by creating `_delta_log/N.json` only if it
 does not exist yet. On S3 that needs a conditional PUT (If-None-Match), which we ask for
@@ -28,7 +29,13 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 TABLE_NAMES = ("annotations", "quarantine", "duplicates", "listing", "lineage")
-OTHER_ROOT_ENTRIES = ("runs", "reports", "rounds", "checkpoints", "inputs", "train_data", "train_runs")
+# Folders beside the tables: the annotation job's run summaries, the data-quality reports,
+# and a data engine's round records, checkpoints, synthetic inputs, training snapshots and
+# Ray Train runs.
+RUNS_DIR, REPORTS_DIR = "runs", "reports"
+ROUNDS_DIR, CHECKPOINTS_DIR, INPUTS_DIR, TRAIN_DATA_DIR, TRAIN_RUNS_DIR = (
+    "rounds", "checkpoints", "inputs", "train_data", "train_runs")
+OTHER_ROOT_ENTRIES = (RUNS_DIR, REPORTS_DIR, ROUNDS_DIR, CHECKPOINTS_DIR, INPUTS_DIR, TRAIN_DATA_DIR, TRAIN_RUNS_DIR)
 
 # Environment variables passed on to delta-rs (object_store reads the same names).
 _AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL")

@@ -75,17 +75,29 @@ class DatasetWriter:
         self._keys: np.ndarray | None = None  # sorted image_keys of the table, loaded on first use
         self._owners: dict[int, str | None] = {}  # key -> image_id, for the keys of the current chunk
         self.skipped = 0  # Skipped items commit_all has quarantined
+        self._unrecorded: list | None = None  # a deferred run's listing, until its first write
 
     # -- the run's own records -------------------------------------------------------------
-    def start_run(self, listing: Iterable[Any] = ()) -> None:
+    def start_run(self, listing: Iterable[Any] = (), *, deferred: bool = False) -> None:
         """Record the run's lineage and input listing, once per run_id (a resumed run adds nothing).
-        Every table of the layout exists afterwards, empty or not, so readers need no special case."""
-        for name in ("quarantine", "duplicates"):
+        Every table of the layout exists afterwards, empty or not, so readers need no special case.
+        deferred: record them only with the run's first write (an image commit or a
+        quarantine row), so that a run that finds nothing new (a rerun of an import) leaves
+        no lineage row."""
+        for name in ("quarantine", "duplicates", "lineage"):
             schema, _ = TABLES[name]
             open_table(table_uri(self.root, name), schema, self.options)
+        self._unrecorded = list(listing)
+        if not deferred:
+            self._record_run()
+
+    def _record_run(self) -> None:
+        """The lineage and listing that start_run holds back, if it does."""
+        if self._unrecorded is None:
+            return
+        listing, self._unrecorded = self._unrecorded, None
         if not self._run_recorded("lineage"):
             self.append("lineage", [self.lineage])
-        listing = list(listing)
         if listing and not self._run_recorded("listing"):
             self.append("listing", listing)
 
@@ -125,6 +137,7 @@ class DatasetWriter:
             [im for im in images if self._owner(keys[im["image_id"]]) != im["image_id"]]
         if not new:
             return None
+        self._record_run()
         table = to_table([self._complete(im, keys[im["image_id"]]) for im in new])
         n_masks = int(pc.sum(pc.list_value_length(table["annotations"])).as_py() or 0)
         props = CommitProperties(
@@ -173,6 +186,7 @@ class DatasetWriter:
 
     def _quarantine(self, rows: list[dict]) -> list[dict]:
         if rows:
+            self._record_run()
             self.append("quarantine", rows)
             self.skipped += len(rows)
         return []

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from dataset.lineage import file_sha256
+from dataset.storage import INPUTS_DIR, TRAIN_DATA_DIR, TRAIN_RUNS_DIR
 
 from .rounds import RoundContext, RoundsConfig, checkpoint_path, read_json, rounds_dir, spec_hash, write_json
 
@@ -28,7 +29,7 @@ def round_input(config: RoundsConfig, r: int) -> str:
     spec = config.synthetic_inputs
     if spec is None:
         return config.inputs[r]
-    folder = Path(spec.folder or Path(config.root) / "inputs") / f"round_{r}"
+    folder = Path(spec.folder or Path(config.root) / INPUTS_DIR) / f"round_{r}"
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(r * spec.images_per_round, (r + 1) * spec.images_per_round):
         path = folder / f"scene_{spec.seed}_{index:06d}.png"
@@ -218,7 +219,7 @@ def train(ctx: RoundContext, version: int) -> dict:
     from training.loop import ParquetSource, SyntheticSource, TrainConfig, run_training
 
     config = ctx.config
-    files, kept = training_snapshot(ctx.root, version, Path(ctx.root) / "train_data" / f"round_{ctx.round}",
+    files, kept = training_snapshot(ctx.root, version, Path(ctx.root) / TRAIN_DATA_DIR / f"round_{ctx.round}",
                                     config.min_train_mask_area)
     extra = dict(config.train)
     synthetic = None
@@ -230,7 +231,7 @@ def train(ctx: RoundContext, version: int) -> dict:
     })
     output = checkpoint_path(ctx.root, ctx.round + 1)
     output.parent.mkdir(parents=True, exist_ok=True)
-    path, metrics = run_training(cfg, str(Path(ctx.root) / "train_runs"), num_workers=config.train_workers,
+    path, metrics = run_training(cfg, str(Path(ctx.root) / TRAIN_RUNS_DIR), num_workers=config.train_workers,
                                  use_gpu=config.train_gpu, resume=True, name=f"round_{ctx.round}", output=str(output))
     return {"checkpoint": path, "checkpoint_sha256": file_sha256(path), "dataset_version": version,
             "train_data": kept, "init_checkpoint": ctx.checkpoint,
@@ -280,10 +281,13 @@ def training_snapshot(root: str, version: int, folder: Path, min_area: int) -> t
 def evaluate(config: RoundsConfig, checkpoint: str) -> dict[str, float]:
     """Held-out metrics of a checkpoint: single-point mIoU (miou, oracle_miou) and, unless
     turned off, COCO AR/AP of its automatic masks (AR100, AR1000, AP, ...) and their
-    masks_per_image. Stored per (checkpoint sha256, held-out set), so a checkpoint kept
-    from one round to the next is measured once."""
+    masks_per_image, generated with held_out_params. Stored per (checkpoint sha256,
+    held-out set and those settings), so a checkpoint kept from one round to the next is
+    measured once."""
     spec = config.held_out.model_dump(mode="json")
-    path = rounds_dir(config.root) / "evaluations" / f"{file_sha256(checkpoint)[:16]}-{spec_hash(spec)}.json"
+    params = held_out_params(config, checkpoint)
+    key = spec_hash({"held_out": spec, "amg": params})
+    path = rounds_dir(config.root) / "evaluations" / f"{file_sha256(checkpoint)[:16]}-{key}.json"
     stored = read_json(path)
     if stored is not None:
         return stored["metrics"]
@@ -295,11 +299,25 @@ def evaluate(config: RoundsConfig, checkpoint: str) -> dict[str, float]:
     model, _ = load_checkpoint(checkpoint)
     examples = held_out_examples(config)
     metrics = single_point_miou(model, examples)
-    if config.held_out.automatic:
-        params = AmgParams(**{**config.held_out.amg, "output_mode": "coco_rle"})
-        metrics |= automatic_metrics(model, examples, params)
-    write_json(path, {"checkpoint": checkpoint, "held_out": spec, "metrics": metrics})
+    if params is not None:
+        metrics |= automatic_metrics(model, examples, AmgParams(**params))
+    write_json(path, {"checkpoint": checkpoint, "held_out": spec, "amg": params, "metrics": metrics})
     return metrics
+
+
+def held_out_params(config: RoundsConfig, checkpoint: str) -> dict | None:
+    """The generator settings of a checkpoint's automatic held-out metrics (None when they
+    are turned off), chosen as jobs/auto_annotate.py chooses them: HeldOut.amg, then the
+    checkpoint's recommendation (amg.checkpoint_defaults), then the official defaults. The
+    official thresholds suit the official checkpoints only; with them a small model keeps
+    no mask at all and every AR/AP is 0."""
+    if not config.held_out.automatic:
+        return None
+    from amg import AmgParams, checkpoint_defaults
+    from model import read_checkpoint_meta
+
+    given = AmgParams(**{**config.held_out.amg, "output_mode": "coco_rle"})
+    return given.over(checkpoint_defaults(read_checkpoint_meta(checkpoint))).model_dump(mode="json")
 
 
 def held_out_examples(config: RoundsConfig) -> list[Any]:

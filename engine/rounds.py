@@ -12,7 +12,8 @@ Everything lives under the dataset root:
     <root>/annotations, quarantine, ...   the Delta tables; every commit carries its round and stage
     <root>/rounds/<r>.json                the round record, written last: the round is done
     <root>/rounds/<r>/<stage>.json        a finished stage (manual, semi_auto, auto, train, evaluate)
-    <root>/rounds/evaluations/*.json      held-out metrics per checkpoint sha256 and held-out set
+    <root>/rounds/evaluations/*.json      held-out metrics per checkpoint sha256, held-out set and generator
+                                          settings (HeldOut.amg over the checkpoint's recommended ones)
     <root>/checkpoints/round_<r>.pt       checkpoint r (trained in round r-1; round_0: a copy of the initial one)
     <root>/train_runs/round_<r>/          the Ray Train run of round r (resumes by name)
 
@@ -36,6 +37,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dataset.lineage import file_sha256
+from dataset.storage import CHECKPOINTS_DIR, ROUNDS_DIR
 from schemas.annotate import DEFAULT_CHECKPOINT
 
 Stage = Literal["manual", "semi_auto", "auto"]
@@ -65,7 +67,9 @@ class HeldOut(BaseModel):
     dataset: str | None = None
     version: int | None = None
     automatic: bool = Field(True, description="also score automatic masks (COCO AR/AP); else single-point mIoU only")
-    amg: dict[str, Any] = Field(default_factory=dict, description="AmgParams for the automatic metrics")
+    amg: dict[str, Any] = Field(default_factory=dict, description=(
+        "AmgParams for the automatic metrics; those not given come from the evaluated checkpoint's "
+        "recommendation (amg.checkpoint_defaults), as in jobs/auto_annotate.py"))
 
 
 class RoundsConfig(BaseModel):
@@ -134,7 +138,7 @@ StageHook = Callable[[RoundContext], dict]
 
 
 def rounds_dir(root: str) -> Path:
-    return Path(root) / "rounds"
+    return Path(root) / ROUNDS_DIR
 
 
 def record_path(root: str, r: int) -> Path:
@@ -146,7 +150,7 @@ def stage_path(root: str, r: int, stage: str) -> Path:
 
 
 def checkpoint_path(root: str, r: int) -> Path:
-    return Path(root) / "checkpoints" / f"round_{r}.pt"
+    return Path(root) / CHECKPOINTS_DIR / f"round_{r}.pt"
 
 
 def read_json(path: Path) -> dict | None:
@@ -189,7 +193,9 @@ def run_rounds(config: RoundsConfig, hooks: dict[str, StageHook] | None = None, 
     hooks: stage name -> StageHook, for "manual" and "semi_auto" (a configured stage without
     one is an error). until=(r, stage) returns right after that stage of round r (one of
     the annotation stages, "train" or "evaluate"): a stage-by-stage run."""
-    from .round_stages import annotate_auto, dataset_counts, evaluate, pinned_version, round_input, train
+    from .round_stages import (
+        annotate_auto, dataset_counts, evaluate, held_out_params, pinned_version, round_input, train,
+    )
 
     hooks = dict(hooks or {})
     missing = [s for s in config.stages if s != "auto" and s not in hooks]
@@ -230,8 +236,10 @@ def run_rounds(config: RoundsConfig, hooks: dict[str, StageHook] | None = None, 
                 results[name] = stage(name, lambda: train(ctx, version))
             else:
                 candidate = results["train"]["checkpoint"]
-                results[name] = stage(name, lambda: {"incumbent": evaluate(config, incumbent),
-                                                     "candidate": evaluate(config, candidate)})
+                results[name] = stage(name, lambda: {
+                    "incumbent": evaluate(config, incumbent), "candidate": evaluate(config, candidate),
+                    "amg": {"incumbent": held_out_params(config, incumbent),
+                            "candidate": held_out_params(config, candidate)}})
             if until == (r, name):
                 log(f"round {r}: stopping after {name} as asked")
                 return list(records.values())
@@ -295,6 +303,8 @@ def write_record(config: RoundsConfig, r: int, incumbent: str, results: dict[str
         "seconds": round(sum(stage_seconds.values()), 3),
         # extras; "held_out" and "checkpoint_hash" are the names the report (dashboards/) reads
         "held_out": _numbers(evaluation["incumbent"]),
+        # the generator settings of the automatic metrics (None: turned off) of each checkpoint
+        "held_out_amg": evaluation.get("amg"),
         "checkpoint_hash": file_sha256(incumbent),
         "candidate_sha256": trained["checkpoint_sha256"],
         "initial_checkpoint": config.initial_checkpoint if r == 0 else None,

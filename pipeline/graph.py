@@ -200,11 +200,11 @@ def _summarize(tally: Tally, config: AnnotateConfig, run_id: str, listed: int, d
 
 def _write_summary(config: AnnotateConfig, summary: dict) -> None:
     """<output>/runs/<run_id>.json, beside the tables (local or S3)."""
-    from dataset.storage import is_s3
+    from dataset.storage import RUNS_DIR, is_s3
 
     from .sources import s3_filesystem
 
-    path = f"{config.output.rstrip('/')}/runs/{summary['run_id']}.json"
+    path = f"{config.output.rstrip('/')}/{RUNS_DIR}/{summary['run_id']}.json"
     text = json.dumps(summary, indent=2, sort_keys=True)
     if is_s3(path):
         s3_filesystem(config.endpoint_url).pipe_file(path.split("://", 1)[1], text.encode())

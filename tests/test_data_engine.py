@@ -17,10 +17,15 @@ import torch
 
 import engine.round_stages as round_stages
 from dataset import history, read_images
-from engine.round_stages import evaluate, ground_truth_manual
+from amg import checkpoint_defaults
+from dataset.storage import (
+    CHECKPOINTS_DIR, INPUTS_DIR, OTHER_ROOT_ENTRIES, REPORTS_DIR, ROUNDS_DIR, RUNS_DIR, TABLE_NAMES, TRAIN_DATA_DIR,
+    TRAIN_RUNS_DIR,
+)
+from engine.round_stages import evaluate, ground_truth_manual, held_out_params
 from engine.rounds import ROUND_KEYS, HeldOut, RoundsConfig, promote, record_path, run_rounds, stage_path
 from jobs.data_engine import main as cli_main
-from model import load_checkpoint, save_checkpoint
+from model import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from schemas.annotate import DEFAULT_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,6 +245,47 @@ def test_the_gate_promotes_a_better_checkpoint_and_keeps_out_a_worse_or_equal_on
     # Evaluations are stored by checkpoint hash and held-out set: a second call reads them.
     assert len(list((tmp_path / "rounds" / "evaluations").glob("*.json"))) == 2
     assert evaluate(config, str(bundled)) == good
+
+
+def test_held_out_automatic_metrics_use_the_checkpoints_recommended_settings(tmp_path):
+    """Generator settings that HeldOut.amg leaves out come from the evaluated checkpoint's
+    recommendation, as in jobs/auto_annotate.py: with the official 0.88 / 0.95 the bundled
+    checkpoint keeps no mask, every AR/AP is 0 and no candidate could ever be promoted.
+    Settings given in HeldOut.amg win over the recommendation."""
+    bundled = tmp_path / "bundled.pt"  # a copy: the bundled file may be replaced while tests run
+    shutil.copyfile(DEFAULT_CHECKPOINT, bundled)
+    recommended = checkpoint_defaults(read_checkpoint_meta(bundled))
+    grid = {"points_per_side": 4}
+    config = RoundsConfig(root=str(tmp_path), rounds=1, inputs=["unused"],
+                          held_out=HeldOut(count=2, size=128, amg=grid))
+    metrics = evaluate(config, str(bundled))
+    assert metrics["masks_per_image"] > 0 and metrics["AR100"] > 0 and metrics["AP"] > 0
+    used = held_out_params(config, str(bundled))
+    assert {k: used[k] for k in recommended} == recommended and used["points_per_side"] == 4
+    (stored,) = [json.loads(p.read_text()) for p in (tmp_path / "rounds" / "evaluations").glob("*.json")]
+    assert stored["amg"] == used and stored["metrics"] == metrics
+    official = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
+    strict = config.model_copy(update={"held_out": HeldOut(count=2, size=128, amg=grid | official)})
+    assert {k: held_out_params(strict, str(bundled))[k] for k in official} == official
+    assert evaluate(strict, str(bundled))["masks_per_image"] < metrics["masks_per_image"]
+    off = config.model_copy(update={"held_out": HeldOut(count=2, size=128, automatic=False)})
+    assert held_out_params(off, str(bundled)) is None and "AR100" not in evaluate(off, str(bundled))
+
+
+def test_round_records_name_the_held_out_generator_settings(engine_run):
+    for rec in engine_run["records"]:
+        for side in ("incumbent", "candidate"):
+            used = rec["held_out_amg"][side]
+            assert {k: used[k] for k in AMG} == AMG and used["output_mode"] == "coco_rle"
+
+
+def test_everything_the_engine_writes_beside_the_tables_is_a_named_root_entry(engine_run):
+    """The folders beside the tables are named once (dataset.storage), and those names are
+    what the output check accepts in a dataset root."""
+    assert OTHER_ROOT_ENTRIES == (RUNS_DIR, REPORTS_DIR, ROUNDS_DIR, CHECKPOINTS_DIR, INPUTS_DIR, TRAIN_DATA_DIR,
+                                  TRAIN_RUNS_DIR)
+    beside = {p.name for p in engine_run["root"].iterdir() if not p.name.startswith(".")} - set(TABLE_NAMES)
+    assert beside == set(OTHER_ROOT_ENTRIES)
 
 
 def test_manual_stage_through_the_serve_service_and_its_simulated_annotator(ray_session, tmp_path):

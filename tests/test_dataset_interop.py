@@ -14,7 +14,7 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
 import dataset.coco
-from dataset import DatasetWriter, export_parquet, read_images
+from dataset import DatasetWriter, export_parquet, history, read_images
 from dataset.coco import export_coco, import_coco, read_coco
 from dataset.lineage import new_lineage
 from dataset.sa1b import KEY_TABLE, export_sa1b, import_sa1b, read_sa1b
@@ -306,3 +306,123 @@ def test_folder_exports_replace_an_earlier_export(tmp_path):
         assert sorted(p.name for p in dest.iterdir()) == before
     assert (parquet / "README.md").read_text() == "dataset card"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "parquet", "sa1b"]
+
+
+def _import_job(capsys, *argv):
+    """jobs/import_.py in this process: (exit code, stdout, stderr)."""
+    from jobs import import_ as job
+
+    code = job.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _stages(root):
+    return {(a["stage"], a["round"]) for row in read_images(root).to_pylist() for a in row["annotations"]}
+
+
+@pytest.fixture(scope="module")
+def own_export(tmp_path_factory):
+    """Our COCO export of 2 images x 3 masks annotated in round 4, stage semi_auto."""
+    folder = tmp_path_factory.mktemp("own")
+    DatasetWriter(str(folder / "ds"), new_lineage(round=4, stage="semi_auto")).commit_images(image_records(2, 3))
+    export_coco(str(folder / "ds"), folder / "instances.json")
+    return folder / "instances.json"
+
+
+def test_import_job_keeps_the_files_stage_and_round_unless_a_flag_sets_them(own_export, tmp_path, capsys):
+    """Our exports carry each mask's stage and round: kept without flags; a flag given wins
+    over the file for every mask (the run's commit carries the flags or the defaults)."""
+    cases = [((), {("semi_auto", 4)}, ("imported", 0)),
+             (("--stage", "manual", "--round", "2"), {("manual", 2)}, ("manual", 2)),
+             (("--round", "7"), {("semi_auto", 7)}, ("imported", 7)),
+             (("--stage", "auto"), {("auto", 4)}, ("auto", 0))]
+    for i, (flags, masks, run) in enumerate(cases):
+        root = str(tmp_path / f"ds{i}")
+        assert _import_job(capsys, root, own_export, "--from", "coco", *flags)[0] == 0
+        assert _stages(root) == masks, flags
+        (commit,) = [c for c in history(root) if c.get("table") == "annotations"]
+        assert (commit["stage"], commit["round"]) == run, flags
+    # A file without the fields: the defaults.
+    foreign = json.loads(own_export.read_text())
+    for ann in foreign["annotations"]:
+        del ann["stage"], ann["round"]
+    path = tmp_path / "foreign.json"
+    path.write_text(json.dumps(foreign))
+    assert _import_job(capsys, tmp_path / "plain", path, "--from", "coco")[0] == 0
+    assert _stages(str(tmp_path / "plain")) == {("imported", 0)}
+    with pytest.raises(SystemExit):
+        _import_job(capsys, "--help")
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "default: a COCO mask's own stage field, else imported" in help_text
+    assert "default: a COCO mask's own round field, else 0" in help_text
+
+
+def test_import_job_reports_annotations_that_name_no_image_of_the_file(own_export, tmp_path, capsys):
+    coco = json.loads(own_export.read_text())
+    stray = dict(coco["annotations"][0], id=10**12, image_id=123456789)
+    coco["annotations"] += [stray, dict(stray, id=10**12 + 1)]
+    path = tmp_path / "stray.json"
+    path.write_text(json.dumps(coco))
+    assert read_coco(path).orphans == 2 and read_coco(own_export).orphans == 0
+    code, out, err = _import_job(capsys, tmp_path / "ds", path, "--from", "coco")
+    assert code == 0
+    assert err == f"warning: {path}: 2 annotation(s) name no image of the file: not imported\n"
+    assert out.rstrip().endswith("; 2 annotation(s) naming no image of their file not imported")
+    assert sum(len(r["annotations"]) for r in read_images(str(tmp_path / "ds")).to_pylist()) == 6
+
+
+def test_coco_polygons_that_cannot_be_drawn_quarantine_their_image_with_a_clear_reason(tmp_path):
+    from dataset import read_table
+
+    rng = np.random.default_rng(8)
+    (tmp_path / "img").mkdir()
+    polygons = {"good": [[5.0, 5.0, 30.0, 5.0, 30.0, 20.0]], "no_ring": [], "empty_ring": [[]],
+                "box_like": [[5, 5, 30, 20]], "odd": [[5, 5, 30, 5, 30]], "words": [["a", "b", "c", "d", "e", "f"]]}
+    images, annotations = [], []
+    for i, (name, segm) in enumerate(polygons.items(), 1):
+        (tmp_path / "img" / f"{name}.jpg").write_bytes(_jpeg(rng, 40, 50))
+        images.append({"id": i, "width": 50, "height": 40, "file_name": f"{name}.jpg"})
+        annotations.append({"id": i, "image_id": i, "category_id": 1, "segmentation": segm})
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    root = str(tmp_path / "ds")
+    import_coco(path, DatasetWriter(root, new_lineage(round=0, stage="manual")), images_dir=tmp_path / "img")
+    assert [Path(r["uri"]).name for r in read_images(root).to_pylist()] == ["good.jpg"]
+    reasons = {q["uri"].split("#")[1]: q["reason"] for q in read_table(root, "quarantine").to_pylist()}
+    need = "coordinates; a polygon needs 3 or more x, y pairs"
+    assert reasons == {
+        "no_ring.jpg": "bad_record: ValueError: annotation 2: empty segmentation (no polygon)",
+        "empty_ring.jpg": f"bad_record: ValueError: annotation 3: polygon 0 has 0 {need}",
+        "box_like.jpg": f"bad_record: ValueError: annotation 4: polygon 0 has 4 {need}",
+        "odd.jpg": f"bad_record: ValueError: annotation 5: polygon 0 has 5 {need}",
+        "words.jpg": "bad_record: ValueError: annotation 6: polygon 0 is not a list of numbers",
+    }
+
+
+def test_import_job_refuses_a_bad_coco_file_before_creating_anything(own_export, tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    unnamed = tmp_path / "unnamed.json"
+    unnamed.write_text(json.dumps({"images": [{"id": 1, "width": 8, "height": 8, "file_name": "a.jpg"}]}))
+    for path, reason in ((broken, "not a COCO instances JSON file (JSONDecodeError"), (unnamed, "has no sha256")):
+        root = tmp_path / f"ds-{path.stem}"
+        code, out, err = _import_job(capsys, root, path, "--from", "coco")
+        assert code == 2 and out == "" and err.startswith(f"error: {path}: ") and reason in err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert not root.exists()  # no empty tables left behind
+
+
+def test_import_job_rerun_that_writes_nothing_adds_no_lineage_row(own_export, tmp_path, capsys):
+    from dataset import read_table
+
+    root = str(tmp_path / "ds")
+    tables = ("annotations", "quarantine", "duplicates", "lineage")
+    code, out, _ = _import_job(capsys, root, own_export, "--from", "coco", "--run-id", "first")
+    assert code == 0 and out.startswith("run first: 1 commits")
+    assert read_table(root, "lineage")["run_id"].to_pylist() == ["first"]
+    commits = {name: history(root, name) for name in tables}
+    code, out, _ = _import_job(capsys, root, own_export, "--from", "coco", "--run-id", "again")
+    assert code == 0 and out == "run again: 0 commits\n"
+    assert {name: history(root, name) for name in tables} == commits  # no commit to any table
+    assert read_table(root, "lineage")["run_id"].to_pylist() == ["first"]

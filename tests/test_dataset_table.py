@@ -75,6 +75,27 @@ def test_writer_fills_ids_stage_round_and_commit_metadata(tmp_path, records):
     assert read_table(str(tmp_path), "listing").num_rows == len(records)
 
 
+def test_a_deferred_run_is_recorded_with_its_first_write_only(tmp_path, records):
+    """start_run(deferred=True) (the import job): a run that writes nothing leaves no lineage
+    or listing row; one that commits or quarantines something records them, once."""
+    from dataset.writer import Skipped
+
+    root = str(tmp_path)
+    DatasetWriter(root, new_lineage(round=0, stage="auto", run_id="r0")).commit_images(records[:3])
+    listing = [{"uri": r["uri"], "size": 1, "etag": "e", "listing_hash": "", "run_id": "idle"} for r in records[:3]]
+    idle = DatasetWriter(root, new_lineage(round=0, stage="imported", run_id="idle"))
+    idle.start_run(listing, deferred=True)
+    assert idle.commit_all(records[:3]) == []  # every image already in
+    assert read_table(root, "lineage").num_rows == 0 and read_table(root, "quarantine").num_rows == 0
+    for run_id, stream in (("commits", records[3:5]), ("quarantines", [Skipped("gone.jpg", "missing: no file")])):
+        w = DatasetWriter(root, new_lineage(round=0, stage="imported", run_id=run_id))
+        w.start_run([dict(e, run_id=run_id) for e in listing], deferred=True)
+        w.commit_all(stream)
+        w.commit_all(stream)  # written again or not: recorded once
+    assert sorted(read_table(root, "lineage")["run_id"].to_pylist()) == ["commits", "quarantines"]
+    assert sorted(set(read_table(root, "listing")["run_id"].to_pylist())) == ["commits", "quarantines"]
+
+
 def test_versions_side_by_side_and_pinned_by_run_or_round(tmp_path, records):
     root = str(tmp_path)
     r0 = DatasetWriter(root, new_lineage(round=0, stage="auto", run_id="r0"))
