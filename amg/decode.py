@@ -96,7 +96,8 @@ def decode_crop(
         funnel["candidates"] += 3 * len(batch)
         funnel["iou"] += len(iou)
         prompt_points = torch.as_tensor(batch)[prompt_idx.cpu()]
-        for chunk in torch.arange(len(iou)).split(filter_chunk_size) if len(iou) else ():
+        for first in range(0, len(iou), filter_chunk_size):
+            chunk = slice(first, first + filter_chunk_size)
             parts.append(filter_chunk(model, low_res[chunk], iou[chunk], prompt_points[chunk],
                                       input_size, crop_size, crop_box, orig_size, params, funnel))
     out = Candidates(crop_box)

@@ -84,6 +84,14 @@ class _Axis:
     frame_w1: torch.Tensor
     cells: torch.Tensor
 
+    def frame_taps(self, blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """frame_i0, frame_i1, frame_w0, frame_w1 of the blocks `blocks` (K x f each)."""
+        return tuple(t.index_select(0, blocks) for t in (self.frame_i0, self.frame_i1, self.frame_w0, self.frame_w1))
+
+    def out_taps(self, blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """out_f0, out_f1, out_w0, out_w1 of the blocks `blocks` (K x m each)."""
+        return tuple(t.index_select(0, blocks) for t in (self.out_f0, self.out_f1, self.out_w0, self.out_w1))
+
     def to(self, device) -> "_Axis":
         return _Axis(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
@@ -196,19 +204,18 @@ def _block_frames(x: torch.Tensor, b, i, j, rows: _Axis, cols: _Axis) -> torch.T
     l = x.shape[-1]
     n_rows = int(rows.frame_i1.max()) + 1
     n_cols = int(cols.frame_i1.max()) + 1
-    ly = (rows.low_first[i][:, None] + torch.arange(n_rows, device=x.device)).clamp_max(l - 1)
-    lx = (cols.low_first[j][:, None] + torch.arange(n_cols, device=x.device)).clamp_max(l - 1)
-    patch = x.reshape(-1)[(b * l * l)[:, None, None] + ly[:, :, None] * l + lx[:, None, :]]  # K x ly x lx
-    return _lerp_rows(_lerp_cols(patch, cols.frame_i0[j], cols.frame_i1[j], cols.frame_w0[j], cols.frame_w1[j]),
-                      rows.frame_i0[i], rows.frame_i1[i], rows.frame_w0[i], rows.frame_w1[i])
+    ly = (rows.low_first.index_select(0, i)[:, None] + torch.arange(n_rows, device=x.device)).clamp_max(l - 1)
+    lx = (cols.low_first.index_select(0, j)[:, None] + torch.arange(n_cols, device=x.device)).clamp_max(l - 1)
+    flat = (b * l * l)[:, None, None] + ly[:, :, None] * l + lx[:, None, :]
+    patch = x.reshape(-1).index_select(0, flat.view(-1)).view(flat.shape)  # K x ly x lx
+    return _lerp_rows(_lerp_cols(patch, *cols.frame_taps(j)), *rows.frame_taps(i))
 
 
 def _block_values(x: torch.Tensor, b, i, j, rows: _Axis, cols: _Axis) -> torch.Tensor:
     """The full-size values of K blocks (b, i, j) of low-res logits x (B x l x l):
     K x m_rows x m_cols, through both resizes with torch's arithmetic, one axis at a time."""
     frame = _block_frames(x, b, i, j, rows, cols)
-    return _lerp_rows(_lerp_cols(frame, cols.out_f0[j], cols.out_f1[j], cols.out_w0[j], cols.out_w1[j]),
-                      rows.out_f0[i], rows.out_f1[i], rows.out_w0[i], rows.out_w1[i])
+    return _lerp_rows(_lerp_cols(frame, *cols.out_taps(j)), *rows.out_taps(i))
 
 
 def _lerp_cols(v: torch.Tensor, i0, i1, w0, w1) -> torch.Tensor:
@@ -278,14 +285,15 @@ class Blocks:
         are split into these frame cells (~4 x 4 pixels on a 768 x 1024 image); only their
         few frame values are computed, not the blocks' pixels."""
         up = self.upsampler
-        x, above = self.low_res[rows], self.above[k][rows]
+        x, above = self.low_res.index_select(0, rows), self.above[k][rows]
         whole = self._pixels(above)
         b, i, j = (~(above | self.below[k][rows]) & (up.area > 0)).nonzero().unbind(1)  # K mixed blocks
         frame = _block_frames(x, b, i, j, up.rows, up.cols)  # K x fr x fc
         t = self.thresholds[k]
         margin = _margin(x)[b][:, None, None]
         cells = _cells(frame > t - margin, every=False) if upper else _cells(frame > t + margin, every=True)
-        area = up.rows.cells[i][:, :, None].to(whole.dtype) * up.cols.cells[j][:, None, :]  # pixels per cell
+        area = (up.rows.cells.index_select(0, i)[:, :, None].to(whole.dtype)
+                * up.cols.cells.index_select(0, j)[:, None, :])  # pixels per cell
         return whole.index_add_(0, b, (cells * area).flatten(1).sum(1)).long()
 
     @torch.no_grad()
@@ -295,10 +303,10 @@ class Blocks:
         up = self.upsampler
         above, below, x = self.above, self.below, self.low_res
         if rows is not None:
-            above, below, x = above[:, rows], below[:, rows], x[rows]
+            above, below, x = above[:, rows], below[:, rows], x.index_select(0, rows)
         mixed = ~(above | below)  # T x B x l x l
         b, i, j = (mixed.any(0) & (up.area > 0)).nonzero().unbind(1)  # K blocks
-        valid = up.rows.valid[i][:, :, None] & up.cols.valid[j][:, None, :]
+        valid = up.rows.valid.index_select(0, i)[:, :, None] & up.cols.valid.index_select(0, j)[:, None, :]
         values = _block_values(x, b, i, j, up.rows, up.cols).masked_fill_(~valid, float("-inf"))  # padding: never above
         return Thresholded(up, self.thresholds, above, mixed[:, b, i, j], torch.stack([b, i, j]), values, valid)
 
@@ -350,8 +358,8 @@ class Thresholded:
             n = int(axis.nearest.shape[0])
             lines_set = whole.amax(along)[:, axis.nearest].to(torch.int32)  # B x n, from whole blocks
             hits = set_pixels.amax(along).to(torch.int32)  # K x m: which of a block's lines have a set pixel
-            pos = axis.start[block][:, None] + torch.arange(hits.shape[1], device=hits.device)
-            flat = (b[:, None] * n + pos).masked_fill_(~axis.valid[block], len(lines_set.view(-1)))
+            pos = axis.start.index_select(0, block)[:, None] + torch.arange(hits.shape[1], device=hits.device)
+            flat = (b[:, None] * n + pos).masked_fill_(~axis.valid.index_select(0, block), len(lines_set.view(-1)))
             spare = torch.cat([lines_set.view(-1), lines_set.new_zeros(1)])
             spare.index_put_((flat.view(-1),), hits.view(-1), accumulate=True)
             lines.append(spare[:-1].view(-1, n) > 0)
@@ -388,8 +396,8 @@ class Thresholded:
             i, j = self.blocks[1, sel], self.blocks[2, sel]
             values, valid = self.values[sel], self.valid[sel]
             my, mx = values.shape[1:]
-            y = up.rows.start[i][:, None] + torch.arange(my, device=dev)
-            x = up.cols.start[j][:, None] + torch.arange(mx, device=dev)
+            y = up.rows.start.index_select(0, i)[:, None] + torch.arange(my, device=dev)
+            x = up.cols.start.index_select(0, j)[:, None] + torch.arange(mx, device=dev)
             flat = ((b[:, None, None] * h + y[:, :, None]) * w + x[:, None, :]).masked_fill_(~valid, len(buffer) - 1)
             buffer[flat] = (values > self.thresholds[threshold_index]).view(torch.uint8)
         return buffer[:-1].view(len(rows), h, w).view(torch.bool)

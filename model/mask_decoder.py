@@ -116,7 +116,7 @@ class MaskDecoder(nn.Module):
         """attend()'s mask tokens len(rows) x T x C and image features len(rows) x h x w x C
         of the prompts `rows` of a score() call."""
         t, end = self.transformer, 1 + self.num_mask_tokens
-        keys = t.norm_keys(scored.raw_keys[rows])
+        keys = t.norm_keys(scored.raw_keys.index_select(0, rows))
         hs = t.final(scored.queries[rows, 1:end], scored.tokens[rows, 1:end], keys, scored.key_pe)
         return hs, keys.view(len(rows), *scored.size, keys.shape[-1])
 
