@@ -110,7 +110,7 @@ def _check_duplicates(root: str, options: dict[str, str], image_ids: Counter, re
         return  # an imported dataset, or one older than the table
     commits = history(root, options=options)
     table = DeltaTable(uri, storage_options=options)
-    if report.version != commits[-1]["version"]:
+    if commits and report.version != commits[-1]["version"]:  # no history: nothing to pin by
         stamp = next((c["timestamp"] for c in commits if c["version"] == report.version), None)
         older = [c["version"] for c in table.history() if stamp is not None and c["timestamp"] <= stamp]
         if not older:

@@ -221,3 +221,14 @@ def test_duplicates_are_checked_as_of_the_version(tmp_path, good):
     assert sorted(validate(root, version=1).faults) == ["duplicate_of"]
     latest = validate(root).faults["duplicate_of"]
     assert sorted(f.split(" of ")[1][:4] for f in latest) == ["dddd", "eeee"]
+
+
+def test_duplicates_checked_when_the_history_is_empty(tmp_path, good, monkeypatch):
+    """Without commit history (delta-rs returns none for some root names) the duplicates
+    check reads the latest records instead of failing."""
+    import dataset.validation as validation
+
+    root = _write(tmp_path, copy.deepcopy(good))
+    _write_duplicates(root, [good[0]["image_id"], "f" * 64])
+    monkeypatch.setattr(validation, "history", lambda *a, **k: [])
+    assert list(validate(root).faults) == ["duplicate_of"]
