@@ -6,7 +6,8 @@ seconds of every stage it went through (`t_<stage>`), so it records all of them 
 (`record`); no other actor needs to. The metric objects are created on first use, inside
 the worker process that records (creating them needs a connected Ray worker).
 
-    samengine_images_total{status}              inputs finished: annotated, duplicate, quarantined
+    samengine_images_total{status}              inputs finished: annotated, duplicate, quarantined,
+                                                already_committed (by another writer)
     samengine_quarantined_total{reason}         quarantined inputs by reason (text before ':')
     samengine_masks_kept_total                  masks written
     samengine_funnel_masks_total{step}          candidates left after each step of the automatic stage:

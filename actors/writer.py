@@ -1,7 +1,8 @@
 """The writer: each batch it receives is one chunk, committed to the dataset before the
 call returns (quarantine and duplicate records first, then the images in one Delta
 transaction), so whatever Ray Data has seen finish is durable. It hands back one small row
-per input for the run summary."""
+per input for the run summary: an image this run's rows hold is "annotated"; one whose row
+another run had committed (the writer wrote nothing for it) is "already_committed"."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from schemas import LineageRecord
 from . import metrics
 from .batch import DUPLICATE, OK, QUARANTINED, node_id, objects
 
+ALREADY_COMMITTED = "already_committed"
 SUMMARY_COLUMNS = ("uri", "status", "reason", "masks", "funnel", "t_read", "t_dedup", "t_encode", "t_decode",
                    "t_postprocess", "t_write")
 
@@ -47,13 +49,19 @@ class Writer:
              "height": int(batch["height"][i]), "phash": batch["phash"][i] or None,
              "annotations": json.loads(batch["annotations"][i])}
             for i in rows if status[i] == OK]
+        elsewhere: set[str] = set()
         if images:
             self.writer.commit_images(images, chunk=self.chunk)
             self.chunk += 1
+            elsewhere = set(self.writer.already_committed)
         n = len(status)
+        final = [s if s != OK else ALREADY_COMMITTED if batch["image_id"][i] in elsewhere else "annotated"
+                 for i, s in enumerate(status)]
         out = {k: batch[k] for k in batch if k in SUMMARY_COLUMNS or k.startswith("node_")}
         out["t_write"] = np.full(n, (time.perf_counter() - t) / max(n, 1))
         out["node_write"] = objects([node_id()] * n)
-        out["status"] = objects(["annotated" if s == OK else s for s in status])
+        out["status"] = objects(final)
+        if elsewhere and "masks" in out:  # masks written: none for those
+            out["masks"] = np.where([s == ALREADY_COMMITTED for s in final], 0, out["masks"])
         metrics.record(out)  # live metrics (Ray dashboard / Prometheus): every row ends here
         return out

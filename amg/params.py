@@ -27,13 +27,17 @@ class AmgParams(BaseModel):
 
     points_per_side: int | None = Field(32, gt=0, description="grid of n x n points per crop layer 0")
     points_per_batch: int = Field(64, gt=0, description="prompts decoded together")
-    pred_iou_thresh: float = Field(0.88, description="keep masks whose predicted IoU is above this")
-    stability_score_thresh: float = Field(0.95, le=1.0, description="keep masks at least this stable")
+    # Both lie in [0, 1] as in the official docstring: a predicted IoU and a stability score
+    # (an IoU of two thresholded masks) do too, so a value above 1 keeps nothing. 0 keeps
+    # every mask (the official generator skips the IoU filter at 0).
+    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0, description="keep masks whose predicted IoU is above this")
+    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0, description="keep masks at least this stable")
     stability_score_offset: float = Field(1.0, ge=0.0, description="logit offset of the stability score")
     box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0, description="box IoU cut-off of NMS within a crop")
     crop_n_layers: int = Field(0, ge=0, description="layers of ever smaller crops")
     crop_nms_thresh: float = Field(0.7, ge=0.0, le=1.0, description="box IoU cut-off of NMS across crops")
-    crop_overlap_ratio: float = Field(512 / 1500, ge=0.0, lt=1.0)
+    crop_overlap_ratio: float = Field(512 / 1500, ge=0.0, lt=1.0,
+                                      description="share of the image side by which crops of layer 1 overlap")
     crop_n_points_downscale_factor: int = Field(1, gt=0)
     point_grids: tuple[tuple[tuple[float, float], ...], ...] | None = Field(
         None, description="explicit normalized (x, y) grids, one per crop layer"

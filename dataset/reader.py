@@ -17,7 +17,7 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from schemas import IMAGES, TABLES, conform
 
-from .storage import arrow_dataset, storage_options, store_error, table_uri
+from .storage import arrow_dataset, root_name_problem, storage_options, store_error, table_uri
 from .writer import METADATA_KEY
 
 
@@ -53,7 +53,12 @@ def _options(root: str, options: dict[str, str] | None) -> dict[str, str]:
 
 
 def _open(root: str, name: str, options: dict[str, str], version: int | None = None) -> DeltaTable:
-    """One of the dataset's tables, at a version; DatasetNotFound naming what is missing."""
+    """One of the dataset's tables, at a version; DatasetNotFound naming what is missing, or
+    the characters of a root that delta-rs cannot read right (a copy of a dataset made at
+    such a name reads with no history, so a --run-id or --round pin would find nothing)."""
+    problem = root_name_problem(root)
+    if problem:
+        raise DatasetNotFound(problem)
     try:
         return DeltaTable(table_uri(root, name), version=version, storage_options=options)
     except TableNotFoundError:
@@ -84,7 +89,12 @@ def resolve_version(root: str, *, version: int | None = None, run_id: str | None
     `round`, or (none given) the latest."""
     if sum(x is not None for x in (version, run_id, round)) > 1:
         raise ValueError("give at most one of version, run_id, round")
+    problem = root_name_problem(root)
+    if problem:
+        raise DatasetNotFound(problem)
     if version is not None:
+        if version < 0:  # delta-rs takes it as an unsigned number: an OverflowError
+            raise DatasetNotFound(f"{root}: the annotations table has no version {version} (versions count from 0)")
         return version
     if run_id is None and round is None:
         return _open(root, "annotations", _options(root, options)).version()
@@ -153,7 +163,8 @@ def read_table(root: str, name: str, *, version: int | None = None,
                options: dict[str, str] | None = None) -> pa.Table:
     """A side table (quarantine, duplicates, listing, lineage) in our schema."""
     schema, _ = TABLES[name]
-    options, uri = _options(root, options), table_uri(root, name)
+    options = _options(root, options)
     dt = _open(root, name, options, version)
+    uri = table_uri(root, name)
     with reading(root, name):
         return conform(arrow_dataset(dt, uri, options).to_table(), schema)

@@ -13,6 +13,9 @@ engine's root its rounds, checkpoints, inputs and training data (engine/): OTHER
 named once here for the places that write them. A folder that holds something else and none
 of the tables is not a dataset root.
 
+    <root>/.writer-lease.json   the pipeline run writing the root now, if any (pipeline.lease):
+                                one pipeline run per root at a time
+
 Safe commits on S3: delta-rs commits version N by creating `_delta_log/N.json` only if it
 does not exist yet. On S3 that needs a conditional PUT (If-None-Match), which we ask for
 with `conditional_put=etag`. AWS S3 (since 2024), MinIO, Cloudflare R2, Ceph RGW (recent
@@ -36,16 +39,47 @@ RUNS_DIR, REPORTS_DIR = "runs", "reports"
 ROUNDS_DIR, CHECKPOINTS_DIR, INPUTS_DIR, TRAIN_DATA_DIR, TRAIN_RUNS_DIR = (
     "rounds", "checkpoints", "inputs", "train_data", "train_runs")
 OTHER_ROOT_ENTRIES = (RUNS_DIR, REPORTS_DIR, ROUNDS_DIR, CHECKPOINTS_DIR, INPUTS_DIR, TRAIN_DATA_DIR, TRAIN_RUNS_DIR)
+# The writer lease of a running pipeline run (pipeline.lease), removed when the run ends: a
+# hidden name, which the output check of a local root passes over.
+WRITER_LEASE = ".writer-lease.json"
 
 # Environment variables passed on to delta-rs (object_store reads the same names).
 _AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL")
 
 
+# Characters that delta-rs 1.6 misreads in a table's local path or s3:// URI (measured on
+# both): it percent-decodes (p%41 -> pA, so the tables land beside another folder than
+# runs/), takes '#' and '?' as the start of a URL fragment or query (the table is written
+# to a cut name, or its history reads as empty), panics on '[', ']', '|', '^' and '\\', and
+# drops tabs and newlines. Percent-encoding them does not help: delta-rs writes the encoded
+# name literally and reads it decoded. So a dataset root holding one is refused up front.
+ROOT_NAME_CHARS = "%#?[]|^\\"
+
+
+def root_name_problem(root: str) -> str | None:
+    """Why delta-rs cannot hold the dataset's tables under root (ROOT_NAME_CHARS in it, or in
+    the absolute path of a local root), or None. Input images may have such names; only
+    dataset roots are affected."""
+    text = str(root)
+    if "://" not in text or text.startswith("file://"):
+        text = os.path.abspath(text.removeprefix("file://"))
+    bad = sorted({c for c in text if c in ROOT_NAME_CHARS or ord(c) < 32 or ord(c) == 127})
+    if not bad:
+        return None
+    shown = " ".join(c if c.isprintable() else repr(c) for c in bad)
+    return (f"{root}: the dataset root's path holds {shown}, which delta-rs (the Delta Lake library) misreads "
+            "in a table's path; name a root without % # ? [ ] | ^ \\ or control characters")
+
+
 def table_uri(root: str, name: str) -> str:
     """URI of one of the dataset's tables under root. An empty root (an unset variable) is a
-    ValueError: its tables would lie at the top of the filesystem."""
+    ValueError: its tables would lie at the top of the filesystem; so is a root that
+    delta-rs misreads (root_name_problem)."""
     if not str(root).strip():
         raise ValueError(f"the dataset root is empty; cannot place its {name!r} table")
+    problem = root_name_problem(root)
+    if problem:
+        raise ValueError(problem)
     if name not in TABLE_NAMES:
         raise ValueError(f"unknown table {name!r}; expected one of {TABLE_NAMES}")
     return f"{str(root).rstrip('/')}/{name}"

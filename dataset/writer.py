@@ -75,6 +75,9 @@ class DatasetWriter:
         self._keys: np.ndarray | None = None  # sorted image_keys of the table, loaded on first use
         self._owners: dict[int, str | None] = {}  # key -> image_id, for the keys of the current chunk
         self.skipped = 0  # Skipped items commit_all has quarantined
+        # image_ids of the last commit_images call whose rows another run had committed, so
+        # that the call wrote nothing for them (a retried chunk of this same run's is not one)
+        self.already_committed: list[str] = []
         self._unrecorded: list | None = None  # a deferred run's listing, until its first write
 
     # -- the run's own records -------------------------------------------------------------
@@ -125,16 +128,19 @@ class DatasetWriter:
         if self.mode == "append" and chunk is None:
             raise ValueError("mode='append' needs the chunk number: it is what makes a retry idempotent")
         self.images.update_incremental()
+        self.already_committed = []
         if self.mode == "append":
             done = self.images.transaction_version(self.app_id)
-            if done is not None and chunk <= done:
+            if done is not None and chunk <= done:  # this writer committed the chunk already
                 return None
         images = list(images)
         self._prefetch_owners([natural_image_key(im["image_id"]) for im in images])
         keys = assign_image_keys([im["image_id"] for im in images], self._owner)
         keys.update({im["image_id"]: im["image_key"] for im in images if "image_key" in im})
-        new = images if self.mode == "replace" else \
-            [im for im in images if self._owner(keys[im["image_id"]]) != im["image_id"]]
+        held = set() if self.mode == "replace" else \
+            {im["image_id"] for im in images if self._owner(keys[im["image_id"]]) == im["image_id"]}
+        new = [im for im in images if im["image_id"] not in held]
+        self.already_committed = self._held_by_other_runs({keys[i]: i for i in held})
         if not new:
             return None
         self._record_run()
@@ -225,6 +231,16 @@ class DatasetWriter:
                 columns=["image_id"], filter=pc.field("image_key") == key)["image_id"]
             self._owners[key] = hit[0].as_py() if len(hit) else None
         return self._owners[key]
+
+    def _held_by_other_runs(self, held: dict[int, str]) -> list[str]:
+        """The image_ids of held (image_key -> image_id, rows the table has) whose rows another
+        run wrote; one read, and only when some are held."""
+        if not held:
+            return []
+        rows = self._dataset(self.images, "annotations").to_table(
+            columns=["image_key", "run_id"], filter=pc.field("image_key").isin(sorted(held)))
+        run_of = dict(zip(rows["image_key"].to_pylist(), rows["run_id"].to_pylist()))
+        return sorted(i for k, i in held.items() if run_of.get(k) != self.lineage.run_id)
 
     def _dataset(self, dt: DeltaTable, name: str):
         return arrow_dataset(dt, table_uri(self.root, name), self.options)

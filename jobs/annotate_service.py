@@ -20,8 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from pipeline.cluster import job_copy_problem  # noqa: E402
 from schemas.interactive import EngineConfig  # noqa: E402
 
 
@@ -47,6 +49,10 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--address", help="Ray cluster to use (default: RAY_ADDRESS, a running local cluster, or embedded)")
     args = ap.parse_args(argv)
+    problem = job_copy_problem([("--output", args.output), ("--images", args.images)], ROOT)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     config = EngineConfig(
         images=args.images, images_from=args.images_from, output=args.output, stage=args.stage, round=args.round,
         run_id=args.run_id, checkpoint=args.checkpoint, model_type=args.model_type, device=args.device,

@@ -7,7 +7,11 @@ dataset of COCO RLE masks out, on Ray Data.
     ray job submit --working-dir . -- python jobs/auto_annotate.py --input ... --output ...
     python jobs/auto_annotate.py --text "red ellipse" --text "blue star"   # text prompts
 
-Without a cluster it starts an embedded local Ray. Rerunning the same command on the same
+Without a cluster it starts an embedded local Ray. Under `ray job submit --working-dir`
+the job runs in Ray's temporary copy of that folder: a relative --input or --output, or
+the default output, would lie in the copy, so give absolute paths on shared storage or
+s3:// URIs (the bundled sample images, the default input, are read from the copy; their
+stored URIs then name files of the copy). Rerunning the same command on the same
 output resumes: inputs already committed are skipped. Settings come from --config (YAML or
 JSON of schemas.annotate.AnnotateConfig) and flags; a flag wins over the file. The
 generator's flags are those of the official scripts/amg.py; generator settings that
@@ -39,11 +43,18 @@ TOP_FLAGS = ("input", "output", "checkpoint", "model_type", "device", "precision
              "near_duplicate_distance", "chunk_images", "writers", "read_batch_size", "round", "run_id", "ray_address")
 
 
+# Shown for defaults whose value reads badly in --help.
+DEFAULT_TEXT = {"crop_overlap_ratio": "512/1500, about 0.341"}
+
+
 def _pool(text: str) -> dict:
-    """'N' or 'MIN,MAX' -> ActorPool bounds."""
-    parts = [int(p) for p in text.split(",")]
+    """'N' or 'MIN,MAX' -> ActorPool bounds (argparse names the option in its error)."""
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parts = []
     if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError("expected N or MIN,MAX")
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX (whole numbers), got {text!r}")
     return {"min": parts[0], "max": parts[-1]}
 
 
@@ -53,9 +64,13 @@ def parser() -> argparse.ArgumentParser:
     fields = AnnotateConfig.model_fields
     ap.add_argument("--config", help="YAML or JSON file of the run's settings")
     for name in TOP_FLAGS:
-        ap.add_argument("--" + name.replace("_", "-"), help=f"{fields[name].description or ''} "
-                        f"(default: {fields[name].get_default(call_default_factory=False)})")
-    ap.add_argument("--address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+        flags = ["--" + name.replace("_", "-")]
+        if name == "ray_address":
+            flags.append("--address")  # the spelling of data_engine.py and annotate_service.py
+        text = fields[name].description or ""
+        if "default" not in text:  # descriptions that say their default themselves
+            text += f" (default: {fields[name].get_default(call_default_factory=False)})"
+        ap.add_argument(*flags, dest=name, help=text.strip())
     ap.add_argument("--text", action="append", help="a phrase that prompts every image instead of the point grid "
                     "(repeatable: one mask per phrase, recorded as text_prompt); default checkpoint: the bundled "
                     "text one")
@@ -69,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-batch-size", type=int, help="images per encoder (or fused) call")
     amg_fields = AmgParams.model_fields
     for name in AMG_FLAGS:
-        default = amg_fields[name].default
+        default = DEFAULT_TEXT.get(name, amg_fields[name].default)
         if name in ("pred_iou_thresh", "stability_score_thresh"):
             default = f"the checkpoint's recommendation, else {default}"
         ap.add_argument("--" + name.replace("_", "-"), help=f"{amg_fields[name].description or ''} "
@@ -106,16 +121,36 @@ def load_config(argv=None) -> AnnotateConfig:
     return AnnotateConfig.model_validate(data)
 
 
+def job_copy_paths(config: AnnotateConfig) -> dict[str, str]:
+    """The run's local paths that must not lie in a submitted job's working dir copy
+    (pipeline.cluster.refuse_job_copy_paths), by flag: the output, given or default, and a
+    given input. The default input, the bundled sample images, may be read from the copy
+    (a smoke test of a cluster); main says that their URIs name the copy."""
+    given = config.model_fields_set
+    paths = {"--output" if "output" in given else "the default --output": config.output}
+    if "input" in given:
+        paths["--input"] = config.input
+    return paths
+
+
 def main(argv=None) -> int:
     try:
         config = load_config(argv)
     except SETTINGS_ERRORS as e:
         print(settings_error_message(e), file=sys.stderr)
         return 2
-    from pipeline.cluster import check_device, connect
+    from pipeline.cluster import check_device, connect, job_working_dir_copy, refuse_job_copy_paths
     from pipeline.graph import run
     from pipeline.sources import InputError, check_output
 
+    try:
+        refuse_job_copy_paths(job_copy_paths(config).items(), ROOT)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "input" not in config.model_fields_set and job_working_dir_copy(ROOT):  # the samples lie under ROOT
+        print(f"note: reading the bundled sample images from Ray's temporary copy of the working dir; the "
+              f"dataset's URIs name {config.input}, which Ray deletes later", file=sys.stderr, flush=True)
     print(f"output: {config.output}", flush=True)
     try:
         check_output(config.output, config.endpoint_url)  # before starting Ray (run checks again)

@@ -8,6 +8,8 @@
 Settings: RoundsConfig's defaults, then --config (YAML or JSON), then flags. Flags after
 `--` go to the automatic stage (jobs/auto_annotate.py's flags). Rerunning the same command
 resumes: finished rounds and stages are skipped. Round records: <root>/rounds/<r>.json.
+Under `ray job submit --working-dir`, --root and --input must not lie in Ray's temporary
+copy of the working dir (relative paths do): give absolute paths on shared storage.
 """
 from __future__ import annotations
 
@@ -93,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         print(settings_error_message(e), file=sys.stderr)
         return 2
     from model import CheckpointError, read_checkpoint_config
+    from pipeline.cluster import refuse_job_copy_paths
     from pipeline.sources import InputError, check_output
 
     try:
+        refuse_job_copy_paths([("--root", config.root), *(("--input", spec) for spec in config.inputs)], ROOT)
         check_output(config.root)
         read_checkpoint_config(config.initial_checkpoint)  # before round 0 copies it under the root
     except (InputError, CheckpointError) as e:

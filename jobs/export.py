@@ -16,13 +16,16 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from dataset.coco import export_coco  # noqa: E402
 from dataset.exports import export_parquet  # noqa: E402
 from dataset.reader import DataFileMissing, DatasetNotFound, open_version  # noqa: E402
 from dataset.sa1b import export_sa1b  # noqa: E402
 from dataset.storage import storage_options  # noqa: E402
+from jobs.arg_types import count  # noqa: E402
+from pipeline.cluster import job_copy_problem  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,11 +34,15 @@ def main(argv=None) -> int:
     ap.add_argument("--to", required=True, choices=["sa1b", "coco", "parquet"])
     ap.add_argument("--dest", required=True)
     pin = ap.add_mutually_exclusive_group()
-    pin.add_argument("--version", type=int)
+    pin.add_argument("--version", type=count)
     pin.add_argument("--run-id")
-    pin.add_argument("--round", type=int)
+    pin.add_argument("--round", type=count)
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
+    problem = job_copy_problem([("--dest", args.dest)], ROOT)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     options = storage_options(args.root, args.endpoint_url)
     try:
         version = open_version(args.root, version=args.version, run_id=args.run_id, round=args.round,

@@ -21,12 +21,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from dataset.coco import read_coco  # noqa: E402
 from dataset.lineage import new_lineage  # noqa: E402
 from dataset.sa1b import import_sa1b  # noqa: E402
 from dataset.writer import DatasetWriter  # noqa: E402
+from pipeline.cluster import job_copy_problem  # noqa: E402
 
 RUN_FIELDS = ("stage", "round")
 
@@ -44,6 +46,10 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-images", type=int, default=1000)
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
+    problem = job_copy_problem([("ROOT", args.root)], ROOT)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     absent = [s for s in args.sources if not Path(s).exists()]
     if absent:
         print(f"error: no such source: {', '.join(absent)}", file=sys.stderr)

@@ -20,11 +20,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from dataset import DataFileMissing, DatasetNotFound, iter_images, storage_options  # noqa: E402
 from dataset.lineage import new_lineage  # noqa: E402
 from dataset.storage import store_error  # noqa: E402
+from pipeline.cluster import job_copy_problem  # noqa: E402
 from engine.semi_auto import confident, export_tasks, import_tasks, local_files_url, write_project  # noqa: E402
 
 
@@ -45,6 +47,10 @@ def main(argv=None) -> int:
     back.add_argument("--run-id")
     back.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
+    problem = job_copy_problem([("DEST", args.dest) if args.command == "export" else ("ROOT", args.root)], ROOT)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     options = storage_options(args.root, args.endpoint_url)
 
     if args.command == "export":

@@ -34,7 +34,10 @@ from deltalake import DeltaTable  # noqa: E402
 
 from dataset.maintenance import (DEFAULT_RETENTION_HOURS, TARGET_FILE_SIZE, compact, missing_files,  # noqa: E402
                                  repair, vacuum)
-from dataset.storage import TABLE_NAMES, is_delta_table, storage_options, store_error, table_uri  # noqa: E402
+from dataset.storage import (  # noqa: E402
+    TABLE_NAMES, is_delta_table, root_name_problem, storage_options, store_error, table_uri,
+)
+from jobs.arg_types import count, positive  # noqa: E402
 
 
 def _files(dt: DeltaTable) -> pa.Table:
@@ -92,14 +95,16 @@ def main(argv=None) -> int:
     ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
     ap.add_argument("action", choices=["compact", "vacuum", "repair"])
     ap.add_argument("--table", default="all", choices=[*TABLE_NAMES, "all"], help="default: all")
-    ap.add_argument("--retention-hours", type=int, default=DEFAULT_RETENTION_HOURS,
+    ap.add_argument("--retention-hours", type=count, default=DEFAULT_RETENTION_HOURS,
                     help=f"vacuum: keep what versions of the last H hours need (default {DEFAULT_RETENTION_HOURS})")
-    ap.add_argument("--target-size", type=int, default=TARGET_FILE_SIZE, help="compact: bytes per file")
+    ap.add_argument("--target-size", type=positive, default=TARGET_FILE_SIZE, help="compact: bytes per file")
     ap.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
-    if args.retention_hours < 0:
-        ap.error("--retention-hours must be >= 0")
+    problem = root_name_problem(args.root)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     options = storage_options(args.root, args.endpoint_url)
     try:
         present = {name for name in TABLE_NAMES if is_delta_table(table_uri(args.root, name), options)}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jobs.arg_types import price  # noqa: E402
 from schemas.throughput import STAGES, ResultsFileError, StageThroughput, ThroughputResults, load_results  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -147,9 +148,9 @@ def parse_prices(items: list[str]) -> dict[str, float]:
     for item in items:
         kind, _, usd = item.partition("=")
         try:
-            prices[kind.strip().upper()] = float(usd)
-        except ValueError:
-            raise ValueError(f"--gpu-price wants TYPE=USD, got {item!r}") from None
+            prices[kind.strip().upper()] = price(usd)
+        except argparse.ArgumentTypeError:
+            raise ValueError(f"--gpu-price wants TYPE=USD with USD >= 0, got {item!r}") from None
     return prices
 
 
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hours", type=float, help="time budget in hours")
     ap.add_argument("--gpu-price", action="append", default=[], metavar="TYPE=USD",
                     help=f"USD per GPU-hour (assumed defaults: {DEFAULT_GPU_PRICES})")
-    ap.add_argument("--cpu-price", type=float, default=DEFAULT_CPU_PRICE,
+    ap.add_argument("--cpu-price", type=price, default=DEFAULT_CPU_PRICE,
                     help="USD per vCPU-hour for CPU-only actors (assumed default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON")
     args = ap.parse_args(argv)

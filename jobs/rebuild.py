@@ -17,11 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from pydantic import ValidationError  # noqa: E402
 
-from jobs.auto_annotate import load_config  # noqa: E402
+from jobs.auto_annotate import job_copy_paths, load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,11 +42,15 @@ def main(argv=None) -> int:
     except ValidationError as e:
         print(f"invalid settings:\n{e}", file=sys.stderr)
         return 2
-    from pipeline.cluster import check_device, connect
+    from pipeline.cluster import check_device, connect, refuse_job_copy_paths
     from pipeline.rebuild import rebuild
     from pipeline.sources import InputError, check_output
 
     try:
+        # Under ray job submit a rebuild from the copy's sample images would, on the next
+        # submission of changed code (another copy), see every image as deleted and new.
+        refuse_job_copy_paths([("--input" if "input" in config.model_fields_set else "the default --input",
+                                config.input), *job_copy_paths(config).items()], ROOT)
         check_output(config.output, config.endpoint_url)
         check_device(config.device, connect(config.ray_address))
         report = rebuild(config, full=args.full, prune_deleted=args.prune_deleted,

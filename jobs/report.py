@@ -13,27 +13,34 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from dashboards import write_report  # noqa: E402
 from dashboards.report import DestinationError  # noqa: E402
 from dataset.reader import DataFileMissing, DatasetNotFound  # noqa: E402
+from jobs.arg_types import count  # noqa: E402
+from pipeline.cluster import job_copy_problem  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
     pin = ap.add_mutually_exclusive_group()
-    pin.add_argument("--version", type=int, help="Delta version of the annotations table")
+    pin.add_argument("--version", type=count, help="Delta version of the annotations table")
     pin.add_argument("--run-id", help="the last version committed by this run")
-    pin.add_argument("--round", type=int, help="the last version committed in this round")
+    pin.add_argument("--round", type=count, help="the last version committed in this round")
     ap.add_argument("--out", help="local HTML file to write, missing folders made "
                                    "(default: <root>/reports/version-<N>.html)")
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
-    ap.add_argument("--sample-images", type=int, default=64, help="random images for concavity and the gallery")
-    ap.add_argument("--concavity-masks", type=int, default=1000, help="most masks decoded for concavity")
-    ap.add_argument("--gallery", type=int, default=8, help="images shown in the gallery")
+    ap.add_argument("--sample-images", type=count, default=64, help="random images for concavity and the gallery")
+    ap.add_argument("--concavity-masks", type=count, default=1000, help="most masks decoded for concavity")
+    ap.add_argument("--gallery", type=count, default=8, help="images shown in the gallery")
     args = ap.parse_args(argv)
+    problem = job_copy_problem([("--out", args.out), ("the dataset root (where its report goes)", None if args.out else args.root)], ROOT)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         path = write_report(args.root, out=args.out, version=args.version, run_id=args.run_id, round=args.round,
                             endpoint_url=args.endpoint_url, sample_images=args.sample_images,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
-from pipeline.cluster import connect  # noqa: E402
+from pipeline.cluster import connect, job_copy_problem  # noqa: E402
 from pipeline.sources import InputError  # noqa: E402
 from model import (  # noqa: E402
     CheckpointError, load_checkpoint, read_checkpoint_config, read_checkpoint_meta, save_checkpoint,
@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args)
     except SETTINGS_ERRORS as e:
         print(settings_error_message(e), file=sys.stderr)
+        return 2
+    problem = job_copy_problem([("--storage", args.storage), ("--output", args.output)], ROOT)
+    if problem:  # ray job submit --working-dir: the runs would be written into Ray's temporary copy
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:  # refuse unusable inputs here, not in every worker after Ray Train started
         if cfg.parquet:

@@ -18,18 +18,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset.reader import DatasetNotFound  # noqa: E402
 from dataset.storage import storage_options  # noqa: E402
 from dataset.validation import validate  # noqa: E402
+from jobs.arg_types import count  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
     pin = ap.add_mutually_exclusive_group()
-    pin.add_argument("--version", type=int, help="Delta version of the annotations table")
+    pin.add_argument("--version", type=count, help="Delta version of the annotations table")
     pin.add_argument("--run-id", help="the last version committed by this run")
-    pin.add_argument("--round", type=int, help="the last version committed in this round")
+    pin.add_argument("--round", type=count, help="the last version committed in this round")
     ap.add_argument("--decode", action="store_true", help="decode every mask with pycocotools too (slow)")
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
-    ap.add_argument("--examples", type=int, default=5, help="faults listed per kind")
+    ap.add_argument("--examples", type=count, default=5, help="faults listed per kind")
     args = ap.parse_args(argv)
     try:
         report = validate(args.root, decode=args.decode, version=args.version, run_id=args.run_id,

@@ -13,6 +13,11 @@ that does not answer is an InputError within seconds. The address file a `ray st
 (<temp dir>/ray/ray_current_cluster) outlives a cluster that died without `ray stop`; when
 no address was given and the cluster it names does not answer, the run says so and starts
 the embedded Ray, as if there were no file.
+
+`ray job submit --working-dir DIR` runs the entrypoint in a copy of DIR that Ray unpacks
+under its session folder and deletes once no job needs it: a relative --input or --output
+(or a default under the code's folder) would name that copy, not the user's folder, so the
+jobs refuse them (refuse_job_copy_paths).
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterable
+from pathlib import Path
 
 from .sources import InputError
 
@@ -104,3 +111,51 @@ def check_device(device: str, mode: str) -> None:
     if device.startswith("cuda") and mode == "embedded" and not ray.cluster_resources().get("GPU", 0):
         raise InputError(f"--device {device}: this machine has no GPU that Ray can use; "
                          "use --device cpu, or auto to take a GPU when there is one")
+
+
+# Where Ray's working_dir plugin unpacks a job's --working-dir on each node:
+# <session>/runtime_resources/working_dir_files/<package>/. A local:// working dir is used
+# in place, not copied, and does not lie there.
+JOB_COPY_PARENTS = ("runtime_resources", "working_dir_files")
+
+
+def job_working_dir_copy(*places: str | Path) -> str | None:
+    """The temporary copy of a submitted job's working dir that one of the places (the
+    current folder when none is given; a job also passes its code's folder) lies in, else None."""
+    for place in places or (os.getcwd(),):
+        parts = Path(os.path.realpath(place)).parts
+        for i in range(len(parts) - 2):
+            if parts[i:i + 2] == JOB_COPY_PARENTS:
+                return str(Path(*parts[:i + 3]))
+    return None
+
+
+def refuse_job_copy_paths(paths: Iterable[tuple[str, str | None]], code_root: str | Path) -> None:
+    """InputError when this job runs in a working dir copy (job_working_dir_copy of the
+    current folder or code_root) and one of the local paths, given as (flag, path) pairs,
+    resolves inside that copy: what a job writes there is lost, and URIs it stores there
+    name files the user never sees. Absolute paths elsewhere and s3:// URIs pass."""
+    try:
+        here = os.getcwd()
+    except FileNotFoundError:  # run from a folder since deleted: only the code's place tells
+        here = code_root
+    copy = job_working_dir_copy(here, code_root)
+    if copy is None:
+        return
+    for flag, path in paths:
+        if not path or "://" in str(path) and not str(path).startswith("file://"):
+            continue
+        full = os.path.realpath(str(path).removeprefix("file://"))
+        if full == copy or full.startswith(copy + os.sep):
+            raise InputError(f"{flag} {path} resolves to {full}, inside Ray's temporary copy of this job's "
+                             "--working-dir, which Ray deletes later: give an absolute path on storage the "
+                             "cluster's nodes share, or an s3:// URI")
+
+
+def job_copy_problem(paths: Iterable[tuple[str, str | None]], code_root: str | Path) -> str | None:
+    """refuse_job_copy_paths's reason as a line for a job to print, or None."""
+    try:
+        refuse_job_copy_paths(paths, code_root)
+    except InputError as e:
+        return str(e)
+    return None

@@ -11,27 +11,31 @@
 
 Every input row flows to the writer, whatever its fate (see actors.batch), so each input
 ends in exactly one of the annotations, duplicates or quarantine tables. Ray Data streams
-blocks with backpressure: the dataset is never held in memory.
+blocks with backpressure: the dataset is never held in memory. One run writes a dataset
+root at a time: a run holds the root's writer lease (pipeline.lease) while it writes.
 """
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
 from actors.annotator import FUNNEL, Annotator, Decoder, Encoder, postprocess_batch
 from actors.dedup import Deduplicator
 from actors.reader import read_images
-from actors.writer import Writer
+from actors.writer import ALREADY_COMMITTED, Writer
 from amg import checkpoint_defaults
 from dataset import DatasetWriter, storage_options
 from dataset.lineage import file_sha256, listing_hash, new_lineage
 from schemas.annotate import AnnotateConfig
 
+from .lease import WriterLease
 from .progress import committed_state
 from .sources import InputError, check_output, list_inputs
 
@@ -75,17 +79,32 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
                           batch_size=config.chunk_images)
 
 
-def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
+def run(config: AnnotateConfig, log=print, lease: WriterLease | None = None) -> dict[str, Any]:
     """Annotate config.input into the dataset at config.output; returns the run summary.
-    Needs a connected Ray (ray.init)."""
+    Needs a connected Ray (ray.init). The run holds the root's writer lease (pipeline.lease)
+    from before it reads what the dataset holds until its last write: a second run on the
+    same root meanwhile is refused (LeaseHeld, an InputError). lease: one the caller holds
+    already (a rebuild, around its own writes)."""
     t0 = time.perf_counter()
     check_output(config.output, config.endpoint_url)
+    # Inputs and the checkpoint are read before the lease is taken: a run refused for
+    # either makes nothing at the output (reading needs no lease).
+    listing = list_inputs(config.input, config.endpoint_url)
+    config = with_checkpoint_defaults(config, log)
+    # The run id is chosen first, so that the lease names the run.
+    config = config.model_copy(update={"run_id": config.run_id or uuid.uuid4().hex})
+    if lease is not None:
+        lease.name_run(config.run_id)
+        return _run(config, listing, log, lease, t0)
+    with WriterLease(config.output, config.endpoint_url, run_id=config.run_id, log=log) as lease:
+        return _run(config, listing, log, lease, t0)
+
+
+def _run(config: AnnotateConfig, listing: pa.Table, log, lease: WriterLease, t0: float) -> dict[str, Any]:
     gpus = ray.cluster_resources().get("GPU", 0)
     device = config.resolved_device(gpus)
     if device.startswith("cuda") and not gpus:
         log(f"warning: device {device} but the cluster has no GPU now: the GPU workers wait until GPU nodes join")
-    config = with_checkpoint_defaults(config, log)
-    listing = list_inputs(config.input, config.endpoint_url)
     text_embeddings = text_vectors(config) if config.text else None
     lineage = new_lineage(round=config.round, stage="auto", params=config.model_dump(
         mode="json", include={"amg", "model_type", "precision", "near_duplicate_distance", "limits", "text"}),
@@ -107,6 +126,7 @@ def run(config: AnnotateConfig, log=print) -> dict[str, Any]:
         ds = build(ray.data.from_arrow(blocks), config, lineage.model_dump(), committed, device, text_embeddings)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             tally.add(batch)
+            lease.check()  # taken over by another run (a heartbeat stalled): stop writing
     summary = _summarize(tally, config, lineage.run_id, listing.num_rows, device)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["already_done"] = listing.num_rows - todo.num_rows
@@ -188,6 +208,8 @@ def _summarize(tally: Tally, config: AnnotateConfig, run_id: str, listed: int, d
         "fused_stages": config.fused(device), "listed": listed, "processed": tally.rows,
         "annotated": tally.status.get("annotated", 0), "duplicate": tally.status.get("duplicate", 0),
         "quarantined": tally.status.get("quarantined", 0), "masks": tally.masks,
+        # images another run had committed meanwhile (the writer wrote nothing for them)
+        "already_committed": tally.status.get(ALREADY_COMMITTED, 0),
         "quarantine_reasons": dict(tally.reasons),
         "funnel": {k: int(tally.funnel.get(k, 0)) for k in (*FUNNEL, "kept")},
         # busy seconds of each stage summed over its workers, and images per busy second:

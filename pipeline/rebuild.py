@@ -27,6 +27,7 @@ from dataset.storage import arrow_dataset, is_delta_table, storage_options, tabl
 from dataset.writer import METADATA_KEY
 from schemas.annotate import AnnotateConfig
 
+from .lease import WriterLease
 from .sources import list_inputs, read_bytes
 
 RECORD_TABLES = ("annotations", "duplicates", "quarantine")
@@ -129,7 +130,15 @@ def full_rebuild_run_id(config: AnnotateConfig, checkpoint_hash: str) -> str:
 
 def rebuild(config: AnnotateConfig, *, full: bool = False, prune_deleted: bool = False,
             retention_hours: int | None = None, log=print) -> dict:
-    """Run one rebuild; returns what it did. Needs a connected Ray."""
+    """Run one rebuild; returns what it did. Needs a connected Ray. The rebuild holds the
+    root's writer lease (pipeline.lease) from its first read to its last write (deletes,
+    the run, the vacuum): a rebuild while another run writes the root is refused."""
+    with WriterLease(config.output, config.endpoint_url, log=log) as lease:
+        return _rebuild(config, full, prune_deleted, retention_hours, log, lease)
+
+
+def _rebuild(config: AnnotateConfig, full: bool, prune_deleted: bool, retention_hours: int | None, log,
+             lease: WriterLease) -> dict:
     from .graph import _checkpoint_hash, run
 
     options = storage_options(config.output, config.endpoint_url)
@@ -138,7 +147,7 @@ def rebuild(config: AnnotateConfig, *, full: bool = False, prune_deleted: bool =
     if full:
         run_id = full_rebuild_run_id(config, _checkpoint_hash(config))
         config = config.model_copy(update={"replace": True, "run_id": run_id})
-        summary = run(config, log=log)
+        summary = run(config, log=log, lease=lease)
         # Inputs now recorded by this run lose what earlier runs recorded for them elsewhere
         # (an image now quarantined, a duplicate now kept, ...): one table per input.
         report["superseded_rows"] = delete_records(config.output, listing["uri"].to_pylist(), options,
@@ -154,7 +163,7 @@ def rebuild(config: AnnotateConfig, *, full: bool = False, prune_deleted: bool =
                                                 "changed or deleted at the source, or a duplicate of such")
         if changes.touched and not (changes.new or changes.changed):
             _record_listing(config, listing, options)  # so the next rebuild does not hash them again
-        summary = run(config, log=log)
+        summary = run(config, log=log, lease=lease)
     report["run"] = summary
     if retention_hours is not None:
         report["vacuumed_files"] = sum(len(vacuum(config.output, name, retention_hours=retention_hours,

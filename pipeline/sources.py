@@ -4,7 +4,8 @@ any S3-compatible store (s3fs; endpoint from the config or AWS_ENDPOINT_URL).
 Input specs:
     /data/images            a folder, walked recursively (symlinked folders too), image suffixes only
     /data/img.jpg           one file
-    /data/**/*.png          a glob (everything it matches)
+    /data/**/*.png          a glob (everything it matches); an existing folder or file is
+                            taken as named, even if its name holds * ? or [
     s3://bucket/prefix      every image object under the prefix
     /data/list.txt          a manifest: one URI (local path, file:// or s3://) per line, '#' comments
 
@@ -22,7 +23,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 import pyarrow as pa
 
-from dataset.storage import OTHER_ROOT_ENTRIES, TABLE_NAMES, is_s3
+from dataset.storage import OTHER_ROOT_ENTRIES, TABLE_NAMES, WRITER_LEASE, is_s3, root_name_problem
 
 # Suffixes a folder or prefix listing takes: the formats pipeline.images decodes, then image
 # formats it recognises but does not decode, listed so that they are quarantined as
@@ -60,11 +61,15 @@ def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None)
 
 def check_output(root: str, endpoint_url: str | None = None) -> None:
     """InputError when a dataset root cannot be written, checked before any work starts:
-    an empty name; a local path that is (or lies under) a file or a folder without write
-    permission; an S3 bucket that does not exist or cannot be reached; a folder or prefix
-    that holds something other than a dataset (_check_local_dataset_root)."""
+    an empty name; a name delta-rs misreads (dataset.storage.root_name_problem); a local
+    path that is (or lies under) a file or a folder without write permission; an S3 bucket
+    that does not exist or cannot be reached; a folder or prefix that holds something
+    other than a dataset (_check_local_dataset_root)."""
     if not str(root).strip():
         raise InputError("output is empty: name a local folder or s3://bucket/prefix")
+    problem = root_name_problem(root)
+    if problem:
+        raise InputError(f"output {problem}")
     if is_s3(root):
         _check_bucket(root, endpoint_url, "output")
         _check_s3_dataset_root(root, endpoint_url)
@@ -130,15 +135,19 @@ def _check_s3_dataset_root(root: str, endpoint_url: str | None) -> None:
     for name in tables:
         if not _s3_holds_objects(fs, f"{base}/{name}/_delta_log"):
             raise _not_a_table(root, f"{root.rstrip('/')}/{name}")
-    if not tables and _s3_holds_objects(fs, base):
+    # The writer lease of a run that died before it made the tables is no user's object.
+    if not tables and _s3_holds_objects(fs, base, ignore=WRITER_LEASE):
         raise _not_a_dataset(root, root)
 
 
-def _s3_holds_objects(fs, path: str) -> bool:
-    """Whether any object lies under the folder path ("bucket/key"): one listing of one key."""
+def _s3_holds_objects(fs, path: str, ignore: str | None = None) -> bool:
+    """Whether any object lies under the folder path ("bucket/key"), not counting the one
+    named `ignore` (a name inside the folder): one listing of one or two keys."""
     bucket, _, key = path.partition("/")
-    listed = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
-    return listed.get("KeyCount", 0) > 0
+    prefix = f"{key}/" if key else ""
+    listed = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1 if ignore is None else 2)
+    skip = None if ignore is None else prefix + ignore
+    return any(o["Key"] != skip for o in listed.get("Contents", ()))
 
 
 def _check_bucket(uri: str, endpoint_url: str | None, role: str) -> None:
@@ -166,16 +175,18 @@ def list_inputs(spec: str, endpoint_url: str | None = None) -> pa.Table:
     them cheaply (manifests). InputError when it lists nothing: an empty folder, prefix or
     manifest or a glob that matches nothing is a wrong path or an unmounted volume, not a
     run with nothing to do (a rerun lists its inputs again and skips those done)."""
+    # An existing folder or file is taken as named, even when its name holds * ? or [
+    # (odd/what?[x]); only a spec naming nothing that exists is a glob.
     if is_s3(spec):
         rows = _list_s3(spec, endpoint_url)
-    elif any(c in spec for c in "*?["):
-        rows = [_local_row(p) for p in sorted(Path("/").glob(os.path.abspath(spec).lstrip("/"))) if p.is_file()]
     elif os.path.isdir(spec):
         rows = [_local_row(p) for p in _image_files(spec)]
     elif os.path.isfile(spec) and spec.lower().endswith(MANIFEST_SUFFIXES):
         rows = _read_manifest(spec, endpoint_url)
     elif os.path.isfile(spec):
         rows = [_local_row(spec)]
+    elif any(c in spec for c in "*?["):
+        rows = [_local_row(p) for p in sorted(Path("/").glob(os.path.abspath(spec).lstrip("/"))) if p.is_file()]
     else:
         raise InputError(f"input {spec!r} is not a folder, file, glob, manifest or s3:// prefix")
     if not rows:

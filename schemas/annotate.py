@@ -6,12 +6,14 @@ nested `amg` section. A bad value raises a ValidationError that names the field.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from amg.params import AmgParams
+from model.config import CONFIGS
 from model.text import normalize_phrase
 from pipeline.images import ImageLimits
 
@@ -80,7 +82,8 @@ class AnnotateConfig(BaseModel):
     round: int = Field(0, ge=0, description="data-engine round whose checkpoint is used")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
                                description="default: a fresh id per invocation (letters, digits, . _ -)")
-    ray_address: str | None = Field(None, description="default: RAY_ADDRESS, a running local cluster, or embedded")
+    ray_address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, a running local "
+                                                      "cluster, or an embedded local Ray)")
 
     @field_validator("output")
     @classmethod
@@ -88,6 +91,16 @@ class AnnotateConfig(BaseModel):
         # An unset shell variable (--output "$OUT") would put the tables at the filesystem's root.
         if not v.strip():
             raise ValueError("the output is empty: name a local folder or s3://bucket/prefix")
+        return v
+
+    @field_validator("model_type")
+    @classmethod
+    def _known_model_type(cls, v: str | None) -> str | None:
+        # A known config, or one resampled to another patch size (model.resample names it
+        # vit_tiny256-p8), which only a checkpoint of ours holds.
+        if v is not None and re.sub(r"(-p\d+)+$", "", v) not in CONFIGS:
+            raise ValueError(f"unknown model type {v!r}; choose one of {sorted(CONFIGS)} (or, for a checkpoint of "
+                             "ours resampled to another patch size, its name such as vit_tiny256-p8)")
         return v
 
     @field_validator("amg")

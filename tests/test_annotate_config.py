@@ -56,6 +56,10 @@ def test_settings_file_then_flags(tmp_path):
     (["--chunk-images", "0"], "chunk_images"),
     (["--encoder-actors", "4,2"], "encoder"),
     (["--run-id", "../../etc/cron.d/x"], "run_id"),  # a run id names files under the output only
+    (["--pred-iou-thresh", "2"], "amg.pred_iou_thresh"),  # a predicted IoU lies in [0, 1]: nothing passes 2
+    (["--pred-iou-thresh", "-0.1"], "amg.pred_iou_thresh"),
+    (["--stability-score-thresh", "-0.5"], "amg.stability_score_thresh"),
+    (["--model-type", "vit_x"], "model_type"),
 ])
 def test_a_bad_value_names_its_field(argv, field):
     with pytest.raises(ValidationError) as e:
@@ -77,3 +81,40 @@ def test_an_output_that_is_a_file_exits_with_a_message_before_any_work(tmp_path)
     assert r.returncode == 2 and "is a file; the output is a dataset folder" in r.stderr
     assert "Traceback" not in r.stderr and "Ray" not in r.stdout + r.stderr  # failed before starting Ray
     assert taken.read_bytes() == b"not a folder"
+
+
+def test_the_thresholds_take_their_whole_range():
+    c = load_config(["--pred-iou-thresh", "0", "--stability-score-thresh", "1"])
+    assert (c.amg.pred_iou_thresh, c.amg.stability_score_thresh) == (0.0, 1.0)
+    assert load_config(["--pred-iou-thresh", "1", "--stability-score-thresh", "0"]).amg.pred_iou_thresh == 1.0
+
+
+def test_an_unknown_model_type_is_named_with_the_known_ones():
+    with pytest.raises(ValidationError) as e:
+        load_config(["--model-type", "vit_x"])
+    assert "unknown model type 'vit_x'; choose one of ['vit_b', 'vit_h', 'vit_l'" in str(e.value)
+    assert load_config(["--model-type", "vit_h"]).model_type == "vit_h"
+    assert load_config(["--model-type", "vit_tiny256-p8"]).model_type == "vit_tiny256-p8"  # model.resample's name
+    with pytest.raises(ValidationError, match="unknown model type 'vit_x-p8'"):
+        load_config(["--model-type", "vit_x-p8"])
+
+
+def test_help_names_one_address_option_and_readable_defaults(capsys):
+    with pytest.raises(SystemExit):
+        load_config(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--ray-address RAY_ADDRESS, --address RAY_ADDRESS Ray cluster address (default: RAY_ADDRESS, " in out
+    assert out.count("Ray cluster address") == 1
+    assert "(default: 512/1500, about 0.341)" in out and "0.3413333" not in out
+    assert load_config(["--address", "10.0.0.1:6379"]).ray_address == "10.0.0.1:6379"
+    assert load_config(["--ray-address", "10.0.0.2:6379"]).ray_address == "10.0.0.2:6379"
+
+
+def test_a_bad_actor_pool_names_the_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_config(["--encoder-actors", "a,b"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.strip().splitlines()[-1].endswith(
+        "error: argument --encoder-actors: expected N or MIN,MAX (whole numbers), got 'a,b'")
+    assert "_pool" not in err

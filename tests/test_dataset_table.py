@@ -49,6 +49,22 @@ def test_retried_chunk_does_not_duplicate(tmp_path, records, mode):
             w.commit_images(records[6:])
 
 
+@pytest.mark.parametrize("mode", ["merge", "append"])
+def test_writer_names_the_images_another_run_had_committed(tmp_path, records, mode):
+    """already_committed: the images of the last call whose rows another run wrote (nothing was
+    written for them); those of a retried chunk of the same run are not among them."""
+    other = DatasetWriter(str(tmp_path), new_lineage(round=0, stage="auto", run_id="other"), mode=mode)
+    other.commit_images(records[:2], chunk=0)
+    w = DatasetWriter(str(tmp_path), new_lineage(round=0, stage="auto", run_id="this"), mode=mode)
+    assert w.commit_images(records[1:4], chunk=0) is not None
+    assert w.already_committed == [records[1]["image_id"]]
+    retry = DatasetWriter(str(tmp_path), w.lineage, mode=mode, app_id="another-writer-of-this-run")
+    assert retry.commit_images(records[1:4], chunk=0) is None
+    assert retry.already_committed == [records[1]["image_id"]]  # records 2, 3 are this run's own
+    assert retry.commit_images(records[2:4], chunk=1) is None and retry.already_committed == []
+    assert _ids(read_images(str(tmp_path))) == sorted(r["image_id"] for r in records[:4])
+
+
 def test_writer_fills_ids_stage_round_and_commit_metadata(tmp_path, records):
     listing = [{"uri": r["uri"], "size": 100, "etag": "e", "listing_hash": "", "run_id": "run-a"} for r in records]
     lh = listing_hash(listing)

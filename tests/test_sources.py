@@ -68,6 +68,31 @@ def test_glob_file_and_manifest(tree):
     assert t["size"].null_count == 3  # a manifest does not stat millions of objects
 
 
+def test_an_existing_folder_or_file_with_glob_characters_is_taken_literally(tmp_path):
+    odd = tmp_path / "odd" / "what?[x]"
+    odd.mkdir(parents=True)
+    (odd / "in.png").write_bytes(b"a")
+    (tmp_path / "odd" / "whatA").mkdir()  # what the pattern what?[x] would match: not x
+    (tmp_path / "odd" / "whatAx").mkdir()  # what it matches, a folder: a glob lists files only
+    (tmp_path / "odd" / "whatAx" / "other.png").write_bytes(b"b")
+    assert list_inputs(str(odd))["uri"].to_pylist() == [str(odd / "in.png")]
+    star = tmp_path / "odd" / "*.png"
+    star.write_bytes(b"c")
+    assert list_inputs(str(star))["uri"].to_pylist() == [str(star)]  # the file, not every .png
+    manifest = tmp_path / "odd" / "list[1].txt"
+    manifest.write_text(f"{odd / 'in.png'}\n")
+    assert list_inputs(str(manifest))["uri"].to_pylist() == [str(odd / "in.png")]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert list_inputs("odd/what?[x]")["uri"].to_pylist() == [str(odd / "in.png")]
+    finally:
+        os.chdir(cwd)
+    # A spec naming nothing that exists is still a glob.
+    assert list_inputs(str(tmp_path / "odd" / "what?x" / "*.png"))["uri"].to_pylist() == \
+        [str(tmp_path / "odd" / "whatAx" / "other.png")]
+
+
 def test_a_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="not a folder, file, glob, manifest or s3"):
         list_inputs(str(tmp_path / "nope"))

@@ -1,0 +1,307 @@
+"""One pipeline run writes a dataset root at a time (pipeline.lease), locally and on S3 (a
+real moto server); and the run summary counts as annotated only what the run's rows hold."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from dataset import DatasetWriter, read_images
+from dataset.lineage import new_lineage
+from dataset.storage import WRITER_LEASE
+from pipeline import lease as lease_module
+from pipeline.lease import LeaseHeld, LeaseLost, WriterLease, read_lease
+from pipeline.sources import InputError, check_output
+from tests.s3server import moto_server
+
+ROOT = Path(__file__).resolve().parents[1]
+# A process that holds a lease until it is killed (or its stdin closes).
+HOLDER = """
+import sys
+sys.path.insert(0, {root!r})
+from pipeline.lease import WriterLease
+lease = WriterLease({out!r}, run_id="holder-run", log=lambda *a: None).acquire()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def hold_in_subprocess(out: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), out=out)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_server("leases") as endpoint:
+        yield endpoint
+
+
+# -- local roots --------------------------------------------------------------------------------
+def test_local_second_acquire_is_refused_naming_the_holder_until_release(tmp_path):
+    root = str(tmp_path / "ds")
+    first = WriterLease(root, run_id="run-a").acquire()
+    try:
+        record = read_lease(root)
+        assert (record["run_id"], record["host"], record["pid"]) == ("run-a", socket.gethostname(), os.getpid())
+        assert record["started"] and record["heartbeat"]
+        check_output(root)  # the hidden lease file does not make the root "not a dataset"
+        with pytest.raises(LeaseHeld) as refused:
+            WriterLease(root, run_id="run-b").acquire()
+        assert isinstance(refused.value, InputError) and refused.value.holder["run_id"] == "run-a"
+        message = str(refused.value)
+        assert "\n" not in message
+        for part in ("run run-a", f"host {socket.gethostname()}", f"pid {os.getpid()}",
+                     f"started {record['started']}", "last heartbeat", "wait for that run", "another --output",
+                     "free the moment its process exits"):
+            assert part in message, (part, message)
+        assert read_lease(root)["run_id"] == "run-a"  # the refused run wrote nothing
+    finally:
+        first.release()
+    assert read_lease(root) is None and not (tmp_path / "ds" / WRITER_LEASE).exists()
+    with WriterLease(root, run_id="run-b"):
+        assert read_lease(root)["run_id"] == "run-b"
+    assert read_lease(root) is None
+
+
+def test_local_lease_of_a_sigkilled_run_is_taken_over_at_once(tmp_path):
+    root = str(tmp_path / "ds")
+    holder = hold_in_subprocess(root)
+    try:
+        with pytest.raises(LeaseHeld, match=f"run holder-run on host .*, pid {holder.pid}"):
+            WriterLease(root).acquire()
+    finally:
+        kill(holder)
+    logged = []
+    with WriterLease(root, run_id="next", log=logged.append):  # no wait: the lock died with the process
+        assert read_lease(root)["run_id"] == "next"
+    assert logged and "took over" in logged[0] and f"pid {holder.pid}" in logged[0] and "no longer running" \
+        in logged[0]
+
+
+def test_local_heartbeat_and_run_name_rewrite_the_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease_module, "HEARTBEAT_S", 0.2)
+    root = str(tmp_path / "ds")
+    with WriterLease(root) as held:
+        first = read_lease(root)
+        assert first["run_id"] is None
+        held.name_run("named-later")
+        assert read_lease(root)["run_id"] == "named-later"
+        deadline = time.time() + 10
+        while read_lease(root)["heartbeat"] == first["heartbeat"]:  # whole seconds
+            assert time.time() < deadline, "no heartbeat"
+            time.sleep(0.1)
+        held.check()
+
+
+def race(n: int, lease) -> tuple[list, list]:
+    """n threads calling lease(i).acquire() at once: the leases won, the indexes refused."""
+    won, refused, start = [], [], threading.Barrier(n)
+
+    def take(i):
+        start.wait()
+        try:
+            won.append(lease(i).acquire())
+        except LeaseHeld:
+            refused.append(i)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won, refused
+
+
+def test_local_racing_acquirers_exactly_one_wins(tmp_path):
+    root = str(tmp_path / "ds")
+    won, refused = race(8, lambda i: WriterLease(root, run_id=f"r{i}"))
+    assert len(won) == 1 and len(refused) == 7
+    assert read_lease(root)["run_id"] == won[0].record["run_id"]
+    won[0].release()
+
+
+# -- S3 roots -----------------------------------------------------------------------------------
+def test_s3_second_acquire_is_refused_naming_the_holder_until_release(s3):
+    root = "s3://leases/refused"
+    first = WriterLease(root, s3, run_id="run-a").acquire()
+    try:
+        with pytest.raises(LeaseHeld) as refused:
+            WriterLease(root, s3, run_id="run-b").acquire()
+        message = str(refused.value)
+        for part in ("run run-a", f"pid {os.getpid()}", "last heartbeat", "another --output",
+                     f"s3://leases/refused/{WRITER_LEASE}", f"{lease_module.STALE_S:.0f} s old"):
+            assert part in message, (part, message)
+        assert read_lease(root, s3)["run_id"] == "run-a"
+        # A new prefix holding only the lease (its run died before making the tables) is no
+        # user's data: the root is accepted, and the lease, not the root check, refuses.
+        check_output(root, s3)
+        with pytest.raises(InputError, match="not empty"):
+            check_output("s3://leases", s3)  # ... while other objects still count
+    finally:
+        first.release()
+    assert read_lease(root, s3) is None
+    with WriterLease(root, s3, run_id="run-b"):
+        assert read_lease(root, s3)["run_id"] == "run-b"
+    assert read_lease(root, s3) is None
+
+
+def test_s3_stale_lease_is_taken_over_by_exactly_one_and_its_holder_stops(s3, monkeypatch):
+    root = "s3://leases/stale"
+    stalled = WriterLease(root, s3, run_id="stalled").acquire()  # heartbeat every 20 s: none in this test
+    monkeypatch.setattr(lease_module, "STALE_S", 1.0)
+    time.sleep(2.2)  # the store's clock counts whole seconds
+    won, refused = race(4, lambda i: WriterLease(root, s3, run_id=f"taker-{i}", log=lambda *a: None))
+    assert len(won) == 1 and len(refused) == 3
+    taker = won[0]
+    assert read_lease(root, s3)["run_id"] == taker.record["run_id"]
+    stalled.beat()  # its next heartbeat finds the lease taken (If-Match on its old ETag fails)
+    with pytest.raises(LeaseLost, match=f"to run {taker.record['run_id']}"):
+        stalled.check()
+    stalled.release()  # does not remove the taker's lease
+    assert read_lease(root, s3)["run_id"] == taker.record["run_id"]
+    taker.release()
+    assert read_lease(root, s3) is None
+
+
+def test_s3_lease_of_a_sigkilled_run_on_this_host_is_taken_over_at_once(s3):
+    root = "s3://leases/killed"
+    holder = hold_in_subprocess(root)  # the moto endpoint is in its environment (AWS_ENDPOINT_URL)
+    try:
+        with pytest.raises(LeaseHeld, match=f"pid {holder.pid}"):
+            WriterLease(root, s3).acquire()
+    finally:
+        kill(holder)
+    logged = []
+    with WriterLease(root, s3, run_id="next", log=logged.append):  # long before STALE_S
+        assert read_lease(root, s3)["run_id"] == "next"
+    assert logged and "took over" in logged[0] and "holder-run" in logged[0]
+
+
+def test_s3_heartbeat_rewrites_the_lease(s3, monkeypatch):
+    monkeypatch.setattr(lease_module, "HEARTBEAT_S", 0.3)
+    root = "s3://leases/heartbeat"
+    with WriterLease(root, s3, run_id="beating") as held:
+        store = lease_module._S3Lease(root, s3)
+        _, etag, _ = store.get()
+        deadline = time.time() + 10
+        while store.get()[1] == etag:
+            assert time.time() < deadline, "no heartbeat"
+            time.sleep(0.1)
+        record, _, age = store.get()
+        assert record["run_id"] == "beating" and age < lease_module.STALE_S
+        held.check()
+    assert read_lease(root, s3) is None
+
+
+# -- the run summary ------------------------------------------------------------------------------
+def _image(seed: str) -> dict:
+    return {"image_id": hashlib.sha256(seed.encode()).hexdigest(), "uri": f"/in/{seed}.png", "width": 8,
+            "height": 8, "phash": None, "annotations": []}
+
+
+def _batch(images: list[dict], masks: list[int]) -> dict:
+    def objects(values):
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+
+    n = len(images)
+    return {"uri": objects([im["uri"] for im in images]), "status": objects(["ok"] * n),
+            "reason": objects([""] * n), "image_id": objects([im["image_id"] for im in images]),
+            "width": np.full(n, 8), "height": np.full(n, 8), "phash": objects([None] * n),
+            "annotations": objects(["[]"] * n), "duplicate_of": objects([None] * n), "kind": objects([None] * n),
+            "distance": np.zeros(n, np.int64), "masks": np.array(masks)}
+
+
+def test_writer_counts_as_annotated_only_what_this_runs_rows_hold(tmp_path):
+    from actors.writer import Writer
+
+    root = str(tmp_path / "ds")
+    a, b = _image("a"), _image("b")
+    DatasetWriter(root, new_lineage(round=0, stage="auto", run_id="other-run")).commit_images([a])
+    lineage = new_lineage(round=0, stage="auto", run_id="this-run").model_dump()
+    out = Writer(root, lineage)(_batch([a, b], [3, 5]))
+    assert list(out["status"]) == ["already_committed", "annotated"]
+    assert list(out["masks"]) == [0, 5]  # masks written
+    # A retry of the chunk by a restarted writer of the same run: both images are this run's.
+    again = Writer(root, lineage)(_batch([a, b], [3, 5]))
+    assert list(again["status"]) == ["already_committed", "annotated"]
+    rows = read_images(root, columns=["image_id", "run_id"]).to_pylist()
+    assert sorted((r["image_id"], r["run_id"]) for r in rows) == sorted(
+        [(a["image_id"], "other-run"), (b["image_id"], "this-run")])
+
+
+# -- end to end -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_auto_annotate_on_an_output_another_run_writes_exits_2_and_writes_nothing(ray_session, tmp_path, capsys):
+    from jobs.auto_annotate import main
+    from tests.test_pipeline import AMG_FLAGS, _png
+    from training.synthetic import make_scene
+
+    src, out = tmp_path / "in", tmp_path / "ds"
+    src.mkdir()
+    for i in range(2):
+        (src / f"s{i}.png").write_bytes(_png(make_scene(seed=700 + i, size=(64, 64)).image))
+    argv = ["--input", str(src), "--output", str(out), *AMG_FLAGS, "--chunk-images", "1"]
+    holder = hold_in_subprocess(str(out))  # a live run holding the output's lease
+    try:
+        held = (out / WRITER_LEASE).read_bytes()
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: output {out} is being written by another pipeline run: run holder-run on "
+                              f"host {socket.gethostname()}, pid {holder.pid}, started "), err
+        assert "another --output" in err
+        assert os.listdir(out) == [WRITER_LEASE] and (out / WRITER_LEASE).read_bytes() == held  # nothing written
+    finally:
+        kill(holder)
+    assert main(argv) == 0  # the holder is gone: its lease is free at once
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.rindex("\n{\n") + 1:])  # printed last
+    assert (summary["annotated"], summary["already_committed"]) == (2, 0)
+    assert not (out / WRITER_LEASE).exists()
+
+
+def test_rebuild_on_an_output_another_run_writes_is_refused_before_anything(tmp_path):
+    """A rebuild takes the lease before its deletes (and its run uses that lease, which
+    tests/test_rebuild.py exercises)."""
+    from jobs.auto_annotate import load_config
+    from pipeline.rebuild import rebuild
+
+    src, out = tmp_path / "in", tmp_path / "ds"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"not read")
+    holder = hold_in_subprocess(str(out))
+    try:
+        config = load_config(["--input", str(src), "--output", str(out)])
+        with pytest.raises(LeaseHeld, match=f"run holder-run on host .*, pid {holder.pid}"):
+            rebuild(config, full=True, prune_deleted=True, retention_hours=0)
+        assert os.listdir(out) == [WRITER_LEASE]
+    finally:
+        kill(holder)
