@@ -146,13 +146,20 @@ def with_checkpoint_defaults(config: AnnotateConfig, log=print) -> AnnotateConfi
     try:
         meta = read_checkpoint_meta(local_checkpoint(config.checkpoint, config.endpoint_url), config.model_type)
     except (CheckpointError, OSError) as e:
-        raise InputError(f"checkpoint {config.checkpoint}: {e}") from e
+        raise checkpoint_error(config.checkpoint, e) from e
     defaults = {k: v for k, v in checkpoint_defaults(meta).items() if k not in config.amg.model_fields_set}
     if not defaults:
         return config
     log("generator settings recommended by the checkpoint (a flag overrides each): "
         + ", ".join(f"{k}={v}" for k, v in sorted(defaults.items())))
     return config.model_copy(update={"amg": config.amg.over(defaults)})
+
+
+def checkpoint_error(checkpoint: str, error: Exception) -> InputError:
+    """The one-line error of a checkpoint that cannot be read, naming it once (checkpoint
+    errors start with the file's path; a fetched S3 checkpoint's path is the local copy's)."""
+    text = str(error)
+    return InputError(f"checkpoint {text}" if text.startswith(str(checkpoint)) else f"checkpoint {checkpoint}: {text}")
 
 
 def text_vectors(config: AnnotateConfig) -> list[list[float]]:
@@ -166,7 +173,7 @@ def text_vectors(config: AnnotateConfig) -> list[list[float]]:
         model_config = read_checkpoint_config(local_checkpoint(config.checkpoint, config.endpoint_url),
                                               config.model_type)
     except (CheckpointError, OSError) as e:
-        raise InputError(f"checkpoint {config.checkpoint}: {e}") from e
+        raise checkpoint_error(config.checkpoint, e) from e
     if not model_config.takes_text:
         raise InputError(f"checkpoint {config.checkpoint} has no text prompt input: text prompts need one "
                          "trained for them (jobs/train_text.py)")

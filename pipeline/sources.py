@@ -268,6 +268,12 @@ def _read_manifest(path: str, endpoint_url: str | None) -> list[dict]:
         if not line or line.startswith("#"):
             continue
         rows.append({"uri": _manifest_uri(line, base), "size": None, "etag": None})
+    # A manifest none of whose local entries exists (and that names no s3:// object) is not
+    # a list of images that went missing one by one but a wrong file (notes, a list for
+    # another machine): refused like an input that lists nothing, not quarantined entry by entry.
+    if rows and not any(is_s3(r["uri"]) or os.path.exists(_local_path(r["uri"])) for r in rows):
+        raise InputError(f"manifest {path}: none of its {len(rows)} entries names an existing file (the first: "
+                         f"{rows[0]['uri']}); a manifest holds one image path or URI per line")
     return rows
 
 

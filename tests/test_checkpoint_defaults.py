@@ -84,3 +84,16 @@ def test_calibration_job_records_thresholds_and_leaves_the_weights(tmp_path):
     assert chosen["human_masks"] > 0 and 0.0 <= chosen["precision"] <= 1.0
     with pytest.raises(SystemExit):  # the held-out scenes may not choose the settings
         calibrate_checkpoint.main(["--checkpoint", DEFAULT_CHECKPOINT, "--seed", "1000003"])
+
+
+def test_a_checkpoint_that_does_not_fit_is_named_once():
+    """A --model-type the checkpoint does not hold: one line naming the file once."""
+    path = str(DEFAULT_CHECKPOINT)
+    with pytest.raises(InputError) as refused:
+        with_checkpoint_defaults(load_config(["--checkpoint", path, "--model-type", "vit_b"]))
+    message = str(refused.value)
+    assert message.count(path) == 1 and "holds a 'vit_tiny256' model, not 'vit_b'" in message, message
+    missing = "/nonexistent/ckpt.pt"
+    with pytest.raises(InputError) as refused:
+        with_checkpoint_defaults(load_config(["--checkpoint", missing]))
+    assert str(refused.value).count(missing) == 1 and "\n" not in str(refused.value), str(refused.value)

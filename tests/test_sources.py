@@ -274,6 +274,20 @@ def test_a_manifest_names_each_file_once_however_it_is_written(tmp_path):
     assert list_inputs(str(manifest))["uri"].to_pylist() == [str(tmp_path / "my cat.png"), str(tmp_path / "x.png")]
 
 
+def test_a_manifest_naming_no_existing_file_is_refused(tmp_path):
+    """Notes passed as a manifest (or a list made on another machine) would quarantine every
+    line as missing and exit 0; one existing entry makes it a manifest with gaps."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Remember to annotate the cats.\nAsk about the dogs\n")
+    with pytest.raises(InputError, match=r"none of its 2 entries names an existing file.*Remember to annotate"):
+        list_inputs(str(notes))
+    (tmp_path / "x.png").write_bytes(HEIC)
+    notes.write_text("gone.png\nx.png\n")
+    assert list_inputs(str(notes))["uri"].to_pylist() == [str(tmp_path / "gone.png"), str(tmp_path / "x.png")]
+    notes.write_text("gone.png\ns3://bucket/key.jpg\n")  # objects are not asked for here
+    assert len(list_inputs(str(notes))) == 2
+
+
 def test_a_folder_named_in_a_manifest_is_quarantined_for_good(tmp_path):
     """Not the transient read_error, retried with backoff here and again by every rerun."""
     (tmp_path / "sub").mkdir()
