@@ -89,9 +89,6 @@ def resolve_version(root: str, *, version: int | None = None, run_id: str | None
     `round`, or (none given) the latest."""
     if sum(x is not None for x in (version, run_id, round)) > 1:
         raise ValueError("give at most one of version, run_id, round")
-    problem = root_name_problem(root)
-    if problem:
-        raise DatasetNotFound(problem)
     if version is not None:
         if version < 0:  # delta-rs takes it as an unsigned number: an OverflowError
             raise DatasetNotFound(f"{root}: the annotations table has no version {version} (versions count from 0)")

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--concavity-masks", type=count, default=1000, help="most masks decoded for concavity")
     ap.add_argument("--gallery", type=count, default=8, help="images shown in the gallery")
     args = ap.parse_args(argv)
-    problem = job_copy_problem([("--out", args.out), ("the dataset root (where its report goes)", None if args.out else args.root)], ROOT)
+    destination = ("--out", args.out) if args.out else ("the dataset root (where its report goes)", args.root)
+    problem = job_copy_problem([destination], ROOT)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -91,9 +91,11 @@ def orphaned_duplicates(root: str, stale: list[str], listed: set[str], options: 
     pruned at the source). Without their original they are examined again (their records go
     too): the old bytes of a changed file under another name, or a renamed file whose old
     name is pruned, would otherwise be lost from the dataset."""
+    if not stale:  # nothing goes: no table is read
+        return []
     images = _table(root, "annotations", ["uri", "image_id"], options)
     dups = _table(root, "duplicates", ["uri", "duplicate_of"], options)
-    if not stale or images is None or dups is None:
+    if images is None or dups is None:
         return []
     going = set(stale)
     gone = {i for u, i in zip(images["uri"].to_pylist(), images["image_id"].to_pylist()) if u in going}
