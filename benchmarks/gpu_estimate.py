@@ -53,7 +53,7 @@ def model_flops(model_type: str, points_per_side: int, points_per_batch: int) ->
         sparse, dense = model.prompt_encoder((coords, labels), None, None)
         decoder = model.mask_decoder
         tokens, img, _ = decoder.attend(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense)
-        decoder.masks_from(tokens, img, torch.arange(1, decoder.num_mask_tokens))
+        decoder.masks_from(tokens[:, 1:], img, torch.arange(1, decoder.num_mask_tokens))
 
     with torch.inference_mode():
         encode = count_flops(lambda: model.image_encoder(image))

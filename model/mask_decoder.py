@@ -112,12 +112,20 @@ class MaskDecoder(nn.Module):
         return self.iou_prediction_head(iou_token[:, 0]), Scored(queries, tokens, raw_keys, key_pe, src.shape[-2:])
 
     @torch.no_grad()
-    def finish(self, scored: "Scored", rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self, scored: "Scored", rows: torch.Tensor, token_index: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """attend()'s mask tokens len(rows) x T x C and image features len(rows) x h x w x C
-        of the prompts `rows` of a score() call."""
-        t, end = self.transformer, 1 + self.num_mask_tokens
-        keys = t.norm_keys(scored.raw_keys.index_select(0, rows))
-        hs = t.final(scored.queries[rows, 1:end], scored.tokens[rows, 1:end], keys, scored.key_pe)
+        of the prompts `rows` of a score() call; token_index (T' values): only those mask
+        tokens (the final attention of each token depends on itself and the keys alone)."""
+        t = self.transformer
+        raw = scored.raw_keys
+        if len(rows) < len(raw):  # all kept (a low IoU threshold): no copy of the keys
+            raw = raw.index_select(0, rows)
+        keys = t.norm_keys(raw)
+        columns = 1 + (torch.arange(self.num_mask_tokens) if token_index is None else token_index)
+        columns = columns.to(rows.device)
+        queries, query_pe = (x.index_select(0, rows).index_select(1, columns) for x in (scored.queries, scored.tokens))
+        hs = t.final(queries, query_pe, keys, scored.key_pe)
         return hs, keys.view(len(rows), *scored.size, keys.shape[-1])
 
     def _inputs(self, image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings):
@@ -135,11 +143,12 @@ class MaskDecoder(nn.Module):
         self, mask_tokens: torch.Tensor, image: torch.Tensor, token_index: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Low-res mask logits B x T x 4h x 4w from mask tokens B x T x C and image
-        features B x h x w x C. token_index (T' values) computes only those tokens."""
+        features B x h x w x C. token_index (T' values): the mask tokens given are only
+        those (B x T' x C, as finish() returns them), and so are the masks."""
         upscaled = self.upscale(image)  # B x h x w x 16 x C/8, see upscale
         index = range(self.num_mask_tokens) if token_index is None else token_index.tolist()
         mlps = self.output_hypernetworks_mlps
-        hyper_in = torch.stack([mlps[i](mask_tokens[:, i]) for i in index], dim=1)
+        hyper_in = torch.stack([mlps[i](mask_tokens[:, k]) for k, i in enumerate(index)], dim=1)
         b, h, w, _, c2 = upscaled.shape
         masks = hyper_in @ upscaled.view(b, h * w * 16, c2).transpose(1, 2)  # B x T x (h w ky1 kx1 ky2 kx2)
         # Only the T mask channels are put in image order, not the C/8 features; one

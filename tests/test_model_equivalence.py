@@ -149,10 +149,14 @@ def test_scored_decoding_matches_the_official_decoder(pair):
     with torch.inference_mode():
         sparse, dense = ours.model.prompt_encoder((coords, labels), None, None)
         iou, scored = decoder.score(ours.features, ours.model.prompt_encoder.get_dense_pe(), sparse, dense)
+        multimask = torch.arange(1, decoder.num_mask_tokens)
         rows = torch.tensor([0, 4, 7, 11])
-        low = decoder.masks_from(*decoder.finish(scored, rows), torch.arange(1, decoder.num_mask_tokens))
+        low = decoder.masks_from(*decoder.finish(scored, rows, multimask), multimask)
+        every = torch.arange(12)  # all prompts kept: finish reads the keys without a copy
+        low_every = decoder.masks_from(*decoder.finish(scored, every))[:, 1:]  # all mask tokens
     np.testing.assert_allclose(iou[:, 1:].numpy(), t_iou.numpy(), **TOL)
     np.testing.assert_allclose(low.numpy(), t_low[rows].numpy(), **TOL)
+    np.testing.assert_allclose(low_every.numpy(), t_low.numpy(), **TOL)
 
 
 def test_folded_attention_drops_only_denormal_weights():
