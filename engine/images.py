@@ -48,11 +48,11 @@ class ImageCatalog:
         service with nothing to show is a wrong path or one started before its images."""
         from dataset import DataFileMissing, DatasetNotFound
 
+        reading = {"max_bytes": config.max_image_bytes, "endpoint_url": config.endpoint_url}
         if config.images is not None:
-            return cls.from_spec(config.images, max_bytes=config.max_image_bytes)
+            return cls.from_spec(config.images, **reading)
         try:
-            catalog = cls.from_dataset(config.images_from, run_id=config.prefill_run_id,
-                                       max_bytes=config.max_image_bytes)
+            catalog = cls.from_dataset(config.images_from, run_id=config.prefill_run_id, **reading)
         except (DatasetNotFound, DataFileMissing) as e:
             raise InputError(str(e)) from None
         if not len(catalog):
@@ -60,17 +60,18 @@ class ImageCatalog:
         return catalog
 
     @classmethod
-    def from_spec(cls, spec: str, **kwargs) -> "ImageCatalog":
+    def from_spec(cls, spec: str, *, max_bytes: int, endpoint_url: str | None = None) -> "ImageCatalog":
         """The images an input spec names (folder, file, glob, s3:// prefix, manifest)."""
-        return cls(list_inputs(spec)["uri"].to_pylist(), **kwargs)
+        return cls(list_inputs(spec, endpoint_url)["uri"].to_pylist(), max_bytes=max_bytes, endpoint_url=endpoint_url)
 
     @classmethod
-    def from_dataset(cls, root: str, *, run_id: str | None = None, **kwargs) -> "ImageCatalog":
+    def from_dataset(cls, root: str, *, run_id: str | None = None, max_bytes: int,
+                     endpoint_url: str | None = None) -> "ImageCatalog":
         """The images of a dataset version (its latest, or the last of run_id), by uri."""
-        from dataset import read_images
+        from dataset import read_images, storage_options
 
-        table = read_images(root, columns=["uri"], run_id=run_id)
-        return cls(sorted(set(table["uri"].to_pylist())), **kwargs)
+        table = read_images(root, columns=["uri"], run_id=run_id, options=storage_options(root, endpoint_url))
+        return cls(sorted(set(table["uri"].to_pylist())), max_bytes=max_bytes, endpoint_url=endpoint_url)
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -104,12 +105,12 @@ def phash(image: LoadedImage) -> str:
     return phash_rgb(image.rgb)
 
 
-def committed(root: str, image_id: str) -> bool:
+def committed(root: str, image_id: str, endpoint_url: str | None = None) -> bool:
     """Whether the dataset at root holds image_id (one row per image)."""
-    from dataset import open_dataset
+    from dataset import open_dataset, storage_options
 
     try:
-        ds = open_dataset(root)
+        ds = open_dataset(root, options=storage_options(root, endpoint_url))
     except Exception:  # no table yet
         return False
     return ds.count_rows(filter=pc.field("image_id") == image_id) > 0

@@ -46,11 +46,13 @@ def confident(annotations: Iterable[dict], min_iou: float) -> list[dict]:
     return [a for a in annotations if a.get("predicted_iou") is None or a["predicted_iou"] >= min_iou]
 
 
-def dataset_prefill(root: str, *, min_iou: float, run_id: str | None = None) -> dict[str, list[dict]]:
+def dataset_prefill(root: str, *, min_iou: float, run_id: str | None = None,
+                    endpoint_url: str | None = None) -> dict[str, list[dict]]:
     """image_id -> confident masks of a dataset version (its latest, or the last of run_id)."""
-    from dataset import iter_images
+    from dataset import iter_images, storage_options
 
-    return {im["image_id"]: confident(im["annotations"], min_iou) for im in iter_images(root, run_id=run_id)}
+    images = iter_images(root, run_id=run_id, options=storage_options(root, endpoint_url))
+    return {im["image_id"]: confident(im["annotations"], min_iou) for im in images}
 
 
 # -- Label Studio tasks out -------------------------------------------------------------------------

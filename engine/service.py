@@ -56,7 +56,7 @@ class AnnotationService:
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cpu":
             torch.set_num_threads(cfg.torch_threads)
-        checkpoint = local_checkpoint(cfg.checkpoint)
+        checkpoint = local_checkpoint(cfg.checkpoint, cfg.endpoint_url)
         model, _ = load_checkpoint(checkpoint, model_type=cfg.model_type, device=device)
         generator = None
         if cfg.prefill == "generator":
@@ -68,14 +68,14 @@ class AnnotationService:
         self.prefills: dict[str, list[dict]] = {}
         if cfg.prefill == "dataset":
             self.prefills = dataset_prefill(cfg.prefill_from or cfg.images_from, min_iou=cfg.prefill_min_iou,
-                                            run_id=cfg.prefill_run_id)
+                                            run_id=cfg.prefill_run_id, endpoint_url=cfg.endpoint_url)
         params = {"service": cfg.model_dump(mode="json", include={"stage", "prefill", "prefill_from",
                                                                      "prefill_run_id", "prefill_min_iou"}),
                   "amg": generator.model_dump(mode="json") if generator else None}
         run_id = cfg.run_id or f"{cfg.stage}-r{cfg.round}-{time.strftime('%Y%m%dT%H%M%S')}"
         lineage = new_lineage(round=cfg.round, stage=cfg.stage, params=params, run_id=run_id,
                               checkpoint_hash=file_sha256(checkpoint))
-        self.writer = DatasetWriter(cfg.output, lineage)
+        self.writer = DatasetWriter(cfg.output, lineage, endpoint_url=cfg.endpoint_url)
         self.writer.start_run()
         self._write_lock = threading.Lock()
         self.commits = 0
@@ -106,7 +106,8 @@ class AnnotationService:
         prefill = [PrefillMask(**{k: r.get(k) for k in PrefillMask.model_fields}) for r in records]
         return OpenResponse(index=index, uri=image.uri, image_id=image.image_id, width=image.width,
                             height=image.height, encoded=encoded, encode_ms=encode_ms,
-                            committed=committed(self.config.output, image.image_id), prefill=prefill)
+                            committed=committed(self.config.output, image.image_id, self.config.endpoint_url),
+                            prefill=prefill)
 
     @app.get("/api/images/{index}/image.png")
     def image_png(self, index: int):

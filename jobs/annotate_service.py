@@ -4,6 +4,8 @@
     python jobs/annotate_service.py --images-from out/auto_annotate --output out/semi \\
         --stage semi_auto --prefill dataset --prefill-min-iou 0.92
     python jobs/annotate_service.py --images DIR --output ROOT --stage semi_auto --prefill generator
+    python jobs/annotate_service.py --images s3://bucket/images --output s3://bucket/manual \\
+        --endpoint-url http://127.0.0.1:9000     # MinIO, Ceph, moto (default: AWS_ENDPOINT_URL)
 
 Serve listens on 127.0.0.1 only (open http://127.0.0.1:PORT/; reach it from elsewhere
 through an SSH tunnel). It runs on the Ray cluster that --address, RAY_ADDRESS or a `ray
@@ -23,8 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.cluster import job_copy_problem  # noqa: E402
+from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
+from pipeline.sources import InputError  # noqa: E402
 from schemas.interactive import EngineConfig  # noqa: E402
+from schemas.settings_file import SETTINGS_ERRORS, settings_error_message  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -48,17 +52,24 @@ def main(argv=None) -> int:
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--address", help="Ray cluster to use (default: RAY_ADDRESS, a running local cluster, or embedded)")
+    ap.add_argument("--endpoint-url", help="S3 endpoint of s3:// images, datasets and checkpoint "
+                                           "(default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
-    problem = job_copy_problem([("--output", args.output), ("--images", args.images)], ROOT)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    try:
+        refuse_job_copy_paths([("--output", args.output), ("--images", args.images)], ROOT)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    config = EngineConfig(
-        images=args.images, images_from=args.images_from, output=args.output, stage=args.stage, round=args.round,
-        run_id=args.run_id, checkpoint=args.checkpoint, model_type=args.model_type, device=args.device,
-        precision=args.precision, prefill=args.prefill, prefill_from=args.prefill_from,
-        prefill_run_id=args.prefill_run_id, prefill_min_iou=args.prefill_min_iou, cache_bytes=args.cache_mb << 20,
-        num_replicas=args.replicas)
+    try:
+        config = EngineConfig(
+            images=args.images, images_from=args.images_from, output=args.output, stage=args.stage,
+            round=args.round, run_id=args.run_id, checkpoint=args.checkpoint, model_type=args.model_type,
+            device=args.device, precision=args.precision, prefill=args.prefill, prefill_from=args.prefill_from,
+            prefill_run_id=args.prefill_run_id, prefill_min_iou=args.prefill_min_iou,
+            cache_bytes=args.cache_mb << 20, num_replicas=args.replicas, endpoint_url=args.endpoint_url)
+    except SETTINGS_ERRORS as e:
+        print(settings_error_message(e), file=sys.stderr)
+        return 2
 
     import ray
     from ray import serve
@@ -66,7 +77,6 @@ def main(argv=None) -> int:
     from engine.images import ImageCatalog
     from engine.service import start
     from pipeline.cluster import connect
-    from pipeline.sources import InputError
 
     try:
         ImageCatalog.of(config)  # here first: a wrong or empty source is one line, not a failed deployment

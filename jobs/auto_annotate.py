@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from amg.params import AmgParams  # noqa: E402
 from schemas.annotate import AnnotateConfig  # noqa: E402
 from schemas.settings_file import (  # noqa: E402
-    SETTINGS_ERRORS, read_settings_file, settings_error_message,
+    SETTINGS_ERRORS, read_settings_file, settings_error_message, update_section,
 )
 
 # Official scripts/amg.py flags that set generator parameters (same names, same meaning).
@@ -100,21 +100,15 @@ def load_config(argv=None) -> AnnotateConfig:
     if "config" in args:
         data = read_settings_file(args.pop("config"))
     args.pop("convert_to_rle", None)
-    amg = dict(data.get("amg") or {})
-    amg.update({k: args.pop(k) for k in AMG_FLAGS if k in args})
-    if amg:
-        data["amg"] = amg
+    update_section(data, "amg", {k: args.pop(k) for k in AMG_FLAGS if k in args})
     for pool_name, flag in (("encoder", "encoder_actors"), ("decoder", "decoder_actors")):
-        pool = dict(data.get(pool_name) or {})
-        if flag in args:
-            pool.update(args[flag])
+        pool = dict(args.get(flag, {}))
         for key, src in (("num_gpus", "gpus_per_actor"), ("num_cpus", "cpus_per_actor")):
             if src in args:
                 pool[key] = args[src]
         if pool_name == "encoder" and "encoder_batch_size" in args:
             pool["batch_size"] = args["encoder_batch_size"]
-        if pool:
-            data[pool_name] = pool
+        update_section(data, pool_name, pool)
     for k in ("encoder_actors", "decoder_actors", "gpus_per_actor", "cpus_per_actor", "encoder_batch_size"):
         args.pop(k, None)
     data.update(args)
@@ -141,6 +135,7 @@ def main(argv=None) -> int:
         return 2
     from pipeline.cluster import check_device, connect, job_working_dir_copy, refuse_job_copy_paths
     from pipeline.graph import run
+    from pipeline.lease import check_free
     from pipeline.sources import InputError, check_output
 
     try:
@@ -153,7 +148,9 @@ def main(argv=None) -> int:
               f"dataset's URIs name {config.input}, which Ray deletes later", file=sys.stderr, flush=True)
     print(f"output: {config.output}", flush=True)
     try:
-        check_output(config.output, config.endpoint_url)  # before starting Ray (run checks again)
+        # Before starting Ray (run checks both again): a run bound to be refused is refused at once.
+        check_output(config.output, config.endpoint_url)
+        check_free(config.output, config.endpoint_url)
         check_device(config.device, connect(config.ray_address))
         summary = run(config)
     except InputError as e:

@@ -26,8 +26,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 
 
 from engine.rounds import RoundsConfig  # noqa: E402
+from jobs.auto_annotate import load_config  # noqa: E402
 from schemas.settings_file import (  # noqa: E402
-    SETTINGS_ERRORS, read_settings_file, settings_error_message,
+    SETTINGS_ERRORS, read_settings_file, settings_error_message, update_section,
 )
 
 
@@ -78,10 +79,10 @@ def build_config(args: argparse.Namespace, annotate_args: list[str]) -> RoundsCo
                             *(["semi_auto"] if args.simulated_semi_auto else []), "auto"]
     if args.input:
         fields["inputs"] = args.input
-    if args.synthetic_inputs:
-        fields["synthetic_inputs"] = {**(fields.get("synthetic_inputs") or {}), "images_per_round": args.synthetic_inputs}
-    if args.held_out:
-        fields["held_out"] = {**(fields.get("held_out") or {}), "count": args.held_out}
+    if args.synthetic_inputs is not None:
+        update_section(fields, "synthetic_inputs", {"images_per_round": args.synthetic_inputs})
+    if args.held_out is not None:
+        update_section(fields, "held_out", {"count": args.held_out})
     if annotate_args:
         fields["annotate_args"] = [*fields.get("annotate_args", []), *annotate_args]
     return RoundsConfig(**fields)
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args, annotate_args = parse_args(argv)
     try:
         config = build_config(args, annotate_args)
+        # The automatic stage's flags, as it will read them: a bad one is refused now, not mid-round.
+        load_config(["--output", config.root, "--checkpoint", config.initial_checkpoint, *config.annotate_args])
     except SETTINGS_ERRORS as e:
         print(settings_error_message(e), file=sys.stderr)
         return 2
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         records = run_rounds(config, hooks, until=until)
+    except SETTINGS_ERRORS as e:  # a section a stage validates when it runs (train, held_out.amg)
+        print(settings_error_message(e), file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

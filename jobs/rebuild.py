@@ -20,9 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pydantic import ValidationError  # noqa: E402
-
 from jobs.auto_annotate import job_copy_paths, load_config  # noqa: E402
+from schemas.settings_file import SETTINGS_ERRORS, settings_error_message  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,10 +38,11 @@ def main(argv=None) -> int:
         return 0
     try:
         config = load_config(rest)
-    except ValidationError as e:
-        print(f"invalid settings:\n{e}", file=sys.stderr)
+    except SETTINGS_ERRORS as e:
+        print(settings_error_message(e), file=sys.stderr)
         return 2
     from pipeline.cluster import check_device, connect, refuse_job_copy_paths
+    from pipeline.lease import check_free
     from pipeline.rebuild import rebuild
     from pipeline.sources import InputError, check_output
 
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
         refuse_job_copy_paths([("--input" if "input" in config.model_fields_set else "the default --input",
                                 config.input), *job_copy_paths(config).items()], ROOT)
         check_output(config.output, config.endpoint_url)
+        check_free(config.output, config.endpoint_url)  # before starting Ray; rebuild takes the lease
         check_device(config.device, connect(config.ray_address))
         report = rebuild(config, full=args.full, prune_deleted=args.prune_deleted,
                          retention_hours=args.retention_hours)

@@ -19,6 +19,10 @@ If-Match on its own last ETag. A lease whose last write is STALE_S old by the st
 by a put If-Match on its ETag, so of several takers exactly one wins. A run whose heartbeat
 finds its lease taken stops at its next batch (LeaseLost).
 
+The jobs call check_free before they start or join Ray: the same liveness test, read-only,
+so that a run bound to be refused is refused at once rather than after Ray's start. It is
+advisory; acquire() still decides, and a run that slips in between is refused there.
+
 Interactive writers (the annotation service, imports) commit with MERGE, which is safe
 beside any writer, and take no lease.
 """
@@ -145,6 +149,15 @@ class WriterLease:
                 f"{dead}")
 
 
+def check_free(root: str, endpoint_url: str | None = None) -> None:
+    """LeaseHeld, with acquire()'s message, when a live run holds root's lease; reads only
+    (no root, no lease, or a dead run's lease: returns)."""
+    lease = WriterLease(root, endpoint_url)
+    live = lease.store.live_holder()
+    if live is not None:
+        raise LeaseHeld(lease._refusal(*live), live[0])
+
+
 def read_lease(root: str, endpoint_url: str | None = None) -> dict | None:
     """The record of the lease of root, or None when no run holds one (or it is unreadable)."""
     if is_s3(root):
@@ -181,7 +194,7 @@ class _LocalLease:
                 except FileNotFoundError:  # released meanwhile
                     continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _lock_exclusive(fd)
             except BlockingIOError:
                 holder = _read_settled(fd)
                 os.close(fd)
@@ -197,6 +210,23 @@ class _LocalLease:
             self.write(text)
             return previous
 
+    def live_holder(self) -> tuple[dict | None, None] | None:
+        """(record, None) while a live process holds the lease, else None. A shared lock is
+        free exactly when no process holds the exclusive one."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_settled(fd), None
+        except OSError:  # no flock(2) here: acquire() says so
+            return None
+        finally:
+            os.close(fd)  # drops our shared lock, if taken
+        return None
+
     def write(self, text: str) -> None:
         """One pwrite at offset 0, padded with spaces (valid JSON) so the file never shrinks and
         a reader never sees a truncated tail."""
@@ -210,6 +240,21 @@ class _LocalLease:
         os.unlink(self.path)  # while locked: no one else can hold this file now
         os.close(self.fd)
         self.fd = None
+
+
+def _lock_exclusive(fd: int, wait_s: float = 0.25) -> None:
+    """flock(LOCK_EX) without blocking on a holder; BlockingIOError when the file stays
+    locked. A check_free elsewhere holds a shared lock for moments only, so a lock that is
+    busy is tried again briefly before the lease counts as held."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -251,7 +296,7 @@ class _S3Lease:
                 holder, etag, age = self.get()
             except FileNotFoundError:  # released meanwhile
                 continue
-            if not (age > STALE_S or _dead_here(holder)):
+            if _live(holder, age):
                 raise _Held(holder, age)
             try:
                 self.etag = self._put(text, IfMatch=etag)
@@ -260,6 +305,14 @@ class _S3Lease:
                 if not _precondition_failed(e):
                     raise
         raise _Held(holder, age)
+
+    def live_holder(self) -> tuple[dict | None, float] | None:
+        """(record, age) while the lease is a live run's, else None."""
+        try:
+            holder, _, age = self.get()
+        except FileNotFoundError:
+            return None
+        return (holder, age) if _live(holder, age) else None
 
     def write(self, text: str) -> None:
         try:
@@ -318,6 +371,12 @@ def _precondition_failed(error: OSError) -> bool:
         return True
     cause = getattr(error.__cause__, "response", None) or {}
     return cause.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def _live(holder: dict | None, age: float) -> bool:
+    """Whether an S3 lease last written age seconds ago is a live run's: renewed within
+    STALE_S, and not naming a process of this host that is gone."""
+    return not (age > STALE_S or _dead_here(holder))
 
 
 def _dead_here(holder: dict | None) -> bool:

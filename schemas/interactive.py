@@ -48,6 +48,8 @@ class EngineConfig(_Message):
 
     cache_bytes: int = Field(512 << 20, gt=0, description="embedding cache size per replica")
     max_image_bytes: int = Field(64 << 20, gt=0, description="largest image file accepted")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint of s3:// images, datasets and "
+                                                       "checkpoint (MinIO, Ceph, moto; default: AWS_ENDPOINT_URL)")
 
     prefill: Literal["none", "generator", "dataset"] = Field(
         "none", description="semi-automatic pre-fill: the automatic generator on the service's "

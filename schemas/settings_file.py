@@ -1,9 +1,11 @@
 """The --config file of the jobs: a mapping of a settings model's fields in YAML, or in
 JSON for a .json file. Every way it can be wrong is one SettingsFileError with a one-line
-reason, which the jobs print and exit 2 on, as for a bad value of a field."""
+reason, which the jobs print and exit 2 on, as for a bad value of a field; and the one line
+a job prints for either (settings_error_message)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -19,9 +21,37 @@ SETTINGS_ERRORS = (ValidationError, SettingsFileError)
 
 
 def settings_error_message(error: Exception) -> str:
-    """The message a job prints (then exits 2) for one of SETTINGS_ERRORS: pydantic's names
-    each bad field on its own lines; a file's problem is one line."""
-    return f"invalid settings:\n{error}" if isinstance(error, ValidationError) else f"error: {error}"
+    """The one line a job prints (then exits 2) for one of SETTINGS_ERRORS."""
+    if isinstance(error, ValidationError):
+        return f"error: invalid settings: {validation_problems(error)}"
+    return f"error: {error}"
+
+
+def validation_problems(error: ValidationError) -> str:
+    """pydantic's errors as `field.path: message (got value); ...` on one line. str(error)
+    spends several lines and a documentation URL on each field, and its title names our
+    model class, which a user never typed."""
+    problems = []
+    for e in error.errors(include_url=False):
+        where = ".".join(map(str, e["loc"]))
+        message = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        value = e.get("input")
+        # The value, when it is one the user wrote and the message does not quote it already.
+        if (e["type"] not in ("missing", "extra_forbidden") and isinstance(value, (str, int, float, type(None)))
+                and not (isinstance(value, str) and repr(value) in message)):
+            shown = repr(value)
+            message += f" (got {shown[:40] + '...' if len(shown) > 43 else shown})"
+        problems.append(f"{where}: {message}" if where else message)
+    return re.sub(r"\s*\n\s*", " ", "; ".join(dict.fromkeys(problems)))  # one line, whatever a message holds
+
+
+def update_section(data: dict, name: str, updates: dict) -> None:
+    """Put flags' values (updates) into the nested section data[name] that the file gave (or
+    not). A section that is not a mapping is left as it is, for the model to refuse by name
+    rather than a merge to fail with a TypeError."""
+    section = {} if data.get(name) is None else data[name]
+    if updates and isinstance(section, dict):
+        data[name] = {**section, **updates}
 
 
 def read_settings_file(path: str | Path) -> dict:

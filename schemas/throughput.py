@@ -31,6 +31,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .settings_file import validation_problems
+
 FORMAT = "samengine-throughput/1"
 STAGES = ("read", "encode", "decode_prompts", "postprocess", "write")
 Source = Literal["measured", "estimate"]
@@ -93,8 +95,7 @@ def load_results(path: str | Path) -> ThroughputResults:
     try:
         return ThroughputResults.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'file'}: {err['msg']}" for err in e.errors())
-        raise ResultsFileError(f"{path}: not a {FORMAT} results file: {problems}") from None
+        raise ResultsFileError(f"{path}: not a {FORMAT} results file: {validation_problems(e)}") from None
 
 
 def write_results(path: str | Path, results: ThroughputResults) -> None:

@@ -243,6 +243,26 @@ def test_service_without_images_is_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_service_with_invalid_settings_is_refused_in_one_line(tmp_path, capsys):
+    """Settings the service's model refuses are one line and exit 2, as in the other jobs,
+    not a pydantic traceback: the output named as the images' own dataset, and two bad
+    values at once (each field named)."""
+    from jobs import annotate_service
+
+    root = str(tmp_path / "ds")
+    for argv, says in (
+            (["--images-from", root, "--output", root],
+             "error: invalid settings: output must be a different dataset root from the one images or pre-fill "
+             "come from"),
+            (["--images", str(tmp_path), "--output", str(tmp_path / "out"), "--replicas", "0", "--round", "-1"],
+             "error: invalid settings: round: Input should be greater than or equal to 0 (got -1); num_replicas: "
+             "Input should be greater than or equal to 1 (got 0)")):
+        assert annotate_service.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err == says + "\n", err
+    assert not (tmp_path / "out").exists()
+
+
 def chromium() -> str | None:
     return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 

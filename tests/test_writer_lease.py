@@ -2,6 +2,7 @@
 real moto server); and the run summary counts as annotated only what the run's rows hold."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -303,5 +304,95 @@ def test_rebuild_on_an_output_another_run_writes_is_refused_before_anything(tmp_
         with pytest.raises(LeaseHeld, match=f"run holder-run on host .*, pid {holder.pid}"):
             rebuild(config, full=True, prune_deleted=True, retention_hours=0)
         assert os.listdir(out) == [WRITER_LEASE]
+    finally:
+        kill(holder)
+
+
+# -- the jobs' check before Ray (pipeline.lease.check_free) ---------------------------------------
+def test_check_free_local_refuses_only_a_live_holder_and_writes_nothing(tmp_path):
+    root = str(tmp_path / "ds")
+    lease_module.check_free(root)  # no root yet: nothing to refuse
+    assert not (tmp_path / "ds").exists()
+    holder = hold_in_subprocess(root)
+    try:
+        held = (tmp_path / "ds" / WRITER_LEASE).read_bytes()
+        with pytest.raises(LeaseHeld) as checked:
+            lease_module.check_free(root)
+        with pytest.raises(LeaseHeld) as acquired:
+            WriterLease(root).acquire()
+        assert str(checked.value) == str(acquired.value)  # one refusal, one message
+        assert checked.value.holder["pid"] == holder.pid
+    finally:
+        kill(holder)
+    assert (tmp_path / "ds" / WRITER_LEASE).read_bytes() == held  # the dead run's file, untouched
+    lease_module.check_free(root)  # its lock died with it
+    assert (tmp_path / "ds" / WRITER_LEASE).read_bytes() == held
+
+
+def test_acquire_is_not_refused_for_a_check_free_in_progress(tmp_path):
+    """check_free holds a shared lock for moments: an acquire meeting it waits it out instead
+    of refusing a run that no one holds the lease against."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / WRITER_LEASE).write_text("{}")  # a dead run's lease
+    fd = os.open(root / WRITER_LEASE, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # what check_free takes
+    threading.Timer(0.1, os.close, args=(fd,)).start()
+    with WriterLease(str(root), run_id="after-check", log=lambda *a: None):
+        assert read_lease(str(root))["run_id"] == "after-check"
+
+
+def test_check_free_s3_refuses_only_a_live_holder(s3, monkeypatch):
+    lease_module.check_free("s3://leases/none-yet", s3)
+    lease_module.check_free("s3://no-such-bucket/ds", s3)
+    root = "s3://leases/check"
+    live = WriterLease(root, s3, run_id="live").acquire()
+    try:
+        with pytest.raises(LeaseHeld, match=f"run live on host .*, pid {os.getpid()}.*"
+                                            f"{lease_module.STALE_S:.0f} s old"):
+            lease_module.check_free(root, s3)
+        monkeypatch.setattr(lease_module, "STALE_S", 1.0)
+        time.sleep(2.2)  # not renewed (heartbeat every 20 s): stale by the store's clock
+        lease_module.check_free(root, s3)
+        assert read_lease(root, s3)["run_id"] == "live"  # read only
+    finally:
+        live.release()
+    monkeypatch.undo()
+    holder = hold_in_subprocess("s3://leases/check-killed")  # fresh, but its pid on this host is gone
+    kill(holder)
+    lease_module.check_free("s3://leases/check-killed", s3)
+    assert read_lease("s3://leases/check-killed", s3)["run_id"] == "holder-run"
+
+
+# The job's main with ray.init replaced by an exit: starting (or joining) Ray at all fails it.
+JOB = """
+import sys
+sys.path.insert(0, {root!r})
+import ray
+def no_ray(*args, **kwargs):
+    sys.exit("ray.init called")
+ray.init = no_ray
+from jobs.{job} import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("job", ["auto_annotate", "rebuild"])
+def test_job_on_an_output_another_run_writes_is_refused_before_ray_starts(job, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "ds"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"not read")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # would start the embedded Ray
+    holder = hold_in_subprocess(str(out))
+    try:
+        argv = ["--input", str(src), "--output", str(out)]
+        done = subprocess.run([sys.executable, "-c", JOB.format(root=str(ROOT), job=job, argv=argv)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        err = done.stderr.strip()
+        assert done.returncode == 2, err
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: output {out} is being written by another pipeline run: run holder-run on "
+                              f"host {socket.gethostname()}, pid {holder.pid}, started "), err
+        assert os.listdir(out) == [WRITER_LEASE] and read_lease(str(out))["run_id"] == "holder-run"
     finally:
         kill(holder)
