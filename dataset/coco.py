@@ -1,10 +1,13 @@
 """COCO instances JSON, class-agnostic: export a version, import anyone's COCO labels.
 
 Exports have one category ("object"), image ids = our integer image keys, annotation ids =
-ours, segmentation = the stored compressed RLE (str counts, which pycocotools reads as it
-is), and keep the SA-1B extras (predicted_iou, stability_score, point_coords, crop_box) plus
-stage and round. Each image also carries its `sha256`, so a re-import restores image_id and
-image_key without the image files.
+1, 2, 3, ... in export order with our stored id beside them as the string `samengine_id`
+(`exports.export_annotation_ids`: stored ids are above 2**53), segmentation = the stored
+compressed RLE (str counts, which pycocotools reads as it is), and keep the SA-1B extras
+(predicted_iou, stability_score, point_coords, crop_box) plus stage and round. Each image
+also carries its `sha256`, so a re-import restores image_id and image_key without the image
+files. Width, height and masks are those of the image as shown, after its EXIF orientation
+is applied; file_name is the file as stored, so a loader must apply EXIF orientation too.
 
 Imports accept polygon, uncompressed and compressed RLE segmentations; each becomes a
 compressed RLE and its area and bbox are recomputed from the mask, so imported rows meet the
@@ -27,7 +30,7 @@ from typing import Any, Iterator
 from pycocotools import mask as coco_mask
 
 from .identity import image_identity_and_size
-from .exports import export_file_names
+from .exports import EXPORT_ID_FIELD, export_annotation_ids, export_file_names
 from .reader import iter_images
 from .writer import Skipped
 
@@ -65,11 +68,12 @@ def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
                 n += 1
             f.write('],"annotations":[')
             first = True
+            ids = export_annotation_ids()
             for image in iter_images(root, **pin):
                 for ann in image["annotations"]:
-                    entry = {"id": ann["id"], "image_id": image["image_key"], "category_id": CATEGORY["id"],
-                             "segmentation": ann["segmentation"], "area": ann["area"], "bbox": ann["bbox"],
-                             "iscrowd": 0, **{k: ann[k] for k in _EXTRAS}}
+                    entry = {"id": next(ids), EXPORT_ID_FIELD: str(ann["id"]), "image_id": image["image_key"],
+                             "category_id": CATEGORY["id"], "segmentation": ann["segmentation"],
+                             "area": ann["area"], "bbox": ann["bbox"], "iscrowd": 0, **{k: ann[k] for k in _EXTRAS}}
                     if ann.get("text_prompt") is not None:
                         entry["text_prompt"] = ann["text_prompt"]
                     f.write(("" if first else ",") + json.dumps(entry))

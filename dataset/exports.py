@@ -1,8 +1,10 @@
 """The Parquet export, and what the exports (COCO, SA-1B, Parquet) share: the file name each
-image is exported under, and a destination folder replaced whole by a finished export."""
+image is exported under, the annotation ids written to JSON, and a destination folder
+replaced whole by a finished export."""
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 import shutil
@@ -14,6 +16,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import quote, unquote_to_bytes
 
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from .reader import open_dataset, reading
 
@@ -68,6 +71,26 @@ def _swap_in(new: Path, dest: Path) -> None:
     shutil.rmtree(old)
 
 
+EXPORT_ID_FIELD = "samengine_id"  # beside each exported annotation: its stored id, as a string
+
+
+def export_annotation_ids() -> Iterator[int]:
+    """The annotation ids that a JSON export (COCO, SA-1B) writes, in the order it writes the
+    masks: 1, 2, 3, ...
+
+    Stored ids (`schemas.ids.annotation_id`) are int64, mostly above 2**53, the largest
+    integer a double holds exactly: JSON readers that parse numbers as doubles (JavaScript,
+    jq, CVAT, the FiftyOne App) round them, and distinct masks share an id. So an export
+    numbers its masks instead, unique in the export and below 2**53. Exports read
+    a version's rows, and each image's masks, in the order they are stored, so the same
+    version exported again gets the same ids, and its COCO and SA-1B exports agree. Each
+    annotation keeps its stored id as the string field `EXPORT_ID_FIELD`; re-imports derive
+    ids from the image key and the mask's position, which gives the stored ids back. Image
+    ids are image keys (48 bits), safe as they are.
+    """
+    return itertools.count(1)
+
+
 def export_file_names(root: str, **pin: Any) -> Callable[[str], str]:
     """The `file_name` that COCO and SA-1B exports give each image of a version, by its uri.
 
@@ -117,7 +140,7 @@ def export_parquet(root: str, dest: str, *, max_rows_per_file: int = 50_000, **p
     tool without Delta support); returns the files written. dest is a local folder, replaced
     whole (`replacing_folder`): a re-export into it holds that version's rows and no others.
     Replaced rather than refused, as exporting each round into the folder a training job reads
-    is the common use."""
+    is the common use. A version without rows is one zero-row file, which carries the schema."""
     written: list[str] = []
     ds = open_dataset(root, **pin)
     with replacing_folder(dest, _is_parquet_export) as new, reading(root):
@@ -127,6 +150,9 @@ def export_parquet(root: str, dest: str, *, max_rows_per_file: int = 50_000, **p
             file_options=pads.ParquetFileFormat().make_write_options(compression="zstd"),
             file_visitor=lambda f: written.append(os.path.join(dest, os.path.basename(f.path))),
         )
+        if not written:  # no rows, no file: readers of an empty folder find no columns
+            pq.write_table(ds.schema.empty_table(), new / "part-0.parquet", compression="zstd")
+            written.append(os.path.join(dest, "part-0.parquet"))
     return sorted(written)
 
 

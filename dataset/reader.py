@@ -86,7 +86,8 @@ def history(root: str, name: str = "annotations", options: dict[str, str] | None
 def resolve_version(root: str, *, version: int | None = None, run_id: str | None = None,
                     round: int | None = None, options: dict[str, str] | None = None) -> int:
     """The annotations version to read: `version` itself, the last commit of `run_id` or of
-    `round`, or (none given) the latest."""
+    `round` (one that wrote masks of that round; a commit without masks, or older than
+    that record, counts as its run's round), or (none given) the latest."""
     if sum(x is not None for x in (version, run_id, round)) > 1:
         raise ValueError("give at most one of version, run_id, round")
     if version is not None:
@@ -98,7 +99,8 @@ def resolve_version(root: str, *, version: int | None = None, run_id: str | None
     for c in reversed(history(root, options=options)):
         if c.get("table") != "annotations":
             continue
-        if (run_id is not None and c.get("run_id") == run_id) or (round is not None and c.get("round") == round):
+        if (run_id is not None and c.get("run_id") == run_id) or \
+                (round is not None and round in (c.get("rounds") or [c.get("round")])):
             return c["version"]
     raise DatasetNotFound(f"no commit of run_id={run_id!r} round={round!r} in {root}")
 

@@ -2,13 +2,17 @@
 
 An SA-1B file is {"image": {image_id, width, height, file_name}, "annotations": [{id,
 segmentation {size, counts}, area, bbox, predicted_iou, point_coords, stability_score,
-crop_box}]} with integer ids. Exports write that layout exactly, one `<image_key>.json` per
+crop_box}]} with integer ids. Exports write that layout, one `<image_key>.json` per
 image, plus `image_keys.parquet` mapping each integer image_id back to our sha256 image_id,
-uri and phash: the stored table that lets a re-import restore every id. Stage and round are
-not part of SA-1B; an import takes them from the importing run's lineage.
+uri and phash: the stored table that lets a re-import restore every id. Annotation ids are
+1, 2, 3, ... in export order, each with our stored id beside it as the string
+`samengine_id` (`exports.export_annotation_ids`: stored ids are above 2**53). Stage and
+round are not part of SA-1B; an import takes them from the importing run's lineage.
+Width, height and masks are those of the image after its EXIF orientation is applied.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -20,23 +24,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .identity import image_identity
-from .exports import export_file_names, replacing_folder
+from .exports import EXPORT_ID_FIELD, export_annotation_ids, export_file_names, replacing_folder
 from .reader import iter_images
 from .writer import Skipped
 
 KEY_TABLE = "image_keys.parquet"
 KEY_SCHEMA = pa.schema([("image_key", pa.int64()), ("image_id", pa.string()), ("uri", pa.string()),
                         ("phash", pa.string())])
+_IMAGE_FIELDS = ("image_id", "width", "height", "file_name")
+_LAYOUT = ('per-image JSON files such as sa_1.json, each {"image": {image_id, width, height, file_name}, '
+           '"annotations": [...]}')
 _MASK_FIELDS = ("id", "segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score",
                 "crop_box")
 
 
-def to_sa1b(image: dict, file_name: str) -> dict:
-    """One of our image rows -> its SA-1B JSON document."""
+def to_sa1b(image: dict, file_name: str, ids: Iterator[int]) -> dict:
+    """One of our image rows -> its SA-1B JSON document; its masks take the next export ids."""
     return {
         "image": {"image_id": image["image_key"], "width": image["width"], "height": image["height"],
                   "file_name": file_name},
-        "annotations": [{k: ann[k] for k in _MASK_FIELDS} for ann in image["annotations"]],
+        "annotations": [{**{k: ann[k] for k in _MASK_FIELDS}, "id": next(ids), EXPORT_ID_FIELD: str(ann["id"])}
+                        for ann in image["annotations"]],
     }
 
 
@@ -52,8 +60,9 @@ def export_sa1b(root: str, dest: str | Path, **pin: Any) -> int:
     keys: list[dict] = []
     with replacing_folder(dest, _is_sa1b_export) as new:
         file_name = export_file_names(root, **pin)
+        ids = export_annotation_ids()
         for image in iter_images(root, **pin):
-            doc = to_sa1b(image, file_name(image["uri"]))
+            doc = to_sa1b(image, file_name(image["uri"]), ids)
             (new / f"{image['image_key']}.json").write_text(json.dumps(doc, separators=(",", ":")))
             keys.append({k: image[k] for k in KEY_SCHEMA.names})
         pq.write_table(pa.Table.from_pylist(keys, schema=KEY_SCHEMA), new / KEY_TABLE, compression="zstd")
@@ -92,14 +101,61 @@ def read_sa1b(source: str | Path) -> Iterator[dict | Skipped]:
     The sha256 image_id comes from `image_keys.parquet` when the folder has one (our exports),
     otherwise from the image file named by file_name, which must then sit beside the JSON.
     A record that cannot be read (bad JSON, a missing image) yields a Skipped with the
-    reason; a source that is neither a folder nor a tar file is a ValueError.
+    reason. A source that is not SA-1B (neither a folder nor a tar file, or without one
+    SA-1B JSON document) is a ValueError here, when called, so that an importer refuses it
+    before writing anything; the records are read as they are iterated.
     """
     source = Path(source)
+    problem = _format_problem(source)
+    if problem:
+        raise ValueError(f"{source}: not an SA-1B folder or tar shard: expected {_LAYOUT}; {problem}")
+    return _read_tar(source) if source.is_file() else _read_folder(source)
+
+
+def _format_problem(source: Path) -> str | None:
+    """What makes source no SA-1B source (None when one of its JSON files is an SA-1B
+    document). Reads up to the first such file: in an SA-1B folder or shard, the first."""
     if source.is_file() and tarfile.is_tarfile(source):
-        yield from _read_tar(source)
-        return
-    if not source.is_dir():
-        raise ValueError(f"{source}: not an SA-1B folder or tar shard")
+        documents = _tar_json(source)
+    elif source.is_dir():
+        documents = (_read_or_empty(p) for p in sorted(source.glob("*.json")))
+    else:
+        return "it is a file that is not a tar archive"
+    seen = 0
+    try:
+        for data in documents:
+            seen += 1
+            if _is_sa1b(data):
+                return None
+    except tarfile.TarError as e:
+        return f"its tar archive cannot be read ({e})"
+    return f"none of its {seen} JSON files is one" if seen else "it has no .json file"
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # unreadable, or a folder named *.json: not a document (read_sa1b quarantines it)
+        return b""
+
+
+def _is_sa1b(data: bytes) -> bool:
+    try:
+        doc = json.loads(data)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return False
+    image = doc.get("image") if isinstance(doc, dict) else None
+    return isinstance(image, dict) and set(_IMAGE_FIELDS) <= image.keys() and isinstance(doc.get("annotations"), list)
+
+
+def _tar_json(path: Path) -> Iterator[bytes]:
+    with tarfile.open(path, "r|*") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                yield tar.extractfile(member).read()
+
+
+def _read_folder(source: Path) -> Iterator[dict | Skipped]:
     keys = _key_table(source / KEY_TABLE)
     for path in sorted(source.glob("*.json")):
         try:
@@ -157,5 +213,7 @@ def _key_table(path: Path) -> dict[int, dict]:
 
 
 def import_sa1b(sources: Iterable[str | Path], writer, chunk_images: int = 1000) -> list[int]:
-    """Commit SA-1B folders / tar shards through a DatasetWriter; returns the versions made."""
-    return writer.commit_all((r for s in sources for r in read_sa1b(s)), chunk_images)
+    """Commit SA-1B folders / tar shards through a DatasetWriter; returns the versions made.
+    Every source is checked (read_sa1b) before anything is written."""
+    records = [read_sa1b(s) for s in sources]
+    return writer.commit_all(itertools.chain.from_iterable(records), chunk_images)

@@ -3,8 +3,9 @@
 A chunk's Parquet files become visible only when its commit lands in `_delta_log`, so a
 writer killed mid-chunk leaves the previous version as it was (its orphan files are
 removed by `dataset.maintenance.vacuum`). Every commit carries the run's lineage in its
-commit metadata under the key "samengine", which is how readers find the last version of
-a run or round.
+commit metadata under the key "samengine", and an image commit the rounds and stages its
+masks have (an import may keep a file's own): how readers find the last version of a run
+or round.
 
 Two ways to keep a retried chunk from duplicating rows:
 - mode="merge" (default): MERGE ... ON image_id WHEN NOT MATCHED INSERT. Safe whatever
@@ -74,7 +75,7 @@ class DatasetWriter:
         self.images = open_table(table_uri(self.root, "annotations"), IMAGES, self.options)
         self._keys: np.ndarray | None = None  # sorted image_keys of the table, loaded on first use
         self._owners: dict[int, str | None] = {}  # key -> image_id, for the keys of the current chunk
-        self.skipped = 0  # Skipped items commit_all has quarantined
+        self.skipped = 0  # Skipped items commit_all met (quarantined now or by an earlier run)
         # image_ids of the last commit_images call whose rows another run had committed, so
         # that the call wrote nothing for them (a retried chunk of this same run's is not one)
         self.already_committed: list[str] = []
@@ -145,10 +146,14 @@ class DatasetWriter:
             return None
         self._record_run()
         table = to_table([self._complete(im, keys[im["image_id"]]) for im in new])
-        n_masks = int(pc.sum(pc.list_value_length(table["annotations"])).as_py() or 0)
+        masks = pc.list_flatten(table["annotations"])
+        # The rounds and stages the masks have: not the run's where an import keeps a file's
+        # own; a --round pin (resolve_version) follows these.
+        written = {k: sorted(pc.unique(pc.struct_field(masks, k)).to_pylist()) for k in ("round", "stage")}
         props = CommitProperties(
             custom_metadata=commit_metadata(self.lineage, table="annotations", chunk=chunk,
-                                            images=table.num_rows, masks=n_masks),
+                                            images=table.num_rows, masks=len(masks),
+                                            rounds=written["round"], stages=written["stage"]),
             app_transactions=[Transaction(self.app_id, chunk)] if chunk is not None else None,
         )
         try:
@@ -191,11 +196,29 @@ class DatasetWriter:
         return [v for v in versions if v is not None]
 
     def _quarantine(self, rows: list[dict]) -> list[dict]:
+        """Quarantine rows, less those the table holds already (same uri and reason, by any
+        run): a rerun of an import records each bad input once, and writes nothing for it."""
+        self.skipped += len(rows)
+        rows = self._unrecorded_rows(rows) if rows else rows
         if rows:
             self._record_run()
             self.append("quarantine", rows)
-            self.skipped += len(rows)
         return []
+
+    def _unrecorded_rows(self, rows: list[dict]) -> list[dict]:
+        """rows whose (uri, reason) neither the quarantine table nor an earlier row holds; one read."""
+        uri = table_uri(self.root, "quarantine")
+        seen: set[tuple[str, str]] = set()
+        if is_delta_table(uri, self.options):
+            found = self._dataset(DeltaTable(uri, storage_options=self.options), "quarantine").to_table(
+                columns=["uri", "reason"], filter=pc.field("uri").isin(sorted({r["uri"] for r in rows})))
+            seen = set(zip(found["uri"].to_pylist(), found["reason"].to_pylist()))
+        new = []
+        for row in rows:
+            if (row["uri"], row["reason"]) not in seen:
+                seen.add((row["uri"], row["reason"]))
+                new.append(row)
+        return new
 
     def _complete(self, image: dict, key: int) -> dict:
         anns = []

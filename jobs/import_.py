@@ -4,20 +4,23 @@
     python jobs/import_.py ROOT --from coco labels.json --images-dir images/ --stage manual --round 0
 
 Each source is committed in chunks as one run; images already in the dataset are skipped,
-so an interrupted import can simply be rerun, and a rerun that writes nothing (every image
-already in) adds no lineage row. Stage and round of the masks: --stage / --round, when given, set them for every
-mask; without the flag a COCO mask keeps its own `stage` / `round` field (our COCO exports
-carry them), and masks without one (SA-1B has none) take "imported" and round 0. A record
+and so are quarantine rows already recorded (same source item, same reason), so an
+interrupted import can simply be rerun, and a rerun that writes nothing adds no lineage
+row. Stage and round of the masks: --stage / --round, when given, set them for every mask;
+without the flag a COCO mask keeps its own `stage` / `round` field (our COCO exports carry
+them), and masks without one (SA-1B has none) take "imported" and round 0. A record
 that cannot be used (its image file missing, unreadable JSON, an empty polygon) goes to the
 quarantine table with the reason and the import goes on; COCO annotations whose image_id
 names no image of their file are counted in a warning and the summary, not imported. A
-source that is missing or not in the format stops the import with exit status 2; each COCO
-file is read and checked whole before anything of it is written (files before it stay
-committed).
+source that is missing or not in the format stops the import with exit status 2: every
+SA-1B source is checked (it must hold an SA-1B JSON document) before anything is created;
+each COCO file is read and checked whole before anything of it is written (files before it
+stay committed).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -26,9 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 from dataset.coco import read_coco  # noqa: E402
 from dataset.lineage import new_lineage  # noqa: E402
-from dataset.sa1b import import_sa1b  # noqa: E402
+from dataset.sa1b import read_sa1b  # noqa: E402
 from dataset.writer import DatasetWriter  # noqa: E402
-from pipeline.cluster import job_copy_problem  # noqa: E402
+from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
+from pipeline.sources import InputError  # noqa: E402
 
 RUN_FIELDS = ("stage", "round")
 
@@ -46,9 +50,10 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-images", type=int, default=1000)
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
-    problem = job_copy_problem([("ROOT", args.root)], ROOT)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    try:
+        refuse_job_copy_paths([("ROOT", args.root)], ROOT)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     absent = [s for s in args.sources if not Path(s).exists()]
     if absent:
@@ -60,8 +65,9 @@ def main(argv=None) -> int:
     writer, versions, orphans = None, [], 0
     try:
         if args.fmt == "sa1b":
+            records = [read_sa1b(s) for s in args.sources]  # every source checked: a bad one, nothing created
             writer = _writer(args.root, lineage, args.endpoint_url)
-            versions = import_sa1b(args.sources, writer, args.chunk_images)
+            versions = writer.commit_all(itertools.chain.from_iterable(records), args.chunk_images)
         else:
             for source in args.sources:
                 coco = read_coco(source, args.images_dir, from_file=from_file)  # a bad file: nothing created

@@ -45,7 +45,7 @@ def test_sa1b_round_trip_is_identical(source, tmp_path):
     doc = json.loads(next((tmp_path / "sa1b").glob("*.json")).read_text())
     assert list(doc) == ["image", "annotations"]
     assert list(doc["image"]) == SA1B_IMAGE_KEYS and isinstance(doc["image"]["image_id"], int)
-    assert list(doc["annotations"][0]) == SA1B_MASK_KEYS
+    assert list(doc["annotations"][0]) == SA1B_MASK_KEYS + ["samengine_id"]
     assert list(doc["annotations"][0]["segmentation"]) == ["size", "counts"]
     assert (tmp_path / "sa1b" / KEY_TABLE).exists()
     back = str(tmp_path / "back")
@@ -64,7 +64,7 @@ def test_coco_export_loads_in_pycocotools_with_identical_rle(source, tmp_path):
     assert coco.getCatIds() == [1]
     for row in rows:
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[row["image_key"]]))
-        assert [a["id"] for a in anns] == [m["id"] for m in row["annotations"]]
+        assert [int(a["samengine_id"]) for a in anns] == [m["id"] for m in row["annotations"]]
         for ann, mask in zip(anns, row["annotations"]):
             rle = coco.annToRLE(ann)
             counts = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
@@ -426,3 +426,156 @@ def test_import_job_rerun_that_writes_nothing_adds_no_lineage_row(own_export, tm
     assert code == 0 and out == "run again: 0 commits\n"
     assert {name: history(root, name) for name in tables} == commits  # no commit to any table
     assert read_table(root, "lineage")["run_id"].to_pylist() == ["first"]
+
+
+def test_import_job_rerun_records_each_quarantined_item_once(tmp_path, capsys):
+    """A rerun of an import whose file has a missing image and an undrawable polygon: the
+    quarantine rows are not appended again, and a rerun that writes nothing adds no lineage
+    row (neither as a new run nor resumed under the same run id)."""
+    from dataset import read_table
+
+    rng = np.random.default_rng(11)
+    (tmp_path / "img").mkdir()
+    for name in ("good.jpg", "bad_polygon.jpg"):
+        (tmp_path / "img" / name).write_bytes(_jpeg(rng, 40, 50))
+    square = [[5.0, 5.0, 30.0, 5.0, 30.0, 20.0, 5.0, 20.0]]
+    coco = {"images": [{"id": 1, "width": 50, "height": 40, "file_name": "good.jpg"},
+                       {"id": 2, "width": 50, "height": 40, "file_name": "gone.jpg"},
+                       {"id": 3, "width": 50, "height": 40, "file_name": "bad_polygon.jpg"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": square},
+                            {"id": 2, "image_id": 2, "category_id": 1, "segmentation": square},
+                            {"id": 3, "image_id": 3, "category_id": 1, "segmentation": [[5, 5, 30, 20]]}]}
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(coco))
+    root = str(tmp_path / "ds")
+    argv = (root, path, "--from", "coco", "--images-dir", tmp_path / "img")
+    tables = ("annotations", "quarantine", "duplicates", "lineage")
+
+    def state():
+        rows = {name: sorted(map(str, read_table(root, name).to_pylist())) for name in ("quarantine", "lineage")}
+        return rows, {name: history(root, name) for name in tables}
+
+    code, out, _ = _import_job(capsys, *argv, "--run-id", "first")
+    assert code == 0 and out.startswith("run first: 1 commits") and "2 records skipped" in out
+    first = state()
+    assert len(first[0]["quarantine"]) == 2 and read_table(root, "lineage")["run_id"].to_pylist() == ["first"]
+    for rerun in ((), ("--run-id", "first")):  # a new run, then the first one resumed
+        code, out, _ = _import_job(capsys, *argv, *rerun)
+        assert code == 0 and " 0 commits; 2 records skipped" in out, rerun
+        assert state() == first, rerun  # the same rows, and no commit to any table
+
+
+def _sa1b_sources(tmp_path):
+    """Sources that are not SA-1B: what each one is, and the reason the refusal gives."""
+    rng = np.random.default_rng(12)
+    jpegs, other_json, empty = tmp_path / "jpegs", tmp_path / "other_json", tmp_path / "empty"
+    for folder in (jpegs, other_json, empty):
+        folder.mkdir()
+    (jpegs / "sa_1.jpg").write_bytes(_jpeg(rng, 16, 16))
+    (other_json / "labels.json").write_text(json.dumps({"images": [], "annotations": []}))
+    (other_json / "sa_1.json").write_text(json.dumps({"image": {"image_id": 1}, "annotations": []}))
+    shard, coco = tmp_path / "jpegs.tar", tmp_path / "labels.json"
+    with tarfile.open(shard, "w") as tar:
+        tar.add(jpegs / "sa_1.jpg", "sa_1.jpg")
+    coco.write_text(json.dumps({"images": [], "annotations": []}))
+    return [(jpegs, "it has no .json file"), (other_json, "none of its 2 JSON files is one"),
+            (empty, "it has no .json file"), (shard, "it has no .json file"),
+            (coco, "it is a file that is not a tar archive")]
+
+
+def test_import_job_refuses_a_source_not_in_sa1b_format_before_creating_anything(source, tmp_path, capsys):
+    cases = _sa1b_sources(tmp_path)
+    good = tmp_path / "good"
+    export_sa1b(source, good)
+    for i, (src, reason) in enumerate(cases):
+        root = tmp_path / f"ds{i}" / "nested"
+        code, out, err = _import_job(capsys, root, good, src, "--from", "sa1b")  # a good source before it
+        assert code == 2 and out == "", src
+        assert err.startswith(f"error: {src}: not an SA-1B folder or tar shard: expected per-image JSON files")
+        assert err.rstrip().endswith(reason) and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert not (tmp_path / f"ds{i}").exists()  # nothing created, not even the root's parent
+        with pytest.raises(ValueError, match="not an SA-1B folder"):
+            read_sa1b(src)  # refused when called, before a record is asked for
+    assert _import_job(capsys, tmp_path / "ok", good, "--from", "sa1b")[0] == 0
+    assert read_images(str(tmp_path / "ok")).num_rows == 5
+
+
+def test_a_commit_records_the_rounds_its_masks_have_and_round_pins_follow_them(own_export, tmp_path, capsys):
+    """An import that keeps the file's round (4) under a run of round 0: --round 4 finds its
+    commit, --round 0 does not; a flag given pins both the masks and the commit."""
+    from dataset.reader import DatasetNotFound, resolve_version
+
+    root = str(tmp_path / "ds")
+    base_images = image_records(2, 2)
+    for i, record in enumerate(base_images):  # other images than the export's
+        record["image_id"] = hashlib.sha256(f"round 0 image {i}".encode()).hexdigest()
+    DatasetWriter(root, new_lineage(round=0, stage="auto")).commit_images(base_images)
+    base = resolve_version(root)
+    assert _import_job(capsys, root, own_export, "--from", "coco")[0] == 0
+    (commit,) = [c for c in history(root) if c.get("table") == "annotations" and c["version"] > base]
+    assert (commit["round"], commit["rounds"], commit["stages"]) == (0, [4], ["semi_auto"])
+    assert resolve_version(root, round=4) == commit["version"] and resolve_version(root, round=0) == base
+    with pytest.raises(DatasetNotFound):
+        resolve_version(str(tmp_path / "ds"), round=7)
+    pinned = str(tmp_path / "pinned")
+    assert _import_job(capsys, pinned, own_export, "--from", "coco", "--round", "7")[0] == 0
+    (commit,) = [c for c in history(pinned) if c.get("table") == "annotations"]
+    assert (commit["round"], commit["rounds"], commit["stages"]) == (7, [7], ["semi_auto"])
+    assert resolve_version(pinned, round=7) == commit["version"]
+    with pytest.raises(DatasetNotFound):
+        resolve_version(pinned, round=4)
+
+
+def _json_ids(path):
+    """(image ids, annotation ids, samengine_ids) of a COCO file or SA-1B folder, in file
+    order, read as JavaScript reads JSON: every number a double (parse_int=float)."""
+    if path.is_file():
+        doc = json.loads(path.read_text(), parse_int=float)
+        images, anns = [i["id"] for i in doc["images"]], doc["annotations"]
+    else:
+        docs = [json.loads(f.read_text(), parse_int=float) for f in sorted(path.glob("*.json"))]
+        images, anns = [d["image"]["image_id"] for d in docs], [a for d in docs for a in d["annotations"]]
+    return images, [a["id"] for a in anns], [a["samengine_id"] for a in anns]
+
+
+def test_json_export_ids_stay_exact_in_readers_that_hold_numbers_as_doubles(source, tmp_path, capsys):
+    """Stored annotation ids are above 2**53: a double-based reader (node, jq, CVAT) rounded
+    them into collisions. Exports number masks 1..n instead, keep the stored id as a string,
+    give the same ids on every export of the version (COCO and SA-1B alike), and re-import
+    through the import job to the same rows, stored ids included."""
+    stored = [m["id"] for r in read_images(source).to_pylist() for m in r["annotations"]]
+    assert max(stored) > 2**53 - 1  # the ids that a double cannot hold
+    coco, sa1b = tmp_path / "coco.json", tmp_path / "sa1b"
+    export_coco(source, coco)
+    export_sa1b(source, sa1b)
+    by_stored = {}
+    for path in (coco, sa1b):
+        image_ids, ann_ids, own = _json_ids(path)
+        assert len(ann_ids) == len(stored) == 40 and len(image_ids) == 5
+        for ids in (image_ids, ann_ids):
+            assert all(v == int(v) and 1 <= v <= 2**53 - 1 for v in ids) and len(set(ids)) == len(ids)
+        assert sorted(int(i) for i in own) == sorted(stored) and all(isinstance(i, str) for i in own)
+        by_stored[path.name] = dict(zip(own, ann_ids))
+    assert by_stored["coco.json"] == by_stored["sa1b"]  # one numbering for the version
+    first = coco.read_bytes()
+    export_coco(source, coco)
+    assert coco.read_bytes() == first
+    assert sorted(by_stored["coco.json"].values()) == list(map(float, range(1, 41)))
+    # Our own exports re-imported by the job: the same rows (ids, areas, bboxes, stage, round).
+    for fmt, path, flags in (("coco", coco, ()), ("sa1b", sa1b, ("--stage", "auto", "--round", "0"))):
+        back = tmp_path / f"back-{fmt}"
+        assert _import_job(capsys, back, path, "--from", fmt, *flags)[0] == 0
+        assert _sorted_rows(str(back)) == _sorted_rows(source), fmt
+
+
+def test_parquet_export_of_a_version_without_images_is_one_file_with_the_schema(tmp_path):
+    """An empty folder is no dataset: pyarrow reads no columns from it, Hugging Face
+    load_dataset fails. A version without rows is one zero-row file carrying the schema."""
+    root = str(tmp_path / "ds")
+    DatasetWriter(root, new_lineage(round=0, stage="auto")).commit_images([])
+    assert read_images(root).num_rows == 0
+    dest = tmp_path / "parquet"
+    assert export_parquet(root, str(dest)) == [str(dest / "part-0.parquet")]
+    table = pq.read_table(dest)
+    assert table.num_rows == 0 and table.schema.names == read_images(root).schema.names
+    assert "annotations" in table.schema.names
