@@ -79,17 +79,21 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
                           batch_size=config.chunk_images)
 
 
-def run(config: AnnotateConfig, log=print, lease: WriterLease | None = None) -> dict[str, Any]:
+def run(config: AnnotateConfig, log=print, lease: WriterLease | None = None,
+        listing: pa.Table | None = None) -> dict[str, Any]:
     """Annotate config.input into the dataset at config.output; returns the run summary.
     Needs a connected Ray (ray.init). The run holds the root's writer lease (pipeline.lease)
     from before it reads what the dataset holds until its last write: a second run on the
     same root meanwhile is refused (LeaseHeld, an InputError). lease: one the caller holds
-    already (a rebuild, around its own writes)."""
+    already (a rebuild, around its own writes); listing: the inputs' listing the caller
+    decided by (a rebuild: an object changed after it is left to the next rebuild, not
+    recorded as done with its old annotations kept)."""
     t0 = time.perf_counter()
     check_output(config.output, config.endpoint_url)
     # Inputs and the checkpoint are read before the lease is taken: a run refused for
     # either makes nothing at the output (reading needs no lease).
-    listing = list_inputs(config.input, config.endpoint_url)
+    if listing is None:
+        listing = list_inputs(config.input, config.endpoint_url)
     config = with_checkpoint_defaults(config, log)
     # The run id is chosen first, so that the lease names the run.
     config = config.model_copy(update={"run_id": config.run_id or uuid.uuid4().hex})

@@ -149,7 +149,7 @@ def _rebuild(config: AnnotateConfig, full: bool, prune_deleted: bool, retention_
     if full:
         run_id = full_rebuild_run_id(config, _checkpoint_hash(config))
         config = config.model_copy(update={"replace": True, "run_id": run_id})
-        summary = run(config, log=log, lease=lease)
+        summary = run(config, log=log, lease=lease, listing=listing)
         # Inputs now recorded by this run lose what earlier runs recorded for them elsewhere
         # (an image now quarantined, a duplicate now kept, ...): one table per input.
         report["superseded_rows"] = delete_records(config.output, listing["uri"].to_pylist(), options,
@@ -165,7 +165,7 @@ def _rebuild(config: AnnotateConfig, full: bool, prune_deleted: bool, retention_
                                                 "changed or deleted at the source, or a duplicate of such")
         if changes.touched and not (changes.new or changes.changed):
             _record_listing(config, listing, options)  # so the next rebuild does not hash them again
-        summary = run(config, log=log, lease=lease)
+        summary = run(config, log=log, lease=lease, listing=listing)
     report["run"] = summary
     if retention_hours is not None:
         report["vacuumed_files"] = sum(len(vacuum(config.output, name, retention_hours=retention_hours,

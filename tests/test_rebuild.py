@@ -117,3 +117,33 @@ def test_incremental_then_full_rebuild(ray_session, tmp_path):
     assert (r["changed"], r["requeued_duplicates"], r["run"]["annotated"]) == (1, 1, 2)
     assert sorted(_rows(out)) == ["bad.jpg", "s0.png", "s1.png", "s2.png", "s4.png"]
     assert read_table(str(out), "duplicates").num_rows == 0
+
+
+def test_an_object_changed_during_a_rebuild_is_left_to_the_next_one(ray_session, tmp_path, monkeypatch):
+    """The run of a rebuild records the listing the rebuild decided by: an object rewritten
+    after that listing is seen as changed by the next rebuild (with its own listing, the
+    run recorded the new etag beside the old annotations, and no rebuild looked again)."""
+    import pipeline.rebuild as rebuild_module
+
+    src, out = tmp_path / "src", tmp_path / "ds"
+    src.mkdir()
+    for i in range(2):
+        (src / f"s{i}.png").write_bytes(_png(make_scene(seed=300 + i, size=(96, 128)).image))
+    args = ["--input", str(src), "--output", str(out), *AMG_FLAGS]
+    run(load_config(args))
+    before = _rows(out)["s1.png"]["image_id"]
+
+    decide = rebuild_module.find_changes
+
+    def changes_then_rewrite(*a, **k):
+        changes = decide(*a, **k)
+        (src / "s1.png").write_bytes(_png(make_scene(seed=777, size=(96, 128)).image))  # after the listing
+        return changes
+
+    monkeypatch.setattr(rebuild_module, "find_changes", changes_then_rewrite)
+    r = rebuild(load_config(args))
+    assert (r["changed"], r["run"]["processed"]) == (0, 0)
+    monkeypatch.setattr(rebuild_module, "find_changes", decide)
+    r = rebuild(load_config(args))
+    assert (r["changed"], r["run"]["annotated"]) == (1, 1)
+    assert _rows(out)["s1.png"]["image_id"] != before
