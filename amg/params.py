@@ -45,10 +45,21 @@ class AmgParams(BaseModel):
     min_mask_region_area: int = Field(0, ge=0, description="fill holes / drop islands smaller than this")
     output_mode: Literal["binary_mask", "uncompressed_rle", "coco_rle"] = "binary_mask"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _grids_replace_the_default_side(cls, data):
+        """point_grids given without points_per_side: the user gave exactly one grid source,
+        not the default 32 as well (the official generator would want points_per_side=None)."""
+        if isinstance(data, dict) and data.get("point_grids") is not None and "points_per_side" not in data:
+            data = {**data, "points_per_side": None}
+        return data
+
     @model_validator(mode="after")
     def _one_grid_source(self) -> "AmgParams":
-        if (self.points_per_side is None) == (self.point_grids is None):
-            raise ValueError("exactly one of points_per_side or point_grids must be given")
+        if self.points_per_side is not None and self.point_grids is not None:
+            raise ValueError("points_per_side and point_grids are both given: give one of them")
+        if self.points_per_side is None and self.point_grids is None:
+            raise ValueError("one of points_per_side or point_grids must be given (points_per_side is null)")
         if self.point_grids is not None:
             if len(self.point_grids) != self.crop_n_layers + 1:
                 raise ValueError(

@@ -52,10 +52,14 @@ def build_report(root: str, *, version: int | None = None, run_id: str | None = 
     funnel = Counter()
     for s in funnel_runs:
         funnel.update({k: int(n) for k, n in (s.get("funnel") or {}).items()})
-    by_run = {r["run_id"]: r for r in runs}
+    lineage = sources.lineage(root, options)
+    # Round and stage from the lineage row every run has, also one that made no annotations
+    # commit (it only quarantined); a run's commits add its versions and counts.
+    by_run = {rid: {"run_id": rid, "round": row["round"], "stage": row["stage"]} for rid, row in lineage.items()}
+    by_run.update((r["run_id"], r) for r in runs)
     run_table = [{**by_run.get(s["run_id"], {"run_id": s["run_id"]}), **{k: s.get(k) for k in (
         "processed", "annotated", "duplicate", "quarantined", "masks", "seconds")}} for s in funnel_runs]
-    run_table += [r for rid, r in by_run.items() if rid not in summaries]
+    run_table += [r for r in runs if r["run_id"] not in summaries]
 
     round_files = sources.rounds(fs)
     data = {
@@ -82,7 +86,7 @@ def build_report(root: str, *, version: int | None = None, run_id: str | None = 
         "side_scope": "every run" if run_ids is None else f"the {len(run_ids)} run(s) of this version",
         "duplicates": dict(sources.side_counts(root, "duplicates", "kind", run_ids, options)),
         "quarantine": dict(sources.side_counts(root, "quarantine", "reason", run_ids, options)),
-        "thresholds": sources.run_thresholds(root, run_ids, options),
+        "thresholds": sources.run_thresholds(lineage, run_ids),
         "rounds": _rounds(st, round_files),
         "gallery": [t["image_id"] for t in tiles if "src" in t],
         "gallery_skipped": {t["image_id"]: t["skipped"] for t in tiles if "skipped" in t},

@@ -97,15 +97,22 @@ def side_counts(root: str, name: str, column: str, run_ids: set[str] | None, opt
     return out
 
 
-def run_thresholds(root: str, run_ids: set[str] | None, options: dict[str, str]) -> dict[str, list[float]]:
-    """The generator's score thresholds (pred_iou_thresh, stability_score_thresh) each run
-    used, from the lineage table's params_json."""
+def lineage(root: str, options: dict[str, str]) -> dict[str, dict]:
+    """The lineage table's row of each run (round, stage, params_json, ...) by run_id: every
+    run has one, also a run that committed no annotations (it only quarantined its inputs)."""
     try:
         table = read_table(root, "lineage", options=options)
-    except Exception:
+    except Exception:  # no run finished starting yet
         return {}
+    return {r["run_id"]: r for r in table.select(["run_id", "round", "stage", "params_json"]).to_pylist()}
+
+
+def run_thresholds(runs: dict[str, dict], run_ids: set[str] | None) -> dict[str, list[float]]:
+    """The generator's score thresholds (pred_iou_thresh, stability_score_thresh) each run
+    used, from the lineage rows' params_json."""
     out: dict[str, list[float]] = {}
-    for run_id, params in zip(table["run_id"].to_pylist(), table["params_json"].to_pylist()):
+    for run_id, row in runs.items():
+        params = row["params_json"]
         if run_ids is not None and run_id not in run_ids:
             continue
         try:

@@ -60,7 +60,15 @@ def _open(root: str, name: str, options: dict[str, str], version: int | None = N
     if problem:
         raise DatasetNotFound(problem)
     try:
-        return DeltaTable(table_uri(root, name), version=version, storage_options=options)
+        table = DeltaTable(table_uri(root, name), storage_options=options)
+        if version is not None and version != table.version():
+            # Checked first: delta-rs looks for a later version's log file by file, for ever
+            # on a huge number, and takes the number as unsigned.
+            if not 0 <= version <= table.version():
+                raise DatasetNotFound(f"{root}: the {name} table has no version {version} (versions 0.."
+                                      f"{table.version()})")
+            table.load_as_version(version)
+        return table
     except TableNotFoundError:
         raise DatasetNotFound(f"no dataset at {root}: it has no {name} table") from None
     except DeltaError as e:
@@ -91,8 +99,7 @@ def resolve_version(root: str, *, version: int | None = None, run_id: str | None
     if sum(x is not None for x in (version, run_id, round)) > 1:
         raise ValueError("give at most one of version, run_id, round")
     if version is not None:
-        if version < 0:  # delta-rs takes it as an unsigned number: an OverflowError
-            raise DatasetNotFound(f"{root}: the annotations table has no version {version} (versions count from 0)")
+        _open(root, "annotations", _options(root, options), version)  # DatasetNotFound when it has none
         return version
     if run_id is None and round is None:
         return _open(root, "annotations", _options(root, options)).version()

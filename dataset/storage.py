@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+from functools import lru_cache
 from urllib.parse import urlparse
 
 import pyarrow.dataset as pads
@@ -87,6 +88,26 @@ def table_uri(root: str, name: str) -> str:
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith(("s3://", "s3a://"))
+
+
+def s3_filesystem(endpoint_url: str | None = None):
+    """An s3fs filesystem for the current AWS environment (credentials, region; the endpoint
+    from the argument or AWS_ENDPOINT_URL). Instances are shared per process and per
+    environment; listings are not cached: a listing cached by an earlier reader would hide
+    objects written since."""
+    env = os.environ
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    return _s3_filesystem(endpoint_url or env.get("AWS_ENDPOINT_URL"), region, env.get("AWS_ACCESS_KEY_ID"))
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None):
+    import s3fs
+
+    client = {"endpoint_url": endpoint} if endpoint else {}
+    if region:
+        client["region_name"] = region
+    return s3fs.S3FileSystem(client_kwargs=client, use_listings_cache=False)
 
 
 def store_error(error: Exception) -> str:

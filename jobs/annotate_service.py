@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jobs.arg_types import round_number  # noqa: E402
 from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
 from pipeline.sources import InputError  # noqa: E402
 from schemas.interactive import EngineConfig  # noqa: E402
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     src.add_argument("--images-from", help="a dataset root: annotate the images it lists")
     ap.add_argument("--output", required=True, help="dataset root the accepted masks go to")
     ap.add_argument("--stage", choices=["manual", "semi_auto"], default="manual")
-    ap.add_argument("--round", type=int, default=0)
+    ap.add_argument("--round", type=round_number, default=0)
     ap.add_argument("--run-id")
     ap.add_argument("--checkpoint", default=EngineConfig.model_fields["checkpoint"].default)
     ap.add_argument("--model-type")

@@ -46,16 +46,21 @@ from amg import AmgParams  # noqa: E402
 from amg.params import CHECKPOINT_DEFAULTS  # noqa: E402
 from engine.calibrate import calibrate_on_scenes  # noqa: E402
 from model import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from model.checkpoint import check_checkpoint_path  # noqa: E402
 from training.automatic_eval import automatic_metrics, candidate_ceiling, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
 from training.iou_head import fit_iou_head, grid_targets, ranking_quality, split_scenes  # noqa: E402
 from dataset.lineage import code_version  # noqa: E402
+from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
+from pipeline.sources import InputError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="our checkpoint file, rewritten in place (or --output)")
-    ap.add_argument("--output", help="write the calibrated checkpoint here instead")
+    ap.add_argument("--checkpoint", required=True,
+                    help="our checkpoint file (local or s3://), rewritten in place (or --output)")
+    ap.add_argument("--output", help="write the calibrated checkpoint here instead (local or s3://)")
+    ap.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     ap.add_argument("--target-precision", type=float, default=0.5,
                     help="share of kept masks that must match a ground-truth instance at mask IoU >= 0.5")
     ap.add_argument("--scenes", type=int, default=30, help="calibration scenes")
@@ -105,11 +110,22 @@ def refit_iou_head(model, meta: dict, args: argparse.Namespace, size: int, comma
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # ray job submit --working-dir: the file written must not lie in Ray's temporary copy;
+    # the checkpoint read may (the bundled one) when --output goes elsewhere.
+    written = ("--output", args.output) if args.output else ("--checkpoint (rewritten in place)", args.checkpoint)
+    try:
+        refuse_job_copy_paths([written], ROOT)
+        check_checkpoint_path(written[1])
+    except (InputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    from actors.annotator import local_checkpoint  # the pipeline's reader: an s3:// checkpoint is downloaded
+
     try:
-        model, meta = load_checkpoint(args.checkpoint)
-    except CheckpointError as e:
+        model, meta = load_checkpoint(local_checkpoint(args.checkpoint, args.endpoint_url))
+    except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = args.size or model.image_size
@@ -138,7 +154,7 @@ def main(argv=None) -> int:
         ceiling = candidate_ceiling(model, held_out_scenes(args.eval_seed, args.eval_scenes, size))
         meta["eval_candidate_ceiling"] = report["eval_candidate_ceiling"] = ceiling | {
             "seed": args.eval_seed, "images": args.eval_scenes, "size": size}
-    save_checkpoint(model, args.output or args.checkpoint, meta)
+    save_checkpoint(model, args.output or args.checkpoint, meta, args.endpoint_url)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -31,6 +31,7 @@ from dataset.coco import read_coco  # noqa: E402
 from dataset.lineage import new_lineage  # noqa: E402
 from dataset.sa1b import read_sa1b  # noqa: E402
 from dataset.writer import DatasetWriter  # noqa: E402
+from jobs.arg_types import round_number  # noqa: E402
 from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
 from pipeline.sources import InputError  # noqa: E402
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images-dir", help="COCO: folder of the images, to hash those without a sha256 field")
     ap.add_argument("--stage", choices=["manual", "semi_auto", "auto", "imported"],
                     help="stage of every mask (default: a COCO mask's own stage field, else imported)")
-    ap.add_argument("--round", type=int, help="round of every mask (default: a COCO mask's own round field, else 0)")
+    ap.add_argument("--round", type=round_number, help="round of every mask (default: a COCO mask's own round field, else 0)")
     ap.add_argument("--run-id", help="default: a new one")
     ap.add_argument("--chunk-images", type=int, default=1000)
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")

@@ -26,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 from dataset import DataFileMissing, DatasetNotFound, iter_images, storage_options  # noqa: E402
 from dataset.lineage import new_lineage  # noqa: E402
 from dataset.storage import store_error  # noqa: E402
-from pipeline.cluster import job_copy_problem  # noqa: E402
+from jobs.arg_types import local_output, round_number  # noqa: E402
+from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
+from pipeline.sources import InputError  # noqa: E402
 from engine.semi_auto import confident, export_tasks, import_tasks, local_files_url, write_project  # noqa: E402
 
 
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     out = sub.add_parser("export")
     out.add_argument("root", help="dataset root holding the automatic run")
-    out.add_argument("dest", help="folder for tasks.json and label_config.xml")
+    out.add_argument("dest", type=local_output, help="local folder for tasks.json and label_config.xml")
     out.add_argument("--min-iou", type=float, default=0.92)
     out.add_argument("--run-id", help="pin the dataset to this run's last version")
     out.add_argument("--local-files-root")
@@ -43,13 +45,15 @@ def main(argv=None) -> int:
     back = sub.add_parser("import")
     back.add_argument("export", help="Label Studio JSON export of the finished tasks")
     back.add_argument("root", help="dataset root to commit into (stage semi_auto)")
-    back.add_argument("--round", type=int, required=True)
+    back.add_argument("--round", type=round_number, required=True)
     back.add_argument("--run-id")
     back.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
-    problem = job_copy_problem([("DEST", args.dest) if args.command == "export" else ("ROOT", args.root)], ROOT)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    try:
+        refuse_job_copy_paths([("DEST", args.dest) if args.command == "export" else ("ROOT", args.root)], ROOT,
+                              s3=args.command != "export")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     options = storage_options(args.root, args.endpoint_url)
 

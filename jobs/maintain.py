@@ -27,7 +27,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import pyarrow as pa  # noqa: E402
 from deltalake import DeltaTable  # noqa: E402
@@ -37,7 +38,9 @@ from dataset.maintenance import (DEFAULT_RETENTION_HOURS, TARGET_FILE_SIZE, comp
 from dataset.storage import (  # noqa: E402
     TABLE_NAMES, is_delta_table, root_name_problem, storage_options, store_error, table_uri,
 )
-from jobs.arg_types import count, positive  # noqa: E402
+from jobs.arg_types import hours, positive  # noqa: E402
+from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
+from pipeline.sources import InputError  # noqa: E402
 
 
 def _files(dt: DeltaTable) -> pa.Table:
@@ -95,12 +98,17 @@ def main(argv=None) -> int:
     ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
     ap.add_argument("action", choices=["compact", "vacuum", "repair"])
     ap.add_argument("--table", default="all", choices=[*TABLE_NAMES, "all"], help="default: all")
-    ap.add_argument("--retention-hours", type=count, default=DEFAULT_RETENTION_HOURS,
+    ap.add_argument("--retention-hours", type=hours, default=DEFAULT_RETENTION_HOURS,
                     help=f"vacuum: keep what versions of the last H hours need (default {DEFAULT_RETENTION_HOURS})")
     ap.add_argument("--target-size", type=positive, default=TARGET_FILE_SIZE, help="compact: bytes per file")
     ap.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
+    try:  # ray job submit --working-dir: a relative root names a dataset in Ray's temporary copy
+        refuse_job_copy_paths([("ROOT", args.root)], ROOT)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     problem = root_name_problem(args.root)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.arg_types import price  # noqa: E402
+from jobs.arg_types import amount, price  # noqa: E402
 from schemas.throughput import STAGES, ResultsFileError, StageThroughput, ThroughputResults, load_results  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -87,7 +87,11 @@ def plan(name: str, device: str, stages: list[tuple[StageThroughput, ThroughputR
          cpu_price: float) -> Plan:
     rows = []
     for entry, origin in stages:
-        actors = math.ceil(rate / entry.items_per_s - 1e-9)
+        need = rate / entry.items_per_s
+        if not math.isfinite(need):
+            raise ValueError(f"{rate:g} images/s is too many to plan for ({entry.stage} would need more "
+                             f"than {sys.float_info.max:g} actors): lower --rate or --images, or raise --hours")
+        actors = max(1, math.ceil(need - 1e-9))  # a tiny rate still needs one actor
         res = entry.resources
         gpus, cpus = actors * res.gpus, actors * res.cpus
         if res.gpus and gpu_price is None:
@@ -96,6 +100,10 @@ def plan(name: str, device: str, stages: list[tuple[StageThroughput, ThroughputR
         rows.append(StagePlan(entry.stage, origin.name, entry.source, entry.items_per_s, res.cpus, res.gpus,
                               actors, cpus, gpus, rate / (actors * entry.items_per_s), cost))
     per_hour = sum(r.usd_per_hour for r in rows)
+    totals = (per_hour, per_hour * hours if hours is not None else 0.0, *(r.cpus + r.gpus for r in rows))
+    if not all(map(math.isfinite, totals)):
+        raise ValueError(f"the plan for {rate:g} images/s has a cost or CPU/GPU count beyond what a float "
+                         "can hold: lower --rate or --images, or raise --hours")
     return Plan(
         scenario=name, device=device, rate=rate, images=images, hours=hours, stages=rows,
         missing=[s for s in STAGES if s not in {r.stage for r in rows}],
@@ -118,6 +126,11 @@ def resolve_rate(rate: float | None, images: float | None, hours: float | None):
         hours = images / rate / 3600
     elif hours is not None:
         images = rate * hours * 3600
+    # Each is finite and > 0, but a ratio of extremes may not be (1e308 images in 1e-10 h).
+    for name, value in (("rate", rate), ("images", images), ("hours", hours)):
+        if value is not None and not 0 < value < math.inf:
+            raise ValueError(f"--rate, --images and --hours give {name} = {value:g}, "
+                             "out of the range a float can hold")
     return rate, images, hours
 
 
@@ -158,9 +171,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", nargs="+", default=sorted(str(p) for p in RESULTS_DIR.glob("*.json")),
                     help="results files (default: benchmarks/results/*.json)")
-    ap.add_argument("--rate", type=float, help="target images per second")
-    ap.add_argument("--images", type=float, help="number of images, e.g. 11e6")
-    ap.add_argument("--hours", type=float, help="time budget in hours")
+    ap.add_argument("--rate", type=amount, help="target images per second")
+    ap.add_argument("--images", type=amount, help="number of images, e.g. 11e6")
+    ap.add_argument("--hours", type=amount, help="time budget in hours")
     ap.add_argument("--gpu-price", action="append", default=[], metavar="TYPE=USD",
                     help=f"USD per GPU-hour (assumed defaults: {DEFAULT_GPU_PRICES})")
     ap.add_argument("--cpu-price", type=price, default=DEFAULT_CPU_PRICE,

@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jobs.arg_types import hours  # noqa: E402
 from jobs.auto_annotate import job_copy_paths, load_config  # noqa: E402
 from schemas.settings_file import SETTINGS_ERRORS, settings_error_message  # noqa: E402
 
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
                                  add_help=False)
     ap.add_argument("--full", action="store_true", help="re-annotate every input (new checkpoint or parameters)")
     ap.add_argument("--prune-deleted", action="store_true", help="drop records of objects gone from the source")
-    ap.add_argument("--retention-hours", type=int, help="afterwards, vacuum files older versions no longer need")
+    ap.add_argument("--retention-hours", type=hours, help="afterwards, vacuum files older versions no longer need")
     ap.add_argument("-h", "--help", action="store_true")
     args, rest = ap.parse_known_args(argv)
     if args.help:

@@ -19,8 +19,9 @@ sys.path.insert(0, str(ROOT))
 from dashboards import write_report  # noqa: E402
 from dashboards.report import DestinationError  # noqa: E402
 from dataset.reader import DataFileMissing, DatasetNotFound  # noqa: E402
-from jobs.arg_types import count  # noqa: E402
-from pipeline.cluster import job_copy_problem  # noqa: E402
+from jobs.arg_types import count, round_number, local_output  # noqa: E402
+from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
+from pipeline.sources import InputError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,8 +30,8 @@ def main(argv=None) -> int:
     pin = ap.add_mutually_exclusive_group()
     pin.add_argument("--version", type=count, help="Delta version of the annotations table")
     pin.add_argument("--run-id", help="the last version committed by this run")
-    pin.add_argument("--round", type=count, help="the last version committed in this round")
-    ap.add_argument("--out", help="local HTML file to write, missing folders made "
+    pin.add_argument("--round", type=round_number, help="the last version committed in this round")
+    ap.add_argument("--out", type=local_output, help="local HTML file to write, missing folders made "
                                    "(default: <root>/reports/version-<N>.html)")
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     ap.add_argument("--sample-images", type=count, default=64, help="random images for concavity and the gallery")
@@ -38,9 +39,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gallery", type=count, default=8, help="images shown in the gallery")
     args = ap.parse_args(argv)
     destination = ("--out", args.out) if args.out else ("the dataset root (where its report goes)", args.root)
-    problem = job_copy_problem([destination], ROOT)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    try:
+        refuse_job_copy_paths([destination], ROOT, s3=args.out is None)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         path = write_report(args.root, out=args.out, version=args.version, run_id=args.run_id, round=args.round,

@@ -25,18 +25,19 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
-from pipeline.cluster import connect, job_copy_problem  # noqa: E402
+from pipeline.cluster import connect, refuse_job_copy_paths  # noqa: E402
 from pipeline.sources import InputError  # noqa: E402
 from model import (  # noqa: E402
     CheckpointError, load_checkpoint, read_checkpoint_config, read_checkpoint_meta, save_checkpoint,
 )
+from model.checkpoint import check_checkpoint_path  # noqa: E402
 from training.data import ParquetExamples, synthetic_example  # noqa: E402
 from training.automatic_eval import automatic_metrics, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
 from schemas.settings_file import (  # noqa: E402
-    SETTINGS_ERRORS, read_settings_file, settings_error_message,
+    SETTINGS_ERRORS, read_settings_file, settings_error_message, update_section,
 )
-from training.loop import ParquetSource, SyntheticSource, TrainConfig, run_training  # noqa: E402
+from training.loop import TrainConfig, run_training  # noqa: E402
 
 # flag -> TrainConfig field, for the flags that set a field directly.
 FIELD_FLAGS = {
@@ -64,8 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-synthetic", action="store_true", help="train on --parquet data only")
     parser.add_argument("--parquet", action="append",
                         help="dataset root, Delta table or Parquet file/folder (repeatable)")
-    parser.add_argument("--output", help="checkpoint file to write (default: <storage>/<name>/final.pt)")
-    parser.add_argument("--storage", default="runs", help="Ray Train storage path (local folder or s3://)")
+    parser.add_argument("--output",
+                        help="checkpoint file to write, local or s3:// (default: <storage>/<name>/final.pt)")
+    parser.add_argument("--storage", default="runs", help="Ray Train storage path (local folder or s3://; "
+                        "S3 endpoint and credentials from the AWS environment, for Ray Train and the output alike)")
     parser.add_argument("--name", help="run name under --storage; the same name resumes")
     parser.add_argument("--no-resume", action="store_true", help="start a new run even if one exists")
     parser.add_argument("--workers", type=int, default=1)
@@ -90,10 +93,10 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         fields["eval_seed"] = args.eval_seed
     if args.no_synthetic:
         fields["synthetic"] = None
-    elif args.synthetic_size:
-        fields["synthetic"] = SyntheticSource(**(fields.get("synthetic") or {}), size=args.synthetic_size).model_dump()
+    elif args.synthetic_size is not None:
+        update_section(fields, "synthetic", {"size": args.synthetic_size})
     if args.parquet:
-        fields["parquet"] = ParquetSource(**{**(fields.get("parquet") or {}), "paths": args.parquet}).model_dump()
+        update_section(fields, "parquet", {"paths": args.parquet})
     return TrainConfig(**fields)
 
 
@@ -113,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     except SETTINGS_ERRORS as e:
         print(settings_error_message(e), file=sys.stderr)
         return 2
-    problem = job_copy_problem([("--storage", args.storage), ("--output", args.output)], ROOT)
-    if problem:  # ray job submit --working-dir: the runs would be written into Ray's temporary copy
-        print(f"error: {problem}", file=sys.stderr)
+    try:  # ray job submit --working-dir: the runs would be written into Ray's temporary copy
+        refuse_job_copy_paths([("--storage", args.storage), ("--output", args.output)], ROOT)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:  # refuse unusable inputs here, not in every worker after Ray Train started
+        # The default output lies under --storage, which Ray Train may also take as gs:// etc.
+        check_checkpoint_path(args.output or f"{args.storage.rstrip('/')}/run/final.pt")
         if cfg.parquet:
             ParquetExamples(cfg.parquet.paths, cfg.parquet.image_column, cfg.parquet.annotations_column,
                             cfg.parquet.endpoint_url)
@@ -141,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
-    model, meta = load_checkpoint(path)
+    from actors.annotator import local_checkpoint  # the pipeline's reader: an s3:// output is downloaded
+
+    model, meta = load_checkpoint(local_checkpoint(path))
     size = cfg.synthetic.size if cfg.synthetic else model.image_size
     scenes = (synthetic_example(cfg.eval_seed, i, size) for i in range(args.eval_images))
     evaluation = single_point_miou(model, scenes) | {"seed": cfg.eval_seed, "images": args.eval_images, "size": size}

@@ -19,12 +19,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from model.checkpoint import CheckpointError, check_checkpoint_path, save_file  # noqa: E402
 from model.crop_embedder import DEFAULT_WEIGHTS, MiniLMCropEmbedder  # noqa: E402
 from model.text import load_embedder  # noqa: E402
 from training.crop_embedder import (  # noqa: E402
     CropTrainConfig, crop_accuracy, name_vocabulary, scene_crops, train_crop_encoder,
 )
 from dataset.lineage import code_version  # noqa: E402
+from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
+from pipeline.sources import InputError  # noqa: E402
 from training.text import scene_stream  # noqa: E402
 
 TRAIN_SEED = 0  # the synthetic training stream of the other jobs
@@ -34,7 +37,8 @@ SCENE_SIZE = 256
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--output", default=str(DEFAULT_WEIGHTS))
+    ap.add_argument("--output", default=str(DEFAULT_WEIGHTS), help="weights file to write, local or s3://")
+    ap.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     ap.add_argument("--scenes", type=int, default=2000, help="training scenes (stream seed 0)")
     ap.add_argument("--steps", type=int, default=CropTrainConfig.steps)
     ap.add_argument("--batch", type=int, default=CropTrainConfig.batch)
@@ -42,6 +46,13 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-scenes", type=int, default=200)
     ap.add_argument("--log-every", type=int, default=250)
     args = ap.parse_args(argv)
+    try:  # ray job submit --working-dir: the default output lies in Ray's temporary copy
+        refuse_job_copy_paths([("--output" if args.output != str(DEFAULT_WEIGHTS) else "the default --output",
+                                args.output)], ROOT)
+        check_checkpoint_path(args.output)
+    except (InputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     text = load_embedder("minilm")
     vocabulary = name_vocabulary()
@@ -64,10 +75,13 @@ def main(argv=None) -> int:
             "args": vars(args), "train_seed": TRAIN_SEED, "eval_seed": EVAL_SEED, "crops": len(names),
             "train_seconds": round(seconds, 1), "held_out_accuracy": metrics, "final": history[-1],
             "code_version": code_version()}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"width": args.width, "model": encoder.state_dict(), "meta": meta}, args.output)
-    MiniLMCropEmbedder(args.output)  # the file loads as the registered embedder does
-    print(json.dumps({"output": args.output, "train_seconds": round(seconds, 1), **metrics}, indent=2))
+    digest = save_file({"width": args.width, "model": encoder.state_dict(), "meta": meta}, args.output,
+                       args.endpoint_url)
+    from actors.annotator import local_checkpoint  # the pipeline's reader: an s3:// output is downloaded
+
+    MiniLMCropEmbedder(local_checkpoint(args.output, args.endpoint_url))  # it loads as the registered embedder does
+    print(json.dumps({"output": args.output, "sha256": digest, "train_seconds": round(seconds, 1), **metrics},
+                     indent=2))
     return 0
 
 

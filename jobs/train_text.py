@@ -32,11 +32,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from model import CheckpointError, Sam, load_checkpoint, save_checkpoint  # noqa: E402
+from model.checkpoint import check_checkpoint_path  # noqa: E402
 from model.checkpoint import file_sha256  # noqa: E402
 from model.crop_embedder import ImageTextEmbedder  # noqa: E402
 from model.text import load_embedder  # noqa: E402
 from schemas.annotate import DEFAULT_CHECKPOINT, DEFAULT_TEXT_CHECKPOINT  # noqa: E402
 from dataset.lineage import code_version  # noqa: E402
+from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
+from pipeline.sources import InputError  # noqa: E402
 from training.text import (  # noqa: E402
     TextTrainConfig, dataset_items, mask_items, prepare_examples, read_captions, scene_stream, synthetic_items,
     text_miou, train_text,
@@ -82,7 +85,7 @@ def _examples(model: Sam, args: argparse.Namespace, image_embedder=None):
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init-checkpoint", default=DEFAULT_CHECKPOINT)
-    ap.add_argument("--output", default=DEFAULT_TEXT_CHECKPOINT)
+    ap.add_argument("--output", default=DEFAULT_TEXT_CHECKPOINT, help="checkpoint file to write, local or s3://")
     ap.add_argument("--embedder", default="minilm", help="model.text.load_embedder name or module:factory")
     ap.add_argument("--scenes", type=int, default=3000, help="training scenes (stream seed 0); 0: none")
     ap.add_argument("--dataset", action="append", default=[],
@@ -107,8 +110,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def job_copy_paths(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """The local paths that must not lie in a submitted job's working dir copy
+    (pipeline.cluster.refuse_job_copy_paths), by flag: what it writes, the output (given or
+    default, which lies under the code) and the examples cache, and the tables and captions
+    it reads, which the checkpoint's record names. The starting checkpoint, the bundled one
+    by default, may be read from the copy: its sha256 is recorded."""
+    output = "--output" if args.output != DEFAULT_TEXT_CHECKPOINT else "the default --output"
+    return [(output, args.output), ("--examples-cache", args.examples_cache),
+            *(("--dataset", path) for path in args.dataset), *(("--captions", path) for path in args.captions)]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        refuse_job_copy_paths(job_copy_paths(args), ROOT)
+        check_checkpoint_path(args.output)
+    except (InputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     torch.set_flush_denormal(True)
@@ -155,7 +175,7 @@ def main(argv=None) -> int:
         "final_loss": history[-1] if history else None,
         "code_version": code_version(),
     }
-    digest = save_checkpoint(model, args.output, meta)
+    digest = save_checkpoint(model, args.output, meta, args.endpoint_url)
     print(json.dumps({"output": args.output, "sha256": digest, "train_seconds": round(train_seconds, 1),
                       **metrics}, indent=2))
     return 0

@@ -13,12 +13,15 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from dataset.reader import DatasetNotFound  # noqa: E402
 from dataset.storage import storage_options  # noqa: E402
 from dataset.validation import validate  # noqa: E402
-from jobs.arg_types import count  # noqa: E402
+from jobs.arg_types import count, round_number  # noqa: E402
+from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
+from pipeline.sources import InputError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,11 +30,16 @@ def main(argv=None) -> int:
     pin = ap.add_mutually_exclusive_group()
     pin.add_argument("--version", type=count, help="Delta version of the annotations table")
     pin.add_argument("--run-id", help="the last version committed by this run")
-    pin.add_argument("--round", type=count, help="the last version committed in this round")
+    pin.add_argument("--round", type=round_number, help="the last version committed in this round")
     ap.add_argument("--decode", action="store_true", help="decode every mask with pycocotools too (slow)")
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     ap.add_argument("--examples", type=count, default=5, help="faults listed per kind")
     args = ap.parse_args(argv)
+    try:  # ray job submit --working-dir: a relative root names a dataset in Ray's temporary copy
+        refuse_job_copy_paths([("ROOT", args.root)], ROOT)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         report = validate(args.root, decode=args.decode, version=args.version, run_id=args.run_id,
                           round=args.round, options=storage_options(args.root, args.endpoint_url))

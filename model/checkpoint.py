@@ -10,6 +10,7 @@ import hashlib
 import os
 import pickle
 import re
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,10 @@ def _describe(path: str | os.PathLike, model_type: str | None, mmap: bool = Fals
     raise CheckpointError(f"{path}: not a SAM checkpoint (expected a state dict or a {FORMAT} file)")
 
 
-def save_checkpoint(model: Sam, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> str:
-    """Write model weights, config and JSON-like metadata; returns the file's sha256."""
+def save_checkpoint(model: Sam, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+                    endpoint_url: str | None = None) -> str:
+    """Write model weights, config and JSON-like metadata to a local path or an s3:// URI
+    (save_file); returns the file's sha256."""
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -89,12 +92,43 @@ def save_checkpoint(model: Sam, path: str | os.PathLike, meta: dict[str, Any] | 
         "meta": meta or {},
         "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
-    path = Path(path)
+    return save_file(payload, path, endpoint_url)
+
+
+def save_file(payload: Any, path: str | os.PathLike, endpoint_url: str | None = None) -> str:
+    """torch.save payload to a local path or an s3:// URI; returns the file's sha256. Never a
+    half-written file under the real name: locally it is renamed into place; to S3 it is
+    written locally first and uploaded (endpoint_url or AWS_ENDPOINT_URL), so a reader sees
+    the old object or the whole new one."""
+    from dataset.storage import is_s3, s3_filesystem  # here: importing model stays light
+
+    check_checkpoint_path(path)
+    if is_s3(path):
+        with tempfile.TemporaryDirectory(prefix="samengine-checkpoint-") as folder:
+            local = Path(folder) / "checkpoint.pt"
+            torch.save(payload, local)
+            digest = file_sha256(local)
+            s3_filesystem(endpoint_url).put_file(str(local), str(path).split("://", 1)[1])
+            return digest
+    path = Path(str(path).removeprefix("file://"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint under the real name
+    os.replace(tmp, path)
     return file_sha256(path)
+
+
+def check_checkpoint_path(path: str | os.PathLike) -> None:
+    """CheckpointError for a destination that is neither a local path nor an s3:// URI
+    (pathlib would make a local folder named after its scheme); jobs call it before any work."""
+    from dataset.storage import is_s3
+
+    text = str(path)
+    if "://" in text and not is_s3(text) and not text.startswith("file://"):
+        raise CheckpointError(f"{path}: a checkpoint is written to a local path or an s3:// URI, "
+                              f"not a {text.split('://', 1)[0]}:// one")
+    if is_s3(text) and (len(text.split("://", 1)[1].split("/", 1)) < 2 or text.endswith("/")):
+        raise CheckpointError(f"{path}: an s3:// checkpoint destination names a bucket and a key")
 
 
 def load_weights(model: Sam, state: dict[str, torch.Tensor], source: Any = "state dict") -> None:

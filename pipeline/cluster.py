@@ -130,11 +130,14 @@ def job_working_dir_copy(*places: str | Path) -> str | None:
     return None
 
 
-def refuse_job_copy_paths(paths: Iterable[tuple[str, str | None]], code_root: str | Path) -> None:
+def refuse_job_copy_paths(paths: Iterable[tuple[str, str | None]], code_root: str | Path, s3: bool = True) -> None:
     """InputError when this job runs in a working dir copy (job_working_dir_copy of the
     current folder or code_root) and one of the local paths, given as (flag, path) pairs,
     resolves inside that copy: what a job writes there is lost, and URIs it stores there
-    name files the user never sees. Absolute paths elsewhere and s3:// URIs pass."""
+    name files the user never sees. Absolute paths elsewhere and s3:// URIs pass. Every
+    job calls it before it starts anything and prints the error as its one line, exit 2.
+    s3=False for paths that must be local (a report file, an export): the error then does
+    not suggest an s3:// URI."""
     try:
         here = os.getcwd()
     except FileNotFoundError:  # run from a folder since deleted: only the code's place tells
@@ -149,13 +152,4 @@ def refuse_job_copy_paths(paths: Iterable[tuple[str, str | None]], code_root: st
         if full == copy or full.startswith(copy + os.sep):
             raise InputError(f"{flag} {path} resolves to {full}, inside Ray's temporary copy of this job's "
                              "--working-dir, which Ray deletes later: give an absolute path on storage the "
-                             "cluster's nodes share, or an s3:// URI")
-
-
-def job_copy_problem(paths: Iterable[tuple[str, str | None]], code_root: str | Path) -> str | None:
-    """refuse_job_copy_paths's reason as a line for a job to print, or None."""
-    try:
-        refuse_job_copy_paths(paths, code_root)
-    except InputError as e:
-        return str(e)
-    return None
+                             "cluster's nodes share" + (", or an s3:// URI" if s3 else ""))

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import time
-from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
 import pyarrow as pa
 
-from dataset.storage import OTHER_ROOT_ENTRIES, TABLE_NAMES, WRITER_LEASE, is_s3, root_name_problem
+from dataset.storage import (
+    OTHER_ROOT_ENTRIES, TABLE_NAMES, WRITER_LEASE, is_s3, root_name_problem, s3_filesystem,
+)
 
 # Suffixes a folder or prefix listing takes: the formats pipeline.images decodes, then image
 # formats it recognises but does not decode, listed so that they are quarantined as
@@ -37,26 +38,6 @@ LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.str
 class InputError(ValueError):
     """An argument of the run itself is unusable: an input spec with nothing to list or an
     unreadable manifest, a checkpoint that cannot be read, an output it cannot write to."""
-
-
-def s3_filesystem(endpoint_url: str | None = None):
-    """An s3fs filesystem for the current AWS environment (credentials, region; the endpoint
-    from the argument or AWS_ENDPOINT_URL). Instances are shared per process and per
-    environment; listings are not cached: a listing cached by an earlier reader would hide
-    objects written since."""
-    env = os.environ
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    return _s3_filesystem(endpoint_url or env.get("AWS_ENDPOINT_URL"), region, env.get("AWS_ACCESS_KEY_ID"))
-
-
-@lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None):
-    import s3fs
-
-    client = {"endpoint_url": endpoint} if endpoint else {}
-    if region:
-        client["region_name"] = region
-    return s3fs.S3FileSystem(client_kwargs=client, use_listings_cache=False)
 
 
 def check_output(root: str, endpoint_url: str | None = None) -> None:

@@ -16,6 +16,7 @@ from amg.params import AmgParams
 from model.config import CONFIGS
 from model.text import normalize_phrase
 from pipeline.images import ImageLimits
+from schemas.records import ROUND_MAX
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_INPUT = str(ROOT / "examples" / "images")
@@ -79,7 +80,7 @@ class AnnotateConfig(BaseModel):
 
     replace: bool = Field(False, description="re-annotate images the dataset already holds, replacing their rows "
                                              "(a full rebuild); resume then skips only what this run_id wrote")
-    round: int = Field(0, ge=0, description="data-engine round whose checkpoint is used")
+    round: int = Field(0, ge=0, le=ROUND_MAX, description="data-engine round whose checkpoint is used")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
                                description="default: a fresh id per invocation (letters, digits, . _ -)")
     ray_address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, a running local "

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from amg.params import AmgParams
 
-from .records import Rle
+from .records import ROUND_MAX, Rle
 
 ROOT = Path(__file__).resolve().parents[1]
 # The bundled checkpoint with a text input: clicks give the same masks as with the plain one,
@@ -37,7 +37,7 @@ class EngineConfig(_Message):
     images_from: str | None = Field(None, description="or a dataset root: annotate the images it lists")
     output: str = Field(description="dataset root the accepted masks are committed to")
     stage: Literal["manual", "semi_auto"] = "manual"
-    round: int = Field(0, ge=0, description="data-engine round recorded with every mask")
+    round: int = Field(0, ge=0, le=ROUND_MAX, description="data-engine round recorded with every mask")
     run_id: str | None = Field(None, description="lineage run id; default: <stage>-r<round>-<start time>")
 
     checkpoint: str = DEFAULT_CHECKPOINT

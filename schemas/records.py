@@ -14,6 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Rounds are stored as int32 (schemas.arrow): a larger one could not be written.
+ROUND_MAX = 2**31 - 1
+
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 # How a mask came to be, in the order of the SAM data engine.
@@ -40,7 +43,7 @@ class MaskAnnotation(_Record):
     stability_score: float | None = None
     crop_box: tuple[int, int, int, int] = Field(description="XYWH of the crop the mask came from")
     stage: Stage
-    round: int = Field(ge=0, description="data-engine round whose checkpoint produced the mask")
+    round: int = Field(ge=0, le=ROUND_MAX, description="data-engine round whose checkpoint produced the mask")
     text_prompt: str | None = Field(None, description="the text that prompted the mask (jobs/auto_annotate.py --text)")
 
 
@@ -95,7 +98,7 @@ class LineageRecord(_Record):
     custom metadata of each of the run's Delta commits, so that any version names its
     run, round and stage without a second read."""
     run_id: str
-    round: int = Field(ge=0)
+    round: int = Field(ge=0, le=ROUND_MAX)
     stage: Stage
     checkpoint_hash: str = ""
     params_json: str = Field("{}", description="generator parameters, JSON with sorted keys")

@@ -115,6 +115,20 @@ def test_bad_params_name_the_field(kwargs, field):
         AmgParams(**kwargs)
 
 
+def test_point_grids_alone_replace_the_default_side():
+    """point_grids given without points_per_side is one grid source, not two: the default 32
+    gives way (also over a checkpoint's recommended points_per_side). Both given is an error."""
+    params = AmgParams(point_grids=[[[0.5, 0.5]]])
+    assert params.points_per_side is None and [g.tolist() for g in params.grids()] == [[[0.5, 0.5]]]
+    assert params.over({"points_per_side": 16, "pred_iou_thresh": 0.5}).points_per_side is None
+    assert AmgParams.model_validate({"points_per_side": None, "point_grids": [[[0.5, 0.5]]]}) == params
+    for side in (32, 8):
+        with pytest.raises(ValidationError, match="points_per_side and point_grids are both given: give one of them"):
+            AmgParams(points_per_side=side, point_grids=[[[0.5, 0.5]]])
+    with pytest.raises(ValidationError, match="one of points_per_side or point_grids must be given"):
+        AmgParams(points_per_side=None, point_grids=None)
+
+
 def test_explicit_point_grid(models, images):
     ours, _ = models
     grid = [[(x, y) for y in np.linspace(0.1, 0.9, 8) for x in np.linspace(0.1, 0.9, 8)]]

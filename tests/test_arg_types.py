@@ -47,7 +47,18 @@ def test_negative_numbers_are_usage_errors(root, tmp_path, capsys):
              "argument --cpu-price: must be a number >= 0, got -1"),
             (plan.main, ["--images", "10", "--hours", "1", "--cpu-price", "nan"],
              "argument --cpu-price: must be a number >= 0, got nan"),
-            (validate.main, [root, "--version", "x"], "argument --version: expected a whole number >= 0, got 'x'")):
+            (validate.main, [root, "--version", "x"], "argument --version: expected a whole number >= 0, got 'x'"),
+            # float() takes nan and inf: refused here, not an OverflowError from math.ceil later.
+            (plan.main, ["--rate", "inf"], "argument --rate: must be a finite number > 0, got inf"),
+            (plan.main, ["--rate", "nan"], "argument --rate: must be a finite number > 0, got nan"),
+            (plan.main, ["--rate", "0"], "argument --rate: must be a finite number > 0, got 0"),
+            (plan.main, ["--images=-inf", "--hours", "1"], "argument --images: must be a finite number > 0, got -inf"),
+            (plan.main, ["--images", "5", "--hours", "nan"], "argument --hours: must be a finite number > 0, got nan"),
+            (plan.main, ["--images", "5", "--hours", "1e999"], "argument --hours: must be a finite number > 0, got 1e999"),
+            # int() refuses them already: the whole-number options give a usage line too.
+            (validate.main, [root, "--version", "inf"], "argument --version: expected a whole number >= 0, got 'inf'"),
+            (maintain.main, [root, "compact", "--target-size", "nan"],
+             "argument --target-size: expected a whole number > 0, got 'nan'")):
         _usage_error(capsys, main, argv, expected)
     assert not (tmp_path / "x.json").exists()
 
@@ -61,3 +72,35 @@ def test_resolve_version_refuses_a_negative_version(root):
     with pytest.raises(DatasetNotFound, match="has no version -1"):
         resolve_version(root, version=-1)
     assert resolve_version(root, version=0) == 0
+
+
+def test_numbers_too_large_for_the_store_are_usage_errors(root, capsys):
+    """Whole numbers past what delta-rs, the int32 round column or a vacuum's duration take
+    were OverflowError tracebacks, a delta-rs panic, or (a huge version) a search without end."""
+    for main, argv, expected in (
+            (validate.main, [root, "--version", str(2**64)], f"argument --version: must be <= {2**63 - 1}, got {2**64}"),
+            (validate.main, [root, "--round", str(2**31)], f"argument --round: must be <= {2**31 - 1}, got {2**31}"),
+            (report.main, [root, "--round", str(2**31)], f"argument --round: must be <= {2**31 - 1}, got {2**31}"),
+            (maintain.main, [root, "vacuum", "--retention-hours", str(2**63 - 1)],
+             f"argument --retention-hours: must be <= 1000000, got {2**63 - 1}"),
+            (maintain.main, [root, "compact", "--target-size", str(2**64)],
+             f"argument --target-size: must be <= {2**63 - 1}, got {2**64}")):
+        _usage_error(capsys, main, argv, expected)
+
+
+def test_a_version_past_the_latest_is_refused_at_once(root, capsys):
+    for version in (2, 2**63 - 1):  # the latest is 1 (creation, one commit)
+        with pytest.raises(DatasetNotFound, match=f"has no version {version} \\(versions 0..1\\)"):
+            resolve_version(root, version=version)
+    assert validate.main([root, "--version", str(2**63 - 1)]) == 2
+    assert f"has no version {2**63 - 1}" in capsys.readouterr().err
+
+
+def test_a_round_past_the_int32_column_is_a_settings_error():
+    from pydantic import ValidationError
+
+    from jobs.auto_annotate import load_config
+
+    with pytest.raises(ValidationError, match="round"):
+        load_config(["--round", str(2**31)])
+    assert load_config(["--round", str(2**31 - 1)]).round == 2**31 - 1

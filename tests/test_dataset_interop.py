@@ -188,22 +188,29 @@ def test_export_job_to_a_destination_it_cannot_write(source, tmp_path):
     assert taken.read_text() == "a file"
 
 
-def test_unusable_import_records_are_quarantined_and_the_rest_committed(tmp_path):
-    from dataset import read_table
-
-    rng = np.random.default_rng(5)
+def _coco_with_bad_records(tmp_path, seed: int, bad_name: str, bad_segmentation) -> Path:
+    """A COCO file of three images under tmp_path/img: good.jpg with a square, gone.jpg
+    (missing) and bad_name, whose one mask is bad_segmentation."""
+    rng = np.random.default_rng(seed)
     (tmp_path / "img").mkdir()
-    for name in ("good.jpg", "bad_segm.jpg"):
+    for name in ("good.jpg", bad_name):
         (tmp_path / "img" / name).write_bytes(_jpeg(rng, 40, 50))
     square = [[5.0, 5.0, 30.0, 5.0, 30.0, 20.0, 5.0, 20.0]]
     coco = {"images": [{"id": 1, "width": 50, "height": 40, "file_name": "good.jpg"},
                        {"id": 2, "width": 50, "height": 40, "file_name": "gone.jpg"},
-                       {"id": 3, "width": 50, "height": 40, "file_name": "bad_segm.jpg"}],
+                       {"id": 3, "width": 50, "height": 40, "file_name": bad_name}],
             "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": square},
                             {"id": 2, "image_id": 2, "category_id": 1, "segmentation": square},
-                            {"id": 3, "image_id": 3, "category_id": 1, "segmentation": {"size": [40, 50]}}]}
+                            {"id": 3, "image_id": 3, "category_id": 1, "segmentation": bad_segmentation}]}
     path = tmp_path / "labels.json"
     path.write_text(json.dumps(coco))
+    return path
+
+
+def test_unusable_import_records_are_quarantined_and_the_rest_committed(tmp_path):
+    from dataset import read_table
+
+    path = _coco_with_bad_records(tmp_path, 5, "bad_segm.jpg", {"size": [40, 50]})
     root = str(tmp_path / "ds")
     writer = DatasetWriter(root, new_lineage(round=0, stage="manual", run_id="imp"))
     assert len(import_coco(path, writer, images_dir=tmp_path / "img")) == 1
@@ -434,19 +441,7 @@ def test_import_job_rerun_records_each_quarantined_item_once(tmp_path, capsys):
     row (neither as a new run nor resumed under the same run id)."""
     from dataset import read_table
 
-    rng = np.random.default_rng(11)
-    (tmp_path / "img").mkdir()
-    for name in ("good.jpg", "bad_polygon.jpg"):
-        (tmp_path / "img" / name).write_bytes(_jpeg(rng, 40, 50))
-    square = [[5.0, 5.0, 30.0, 5.0, 30.0, 20.0, 5.0, 20.0]]
-    coco = {"images": [{"id": 1, "width": 50, "height": 40, "file_name": "good.jpg"},
-                       {"id": 2, "width": 50, "height": 40, "file_name": "gone.jpg"},
-                       {"id": 3, "width": 50, "height": 40, "file_name": "bad_polygon.jpg"}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": square},
-                            {"id": 2, "image_id": 2, "category_id": 1, "segmentation": square},
-                            {"id": 3, "image_id": 3, "category_id": 1, "segmentation": [[5, 5, 30, 20]]}]}
-    path = tmp_path / "labels.json"
-    path.write_text(json.dumps(coco))
+    path = _coco_with_bad_records(tmp_path, 11, "bad_polygon.jpg", [[5, 5, 30, 20]])
     root = str(tmp_path / "ds")
     argv = (root, path, "--from", "coco", "--images-dir", tmp_path / "img")
     tables = ("annotations", "quarantine", "duplicates", "lineage")

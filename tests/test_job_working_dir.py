@@ -121,3 +121,50 @@ def test_the_other_writing_jobs_refuse_paths_in_the_copy(tmp_path, monkeypatch, 
         assert err.startswith(f"error: {flag} resolves to ") and "temporary copy" in err, err
         assert len(err.strip().splitlines()) == 1, err
     assert os.listdir(copy) == []
+
+
+def test_the_maintainer_jobs_refuse_paths_in_the_copy(tmp_path, monkeypatch, capsys):
+    """In-process, run from a copy: what the checkpoint-making jobs write (a text or crop
+    checkpoint, an examples cache, a calibrated checkpoint) and the tables and files they
+    read must not lie in it, nor may a dataset that validate checks or maintain rewrites.
+    Each case's other arguments would stop it at once were the path let through."""
+    from jobs import calibrate_checkpoint, maintain, train_crop_embedder, train_text, validate
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_3"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    elsewhere, missing = str(tmp_path / "text.pt"), str(tmp_path / "missing.pt")
+    for main, argv, flag in (
+            (train_text.main, ["--output", "text.pt", "--embedder", "none"], "--output text.pt"),
+            (train_text.main, ["--output", elsewhere, "--examples-cache", "cache.pt", "--embedder", "none"],
+             "--examples-cache cache.pt"),
+            (train_text.main, ["--output", elsewhere, "--dataset", str(tmp_path / "t"), "--dataset", "t",
+                               "--embedder", "none"], "--dataset t"),
+            (train_text.main, ["--output", elsewhere, "--captions", "c.json", "--embedder", "none"],
+             "--captions c.json"),
+            (train_crop_embedder.main, ["--output", "crops.pt", "--scenes", "0", "--steps", "0"], "--output crops.pt"),
+            (calibrate_checkpoint.main, ["--checkpoint", "m.pt"], "--checkpoint (rewritten in place) m.pt"),
+            (calibrate_checkpoint.main, ["--checkpoint", missing, "--output", "m.pt"], "--output m.pt"),
+            (maintain.main, ["ds", "compact"], "ROOT ds"),
+            (validate.main, ["ds"], "ROOT ds")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} resolves to ") and "temporary copy" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert os.listdir(copy) == []
+    # Reading a checkpoint from the copy is fine when what is written goes elsewhere: past
+    # the check, the missing file is what stops it.
+    assert calibrate_checkpoint.main(["--checkpoint", "m.pt", "--output", missing]) == 2
+    assert "temporary copy" not in capsys.readouterr().err
+
+
+def test_maintainer_jobs_refuse_their_default_outputs_in_the_copy(job_copy):
+    """Their default outputs lie under the code's checkpoints/ folder, so in the copy."""
+    copy, env = job_copy
+    r = _run(copy, env, "jobs/train_crop_embedder.py", "--scenes", "0", "--steps", "0", "--eval-scenes", "0")
+    _refused(r, "the default --output")
+    assert str(copy / "checkpoints" / "crop_embedder_minilm.pt") in r.stderr
+    r = _run(copy, env, "jobs/train_text.py")
+    _refused(r, "the default --output")
+    assert str(copy / "checkpoints" / "samengine_tiny256_text.pt") in r.stderr
+    assert not (copy / "checkpoints").exists()

@@ -153,6 +153,26 @@ def test_cli_errors(files, tmp_path, capsys):
     assert "TYPE=USD" in capsys.readouterr().err
 
 
+def test_overflowing_plans_are_clear_errors(files, capsys):
+    """Finite options whose ratio or cost overflows a float: one line, exit 2, no traceback."""
+    for argv, message in (
+            (["--images", "1e308", "--hours", "1e-10"], "give rate = inf, out of the range a float can hold"),
+            (["--rate", "1e308", "--hours", "1e10"], "give images = inf"),
+            (["--rate", "1e300", "--images", "1e-300"], "give hours = 0"),
+            # 1e308 images/s over cpus' encode at 0.5 images/s per actor: 2e308 actors.
+            (["--rate", "1e308", "--gpu-price", "X100=2"], "1e+308 images/s is too many to plan for (encode would need more than"),
+            # A countable plan whose GPU cost is not.
+            (["--rate", "1e300", "--gpu-price", "X100=1e10"], "has a cost or CPU/GPU count beyond what a float can hold")):
+        assert main(["--results", *files, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("plan: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_tiny_rate_still_needs_one_actor(files, capsys):
+    out = run_json(capsys, "--results", *files, "--rate", "1e-12", "--gpu-price", "X100=2")
+    assert all(r["actors"] == 1 for p in out["plans"] for r in p["stages"])
+
+
 def test_amg_benchmark_writes_results(tmp_path):
     path = tmp_path / "amg.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "amg.py"), "--skip-official", "--precision", "fp32",

@@ -529,3 +529,23 @@ def test_metrics_record_a_writer_batch_without_ray():
     seconds = m["seconds"].by("stage")
     assert seconds == pytest.approx({"read": 0.8, "encode": 3.1, "write": 0.05})
     assert len([1 for _, t in m["seconds"].calls if t["stage"] == "encode"]) == 3
+
+
+def test_report_of_a_run_that_only_quarantined(cluster, tmp_path):
+    """A run whose inputs were all quarantined makes no annotations commit: its round and
+    stage in "Runs in this version" come from its lineage row, not a dash. Last in this
+    module: its pipeline run adds to the cluster's metrics, which
+    test_live_metrics_on_the_prometheus_endpoint compares with the made run's alone."""
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_text("x\n")
+    root = str(tmp_path / "ds")
+    summary = run(load_config(["--input", str(tmp_path / "in"), "--output", root, "--round", "2"]))
+    assert summary["quarantined"] == 3 and summary["annotated"] == 0
+    out = tmp_path / "r.html"
+    assert report_main([root, "--out", str(out), "--gallery", "0"]) == 0
+    html = out.read_text()
+    runs = parse(html).data["runs"]
+    assert [(r["run_id"], r["round"], r["stage"], r["quarantined"]) for r in runs] == \
+        [(summary["run_id"], 2, "auto", 3)]
+    assert f"<td><code>{summary['run_id'][:12]}</code></td><td>2</td><td>auto</td>" in html
