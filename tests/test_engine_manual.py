@@ -254,12 +254,17 @@ def test_service_with_invalid_settings_is_refused_in_one_line(tmp_path, capsys):
             (["--images-from", root, "--output", root],
              "error: invalid settings: output must be a different dataset root from the one images or pre-fill "
              "come from"),
-            (["--images", str(tmp_path), "--output", str(tmp_path / "out"), "--replicas", "0", "--round", "-1"],
-             "error: invalid settings: round: Input should be greater than or equal to 0 (got -1); num_replicas: "
+            (["--images", str(tmp_path), "--output", str(tmp_path / "out"), "--replicas", "0", "--cache-mb", "0"],
+             "error: invalid settings: cache_bytes: Input should be greater than 0 (got 0); num_replicas: "
              "Input should be greater than or equal to 1 (got 0)")):
         assert annotate_service.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err == says + "\n", err
+    # A round out of range is refused by the flag itself (jobs/arg_types.round_number).
+    with pytest.raises(SystemExit) as e:
+        annotate_service.main(["--images", str(tmp_path), "--output", str(tmp_path / "out"), "--round", "-1"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("argument --round: must be >= 0, got -1")
     assert not (tmp_path / "out").exists()
 
 
