@@ -116,6 +116,8 @@ def open_version(root: str, *, version: int | None = None, run_id: str | None = 
                  round: int | None = None, options: dict[str, str] | None = None) -> DeltaTable:
     """The annotations table pinned at the resolved version."""
     options = _options(root, options)
+    if version is not None and run_id is None and round is None:
+        return _open(root, "annotations", options, version)  # checks it, as resolve_version would
     v = resolve_version(root, version=version, run_id=run_id, round=round, options=options)
     return _open(root, "annotations", options, v)
 

@@ -212,8 +212,12 @@ def _key_table(path: Path) -> dict[int, dict]:
     return {row["image_key"]: row for row in pq.read_table(path).to_pylist()}
 
 
+def read_sa1b_sources(sources: Iterable[str | Path]) -> Iterator[dict | Skipped]:
+    """The records of several SA-1B folders / tar shards, every source checked (read_sa1b's
+    ValueError) when this is called, before any record is read or anything is written."""
+    return itertools.chain.from_iterable([read_sa1b(s) for s in sources])
+
+
 def import_sa1b(sources: Iterable[str | Path], writer, chunk_images: int = 1000) -> list[int]:
-    """Commit SA-1B folders / tar shards through a DatasetWriter; returns the versions made.
-    Every source is checked (read_sa1b) before anything is written."""
-    records = [read_sa1b(s) for s in sources]
-    return writer.commit_all(itertools.chain.from_iterable(records), chunk_images)
+    """Commit SA-1B folders / tar shards through a DatasetWriter; returns the versions made."""
+    return writer.commit_all(read_sa1b_sources(sources), chunk_images)

@@ -20,7 +20,6 @@ stay committed).
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from dataset.coco import read_coco  # noqa: E402
 from dataset.lineage import new_lineage  # noqa: E402
-from dataset.sa1b import read_sa1b  # noqa: E402
+from dataset.sa1b import read_sa1b_sources  # noqa: E402
 from dataset.writer import DatasetWriter  # noqa: E402
 from jobs.arg_types import round_number  # noqa: E402
 from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
@@ -66,9 +65,9 @@ def main(argv=None) -> int:
     writer, versions, orphans = None, [], 0
     try:
         if args.fmt == "sa1b":
-            records = [read_sa1b(s) for s in args.sources]  # every source checked: a bad one, nothing created
+            records = read_sa1b_sources(args.sources)  # every source checked: a bad one, nothing created
             writer = _writer(args.root, lineage, args.endpoint_url)
-            versions = writer.commit_all(itertools.chain.from_iterable(records), args.chunk_images)
+            versions = writer.commit_all(records, args.chunk_images)
         else:
             for source in args.sources:
                 coco = read_coco(source, args.images_dir, from_file=from_file)  # a bad file: nothing created
