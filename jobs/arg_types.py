@@ -78,3 +78,17 @@ def local_output(text: str) -> str:
         raise argparse.ArgumentTypeError(f"must be a local path; this output cannot be written to "
                                          f"{text.split('://', 1)[0]}:// (got {text!r})")
     return text
+
+
+def add_version_pin(ap: argparse.ArgumentParser) -> None:
+    """The options that pin which version of a dataset a job reads (at most one): --version,
+    --run-id, --round; read back with version_pin."""
+    pin = ap.add_mutually_exclusive_group()
+    pin.add_argument("--version", type=count, help="Delta version of the annotations table")
+    pin.add_argument("--run-id", help="the last version committed by this run")
+    pin.add_argument("--round", type=round_number, help="the last version committed in this round")
+
+
+def version_pin(args: argparse.Namespace) -> dict:
+    """add_version_pin's options as the keyword arguments the dataset readers take."""
+    return {"version": args.version, "run_id": args.run_id, "round": args.round}

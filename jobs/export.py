@@ -35,7 +35,7 @@ from dataset.exports import export_parquet  # noqa: E402
 from dataset.reader import DataFileMissing, DatasetNotFound, open_version  # noqa: E402
 from dataset.sa1b import export_sa1b  # noqa: E402
 from dataset.storage import storage_options  # noqa: E402
-from jobs.arg_types import count, round_number, local_output  # noqa: E402
+from jobs.arg_types import add_version_pin, local_output, version_pin  # noqa: E402
 from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
 from pipeline.sources import InputError  # noqa: E402
 
@@ -45,10 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
     ap.add_argument("--to", required=True, choices=["sa1b", "coco", "parquet"])
     ap.add_argument("--dest", required=True, type=local_output)
-    pin = ap.add_mutually_exclusive_group()
-    pin.add_argument("--version", type=count)
-    pin.add_argument("--run-id")
-    pin.add_argument("--round", type=round_number)
+    add_version_pin(ap)
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = ap.parse_args(argv)
     try:
@@ -58,7 +55,7 @@ def main(argv=None) -> int:
         return 2
     options = storage_options(args.root, args.endpoint_url)
     try:
-        version = open_version(args.root, version=args.version, run_id=args.run_id, round=args.round,
+        version = open_version(args.root, **version_pin(args),
                                options=options).version()  # resolved, and it exists
     except DatasetNotFound as e:
         print(f"error: {e}", file=sys.stderr)

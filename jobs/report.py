@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from dashboards import write_report  # noqa: E402
 from dashboards.report import DestinationError  # noqa: E402
 from dataset.reader import DataFileMissing, DatasetNotFound  # noqa: E402
-from jobs.arg_types import count, round_number, local_output  # noqa: E402
+from jobs.arg_types import add_version_pin, count, local_output, version_pin  # noqa: E402
 from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
 from pipeline.sources import InputError  # noqa: E402
 
@@ -27,10 +27,7 @@ from pipeline.sources import InputError  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
-    pin = ap.add_mutually_exclusive_group()
-    pin.add_argument("--version", type=count, help="Delta version of the annotations table")
-    pin.add_argument("--run-id", help="the last version committed by this run")
-    pin.add_argument("--round", type=round_number, help="the last version committed in this round")
+    add_version_pin(ap)
     ap.add_argument("--out", type=local_output, help="local HTML file to write, missing folders made "
                                    "(default: <root>/reports/version-<N>.html)")
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
@@ -45,7 +42,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        path = write_report(args.root, out=args.out, version=args.version, run_id=args.run_id, round=args.round,
+        path = write_report(args.root, out=args.out, **version_pin(args),
                             endpoint_url=args.endpoint_url, sample_images=args.sample_images,
                             max_concavity_masks=args.concavity_masks, gallery_images=args.gallery)
     except (DatasetNotFound, DataFileMissing) as e:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from dataset.reader import DatasetNotFound  # noqa: E402
 from dataset.storage import storage_options  # noqa: E402
 from dataset.validation import validate  # noqa: E402
-from jobs.arg_types import count, round_number  # noqa: E402
+from jobs.arg_types import add_version_pin, count, version_pin  # noqa: E402
 from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
 from pipeline.sources import InputError  # noqa: E402
 
@@ -27,10 +27,7 @@ from pipeline.sources import InputError  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", help="dataset root: a folder or an s3:// prefix")
-    pin = ap.add_mutually_exclusive_group()
-    pin.add_argument("--version", type=count, help="Delta version of the annotations table")
-    pin.add_argument("--run-id", help="the last version committed by this run")
-    pin.add_argument("--round", type=round_number, help="the last version committed in this round")
+    add_version_pin(ap)
     ap.add_argument("--decode", action="store_true", help="decode every mask with pycocotools too (slow)")
     ap.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     ap.add_argument("--examples", type=count, default=5, help="faults listed per kind")
@@ -41,8 +38,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        report = validate(args.root, decode=args.decode, version=args.version, run_id=args.run_id,
-                          round=args.round, options=storage_options(args.root, args.endpoint_url))
+        report = validate(args.root, decode=args.decode, **version_pin(args),
+                          options=storage_options(args.root, args.endpoint_url))
     except DatasetNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
