@@ -216,19 +216,12 @@ def train(ctx: RoundContext, version: int) -> dict:
     version (see training_snapshot), mixed with synthetic ground truth if the config asks.
     The run is named after the round, so an interrupted one resumes from its last Ray
     Train checkpoint."""
-    from training.loop import ParquetSource, SyntheticSource, TrainConfig, run_training
+    from training.loop import run_training
 
     config = ctx.config
     files, kept = training_snapshot(ctx.root, version, Path(ctx.root) / TRAIN_DATA_DIR / f"round_{ctx.round}",
                                     config.min_train_mask_area)
-    extra = dict(config.train)
-    synthetic = None
-    if config.synthetic_fraction > 0:
-        synthetic = SyntheticSource(**(extra.pop("synthetic", None) or {}))
-    cfg = TrainConfig(**{
-        **extra, "steps": config.train_steps, "init_checkpoint": ctx.checkpoint, "synthetic": synthetic,
-        "parquet": ParquetSource(paths=files, fraction=1 - config.synthetic_fraction),
-    })
+    cfg = round_train_config(config, ctx.checkpoint, files)
     output = checkpoint_path(ctx.root, ctx.round + 1)
     output.parent.mkdir(parents=True, exist_ok=True)
     path, metrics = run_training(cfg, str(Path(ctx.root) / TRAIN_RUNS_DIR), num_workers=config.train_workers,
@@ -236,6 +229,38 @@ def train(ctx: RoundContext, version: int) -> dict:
     return {"checkpoint": path, "checkpoint_sha256": file_sha256(path), "dataset_version": version,
             "train_data": kept, "init_checkpoint": ctx.checkpoint,
             "metrics": {k: v for k, v in metrics.items() if k != "history"}}
+
+
+def round_train_config(config: RoundsConfig, init_checkpoint: str, files: list[str]):
+    """The training.loop.TrainConfig of a round: the config's train section, its steps and
+    synthetic share, fine-tuning init_checkpoint on the Parquet files."""
+    from training.loop import ParquetSource, SyntheticSource, TrainConfig
+
+    extra = dict(config.train)
+    synthetic = None
+    if config.synthetic_fraction > 0:
+        synthetic = SyntheticSource(**(extra.pop("synthetic", None) or {}))
+    return TrainConfig(**{
+        **extra, "steps": config.train_steps, "init_checkpoint": init_checkpoint, "synthetic": synthetic,
+        "parquet": ParquetSource(paths=files, fraction=1 - config.synthetic_fraction),
+    })
+
+
+def check_stage_settings(config: RoundsConfig) -> None:
+    """Validate now the sections that stages read only when they run (train, held_out.amg),
+    so that a mistake there is refused before round 0 instead of after hours of annotation.
+    Raises SettingsFileError naming the section's fields (train.lr: ...)."""
+    from pydantic import ValidationError
+
+    from amg import AmgParams
+    from schemas.settings_file import SettingsFileError, validation_problems
+
+    for section, check in (("train", lambda: round_train_config(config, config.initial_checkpoint, [])),
+                           ("held_out.amg", lambda: AmgParams(**{**config.held_out.amg, "output_mode": "coco_rle"}))):
+        try:
+            check()
+        except ValidationError as e:
+            raise SettingsFileError(f"invalid settings: {validation_problems(e, section)}") from None
 
 
 def training_snapshot(root: str, version: int, folder: Path, min_area: int) -> tuple[list[str], dict]:

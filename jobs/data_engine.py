@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
+from engine.round_stages import check_stage_settings  # noqa: E402
 from engine.rounds import RoundsConfig  # noqa: E402
 from jobs.auto_annotate import load_config  # noqa: E402
 from schemas.settings_file import (  # noqa: E402
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args, annotate_args = parse_args(argv)
     try:
         config = build_config(args, annotate_args)
+        check_stage_settings(config)  # train:, held_out.amg:, read by stages later
         # The automatic stage's flags, as it will read them: a bad one is refused now, not mid-round.
         load_config(["--output", config.root, "--checkpoint", config.initial_checkpoint, *config.annotate_args])
     except SETTINGS_ERRORS as e:
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         records = run_rounds(config, hooks, until=until)
-    except SETTINGS_ERRORS as e:  # a section a stage validates when it runs (train, held_out.amg)
+    except SETTINGS_ERRORS as e:  # checked up front; kept one line should a stage still find one
         print(settings_error_message(e), file=sys.stderr)
         return 2
     except ValueError as e:

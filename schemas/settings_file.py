@@ -27,13 +27,14 @@ def settings_error_message(error: Exception) -> str:
     return f"error: {error}"
 
 
-def validation_problems(error: ValidationError) -> str:
+def validation_problems(error: ValidationError, section: str = "") -> str:
     """pydantic's errors as `field.path: message (got value); ...` on one line. str(error)
     spends several lines and a documentation URL on each field, and its title names our
-    model class, which a user never typed."""
+    model class, which a user never typed. section: where the validated model sits in the
+    user's settings (its fields are named `section.field`)."""
     problems = []
     for e in error.errors(include_url=False):
-        where = ".".join(map(str, e["loc"]))
+        where = ".".join(map(str, [*filter(None, [section]), *e["loc"]]))
         message = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         value = e.get("input")
         # The value, when it is one the user wrote and the message does not quote it already.

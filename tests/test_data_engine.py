@@ -329,6 +329,23 @@ def test_cli_refuses_bad_settings_before_starting_anything(tmp_path, capsys):
     assert not (tmp_path / "ds").exists()
 
 
+def test_cli_refuses_bad_train_and_held_out_sections_before_round_0(tmp_path, capsys):
+    """Sections read only by later stages are checked before anything starts: a typo there
+    used to surface after round 0's annotation."""
+    cases = (("train:\n  lr: -1\n  warmup: 5\n",
+              "error: invalid settings: train.lr: Input should be greater than 0 (got -1); "
+              "train.warmup: Extra inputs are not permitted"),
+             ("train:\n  mask_only_iterations: 4\n  prompt_iterations: 4\n",
+              "error: invalid settings: train: mask_only_iterations must be smaller than prompt_iterations"),
+             ("held_out:\n  amg:\n    pred_iou_thresh: 2\n",
+              "error: invalid settings: held_out.amg.pred_iou_thresh: Input should be less than or equal to 1 (got 2)"))
+    for i, (text, expected) in enumerate(cases):
+        (tmp_path / f"engine{i}.yaml").write_text(f"root: {tmp_path / 'ds'}\nsynthetic_inputs: {{}}\n" + text)
+        assert cli_main(["--config", str(tmp_path / f"engine{i}.yaml")]) == 2
+        assert capsys.readouterr().err.strip() == expected
+    assert not (tmp_path / "ds").exists()
+
+
 # ---- calibrated automatic stage (engine.calibrate) ---------------------------------------------
 
 
