@@ -2,11 +2,7 @@
 or fused in one (`Annotator`: no embedding transfer, the better choice on CPU)."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 
 import numpy as np
 import torch
@@ -14,6 +10,7 @@ import torch
 from amg import AmgParams, EncodedImage, decode_image, encode_image, postprocess
 from amg.text import decode_texts
 from model import load_checkpoint
+from model.checkpoint import local_checkpoint
 from model.memory import retain_freed_memory
 from model.predictor import check_precision
 from model.sam import Sam
@@ -21,25 +18,6 @@ from model.sam import Sam
 from .batch import drop, map_ok, objects
 
 FUNNEL = ("candidates", "iou", "stability", "crop_edge")
-
-
-def local_checkpoint(uri: str, endpoint_url: str | None = None) -> str:
-    """A local path of the checkpoint; an s3:// one is downloaded once per node into the
-    temp folder (keyed by its URI and ETag, written atomically)."""
-    if not uri.startswith(("s3://", "s3a://")):
-        return uri
-    from pipeline.sources import s3_filesystem
-
-    fs = s3_filesystem(endpoint_url)
-    path = uri.split("://", 1)[1]
-    tag = hashlib.sha256(f"{uri}|{fs.info(path).get('ETag')}".encode()).hexdigest()[:16]
-    local = os.path.join(tempfile.gettempdir(), "samengine-checkpoints", f"{tag}-{os.path.basename(path)}")
-    if not os.path.exists(local):
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        tmp = f"{local}.{os.getpid()}.part"
-        fs.get_file(path, tmp)
-        shutil.move(tmp, local)
-    return local
 
 
 class _ModelStage:

@@ -2,16 +2,22 @@
 call returns (quarantine and duplicate records first, then the images in one Delta
 transaction), so whatever Ray Data has seen finish is durable. It hands back one small row
 per input for the run summary: an image this run's rows hold is "annotated"; one whose row
-another run had committed (the writer wrote nothing for it) is "already_committed"."""
+another run had committed (the writer wrote nothing for it) is "already_committed".
+
+Every commit is fenced by the run's writer lease (pipeline.lease.confirm): once another run
+has taken the lease over, the writer refuses to commit, drops the batch and fails with
+LeaseLost, and the driver ends the run with that one line."""
 from __future__ import annotations
 
 import json
 import time
 import uuid
+from functools import partial
 
 import numpy as np
 
 from dataset import DatasetWriter
+from pipeline.lease import confirm
 from schemas import LineageRecord
 
 from . import metrics
@@ -23,13 +29,17 @@ SUMMARY_COLUMNS = ("uri", "status", "reason", "masks", "funnel", "t_read", "t_de
 
 
 class Writer:
-    def __init__(self, root: str, lineage: dict, endpoint_url: str | None = None, replace: bool = False):
+    def __init__(self, root: str, lineage: dict, endpoint_url: str | None = None, replace: bool = False,
+                 lease_token: str | None = None):
+        """lease_token: the token of the run's writer lease (WriterLease.token), checked before
+        each commit; None (a writer outside a pipeline run) commits unfenced."""
         self.lineage = LineageRecord(**lineage)
+        fence = partial(confirm, root, endpoint_url, self.lineage.run_id, lease_token) if lease_token else None
         # Each writer numbers its chunks under its own app id, so several writers of one run
         # never mistake each other's chunks for their own. A full rebuild replaces rows.
         self.writer = DatasetWriter(root, self.lineage, mode="replace" if replace else "append",
                                     endpoint_url=endpoint_url,
-                                    app_id=f"{self.lineage.run_id}/{uuid.uuid4().hex[:12]}")
+                                    app_id=f"{self.lineage.run_id}/{uuid.uuid4().hex[:12]}", fence=fence)
         self.chunk = 0
 
     def __call__(self, batch: dict) -> dict:

@@ -159,15 +159,23 @@ def arrow_filesystem(uri: str, options: dict[str, str]) -> pafs.FileSystem:
     """
     if not is_s3(uri):
         return pafs.SubTreeFileSystem(os.path.abspath(uri), pafs.LocalFileSystem())
-    endpoint = options.get("AWS_ENDPOINT_URL")
-    s3 = pafs.S3FileSystem(
-        access_key=options.get("AWS_ACCESS_KEY_ID"), secret_key=options.get("AWS_SECRET_ACCESS_KEY"),
-        session_token=options.get("AWS_SESSION_TOKEN"), region=options.get("AWS_REGION"),
-        endpoint_override=urlparse(endpoint).netloc if endpoint else None,
-        scheme=urlparse(endpoint).scheme if endpoint else "https",
+    s3 = arrow_s3_filesystem(
+        options.get("AWS_ENDPOINT_URL"), access_key=options.get("AWS_ACCESS_KEY_ID"),
+        secret_key=options.get("AWS_SECRET_ACCESS_KEY"), session_token=options.get("AWS_SESSION_TOKEN"),
+        region=options.get("AWS_REGION"),
     )
     parsed = urlparse(uri)
     return pafs.SubTreeFileSystem(f"{parsed.netloc}{parsed.path}".rstrip("/"), s3)
+
+
+def arrow_s3_filesystem(endpoint_url: str | None, **credentials: str | None) -> pafs.S3FileSystem:
+    """A native pyarrow S3 filesystem at endpoint_url (None: AWS). Credentials and region not
+    given come from the AWS environment of the process that uses it, so one handed to other
+    processes (Ray Train's storage) carries no secret."""
+    return pafs.S3FileSystem(
+        endpoint_override=urlparse(endpoint_url).netloc if endpoint_url else None,
+        scheme=urlparse(endpoint_url).scheme if endpoint_url else "https", **credentials,
+    )
 
 
 def arrow_dataset(table, uri: str, options: dict[str, str]) -> pads.Dataset:

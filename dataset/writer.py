@@ -22,7 +22,7 @@ Two ways to keep a retried chunk from duplicating rows:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -66,8 +66,11 @@ class DatasetWriter:
 
     def __init__(self, root: str, lineage: LineageRecord, *, mode: Literal["merge", "replace", "append"] = "merge",
                  endpoint_url: str | None = None, options: dict[str, str] | None = None,
-                 app_id: str | None = None):
+                 app_id: str | None = None, fence: Callable[[], None] | None = None):
         self.root, self.lineage, self.mode = str(root), lineage, mode
+        # Called right before each commit; raises to refuse it (a pipeline run's writer
+        # lease, pipeline.lease.confirm: only the run holding the root commits).
+        self.fence = fence
         # Delta app-transaction id of this writer's chunk numbers: the run id, or one id per
         # writer when several writers of one run number their chunks independently.
         self.app_id = app_id or lineage.run_id
@@ -112,6 +115,7 @@ class DatasetWriter:
         if table.num_rows == 0:
             return None
         dt = open_table(table_uri(self.root, name), schema, self.options)
+        self._fence()
         write_deltalake(dt, table, mode="append", writer_properties=WRITER_PROPERTIES,
                         commit_properties=CommitProperties(
                             custom_metadata=commit_metadata(self.lineage, table=name, rows=table.num_rows)))
@@ -156,6 +160,7 @@ class DatasetWriter:
                                             rounds=written["round"], stages=written["stage"]),
             app_transactions=[Transaction(self.app_id, chunk)] if chunk is not None else None,
         )
+        self._fence()
         try:
             if self.mode in ("merge", "replace"):
                 # merge_schema: a table written before a mask field was added takes it on.
@@ -264,6 +269,10 @@ class DatasetWriter:
             columns=["image_key", "run_id"], filter=pc.field("image_key").isin(sorted(held)))
         run_of = dict(zip(rows["image_key"].to_pylist(), rows["run_id"].to_pylist()))
         return sorted(i for k, i in held.items() if run_of.get(k) != self.lineage.run_id)
+
+    def _fence(self) -> None:
+        if self.fence is not None:
+            self.fence()
 
     def _dataset(self, dt: DeltaTable, name: str):
         return arrow_dataset(dt, table_uri(self.root, name), self.options)

@@ -42,7 +42,7 @@ class AnnotationService:
         # Heavy imports here, in the replica: the driver that deploys the app needs none of them.
         import torch
 
-        from actors.annotator import local_checkpoint
+        from model.checkpoint import local_checkpoint
         from amg import AmgParams
         from dataset import DatasetWriter
         from dataset.lineage import file_sha256, new_lineage

@@ -121,12 +121,12 @@ def main(argv=None) -> int:
         return 2
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    from actors.annotator import local_checkpoint  # the pipeline's reader: an s3:// checkpoint is downloaded
+    from model.checkpoint import checkpoint_problem, local_checkpoint
 
     try:
         model, meta = load_checkpoint(local_checkpoint(args.checkpoint, args.endpoint_url))
     except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {checkpoint_problem(args.checkpoint, e)}", file=sys.stderr)
         return 2
     size = args.size or model.image_size
     command = " ".join(["python", "jobs/calibrate_checkpoint.py", *(argv if argv is not None else sys.argv[1:])])

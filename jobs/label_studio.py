@@ -3,10 +3,10 @@
     python jobs/label_studio.py export AUTO_ROOT DIR [--min-iou 0.92] [--run-id RUN]
         [--local-files-root FOLDER]     # tasks.json + label_config.xml for a Label Studio project
     python jobs/label_studio.py import EXPORT.json ROOT --round R [--run-id RUN]
-        # a Label Studio JSON export -> dataset ROOT, stage semi_auto
+        # a Label Studio JSON export (local or s3://) -> dataset ROOT, stage semi_auto
 
-A dataset root may be an s3:// prefix; --endpoint-url (default: AWS_ENDPOINT_URL) names an
-S3-compatible store (MinIO, Ceph, moto), as for the other jobs.
+A dataset root, and the export read by import, may be s3:// URIs; --endpoint-url (default:
+AWS_ENDPOINT_URL) names an S3-compatible store (MinIO, Ceph, moto), as for the other jobs.
 
 Pre-annotations are the masks of the dataset version (an automatic run) whose predicted
 IoU is at least --min-iou, as brush labels in Label Studio's RLE. Images are referenced by
@@ -28,8 +28,11 @@ from dataset.lineage import new_lineage  # noqa: E402
 from dataset.storage import store_error  # noqa: E402
 from jobs.arg_types import local_output, round_number  # noqa: E402
 from pipeline.cluster import refuse_job_copy_paths  # noqa: E402
-from pipeline.sources import InputError  # noqa: E402
+from pipeline.sources import InputError, read_bytes  # noqa: E402
 from engine.semi_auto import confident, export_tasks, import_tasks, local_files_url, write_project  # noqa: E402
+
+# The export is parsed whole in memory; a larger file is refused (ReadError too_large_file).
+EXPORT_MAX_BYTES = 8 << 30
 
 
 def main(argv=None) -> int:
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
     out.add_argument("--local-files-root")
     out.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     back = sub.add_parser("import")
-    back.add_argument("export", help="Label Studio JSON export of the finished tasks")
+    back.add_argument("export", help="Label Studio JSON export of the finished tasks (local or s3://)")
     back.add_argument("root", help="dataset root to commit into (stage semi_auto)")
     back.add_argument("--round", type=round_number, required=True)
     back.add_argument("--run-id")
@@ -73,8 +76,8 @@ def main(argv=None) -> int:
         lineage = new_lineage(round=args.round, stage="semi_auto", run_id=args.run_id,
                               params={"source": "label_studio", "export": str(args.export)})
         try:
-            tasks = json.loads(Path(args.export).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:  # unreadable, or not JSON (a ValueError)
+            tasks = json.loads(read_bytes(args.export, max_bytes=EXPORT_MAX_BYTES, endpoint_url=args.endpoint_url))
+        except (OSError, ValueError) as e:  # unreadable (ReadError), or not UTF-8 JSON (a ValueError)
             print(f"error: {args.export}: {e}", file=sys.stderr)
             return 2
         try:

@@ -4,6 +4,8 @@
     python jobs/train.py --config train.yaml --workers 4 --gpu
     python jobs/train.py --init-checkpoint old.pt --parquet data/annotations --steps 500
     python jobs/train.py --init-checkpoint p16.pt --patch-size 8 --steps 1700   # finer patches
+    python jobs/train.py --init-checkpoint s3://models/old.pt --endpoint-url http://minio:9000 \
+        --storage s3://runs/train --steps 500
 
 Settings come from TrainConfig's defaults, then --config (YAML or JSON of TrainConfig),
 then the flags given. It joins the cluster that RAY_ADDRESS or a `ray start` on this
@@ -30,14 +32,14 @@ from pipeline.sources import InputError  # noqa: E402
 from model import (  # noqa: E402
     CheckpointError, load_checkpoint, read_checkpoint_config, read_checkpoint_meta, save_checkpoint,
 )
-from model.checkpoint import check_checkpoint_path  # noqa: E402
-from training.data import ParquetExamples, synthetic_example  # noqa: E402
+from model.checkpoint import check_checkpoint_path, checkpoint_problem, local_checkpoint  # noqa: E402
+from training.data import synthetic_example  # noqa: E402
 from training.automatic_eval import automatic_metrics, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
 from schemas.settings_file import (  # noqa: E402
     SETTINGS_ERRORS, read_settings_file, settings_error_message, update_section,
 )
-from training.loop import TrainConfig, run_training  # noqa: E402
+from training.loop import TrainConfig, parquet_examples, run_training  # noqa: E402
 
 # flag -> TrainConfig field, for the flags that set a field directly.
 FIELD_FLAGS = {
@@ -68,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output",
                         help="checkpoint file to write, local or s3:// (default: <storage>/<name>/final.pt)")
     parser.add_argument("--storage", default="runs", help="Ray Train storage path (local folder or s3://; "
-                        "S3 endpoint and credentials from the AWS environment, for Ray Train and the output alike)")
+                        "S3 credentials from the AWS environment, for Ray Train and the output alike)")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint of every s3:// path of the run: "
+                        "--init-checkpoint, --parquet, --storage, --output (default: AWS_ENDPOINT_URL)")
     parser.add_argument("--name", help="run name under --storage; the same name resumes")
     parser.add_argument("--no-resume", action="store_true", help="start a new run even if one exists")
     parser.add_argument("--workers", type=int, default=1)
@@ -89,6 +93,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if fields.get("init_checkpoint") and "://" not in fields["init_checkpoint"]:
         # Ray Train workers run in their own directory: a relative path would not be found.
         fields["init_checkpoint"] = os.path.abspath(fields["init_checkpoint"])
+    if args.endpoint_url is not None:
+        fields["endpoint_url"] = args.endpoint_url
     if args.eval_seed is not None:
         fields["eval_seed"] = args.eval_seed
     if args.no_synthetic:
@@ -100,11 +106,11 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**fields)
 
 
-def init_lineage(path: str) -> dict:
+def init_lineage(path: str, endpoint_url: str | None = None) -> dict:
     """Where a fine-tuned model's starting weights came from: the starting file's own
     command, steps, training time and code version (and its starting file's, if any), so
     that the whole chain of runs can be repeated and its total cost is known."""
-    parent = read_checkpoint_meta(path)
+    parent = read_checkpoint_meta(local_checkpoint(path, endpoint_url))
     keys = ("command", "steps", "train_seconds", "train_seconds_total", "code_version", "init_checkpoint")
     return {"path": path} | {key: parent[key] for key in keys if key in parent}
 
@@ -124,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     try:  # refuse unusable inputs here, not in every worker after Ray Train started
         # The default output lies under --storage, which Ray Train may also take as gs:// etc.
         check_checkpoint_path(args.output or f"{args.storage.rstrip('/')}/run/final.pt")
-        if cfg.parquet:
-            ParquetExamples(cfg.parquet.paths, cfg.parquet.image_column, cfg.parquet.annotations_column,
-                            cfg.parquet.endpoint_url)
-        if cfg.init_checkpoint and "://" not in cfg.init_checkpoint:
-            read_checkpoint_config(cfg.init_checkpoint)  # as the workers load it
+        parquet_examples(cfg)
+        if cfg.init_checkpoint:  # as the workers load it (an s3:// file is fetched once a node)
+            try:
+                read_checkpoint_config(local_checkpoint(cfg.init_checkpoint, cfg.endpoint_url))
+            except CheckpointError as e:
+                raise CheckpointError(checkpoint_problem(cfg.init_checkpoint, e)) from e
     except (ValueError, OSError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -147,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
-    from actors.annotator import local_checkpoint  # the pipeline's reader: an s3:// output is downloaded
-
-    model, meta = load_checkpoint(local_checkpoint(path))
+    model, meta = load_checkpoint(local_checkpoint(path, cfg.endpoint_url))
     size = cfg.synthetic.size if cfg.synthetic else model.image_size
     scenes = (synthetic_example(cfg.eval_seed, i, size) for i in range(args.eval_images))
     evaluation = single_point_miou(model, scenes) | {"seed": cfg.eval_seed, "images": args.eval_images, "size": size}
@@ -167,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     meta["train_seconds"] = report["train_seconds"] = float(sum(row["seconds"] for row in history))
     meta["wall_seconds_this_invocation"] = report["wall_seconds_this_invocation"] = wall_seconds
     if cfg.init_checkpoint:
-        meta["init_checkpoint"] = parent = init_lineage(cfg.init_checkpoint)
+        meta["init_checkpoint"] = parent = init_lineage(cfg.init_checkpoint, cfg.endpoint_url)
         meta["train_seconds_total"] = report["train_seconds_total"] = meta["train_seconds"] + (
             parent.get("train_seconds_total") or parent.get("train_seconds") or 0.0)
-    save_checkpoint(model, path, meta)
+    save_checkpoint(model, path, meta, cfg.endpoint_url)
     print(json.dumps(report, indent=2))
     return 0
 

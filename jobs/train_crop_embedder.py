@@ -77,7 +77,7 @@ def main(argv=None) -> int:
             "code_version": code_version()}
     digest = save_file({"width": args.width, "model": encoder.state_dict(), "meta": meta}, args.output,
                        args.endpoint_url)
-    from actors.annotator import local_checkpoint  # the pipeline's reader: an s3:// output is downloaded
+    from model.checkpoint import local_checkpoint
 
     MiniLMCropEmbedder(local_checkpoint(args.output, args.endpoint_url))  # it loads as the registered embedder does
     print(json.dumps({"output": args.output, "sha256": digest, "train_seconds": round(seconds, 1), **metrics},

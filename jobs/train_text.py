@@ -3,6 +3,8 @@ then measure text-prompted mIoU on held-out scenes against baselines that ignore
 
     python jobs/train_text.py                      # bundled checkpoint -> checkpoints/samengine_tiny256_text.pt
     python jobs/train_text.py --init-checkpoint my.pt --output my_text.pt --steps 4000
+    python jobs/train_text.py --init-checkpoint s3://models/my.pt --output s3://models/my_text.pt \
+        --endpoint-url http://minio:9000
     python jobs/train_text.py --dataset out/coco_import/annotations   # plus masks with text_prompt
     python jobs/train_text.py --dataset out/coco_import/annotations --captions captions_train2017.json
     python jobs/train_text.py --embedder minilm-crops --image-side   # trained on unnamed mask crops
@@ -60,9 +62,9 @@ def with_text_input(model: Sam, embedder: str, dim: int) -> Sam:
     return out
 
 
-def _examples(model: Sam, args: argparse.Namespace, image_embedder=None):
+def _examples(model: Sam, args: argparse.Namespace, init_sha256: str, image_embedder=None):
     """The training examples, from --examples-cache when it matches this run."""
-    key = {"checkpoint": file_sha256(args.init_checkpoint), "scenes": args.scenes, "seed": TRAIN_SEED,
+    key = {"checkpoint": init_sha256, "scenes": args.scenes, "seed": TRAIN_SEED,
            "datasets": args.dataset, "captions": args.captions, "image_side": args.embedder if args.image_side else None}
     if args.examples_cache and Path(args.examples_cache).exists():
         cached = torch.load(args.examples_cache, weights_only=False)
@@ -84,7 +86,7 @@ def _examples(model: Sam, args: argparse.Namespace, image_embedder=None):
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--init-checkpoint", default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--init-checkpoint", default=DEFAULT_CHECKPOINT, help="starting checkpoint, local or s3://")
     ap.add_argument("--output", default=DEFAULT_TEXT_CHECKPOINT, help="checkpoint file to write, local or s3://")
     ap.add_argument("--embedder", default="minilm", help="model.text.load_embedder name or module:factory")
     ap.add_argument("--scenes", type=int, default=3000, help="training scenes (stream seed 0); 0: none")
@@ -97,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--image-side", action="store_true",
                     help="train on the embedder's vectors of mask crops, not on names (needs an embedder with "
                          "embed_images, e.g. minilm-crops)")
-    ap.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+    ap.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint of the s3:// --init-checkpoint, "
+                    "--dataset and --output (default: AWS_ENDPOINT_URL)")
     ap.add_argument("--steps", type=int, default=TextTrainConfig.steps)
     ap.add_argument("--batch-scenes", type=int, default=TextTrainConfig.scenes, help="scenes per step")
     ap.add_argument("--lr", type=float, default=TextTrainConfig.lr)
@@ -133,12 +136,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.torch_threads)
     torch.set_flush_denormal(True)
     start = time.perf_counter()
-    embedder = load_embedder(args.embedder)
-    try:
-        base, _ = load_checkpoint(args.init_checkpoint)
+    from model.checkpoint import checkpoint_problem, local_checkpoint
+
+    try:  # before the embedder loads: a bad checkpoint is refused at once
+        init_path = local_checkpoint(args.init_checkpoint, args.endpoint_url)
+        base, _ = load_checkpoint(init_path)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {checkpoint_problem(args.init_checkpoint, e)}", file=sys.stderr)
         return 2
+    embedder = load_embedder(args.embedder)
     size = base.image_size
     if base.config.text_embed_dim:
         if base.config.text_embed_dim != embedder.dim:
@@ -149,7 +155,8 @@ def main(argv=None) -> int:
         model = with_text_input(base, args.embedder, embedder.dim)
     if args.image_side and not isinstance(embedder, ImageTextEmbedder):
         raise SystemExit(f"--image-side needs an embedder with an image side (embed_images); {args.embedder} has none")
-    data = _examples(model, args, embedder if args.image_side else None)
+    init_sha256 = file_sha256(init_path)
+    data = _examples(model, args, init_sha256, embedder if args.image_side else None)
     prepared = time.perf_counter() - start
     print(f"{len(data.cells)} targets in {len(data.embeddings)} images ({prepared:.0f} s)", flush=True)
 
@@ -168,7 +175,7 @@ def main(argv=None) -> int:
     metrics |= {"eval_seed": EVAL_SEED, "eval_scenes": args.eval_scenes}
     meta = {
         "text_training": vars(args) | {"train_seed": TRAIN_SEED, "instances": len(data.cells)},
-        "init_checkpoint_sha256": file_sha256(args.init_checkpoint),
+        "init_checkpoint_sha256": init_sha256,
         "command": "python jobs/train_text.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "train_seconds": round(train_seconds, 1),
         "text_metrics": metrics,

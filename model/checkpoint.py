@@ -10,6 +10,7 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -116,6 +117,41 @@ def save_file(payload: Any, path: str | os.PathLike, endpoint_url: str | None = 
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return file_sha256(path)
+
+
+def local_checkpoint(uri: str, endpoint_url: str | None = None) -> str:
+    """A local path of the checkpoint; an s3:// one is downloaded once per node into the
+    temp folder (keyed by its URI and ETag, written atomically). CheckpointError naming the
+    URI when the object cannot be fetched (missing, forbidden, endpoint unreachable)."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return uri
+    from botocore.exceptions import BotoCoreError
+
+    from dataset.storage import s3_filesystem  # here: importing model stays light
+
+    fs = s3_filesystem(endpoint_url)
+    path = uri.split("://", 1)[1]
+    try:
+        tag = hashlib.sha256(f"{uri}|{fs.info(path).get('ETag')}".encode()).hexdigest()[:16]
+        local = os.path.join(tempfile.gettempdir(), "samengine-checkpoints", f"{tag}-{os.path.basename(path)}")
+        if not os.path.exists(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            tmp = f"{local}.{os.getpid()}.part"
+            fs.get_file(path, tmp)
+            shutil.move(tmp, local)
+    except FileNotFoundError as e:  # s3fs names the key, or says that the bucket does not exist
+        detail = "" if str(e) in ("", path) else f" ({e})"
+        raise CheckpointError(f"{uri}: checkpoint file not found{detail}") from None
+    except (BotoCoreError, OSError) as e:
+        raise CheckpointError(f"{uri}: cannot fetch the checkpoint: {e}") from e
+    return local
+
+
+def checkpoint_problem(uri: str, error: Exception) -> str:
+    """The one line of a checkpoint error naming uri once: the errors of a fetched s3://
+    checkpoint's contents name its local copy; those of a local file start with its path."""
+    text = str(error)
+    return text if text.startswith(str(uri)) else f"{uri}: {text}"
 
 
 def check_checkpoint_path(path: str | os.PathLike) -> None:

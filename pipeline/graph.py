@@ -12,7 +12,8 @@
 Every input row flows to the writer, whatever its fate (see actors.batch), so each input
 ends in exactly one of the annotations, duplicates or quarantine tables. Ray Data streams
 blocks with backpressure: the dataset is never held in memory. One run writes a dataset
-root at a time: a run holds the root's writer lease (pipeline.lease) while it writes.
+root at a time: a run holds the root's writer lease (pipeline.lease) while it writes, and
+every commit it makes is fenced by that lease.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from dataset import DatasetWriter, storage_options
 from dataset.lineage import file_sha256, listing_hash, new_lineage
 from schemas.annotate import AnnotateConfig
 
-from .lease import WriterLease
+from .lease import LeaseLost, WriterLease
 from .progress import committed_state
 from .sources import InputError, check_output, list_inputs
 
@@ -43,8 +44,9 @@ STAGES = ("read", "dedup", "encode", "decode", "postprocess", "write")
 
 
 def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed: list, device: str,
-          text_embeddings: list[list[float]] | None = None) -> ray.data.Dataset:
+          lease_token: str, text_embeddings: list[list[float]] | None = None) -> ray.data.Dataset:
     """Append the annotation stages to a dataset of listing rows; returns the summary stream.
+    lease_token: the run's writer lease (WriterLease.token), which fences the writers' commits;
     text_embeddings: the vectors of config.text (see text_vectors)."""
     amg = config.amg.model_dump()
     gpu = device == "cuda"
@@ -74,7 +76,8 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
         ds = ds.map_batches(postprocess_batch, num_cpus=config.postprocess_num_cpus, batch_size=1,
                             resources=config.postprocess_resources or None,
                             fn_kwargs=dict(amg=amg))
-    return ds.map_batches(Writer, fn_constructor_args=(config.output, lineage, config.endpoint_url, config.replace),
+    return ds.map_batches(Writer, fn_constructor_args=(config.output, lineage, config.endpoint_url, config.replace,
+                                                       lease_token),
                           compute=ray.data.ActorPoolStrategy(size=config.writers), num_cpus=0,
                           batch_size=config.chunk_images)
 
@@ -123,14 +126,24 @@ def _run(config: AnnotateConfig, listing: pa.Table, log, lease: WriterLease, t0:
 
     tally = Tally()
     if todo.num_rows:  # a run with nothing to do writes nothing
-        writer = DatasetWriter(config.output, lineage, mode="append", options=options)
+        writer = DatasetWriter(config.output, lineage, mode="append", options=options, fence=lease.confirm)
         writer.start_run([{**r, "listing_hash": lineage.listing_hash, "run_id": lineage.run_id}
                           for r in listing.to_pylist()])
         blocks = [todo.slice(i, config.read_batch_size) for i in range(0, todo.num_rows, config.read_batch_size)]
-        ds = build(ray.data.from_arrow(blocks), config, lineage.model_dump(), committed, device, text_embeddings)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            tally.add(batch)
-            lease.check()  # taken over by another run (a heartbeat stalled): stop writing
+        ds = build(ray.data.from_arrow(blocks), config, lineage.model_dump(), committed, device, lease.token,
+                   text_embeddings)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                tally.add(batch)
+                lease.check()  # taken over by another run (a heartbeat stalled): stop writing
+        except Exception:
+            try:
+                lease.confirm()  # a writer refused to commit for a lost lease: say so in one line
+            except LeaseLost:
+                raise
+            except Exception:  # the store cannot be read either: the run's own error says more
+                pass
+            raise
     summary = _summarize(tally, config, lineage.run_id, listing.num_rows, device)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["already_done"] = listing.num_rows - todo.num_rows
@@ -144,7 +157,7 @@ def with_checkpoint_defaults(config: AnnotateConfig, log=print) -> AnnotateConfi
     """config with the generator settings its checkpoint recommends (amg.checkpoint_defaults)
     under the ones given by flag or file: what the run records and uses. Official
     checkpoints recommend none. InputError when the checkpoint cannot be read."""
-    from actors.annotator import local_checkpoint
+    from model.checkpoint import local_checkpoint
     from model import CheckpointError, read_checkpoint_meta
 
     try:
@@ -169,7 +182,7 @@ def checkpoint_error(checkpoint: str, error: Exception) -> InputError:
 def text_vectors(config: AnnotateConfig) -> list[list[float]]:
     """config.text embedded once, here, by the embedder the checkpoint was trained with;
     InputError when the checkpoint has no text input."""
-    from actors.annotator import local_checkpoint
+    from model.checkpoint import local_checkpoint
     from model import CheckpointError, read_checkpoint_config
     from model.text import embed_texts, load_embedder
 

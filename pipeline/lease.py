@@ -5,7 +5,7 @@ committed as of its own start and assumes that no other writer commits the same 
 meanwhile. Two runs on one root at once would both write the images their inputs share (two
 rows per image, two image ids under one image_key). So a run first takes the root's lease,
 a small JSON record beside the tables (dataset.storage.WRITER_LEASE: run_id, host, pid,
-pid_namespace, started, heartbeat), and a second run is refused with LeaseHeld (an
+pid_namespace, started, heartbeat, token), and a second run is refused with LeaseHeld (an
 InputError: the jobs print one line and exit 2) naming the holder.
 
 Local roots: the file is created with O_EXCL and held under flock(2) for the run's life.
@@ -18,6 +18,33 @@ If-Match on its own last ETag. A lease whose last write is STALE_S old by the st
 (or at once, one naming a process of this host and pid namespace that is gone) is taken over
 by a put If-Match on its ETag, so of several takers exactly one wins. A run whose heartbeat
 finds its lease taken stops at its next batch (LeaseLost).
+
+Fencing. The driver's check stops the run, but batches already handed to the writer actors
+would still commit after another run took the lease over and read what the tables hold. So
+each acquisition writes a fresh random token into the record, and every commit of a
+pipeline run (pipeline.graph: its writer actors' and its driver's, through DatasetWriter's
+fence; pipeline.rebuild: a rebuild's own deletes, listing record and vacuums too) first
+calls confirm(): the record must still name this run and this token, else the commit is
+refused with LeaseLost (the driver's message) and its batch is dropped; the driver, seeing
+a writer fail, confirms too and ends the run with that one line (a rebuild stops before
+the refused delete or vacuum, with the same line). A takeover always writes the taker's
+token (on S3 by its put If-Match; on a local root once the holder's process, and with it
+its flock, is gone), so from then on every writer of the old run is refused. That matters
+on local roots too: a dead driver's writer actors outlive it until Ray reaps its job (in our
+trials about a second when its embedded Ray died with it, a few milliseconds on a joined
+cluster).
+
+What is left open: confirm() and the Delta commit are two steps, not one atomic one (no
+store makes a Delta commit conditional on another object). A commit whose confirm() passed
+just before a takeover still lands after it, as late as that commit takes to finish (its
+Parquet upload and log entry: normally seconds, longer if the store stalls it). The taker
+may then miss those images in what it read as committed and write them again (two rows
+for one image_id, which dataset.validation reports as duplicate_image). Nothing committed
+is lost either way. Likewise a rebuild's vacuum of one table whose confirm() passed just
+before a takeover runs to its end, and with a short --retention-hours may delete Parquet
+files the taker has uploaded but not yet committed; the taker's version then names files
+that are gone (dataset.maintenance.missing_files finds them; after repair, a rerun of
+the taker writes those images again).
 
 The jobs call check_free before they start or join Ray: the same liveness test, read-only,
 so that a run bound to be refused is refused at once rather than after Ray's start. It is
@@ -34,6 +61,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
@@ -63,9 +91,10 @@ class WriterLease:
     changed later with name_run)."""
 
     def __init__(self, root: str, endpoint_url: str | None = None, *, run_id: str | None = None, log=print):
-        self.root, self.log = str(root), log
+        self.root, self.endpoint_url, self.log = str(root), endpoint_url, log
         self.record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                       "pid_namespace": _pid_namespace(), "started": _now(), "heartbeat": None}
+                       "pid_namespace": _pid_namespace(), "started": _now(), "heartbeat": None,
+                       "token": uuid.uuid4().hex}
         self.store = _S3Lease(self.root, endpoint_url) if is_s3(self.root) else _LocalLease(self.root)
         self.lost: str | None = None  # why the lease is no longer ours
         self._lock = threading.Lock()
@@ -92,10 +121,26 @@ class WriterLease:
             self.record["run_id"] = run_id
             self.beat()
 
+    @property
+    def token(self) -> str:
+        """This acquisition's fencing token: what a process committing for the run passes to
+        confirm() (with the root and the run id)."""
+        return self.record["token"]
+
     def check(self) -> None:
-        """LeaseLost when another run has taken the lease over."""
+        """LeaseLost when this run's heartbeat has found the lease taken over."""
         if self.lost:
             raise LeaseLost(self.lost)
+
+    def confirm(self) -> None:
+        """LeaseLost unless the store's record is still this run's: check(), then a read."""
+        self.check()
+        try:
+            confirm(self.root, self.endpoint_url, self.record["run_id"], self.token)
+        except LeaseLost as e:
+            with self._lock:  # no more heartbeats, and release() leaves the record alone
+                self.lost = self.lost or str(e)
+            raise
 
     def beat(self) -> None:
         """Rewrite the record with a new heartbeat; a lease found taken sets self.lost."""
@@ -106,9 +151,7 @@ class WriterLease:
             try:
                 self.store.write(self._text())
             except _Held as held:
-                self.lost = (f"lost the writer lease of {self.root} to {_describe(held.holder)}: this run did not "
-                             f"renew it for over {STALE_S:.0f} s, so that run took it over. What this run "
-                             "committed is kept; rerun the same command once that run has finished")
+                self.lost = _lost(self.root, held.holder)
             except Exception as e:  # a store hiccup: the next beat tries again
                 self.log(f"warning: writer lease heartbeat of {self.root} failed: {type(e).__name__}: {e}")
 
@@ -156,6 +199,15 @@ def check_free(root: str, endpoint_url: str | None = None) -> None:
     live = lease.store.live_holder()
     if live is not None:
         raise LeaseHeld(lease._refusal(*live), live[0])
+
+
+def confirm(root: str, endpoint_url: str | None, run_id: str | None, token: str) -> None:
+    """LeaseLost, with the driver's message, unless root's lease is still the one that run
+    run_id took with token (WriterLease.token); one read of the record. The fence before each
+    commit of a pipeline run: see the module's docstring for what it leaves open."""
+    holder = read_lease(root, endpoint_url)
+    if not holder or holder.get("token") != token or holder.get("run_id") != run_id:
+        raise LeaseLost(_lost(root, holder))
 
 
 def read_lease(root: str, endpoint_url: str | None = None) -> dict | None:
@@ -409,6 +461,16 @@ def _parse(data: bytes) -> dict | None:
     except (UnicodeDecodeError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def _lost(root: str, holder: dict | None) -> str:
+    """Why a run's lease is no longer its own, in one line: holder is the record there now."""
+    if holder is None:
+        return (f"lost the writer lease of {root}: its record is gone or unreadable (removed, or this run ended "
+                "and released it). What this run committed is kept; rerun the same command")
+    why = f"this run did not renew it for over {STALE_S:.0f} s" if is_s3(root) else "this run's driver process ended"
+    return (f"lost the writer lease of {root} to {_describe(holder)}: {why}, so that run took it over. What this "
+            "run committed is kept; rerun the same command once that run has finished")
 
 
 def _describe(holder: dict | None) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable
@@ -104,9 +105,10 @@ def orphaned_duplicates(root: str, stale: list[str], listed: set[str], options: 
 
 
 def delete_records(root: str, uris: list[str], options: dict[str, str], reason: str,
-                   keep_run: str | None = None) -> int:
+                   keep_run: str | None = None, *, fence: Callable[[], None] | None = None) -> int:
     """Delete the rows of these URIs from the three record tables (one commit per table and
-    batch of URIs); with keep_run, rows written by that run stay. Returns rows deleted."""
+    batch of URIs); with keep_run, rows written by that run stay. fence: called right before
+    each commit, raises to refuse it (a rebuild's WriterLease.confirm). Returns rows deleted."""
     deleted = 0
     for name in RECORD_TABLES:
         uri = table_uri(root, name)
@@ -118,6 +120,8 @@ def delete_records(root: str, uris: list[str], options: dict[str, str], reason: 
             predicate = f"uri IN ({quoted})"
             if keep_run is not None:
                 predicate += f" AND (run_id IS NULL OR run_id <> '{keep_run}')"
+            if fence is not None:
+                fence()
             metrics = dt.delete(predicate, commit_properties=CommitProperties(
                 custom_metadata={METADATA_KEY: {"maintenance": "rebuild", "table": name, "reason": reason}}))
             deleted += int(metrics.get("num_deleted_rows", 0))
@@ -134,7 +138,9 @@ def rebuild(config: AnnotateConfig, *, full: bool = False, prune_deleted: bool =
             retention_hours: int | None = None, log=print) -> dict:
     """Run one rebuild; returns what it did. Needs a connected Ray. The rebuild holds the
     root's writer lease (pipeline.lease) from its first read to its last write (deletes,
-    the run, the vacuum): a rebuild while another run writes the root is refused."""
+    the run, the vacuum): a rebuild while another run writes the root is refused, and each
+    of its writes is fenced by that lease (a rebuild whose lease another run took over stops
+    with LeaseLost before its next delete, commit or vacuum)."""
     with WriterLease(config.output, config.endpoint_url, log=log) as lease:
         return _rebuild(config, full, prune_deleted, retention_hours, log, lease)
 
@@ -153,7 +159,8 @@ def _rebuild(config: AnnotateConfig, full: bool, prune_deleted: bool, retention_
         # Inputs now recorded by this run lose what earlier runs recorded for them elsewhere
         # (an image now quarantined, a duplicate now kept, ...): one table per input.
         report["superseded_rows"] = delete_records(config.output, listing["uri"].to_pylist(), options,
-                                                   "superseded by full rebuild", keep_run=run_id)
+                                                   "superseded by full rebuild", keep_run=run_id,
+                                                   fence=lease.confirm)
     else:
         changes = find_changes(config, listing, options)
         report.update(new=len(changes.new), changed=len(changes.changed), touched=len(changes.touched),
@@ -162,23 +169,27 @@ def _rebuild(config: AnnotateConfig, full: bool, prune_deleted: bool, retention_
         orphans = orphaned_duplicates(config.output, stale, set(listing["uri"].to_pylist()), options)
         report["requeued_duplicates"] = len(orphans)
         report["removed_rows"] = delete_records(config.output, stale + orphans, options,
-                                                "changed or deleted at the source, or a duplicate of such")
+                                                "changed or deleted at the source, or a duplicate of such",
+                                                fence=lease.confirm)
         if changes.touched and not (changes.new or changes.changed):
-            _record_listing(config, listing, options)  # so the next rebuild does not hash them again
+            _record_listing(config, listing, options, lease.confirm)  # so the next rebuild does not hash them again
         summary = run(config, log=log, lease=lease, listing=listing)
     report["run"] = summary
     if retention_hours is not None:
-        report["vacuumed_files"] = sum(len(vacuum(config.output, name, retention_hours=retention_hours,
-                                                  options=options))
-                                       for name in ("annotations", "duplicates", "quarantine", "listing", "lineage"))
+        report["vacuumed_files"] = 0
+        for name in ("annotations", "duplicates", "quarantine", "listing", "lineage"):
+            lease.confirm()  # a vacuum deletes files: only while the lease is still this rebuild's
+            report["vacuumed_files"] += len(vacuum(config.output, name, retention_hours=retention_hours,
+                                                   options=options))
     return report
 
 
-def _record_listing(config: AnnotateConfig, listing: pa.Table, options: dict[str, str]) -> None:
+def _record_listing(config: AnnotateConfig, listing: pa.Table, options: dict[str, str],
+                    fence: Callable[[], None]) -> None:
     from dataset import DatasetWriter
     from dataset.lineage import listing_hash, new_lineage
 
     lh = listing_hash(listing.to_pylist())
     lineage = new_lineage(round=config.round, stage="auto", listing_hash=lh)
-    DatasetWriter(config.output, lineage, options=options).start_run(
+    DatasetWriter(config.output, lineage, options=options, fence=fence).start_run(
         [{**r, "listing_hash": lh, "run_id": lineage.run_id} for r in listing.to_pylist()])

@@ -1,7 +1,7 @@
 """Single-file outputs given as URIs: checkpoints go to s3:// (written locally, then uploaded
 whole) and read back with the pipeline's reader; outputs that can only be local refuse a
-URI in one line, exit 2, instead of making a local folder named `s3:`. S3 is moto_server in
-its own process."""
+URI in one line, exit 2, instead of making a local folder named `s3:`. Starting checkpoints
+may be s3:// too, reached through --endpoint-url alone. S3 is moto_server in its own process."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,8 @@ import os
 import pytest
 import torch
 
-from actors.annotator import local_checkpoint
 from model import CheckpointError, Sam, get_config, load_checkpoint, save_checkpoint
-from model.checkpoint import file_sha256
+from model.checkpoint import file_sha256, local_checkpoint
 from pipeline.cluster import refuse_job_copy_paths
 from pipeline.sources import InputError, s3_filesystem
 from tests.s3server import moto_server
@@ -106,3 +105,83 @@ def test_the_job_copy_refusal_suggests_s3_only_where_the_output_takes_it(tmp_pat
         with pytest.raises(InputError) as e:
             refuse_job_copy_paths([("--out", "r.html")], tmp_path, s3=s3)
         assert "temporary copy" in str(e.value) and ("s3://" in str(e.value)) == s3, e.value
+
+
+# ---- s3:// starting checkpoints, with --endpoint-url the only way to the store ----------------
+
+
+def test_train_job_refuses_an_unusable_s3_init_checkpoint_before_starting_ray(tmp_path, monkeypatch, capsys):
+    """As a bad local file is: one line naming the URI, exit 2, no run started."""
+    import ray
+
+    from jobs import train
+
+    monkeypatch.chdir(tmp_path)
+    with moto_server("ckpt") as endpoint, monkeypatch.context() as env:
+        env.delenv("AWS_ENDPOINT_URL")
+        s3_filesystem(endpoint).pipe_file("ckpt/notes.pt", b"not a checkpoint")
+        for uri, words in (("s3://ckpt/none.pt", "checkpoint file not found"),
+                           ("s3://nobucket/x.pt", "checkpoint file not found (The specified bucket does not exist)"),
+                           ("s3://ckpt/notes.pt", "not a PyTorch checkpoint")):
+            assert train.main(["--init-checkpoint", uri, "--endpoint-url", endpoint, "--steps", "1",
+                               "--storage", "runs"]) == 2, uri
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"error: {uri}: ") and words in err and "\n" not in err, err
+    assert not ray.is_initialized() and os.listdir(tmp_path) == []
+
+
+def test_train_job_fine_tunes_an_s3_checkpoint_through_endpoint_url(tmp_path, monkeypatch, capsys):
+    """A tiny real Ray Train run with AWS_ENDPOINT_URL unset (in this process and in the
+    cluster's workers): --endpoint-url alone brings the starting weights to the workers,
+    and takes the run's Ray Train checkpoints and the final file to the bucket."""
+    import ray
+
+    from jobs import train
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(7)
+    start = Sam(get_config("vit_tiny256"))
+    with moto_server("ckpt") as endpoint, monkeypatch.context() as env:
+        env.delenv("AWS_ENDPOINT_URL")
+        save_checkpoint(start, "s3://ckpt/start.pt", {"command": "earlier", "steps": 7, "train_seconds": 3.0},
+                        endpoint_url=endpoint)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # no endpoint there either
+        try:
+            assert train.main([
+                "--init-checkpoint", "s3://ckpt/start.pt", "--endpoint-url", endpoint, "--storage", "s3://ckpt/runs",
+                "--name", "tune", "--steps", "2", "--images-per-step", "1", "--masks-per-image", "2",
+                "--prompt-iterations", "2", "--synthetic-size", "64", "--lr", "1e-4", "--warmup-steps", "1",
+                "--log-every", "1", "--checkpoint-every", "2", "--torch-threads", "1", "--eval-images", "1"]) == 0
+        finally:
+            ray.shutdown()
+        out = capsys.readouterr().out
+        report = json.loads(out[0 if out.startswith("{\n") else out.rindex("\n{\n") + 1:])  # the job's last output
+        fs = s3_filesystem(endpoint)
+        ray_checkpoints = fs.glob("ckpt/runs/tune/checkpoint_*/model.pt")
+        path = local_checkpoint("s3://ckpt/runs/tune/final.pt", endpoint)
+    assert report["checkpoint"] == "s3://ckpt/runs/tune/final.pt" and ray_checkpoints
+    tuned, meta = load_checkpoint(path)
+    assert meta["init_checkpoint"]["path"] == "s3://ckpt/start.pt" and meta["init_checkpoint"]["steps"] == 7
+    assert meta["train_seconds_total"] == pytest.approx(meta["train_seconds"] + 3.0)
+    # Two small steps from the starting weights, not a run from scratch (sin-cos position embedding).
+    for name, before in start.state_dict().items():
+        assert (tuned.state_dict()[name] - before).abs().max() < 0.01, name
+    assert os.listdir(tmp_path) == []  # nothing local, no folder named s3:
+
+
+def test_train_text_starts_from_an_s3_checkpoint_through_endpoint_url(tmp_path, monkeypatch, capsys):
+    from jobs import train_text
+
+    bundled = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "samengine_tiny256.pt")
+    with moto_server("ckpt") as endpoint, monkeypatch.context() as env:
+        env.delenv("AWS_ENDPOINT_URL")
+        s3_filesystem(endpoint).put_file(bundled, "ckpt/base.pt")
+        assert train_text.main(["--init-checkpoint", "s3://ckpt/none.pt", "--endpoint-url", endpoint]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "error: s3://ckpt/none.pt: checkpoint file not found", err
+        assert train_text.main(["--init-checkpoint", "s3://ckpt/base.pt", "--endpoint-url", endpoint, "--scenes", "2",
+                                "--steps", "1", "--batch-scenes", "2", "--eval-scenes", "1",
+                                "--output", str(tmp_path / "text.pt")]) == 0
+    _, meta = load_checkpoint(tmp_path / "text.pt")
+    assert meta["init_checkpoint_sha256"] == file_sha256(bundled)
+    assert meta["text_training"]["init_checkpoint"] == "s3://ckpt/base.pt"

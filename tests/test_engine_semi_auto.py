@@ -260,7 +260,9 @@ def test_label_studio_jobs_export_and_import(tmp_path):
 
 def test_label_studio_jobs_read_and_write_s3_through_endpoint_url(tmp_path, capsys):
     """--endpoint-url, as in the other jobs that take s3:// roots: with AWS_ENDPOINT_URL
-    unset, the flag alone reaches the S3-compatible store (a moto server)."""
+    unset, the flag alone reaches the S3-compatible store (a moto server), for the dataset
+    roots and for an export read from s3://."""
+    from pipeline.sources import s3_filesystem
     from dataset import DatasetWriter, read_images, storage_options
     from dataset.lineage import new_lineage
     from dataset.synthetic import image_records
@@ -279,9 +281,15 @@ def test_label_studio_jobs_read_and_write_s3_through_endpoint_url(tmp_path, caps
             for task in tasks:  # the annotator accepts every pre-annotation
                 task["annotations"] = [{"id": 1, "result": task.get("predictions", [{"result": []}])[0]["result"]}]
             (tmp_path / "export.json").write_text(json.dumps(tasks))
-            assert job.main(["import", str(tmp_path / "export.json"), "s3://data/semi", "--round", "1", *flag]) == 0
+            s3_filesystem(endpoint).put_file(str(tmp_path / "export.json"), "data/ls/export.json")
+            assert job.main(["import", "s3://data/ls/export.json", "s3://data/semi", "--round", "1", *flag]) == 0
             semi = read_images("s3://data/semi", options=storage_options("s3://data/semi", endpoint)).to_pylist()
             capsys.readouterr()
+            # An export that is not there: one line naming it, nothing written.
+            assert job.main(["import", "s3://data/ls/none.json", "s3://data/semi3", "--round", "1", *flag]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: s3://data/ls/none.json: missing") and len(err.splitlines()) == 1, err
+            assert not s3_filesystem(endpoint).exists("data/semi3")
             # The store's fault is named as the store's, in one line, not blamed on the export.
             for root, argv, reason in (("s3://nobucket/semi", flag, "NoSuchBucket: The specified bucket"),
                                        ("s3://data/semi2", ["--endpoint-url", "http://127.0.0.1:9"],

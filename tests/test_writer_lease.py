@@ -19,7 +19,8 @@ import pytest
 import ray
 
 from dataset import DatasetWriter, read_images
-from dataset.lineage import new_lineage
+from dataset.reader import read_table
+from dataset.lineage import listing_hash, new_lineage
 from dataset.storage import WRITER_LEASE
 from pipeline import lease as lease_module
 from pipeline.lease import LeaseHeld, LeaseLost, WriterLease, read_lease
@@ -251,9 +252,73 @@ def test_writer_counts_as_annotated_only_what_this_runs_rows_hold(tmp_path):
         [(a["image_id"], "other-run"), (b["image_id"], "this-run")])
 
 
+# -- fencing: a writer of a run that lost its lease commits nothing more ------------------------------
+def _refused_batch(seeds: list[str]) -> dict:
+    """A chunk of images and a quarantined input: each would be a commit."""
+    batch = _batch([_image(s) for s in seeds], [1] * len(seeds))
+    batch["status"][-1], batch["reason"][-1] = "quarantined", "decode: not an image"
+    return batch
+
+
+def test_s3_writer_of_a_run_whose_lease_was_taken_over_commits_nothing_more(s3, monkeypatch):
+    from actors.writer import Writer
+
+    root = "s3://leases/fenced"
+    old = WriterLease(root, s3, run_id="old-run").acquire()  # heartbeat every 20 s: none in this test
+    writer = Writer(root, new_lineage(round=0, stage="auto", run_id="old-run").model_dump(), s3,
+                    lease_token=old.token)
+    a = _image("a")
+    assert list(writer(_batch([a], [2]))["status"]) == ["annotated"]  # its lease is its own: committed
+    monkeypatch.setattr(lease_module, "STALE_S", 1.0)
+    time.sleep(2.2)  # the store's clock counts whole seconds
+    taker = WriterLease(root, s3, run_id="taker", log=lambda *a: None).acquire()
+    try:
+        with pytest.raises(LeaseLost) as refused:
+            writer(_refused_batch(["b", "c"]))
+        old.beat()  # the driver's heartbeat finds the lease taken too: one message for both
+        with pytest.raises(LeaseLost) as driver:
+            old.check()
+        assert str(refused.value) == str(driver.value)
+        assert "\n" not in str(refused.value) and f"lost the writer lease of {root} to run taker" in str(refused.value)
+    finally:
+        old.release()
+        assert read_lease(root, s3)["run_id"] == "taker"
+        taker.release()
+    rows = read_images(root, columns=["image_id", "run_id"]).to_pylist()
+    assert rows == [{"image_id": a["image_id"], "run_id": "old-run"}]  # what it committed before is kept
+    assert read_table(root, "quarantine").num_rows == 0  # the refused batch is dropped, not quarantined
+
+
+def test_local_writer_of_a_dead_driver_commits_nothing_once_the_next_run_took_the_lease(tmp_path):
+    """The flock dies with the driver, its writer actors a moment later (when Ray reaps the
+    job): a writer of the dead run that commits after the next run took the lease is refused."""
+    from actors.writer import Writer
+
+    root = str(tmp_path / "ds")
+    holder = hold_in_subprocess(root)  # the driver of run holder-run
+    token = read_lease(root)["token"]
+    writer = Writer(root, new_lineage(round=0, stage="auto", run_id="holder-run").model_dump(),
+                    lease_token=token)  # one of its writer actors
+    a = _image("a")
+    try:
+        assert list(writer(_batch([a], [2]))["status"]) == ["annotated"]
+    finally:
+        kill(holder)
+    with WriterLease(root, run_id="next-run", log=lambda *a: None):  # at once: the lock died with the driver
+        with pytest.raises(LeaseLost) as refused:
+            writer(_refused_batch(["b", "c"]))
+    assert str(refused.value) == (
+        f"lost the writer lease of {root} to run next-run on host {socket.gethostname()}, pid {os.getpid()}: this "
+        "run's driver process ended, so that run took it over. What this run committed is kept; rerun the same "
+        "command once that run has finished")
+    rows = read_images(root, columns=["image_id", "run_id"]).to_pylist()
+    assert rows == [{"image_id": a["image_id"], "run_id": "holder-run"}]
+    assert read_table(root, "quarantine").num_rows == 0
+
+
 # -- end to end -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_session(s3):  # the S3 server's endpoint in the environment Ray's workers start with
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -289,6 +354,44 @@ def test_auto_annotate_on_an_output_another_run_writes_exits_2_and_writes_nothin
     assert not (out / WRITER_LEASE).exists()
 
 
+def test_run_whose_lease_is_taken_over_mid_run_commits_nothing_more_and_exits_2(ray_session, s3, tmp_path,
+                                                                              monkeypatch, capsys):
+    """Another run takes the lease over right after this run recorded its start, long before
+    its heartbeat would notice: its writer actors refuse every commit, and the run ends with
+    the one-line 'lease lost' error."""
+    from jobs.auto_annotate import main
+    from tests.test_pipeline import AMG_FLAGS, _png
+    from training.synthetic import make_scene
+
+    src, root = tmp_path / "in", "s3://leases/taken-mid-run"
+    src.mkdir()
+    for i in range(2):
+        (src / f"s{i}.png").write_bytes(_png(make_scene(seed=710 + i, size=(64, 64)).image))
+    (src / "notes.png").write_bytes(b"not an image")  # would be quarantined
+    monkeypatch.setattr(lease_module, "STALE_S", 1.0)
+    takers, start_run = [], DatasetWriter.start_run
+
+    def start_run_then_lose_the_lease(self, *args, **kwargs):
+        start_run(self, *args, **kwargs)
+        time.sleep(2.2)  # this run's lease is now stale by the store's clock
+        takers.append(WriterLease(root, s3, run_id="taker", log=lambda *a: None).acquire())
+
+    monkeypatch.setattr(DatasetWriter, "start_run", start_run_then_lose_the_lease)
+    capsys.readouterr()
+    try:
+        assert main(["--input", str(src), "--output", root, "--endpoint-url", s3, *AMG_FLAGS,
+                     "--chunk-images", "1"]) == 2
+        assert read_lease(root, s3)["run_id"] == "taker"  # the losing run left the taker's lease alone
+    finally:
+        for taker in takers:
+            taker.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: lost the writer lease of {root} to run taker on host "), err
+    assert err[-1].endswith("What this run committed is kept; rerun the same command once that run has finished")
+    assert read_images(root).num_rows == 0 and read_table(root, "quarantine").num_rows == 0
+    assert read_table(root, "duplicates").num_rows == 0
+
+
 def test_rebuild_on_an_output_another_run_writes_is_refused_before_anything(tmp_path):
     """A rebuild takes the lease before its deletes (and its run uses that lease, which
     tests/test_rebuild.py exercises)."""
@@ -306,6 +409,69 @@ def test_rebuild_on_an_output_another_run_writes_is_refused_before_anything(tmp_
         assert os.listdir(out) == [WRITER_LEASE]
     finally:
         kill(holder)
+
+
+@pytest.mark.parametrize("before", ["delete", "vacuum"])
+def test_rebuild_whose_lease_is_taken_over_deletes_nothing_more_and_exits_2(before, ray_session, s3, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Another run takes a rebuild's lease over right before its deletes, or right before
+    its vacuum (after its run, which had nothing to do): the rebuild deletes no row and no
+    file from then on, and ends with the pipeline's one-line 'lease lost' error."""
+    import pipeline.graph as graph_module
+    import pipeline.rebuild as rebuild_module
+    from actors.writer import Writer
+    from dataset.storage import s3_filesystem
+    from jobs.rebuild import main
+    from pipeline.sources import list_inputs
+    from tests.test_pipeline import AMG_FLAGS
+
+    src, root = tmp_path / "in", f"s3://leases/rebuild-taken-before-{before}"
+    src.mkdir()
+    (src / "kept.png").write_bytes(b"not read")
+    listing = list_inputs(str(src)).to_pylist()
+    kept = {**_image("kept"), "uri": listing[0]["uri"]}  # recorded, unchanged since: nothing to annotate
+    # An earlier run, as the pipeline records one; its inputs gone from the source since (an
+    # image and a quarantined input) are pruned by the rebuild.
+    lineage = new_lineage(round=0, stage="auto", run_id="earlier-run", listing_hash=listing_hash(listing))
+    DatasetWriter(root, lineage, endpoint_url=s3).start_run([{**r, "listing_hash": lineage.listing_hash,
+                                                              "run_id": lineage.run_id} for r in listing])
+    Writer(root, lineage.model_dump(), s3)(_refused_batch(["gone", "bad"]))
+    Writer(root, lineage.model_dump(), s3)(_batch([kept], [1]))
+    fs = s3_filesystem(s3)
+    files = set(fs.find(root)) - {f"{root.removeprefix('s3://')}/{WRITER_LEASE}"}
+    monkeypatch.setattr(lease_module, "STALE_S", 1.0)
+    takers = []
+
+    def then_lose_the_lease(step):
+        def wrapped(*args, **kwargs):
+            out = step(*args, **kwargs)
+            time.sleep(2.2)  # the rebuild's lease is now stale by the store's clock
+            takers.append(WriterLease(root, s3, run_id="taker", log=lambda *a: None).acquire())
+            return out
+        return wrapped
+
+    module, name = (rebuild_module, "find_changes") if before == "delete" else (graph_module, "run")
+    monkeypatch.setattr(module, name, then_lose_the_lease(getattr(module, name)))
+    capsys.readouterr()
+    try:
+        assert main(["--input", str(src), "--output", root, "--endpoint-url", s3, *AMG_FLAGS, "--prune-deleted",
+                     "--retention-hours", "0"]) == 2
+        assert read_lease(root, s3)["run_id"] == "taker"  # the losing rebuild left the taker's lease alone
+    finally:
+        for taker in takers:
+            taker.release()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: lost the writer lease of {root} to run taker on host "), err
+    assert err.endswith("What this run committed is kept; rerun the same command once that run has finished"), err
+    fs.invalidate_cache()
+    assert files <= set(fs.find(root))  # no file deleted (a vacuum would delete the deletes' old files)
+    uris = sorted(read_images(root, columns=["uri"])["uri"].to_pylist())
+    quarantined = read_table(root, "quarantine")["uri"].to_pylist()
+    if before == "delete":
+        assert (uris, quarantined) == (sorted([kept["uri"], "/in/gone.png"]), ["/in/bad.png"])  # no row deleted
+    else:  # deleted while the lease was still the rebuild's
+        assert (uris, quarantined) == ([kept["uri"]], [])
 
 
 # -- the jobs' check before Ray (pipeline.lease.check_free) ---------------------------------------

@@ -24,7 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dataset.lineage import code_version
+from dataset.storage import arrow_s3_filesystem, is_s3
 from model import Sam, get_config, load_checkpoint, save_checkpoint
+from model.checkpoint import local_checkpoint
 from model.resample import config_with_patch_size, with_patch_size
 
 from .data import Batch, Example, ParquetExamples, make_batch, synthetic_example
@@ -47,14 +49,18 @@ class ParquetSource(BaseModel):
     image_column: str = Field("uri", description="encoded image bytes, or a URI to read them from")
     annotations_column: str = "annotations"
     fraction: float = Field(0.5, ge=0, le=1, description="share of images taken from here when synthetic data is also on")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// paths (default: AWS_ENDPOINT_URL)")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for these s3:// paths (default: "
+                                     "the run's endpoint_url, else AWS_ENDPOINT_URL)")
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_type: str = "vit_tiny256"
-    init_checkpoint: str | None = Field(None, description="fine-tune these weights instead of starting from scratch")
+    init_checkpoint: str | None = Field(None, description="fine-tune these weights (a local path or s3://) instead of "
+                                        "starting from scratch")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for the run's s3:// paths: init "
+                                     "checkpoint, parquet data, Ray Train storage, output (default: AWS_ENDPOINT_URL)")
     patch_size: int | None = Field(None, gt=0, description="train at this patch size instead of the model's; the "
                                    "init checkpoint's weights are resampled to it (model.resample)")
     steps: int = Field(1000, gt=0)
@@ -146,9 +152,17 @@ def step_batch(cfg: TrainConfig, image_size: int, parquet, step: int, rank: int,
 # ---- model, optimizer, state --------------------------------------------------------
 
 
+def parquet_examples(cfg: TrainConfig) -> ParquetExamples | None:
+    """The run's Parquet training data (ValueError/OSError when it cannot be read)."""
+    if cfg.parquet is None:
+        return None
+    return ParquetExamples(cfg.parquet.paths, cfg.parquet.image_column, cfg.parquet.annotations_column,
+                           cfg.parquet.endpoint_url or cfg.endpoint_url)
+
+
 def initial_model(cfg: TrainConfig) -> Sam:
     if cfg.init_checkpoint:
-        model, _ = load_checkpoint(cfg.init_checkpoint)
+        model, _ = load_checkpoint(local_checkpoint(cfg.init_checkpoint, cfg.endpoint_url))
         return with_patch_size(model, cfg.patch_size or model.config.patch_size).train()
     torch.manual_seed(cfg.seed)
     config = get_config(cfg.model_type)
@@ -244,8 +258,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if world_size > 1:
         # Box and point embeddings go unused in a step without boxes or points.
         step_module = ray.train.torch.prepare_model(step_module, parallel_strategy_kwargs={"find_unused_parameters": True})
-    parquet = (ParquetExamples(cfg.parquet.paths, cfg.parquet.image_column, cfg.parquet.annotations_column,
-                               cfg.parquet.endpoint_url) if cfg.parquet else None)
+    parquet = parquet_examples(cfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
     for step in range(start_step, cfg.steps):
@@ -325,6 +338,9 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     storage_path = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
+    storage_filesystem, ray_storage_path = None, storage_path
+    if is_s3(storage_path) and cfg.endpoint_url:  # else Ray Train resolves s3:// from the AWS environment
+        storage_filesystem, ray_storage_path = arrow_s3_filesystem(cfg.endpoint_url), storage_path.split("://", 1)[1]
     name = name or f"{cfg.model_type}-seed{cfg.seed}"
     if not resume:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -337,7 +353,8 @@ def run_training(
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=ray_storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
@@ -364,5 +381,5 @@ def export_checkpoint(model: Sam, path: str, cfg: TrainConfig, metrics: dict[str
         "code_version": code_version(),
         **(extra or {}),
     }
-    save_checkpoint(model, path, meta)
+    save_checkpoint(model, path, meta, cfg.endpoint_url)
     return path
