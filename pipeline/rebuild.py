@@ -178,6 +178,8 @@ def _rebuild(config: AnnotateConfig, full: bool, prune_deleted: bool, retention_
     if retention_hours is not None:
         report["vacuumed_files"] = 0
         for name in ("annotations", "duplicates", "quarantine", "listing", "lineage"):
+            if not is_delta_table(table_uri(config.output, name), options):
+                continue  # a root not made by the pipeline (an import) may lack some tables
             lease.confirm()  # a vacuum deletes files: only while the lease is still this rebuild's
             report["vacuumed_files"] += len(vacuum(config.output, name, retention_hours=retention_hours,
                                                    options=options))

@@ -474,6 +474,26 @@ def test_rebuild_whose_lease_is_taken_over_deletes_nothing_more_and_exits_2(befo
         assert (uris, quarantined) == ([kept["uri"]], [])
 
 
+def test_rebuild_vacuums_a_root_that_lacks_some_tables(ray_session, tmp_path, capsys):
+    """A root an import made holds no listing, duplicates or quarantine table, and a
+    rebuild whose run has nothing to do makes none: its vacuum skips them (was a ValueError
+    traceback: not a Delta table)."""
+    from jobs.rebuild import main
+    from pipeline.sources import list_inputs
+    from tests.test_pipeline import AMG_FLAGS
+
+    src, root = tmp_path / "in", str(tmp_path / "ds")
+    src.mkdir()
+    (src / "a.png").write_bytes(b"imported")
+    uri = list_inputs(str(src))["uri"][0].as_py()
+    DatasetWriter(root, new_lineage(round=0, stage="auto", run_id="import")).commit_images([{**_image("a"), "uri": uri}])
+    assert not os.path.exists(os.path.join(root, "duplicates"))
+    capsys.readouterr()
+    assert main(["--input", str(src), "--output", root, *AMG_FLAGS, "--retention-hours", "0"]) == 0
+    assert "1 already done, 0 to go" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(root, "duplicates")) and read_images(root).num_rows == 1
+
+
 # -- the jobs' check before Ray (pipeline.lease.check_free) ---------------------------------------
 def test_check_free_local_refuses_only_a_live_holder_and_writes_nothing(tmp_path):
     root = str(tmp_path / "ds")
