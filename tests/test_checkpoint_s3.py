@@ -20,8 +20,8 @@ from tests.s3server import moto_server
 def test_save_checkpoint_uploads_to_s3_with_the_given_endpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = Sam(get_config("vit_tiny256"))
-    with moto_server("ckpt") as endpoint:
-        monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the argument names the store
+    with moto_server("ckpt") as endpoint, monkeypatch.context() as env:
+        env.delenv("AWS_ENDPOINT_URL")  # only the argument names the store (restored before the server's own)
         digest = save_checkpoint(model, "s3://ckpt/models/tiny.pt", {"run": 1}, endpoint_url=endpoint)
         path = local_checkpoint("s3://ckpt/models/tiny.pt", endpoint)
         assert s3_filesystem(endpoint).ls("ckpt/models") == ["ckpt/models/tiny.pt"]  # no temporary object left
@@ -49,8 +49,8 @@ def test_train_crop_embedder_writes_its_weights_to_s3(tmp_path, monkeypatch, cap
     from model.crop_embedder import MiniLMCropEmbedder
 
     monkeypatch.chdir(tmp_path)
-    with moto_server("ckpt") as endpoint:
-        monkeypatch.delenv("AWS_ENDPOINT_URL")
+    with moto_server("ckpt") as endpoint, monkeypatch.context() as env:
+        env.delenv("AWS_ENDPOINT_URL")
         assert train_crop_embedder.main(["--output", "s3://ckpt/crops.pt", "--endpoint-url", endpoint,
                                          "--scenes", "3", "--steps", "2", "--eval-scenes", "2", "--batch", "4"]) == 0
         out = capsys.readouterr().out
