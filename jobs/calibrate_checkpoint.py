@@ -46,6 +46,7 @@ from amg import AmgParams  # noqa: E402
 from amg.params import CHECKPOINT_DEFAULTS  # noqa: E402
 from engine.calibrate import calibrate_on_scenes  # noqa: E402
 from model import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from jobs.arg_types import count, positive  # noqa: E402
 from model.checkpoint import check_checkpoint_path  # noqa: E402
 from training.automatic_eval import automatic_metrics, candidate_ceiling, held_out_scenes  # noqa: E402
 from training.evaluate import single_point_miou  # noqa: E402
@@ -63,16 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     ap.add_argument("--target-precision", type=float, default=0.5,
                     help="share of kept masks that must match a ground-truth instance at mask IoU >= 0.5")
-    ap.add_argument("--scenes", type=int, default=30, help="calibration scenes")
-    ap.add_argument("--seed", type=int, default=2000003, help="scene stream of the calibration scenes")
-    ap.add_argument("--size", type=int, help="scene side in pixels (default: the model's input size)")
-    ap.add_argument("--eval-scenes", type=int, default=0, help="held-out scenes to measure the result on")
-    ap.add_argument("--eval-seed", type=int, default=1000003, help="scene stream of the held-out scenes")
-    ap.add_argument("--iou-head-scenes", type=int, default=0,
+    ap.add_argument("--scenes", type=positive, default=30, help="calibration scenes")
+    ap.add_argument("--seed", type=count, default=2000003, help="scene stream of the calibration scenes")
+    ap.add_argument("--size", type=positive, help="scene side in pixels (default: the model's input size)")
+    ap.add_argument("--eval-scenes", type=count, default=0, help="held-out scenes to measure the result on")
+    ap.add_argument("--eval-seed", type=count, default=1000003, help="scene stream of the held-out scenes")
+    ap.add_argument("--iou-head-scenes", type=count, default=0,
                     help="refit the IoU head on the grid candidates of this many scenes first (0: keep it)")
-    ap.add_argument("--iou-head-seed", type=int, default=3000003, help="scene stream of the IoU head's scenes")
-    ap.add_argument("--iou-head-steps", type=int, default=3000, help="optimizer steps of the IoU head fit")
-    ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    ap.add_argument("--iou-head-seed", type=count, default=3000003, help="scene stream of the IoU head's scenes")
+    ap.add_argument("--iou-head-steps", type=positive, default=3000, help="optimizer steps of the IoU head fit")
+    ap.add_argument("--torch-threads", type=count, default=0, help="0: torch's default")
     args = ap.parse_args(argv)
     if not 0.0 < args.target_precision <= 1.0:
         ap.error("--target-precision must be in (0, 1]")

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from model.checkpoint import CheckpointError, check_checkpoint_path, save_file  # noqa: E402
+from jobs.arg_types import positive  # noqa: E402
 from model.crop_embedder import DEFAULT_WEIGHTS, MiniLMCropEmbedder  # noqa: E402
 from model.text import load_embedder  # noqa: E402
 from training.crop_embedder import (  # noqa: E402
@@ -39,12 +40,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default=str(DEFAULT_WEIGHTS), help="weights file to write, local or s3://")
     ap.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
-    ap.add_argument("--scenes", type=int, default=2000, help="training scenes (stream seed 0)")
-    ap.add_argument("--steps", type=int, default=CropTrainConfig.steps)
-    ap.add_argument("--batch", type=int, default=CropTrainConfig.batch)
-    ap.add_argument("--width", type=int, default=CropTrainConfig.width)
-    ap.add_argument("--eval-scenes", type=int, default=200)
-    ap.add_argument("--log-every", type=int, default=250)
+    ap.add_argument("--scenes", type=positive, default=2000, help="training scenes (stream seed 0)")
+    ap.add_argument("--steps", type=positive, default=CropTrainConfig.steps)
+    ap.add_argument("--batch", type=positive, default=CropTrainConfig.batch)
+    ap.add_argument("--width", type=positive, default=CropTrainConfig.width)
+    ap.add_argument("--eval-scenes", type=positive, default=200)
+    ap.add_argument("--log-every", type=positive, default=250)
     args = ap.parse_args(argv)
     try:  # ray job submit --working-dir: the default output lies in Ray's temporary copy
         refuse_job_copy_paths([("--output" if args.output != str(DEFAULT_WEIGHTS) else "the default --output",

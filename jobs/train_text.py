@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from model import CheckpointError, Sam, load_checkpoint, save_checkpoint  # noqa: E402
+from jobs.arg_types import amount, count, positive  # noqa: E402
 from model.checkpoint import check_checkpoint_path  # noqa: E402
 from model.checkpoint import file_sha256  # noqa: E402
 from model.crop_embedder import ImageTextEmbedder  # noqa: E402
@@ -89,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--init-checkpoint", default=DEFAULT_CHECKPOINT, help="starting checkpoint, local or s3://")
     ap.add_argument("--output", default=DEFAULT_TEXT_CHECKPOINT, help="checkpoint file to write, local or s3://")
     ap.add_argument("--embedder", default="minilm", help="model.text.load_embedder name or module:factory")
-    ap.add_argument("--scenes", type=int, default=3000, help="training scenes (stream seed 0); 0: none")
+    ap.add_argument("--scenes", type=count, default=3000, help="training scenes (stream seed 0); 0: none")
     ap.add_argument("--dataset", action="append", default=[],
                     help="annotations table (Delta or Parquet, local or s3://) whose masks' text_prompt names "
                          "them (repeatable)")
@@ -101,13 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "embed_images, e.g. minilm-crops)")
     ap.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint of the s3:// --init-checkpoint, "
                     "--dataset and --output (default: AWS_ENDPOINT_URL)")
-    ap.add_argument("--steps", type=int, default=TextTrainConfig.steps)
-    ap.add_argument("--batch-scenes", type=int, default=TextTrainConfig.scenes, help="scenes per step")
-    ap.add_argument("--lr", type=float, default=TextTrainConfig.lr)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-scenes", type=int, default=200)
-    ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
-    ap.add_argument("--log-every", type=int, default=250)
+    ap.add_argument("--steps", type=positive, default=TextTrainConfig.steps)
+    ap.add_argument("--batch-scenes", type=positive, default=TextTrainConfig.scenes, help="scenes per step")
+    ap.add_argument("--lr", type=amount, default=TextTrainConfig.lr)
+    ap.add_argument("--seed", type=count, default=0)
+    ap.add_argument("--eval-scenes", type=positive, default=200)
+    ap.add_argument("--torch-threads", type=count, default=0, help="0: torch's default")
+    ap.add_argument("--log-every", type=positive, default=250)
     ap.add_argument("--examples-cache", help="file keeping the training scenes' embeddings between runs "
                                              "(reused when it holds the same checkpoint and scene count)")
     return ap.parse_args(argv)

@@ -104,3 +104,21 @@ def test_a_round_past_the_int32_column_is_a_settings_error():
     with pytest.raises(ValidationError, match="round"):
         load_config(["--round", str(2**31)])
     assert load_config(["--round", str(2**31 - 1)]).round == 2**31 - 1
+
+
+def test_the_maintainer_training_jobs_check_their_numbers(capsys):
+    """train_text, train_crop_embedder and calibrate_checkpoint took any int or float for
+    counts, sizes and the learning rate (negative counts, --lr nan): usage lines now."""
+    from jobs import calibrate_checkpoint, train_crop_embedder, train_text
+
+    for main, argv, expected in (
+            (train_text.main, ["--steps", "0"], "argument --steps: must be > 0, got 0"),
+            (train_text.main, ["--scenes", "-1"], "argument --scenes: must be >= 0, got -1"),
+            (train_text.main, ["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+            (train_text.main, ["--eval-scenes", "0"], "argument --eval-scenes: must be > 0, got 0"),
+            (train_crop_embedder.main, ["--batch", "-4"], "argument --batch: must be > 0, got -4"),
+            (train_crop_embedder.main, ["--width", "0"], "argument --width: must be > 0, got 0"),
+            (calibrate_checkpoint.main, ["--checkpoint", "c.pt", "--scenes", "0"], "argument --scenes: must be > 0, got 0"),
+            (calibrate_checkpoint.main, ["--checkpoint", "c.pt", "--iou-head-steps", "-3"],
+             "argument --iou-head-steps: must be > 0, got -3")):
+        _usage_error(capsys, main, argv, expected)
