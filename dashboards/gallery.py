@@ -1,6 +1,7 @@
 """Sample gallery: sampled images with their masks drawn on top, as inline JPEG thumbnails.
-Images are read from each row's `uri` (local or s3://); one that cannot be read, or whose
-size no longer matches its masks, is skipped and counted."""
+Images are read from each row's `uri` (local or s3://); one that cannot be read, whose bytes
+are no longer those annotated (their sha256 is not the image_id), or whose size no longer
+matches its masks, is skipped with the reason."""
 from __future__ import annotations
 
 import base64
@@ -12,8 +13,8 @@ from PIL import Image
 
 from amg.overlay import overlay
 from amg.rle import coco_to_mask
-from pipeline.images import ImageLimits, decode_image
-from pipeline.sources import read_bytes
+from pipeline.images import BadImage, ImageLimits, decode_image
+from pipeline.sources import ReadError, read_bytes
 
 THUMB_SIDE = 420
 
@@ -33,9 +34,14 @@ def tile(row: dict, endpoint_url: str | None = None, limits: ImageLimits = Image
     base = {"image_id": row["image_id"], "uri": row["uri"], "masks": len(row["annotations"]),
             "width": row["width"], "height": row["height"]}
     try:
-        image = decode_image(read_bytes(row["uri"], max_bytes=limits.max_bytes, endpoint_url=endpoint_url),
-                             limits=limits)
-    except Exception as e:  # moved, deleted, no credentials: the gallery goes on without it
+        data = read_bytes(row["uri"], max_bytes=limits.max_bytes, endpoint_url=endpoint_url)
+        # The masks fit the bytes that were annotated, whose sha256 is the image_id.
+        if hashlib.sha256(data).hexdigest() != row["image_id"]:
+            return {**base, "skipped": "image changed since it was annotated"}
+        image = decode_image(data, limits=limits)
+    except (ReadError, BadImage) as e:  # moved, deleted, forbidden: the reason quarantine would give
+        return {**base, "skipped": e.reason}
+    except Exception as e:  # no credentials, ...: the gallery goes on without it
         return {**base, "skipped": f"unreadable: {type(e).__name__}"}
     if image.shape[:2] != (row["height"], row["width"]):
         return {**base, "skipped": f"image is {image.shape[1]}x{image.shape[0]}, masks are {row['width']}x{row['height']}"}

@@ -37,6 +37,7 @@ table { border-collapse:collapse; width:100%; max-width:900px; font-size:13px; m
 th, td { text-align:right; padding:5px 10px; border-bottom:1px solid var(--line); white-space:nowrap; }
 th:first-child, td:first-child { text-align:left; }
 th { color:var(--muted); font-weight:600; font-size:12px; }
+th.group { text-align:center; border-bottom:none; }
 td code { font-size:12px; }
 .tiles { display:grid; grid-template-columns:repeat(auto-fill,minmax(260px,1fr)); gap:14px; }
 figure.tile { margin:0; border:none; padding:0; box-shadow:none; border-radius:0; }
@@ -71,10 +72,36 @@ def _calibration(c: dict | None) -> str:
                   f"(precision {c['precision']:.2f} of target {c['target_precision']:.2f})")
 
 
-def _table(headers: list[str], rows: list[list[str]], table_id: str) -> str:
+def _table(headers: list[str], rows: list[list[str]], table_id: str,
+           groups: list[tuple[str, int]] | None = None) -> str:
+    """groups: (label, columns spanned) of a header row above the column names."""
+    top = ("<tr>" + "".join(f'<th colspan="{n}" class="group">{escape(g)}</th>' for g, n in groups) + "</tr>"
+           if groups else "")
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<table id="{table_id}"><thead>{top}<tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _runs(d: dict) -> str:
+    """Runs in this version: the version's own images and masks of each run beside the
+    whole-run totals of its summary, and which runs the version holds only part of."""
+    rows = [[f"<code>{escape(r['run_id'])}</code>", "–" if r["round"] is None else escape(str(r["round"])),
+             escape(r["stage"] or "–"), _num(r["images"]),
+             _num(r["masks"]), _num(r.get("processed")),
+             _num(r.get("annotated")), _num(r.get("duplicate")), _num(r.get("quarantined")),
+             _num(r.get("run_masks")), _num(r.get("seconds"), 1), "part" if r["part"] else "all"]
+            for r in d["runs"]]
+    if not rows:
+        return '<p class="note">No runs recorded for this version.</p>'
+    table = _table(["run", "round", "stage", "images", "masks", "inputs", "annotated", "duplicate", "quarantined",
+                    "masks", "seconds", "in this version"], rows, "runs-table",
+                   groups=[("", 3), ("this version", 2), ("whole run (runs/<run_id>.json)", 6), ("", 1)])
+    notes = [f"<code>{escape(r['run_id'])}</code>: only part of this run is in version {d['version']}: "
+             f"{escape(r['part'])}." for r in d["runs"] if r["part"]]
+    if d["images_without_run"]:
+        notes.append(f"{d['images_without_run']:,} image(s) of this version carry no run id "
+                     "(in none of the rows above).")
+    return table + "".join(f'<p class="note">{n}</p>' for n in notes)
 
 
 def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
@@ -87,10 +114,6 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
         _kpi("quarantined", "quarantined", sum(d["quarantine"].values())),
         _kpi("runs", "runs", len(d["runs"])),
     ])
-    runs_rows = [[f"<code>{escape(r['run_id'][:12])}</code>", escape(str(r.get("round", "–"))),
-                  escape(str(r.get("stage") or "–")), _num(r.get("processed")), _num(r.get("annotated")),
-                  _num(r.get("duplicate")), _num(r.get("quarantined")), _num(r.get("masks")),
-                  _num(r.get("seconds"), 1)] for r in d["runs"]]
     stages = sorted({st for r in d["rounds"] for st in r["masks_by_stage"]})
     rounds_rows = [[escape(str(r["round"])), _num(r["images"]), _num(r["masks"]),
                     *[_num(r["masks_by_stage"].get(st, 0)) for st in stages], _num(r["masks_per_image"], 2),
@@ -109,7 +132,8 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
     steps, first = d["funnel_steps"], d["funnel_steps"][0][1]
     funnel_rows = [[escape(label), _num(v), f"{v / first:.1%}" if first else "–",
                     _num(steps[i - 1][1] - v) if i else ""] for i, (label, v) in enumerate(steps)]
-    pinned = escape(d["pinned_by"])
+    # How the version was pinned, unless the version number says it all.
+    pinned = "" if d["pinned_by"] == f"version {d['version']}" else f" ({escape(d['pinned_by'])})"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -117,8 +141,8 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
 <style>{CSS}</style></head>
 <body>
 <header><h1>Data-quality report</h1>
-<div class="meta">dataset <code>{escape(d['root'])}</code> · version <code id="version" data-value="{d['version']}">{d['version']}</code>
-({pinned}) · generated {escape(d['generated_at'])}</div></header>
+<div class="meta">dataset <code>{escape(d['root'])}</code> · version <code id="version" data-value="{d['version']}">{d['version']}</code>{pinned}
+· generated {escape(d['generated_at'])}</div></header>
 <main>
 <section class="kpis">{kpis}</section>
 
@@ -128,7 +152,7 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
          f"Every image of the version ({d['images']:,}), including {d['images_without_masks']:,} with no mask.")}
 {_figure("fig-relative-size", "Relative mask size", svgs["relative_size"],
          f"√(mask area / image area) of every mask ({d['masks']:,}, of which {d['empty_masks']:,} empty); "
-         f"mean {d['mean_relative_size']:.3f}. Share of masks per bin.")}
+         f"mean {_num(d['mean_relative_size'], 3)}. Share of masks per bin.")}
 {_figure("fig-centres", "Mask centres", svgs["centres"],
          "Centres of the masks' bounding boxes (not of the masks themselves), in image-relative "
          f"coordinates, {d['centres_bins']}×{d['centres_bins']} cells; every non-empty mask "
@@ -147,13 +171,16 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
 
 <h2>Automatic stage yield</h2>
 {_figure("fig-funnel", "Candidate masks left after each filter", svgs["funnel"],
-         f"Summed over the run summaries (<code>runs/&lt;run_id&gt;.json</code>) of the {len(d['funnel_runs'])} "
-         "run(s) found for this version. NMS and small-region cleanup act together between the crop-edge "
+         f"<b>Whole-run totals</b>, summed over the run summaries (<code>runs/&lt;run_id&gt;.json</code>) of the "
+         f"{len(d['funnel_runs'])} run(s) found for this version"
+         + (f"; {len(d['partial_runs'])} of them only partly in this version (see the runs below), so these "
+            f"counts include masks this version does not hold (it holds {d['masks']:,})" if d["partial_runs"] else "")
+         + ". NMS and small-region cleanup act together between the crop-edge "
          "filter and the kept masks." + _table(["step", "masks", "of candidates", "dropped by this step"], funnel_rows, "funnel-table"))}
-<figure id="runs"><h3>Runs in this version</h3>{_table(["run", "round", "stage", "inputs", "annotated",
-  "duplicate", "quarantined", "masks", "seconds"], runs_rows, "runs-table") if runs_rows
-  else '<p class="note">No runs recorded for this version.</p>'}
-<figcaption>From the run summaries and the commits of the annotations table.</figcaption></figure>
+<figure id="runs"><h3>Runs in this version</h3>{_runs(d)}
+<figcaption>Images and masks: the rows of this version each run wrote (the <code>run_id</code> of the annotations
+table). The whole-run columns are each run's own totals from its summary, also counting images committed after
+this version or no longer in it.</figcaption></figure>
 
 <h2>Rejected inputs</h2>
 {_figure("fig-rejects", "Duplicates and quarantine", svgs["rejects"],
@@ -162,7 +189,8 @@ def render(data: dict, svgs: dict[str, str], tiles: list[dict]) -> str:
 
 <h2>Data-engine rounds</h2>
 {_figure("fig-rounds", "Masks per image and held-out metrics by round", svgs["rounds"],
-         "Masks / image of a round = masks tagged with that round ÷ images holding at least one of them. "
+         "Images of a round = those holding a mask tagged with that round, plus those its runs committed "
+         "without a mask (as the data engine counts them); masks / image = the round's masks ÷ its images. "
          "Held-out metrics come from <code>rounds/&lt;round&gt;.json</code> (written by the data engine) "
          "where present."
          + _table(["round", "images", "masks", *[f"{st} masks" for st in stages], "masks / image", *[f"held-out {m}" for m in d["held_out_metrics"]],
@@ -181,7 +209,8 @@ mask columns (no RLE): masks per image, sizes, centres and scores are exact.</li
 <li>Random sample: the {s['images']:,} images with the smallest SHA-256 of their <code>image_id</code>
 (uniform, the same on every report of this version). Concavity and the gallery use it; only the row groups
 holding it were read with their RLE.</li>
-<li>Funnel and run table: the run summaries in <code>runs/</code>; rounds: <code>rounds/*.json</code>.</li>
+<li>Funnel and the run table's whole-run columns: the run summaries in <code>runs/</code> (whole runs); each run's
+images and masks in this version: the pass above; rounds: <code>rounds/*.json</code>.</li>
 </ul>
 <script type="application/json" id="report-data">{_json_for_html(data)}</script>
 </main></body></html>

@@ -53,13 +53,7 @@ def build_report(root: str, *, version: int | None = None, run_id: str | None = 
     for s in funnel_runs:
         funnel.update({k: int(n) for k, n in (s.get("funnel") or {}).items()})
     lineage = sources.lineage(root, options)
-    # Round and stage from the lineage row every run has, also one that made no annotations
-    # commit (it only quarantined); a run's commits add its versions and counts.
-    by_run = {rid: {"run_id": rid, "round": row["round"], "stage": row["stage"]} for rid, row in lineage.items()}
-    by_run.update((r["run_id"], r) for r in runs)
-    run_table = [{**by_run.get(s["run_id"], {"run_id": s["run_id"]}), **{k: s.get(k) for k in (
-        "processed", "annotated", "duplicate", "quarantined", "masks", "seconds")}} for s in funnel_runs]
-    run_table += [r for r in runs if r["run_id"] not in summaries]
+    run_table = _run_table(st, runs, lineage, summaries, funnel_runs)
 
     round_files = sources.rounds(fs)
     data = {
@@ -71,7 +65,7 @@ def build_report(root: str, *, version: int | None = None, run_id: str | None = 
         "masks_per_image": {str(k): n for k, n in sorted(st.masks_per_image.items())},
         "unit_bins": stats.UNIT_BINS.tolist(),
         "relative_size": st.relative_size.tolist(),
-        "mean_relative_size": st.relative_size_sum / st.masks if st.masks else 0.0,
+        "mean_relative_size": st.relative_size_sum / st.masks if st.masks else None,
         "centres_bins": stats.CENTRE_BINS, "centres": st.centres.tolist(),
         "predicted_iou": st.predicted_iou.tolist(), "stability_score": st.stability.tolist(),
         "scores_missing": dict(st.scores_missing),
@@ -83,11 +77,13 @@ def build_report(root: str, *, version: int | None = None, run_id: str | None = 
         "funnel_steps": [(label, funnel.get(k, 0)) for k, label in FUNNEL_STEPS],
         "funnel_runs": [s["run_id"] for s in funnel_runs],
         "runs": run_table,
+        "partial_runs": [r["run_id"] for r in run_table if r["part"]],
+        "images_without_run": st.images_by_run.get(None, 0),
         "side_scope": "every run" if run_ids is None else f"the {len(run_ids)} run(s) of this version",
         "duplicates": dict(sources.side_counts(root, "duplicates", "kind", run_ids, options)),
         "quarantine": dict(sources.side_counts(root, "quarantine", "reason", run_ids, options)),
         "thresholds": sources.run_thresholds(lineage, run_ids),
-        "rounds": _rounds(st, round_files),
+        "rounds": _rounds(st, round_files, _round_of_runs(runs, lineage)),
         "gallery": [t["image_id"] for t in tiles if "src" in t],
         "gallery_skipped": {t["image_id"]: t["skipped"] for t in tiles if "skipped" in t},
     }
@@ -107,18 +103,63 @@ def build_report(root: str, *, version: int | None = None, run_id: str | None = 
     return page.render(data, svgs, tiles), data
 
 
-def _rounds(st: stats.VersionStats, files: dict[int, dict]) -> list[dict]:
+RUN_TOTALS = ("processed", "annotated", "duplicate", "quarantined", "masks", "seconds")
+
+
+def _run_table(st: stats.VersionStats, runs: list[dict], lineage: dict[str, dict], summaries: dict[str, dict],
+               summarized: list[dict]) -> list[dict]:
+    """A row per run of the version (those with a summary or commits), oldest first:
+    run_id, round and stage (its lineage row, which every run has, also one that made no
+    annotations commit; else its commits), first/last/later_version (sources.version_runs);
+    images and masks: the rows of this version the run wrote; processed, annotated,
+    duplicate, quarantined, run_masks, seconds: whole-run totals from its summary (None
+    without one); part: why the version holds only part of the run (None: all of it)."""
+    commits = {r["run_id"]: r for r in runs}
+    ids = [s["run_id"] for s in summarized] + [r["run_id"] for r in runs if r["run_id"] not in summaries]
+    table = []
+    for rid in ids:
+        row = {"run_id": rid, "round": None, "stage": None, "first_version": None, "last_version": None,
+               "later_version": None}
+        if rid in lineage:
+            row.update(round=lineage[rid]["round"], stage=lineage[rid]["stage"])
+        row.update(commits.get(rid, {}))
+        summary = summaries.get(rid, {})
+        row.update({("run_masks" if k == "masks" else k): summary.get(k) for k in RUN_TOTALS})
+        row.update(images=st.images_by_run.get(rid, 0), masks=st.masks_by_run.get(rid, 0))
+        annotated = row["annotated"]
+        row["part"] = (f"its commits after this version (up to version {row['later_version']}) are not in it"
+                       if row["later_version"] is not None else
+                       f"{annotated - row['images']:,} of the {annotated:,} images it annotated are not in it"
+                       if isinstance(annotated, int) and row["images"] < annotated else None)
+        table.append(row)
+    # Oldest first; runs that committed no annotations (they only quarantined) last.
+    return sorted(table, key=lambda r: (r["first_version"] is None, r["first_version"] or 0))
+
+
+def _round_of_runs(runs: list[dict], lineage: dict[str, dict]) -> dict[str, int]:
+    """run_id -> round, from the lineage rows, else from the runs' commits."""
+    rounds = {r["run_id"]: r["round"] for r in runs} | {rid: row["round"] for rid, row in lineage.items()}
+    return {rid: int(r) for rid, r in rounds.items() if r is not None}
+
+
+def _rounds(st: stats.VersionStats, files: dict[int, dict], round_of: dict[str, int]) -> list[dict]:
+    """A row per round: its images are those holding a mask of the round, plus those its runs
+    committed without a mask, so that they add up to the version's images and agree with the
+    data engine's rounds/<round>.json."""
     masks, by_stage = Counter(), {}
     for (r, stage), n in st.masks_by_round_stage.items():
         masks[int(r)] += n
         by_stage.setdefault(int(r), Counter())[stage] += n
+    images = Counter(st.images_by_round)
+    for rid, n in st.maskless_by_run.items():
+        if n and rid in round_of:
+            images[round_of[rid]] += n
     out = []
-    for r in sorted(set(masks) | set(files)):
+    for r in sorted(set(masks) | set(files) | {r for r, n in images.items() if n}):
         f = files.get(r, {})
-        images = st.images_by_round.get(r, 0)
-        out.append({"round": r, "images": images, "masks": masks.get(r, 0),
+        out.append({"round": r, "images": images[r], "masks": masks.get(r, 0),
                     "masks_by_stage": dict(sorted(by_stage.get(r, {}).items())),
-                    "masks_per_image": masks.get(r, 0) / images if images else None,
+                    "masks_per_image": masks.get(r, 0) / images[r] if images[r] else None,
                     "engine_masks_per_image": f.get("masks_per_image"),
                     "held_out": {k: float(v) for k, v in (f.get("held_out") or {}).items()
                                  if isinstance(v, (int, float)) and np.isfinite(v)},

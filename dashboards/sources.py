@@ -69,17 +69,20 @@ def rounds(fs: pafs.FileSystem) -> dict[int, dict]:
 
 
 def version_runs(root: str, version: int, options: dict[str, str]) -> list[dict]:
-    """The annotations commits up to version, grouped by run, oldest first:
-    run_id, round, stage, first/last version, images and masks committed."""
+    """The runs with an annotations commit up to version, oldest first: run_id, round, stage,
+    first_version and last_version (of their commits up to version), and later_version: the
+    last of their commits after version (None when none is: the run ended by version)."""
     runs: dict[str, dict] = {}
     for c in history(root, options=options):
-        if c["version"] > version or c.get("table") != "annotations" or not c.get("run_id"):
+        if c.get("table") != "annotations" or not c.get("run_id"):
+            continue
+        if c["version"] > version:
+            if c["run_id"] in runs:
+                runs[c["run_id"]]["later_version"] = c["version"]
             continue
         r = runs.setdefault(c["run_id"], dict(run_id=c["run_id"], round=c.get("round"), stage=c.get("stage"),
-                                              first_version=c["version"], images=0, masks=0))
+                                              first_version=c["version"], later_version=None))
         r["last_version"] = c["version"]
-        r["images"] += int(c.get("images") or 0)
-        r["masks"] += int(c.get("masks") or 0)
     return list(runs.values())
 
 

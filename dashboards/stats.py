@@ -58,6 +58,10 @@ class VersionStats:
     scores_missing: Counter = field(default_factory=Counter)         # field -> masks without it
     masks_by_round_stage: Counter = field(default_factory=Counter)   # (round, stage) -> masks
     images_by_round: Counter = field(default_factory=Counter)        # round -> images with a mask of it
+    # By the run that wrote each row (the run_id column; None where a row has none):
+    images_by_run: Counter = field(default_factory=Counter)          # run -> images
+    masks_by_run: Counter = field(default_factory=Counter)           # run -> masks
+    maskless_by_run: Counter = field(default_factory=Counter)        # run -> images without a mask
     sample: list[Sampled] = field(default_factory=list)
     concavity: np.ndarray = field(default_factory=lambda: np.zeros(len(UNIT_BINS) - 1, np.int64))
     concavity_mask_ids: list[int] = field(default_factory=list)
@@ -89,6 +93,8 @@ def scan(dataset: pads.FileSystemDataset, stats: VersionStats, sample_images: in
     """Pass 1: every image, the small columns only."""
     for path, pf in version_files(dataset):
         columns = ["image_id", "width", "height", *_leaf_columns(pf, MASK_FIELDS)]
+        if "run_id" in pf.schema_arrow.names:  # older files have no run_id column
+            columns.append("run_id")
         for rg in range(pf.num_row_groups):
             table = pf.read_row_group(rg, columns=columns)
             _add_images(stats, table)
@@ -104,6 +110,7 @@ def _add_images(stats: VersionStats, table: pa.Table) -> None:
     stats.images += len(lengths)
     values, counts = np.unique(lengths, return_counts=True)
     stats.masks_per_image.update(dict(zip(values.tolist(), counts.tolist())))
+    _add_runs(stats, table, lengths)
     masks = pc.list_flatten(ann)
     if len(masks) == 0:
         return
@@ -139,6 +146,17 @@ def _add_images(stats: VersionStats, table: pa.Table) -> None:
     pairs = np.unique(np.stack([rounds, parent]), axis=1)  # (round, image) with a mask of that round
     values, counts = np.unique(pairs[0], return_counts=True)
     stats.images_by_round.update(dict(zip(values.tolist(), counts.tolist())))
+
+
+def _add_runs(stats: VersionStats, table: pa.Table, lengths: np.ndarray) -> None:
+    runs = table["run_id"] if "run_id" in table.column_names else pa.nulls(len(lengths), pa.string())
+    groups = pa.table({"run_id": runs, "masks": lengths, "maskless": lengths == 0}).group_by("run_id").aggregate(
+        [([], "count_all"), ("masks", "sum"), ("maskless", "sum")])
+    for run, images, masks, maskless in zip(*(groups[c].to_pylist() for c in (
+            "run_id", "count_all", "masks_sum", "maskless_sum"))):
+        stats.images_by_run[run] += images
+        stats.masks_by_run[run] += masks
+        stats.maskless_by_run[run] += maskless
 
 
 def read_sample(dataset: pads.FileSystemDataset, stats: VersionStats) -> Iterator[dict]:

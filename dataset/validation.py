@@ -11,7 +11,15 @@ Kinds (each has a test that plants it):
   rle                the counts string is not a valid COCO RLE of the image's size
                      (malformed, runs that do not sum to height x width, or not the
                      canonical string pycocotools writes for those runs)
+  annotation_id      a mask's id is not image_key << 15 | its index in the image
+                     (schemas.ids); an id already reported as duplicate_id, or of an image
+                     whose key is a duplicate_key, is not reported again
   stage              a mask's stage is not one of schemas.Stage, or its round is negative
+  score              predicted_iou or stability_score is infinite or NaN, or the stability
+                     score lies outside [0, 1] (an IoU of two masks). Null is fine (manual
+                     masks), so are a predicted IoU slightly outside [0, 1] (the model's IoU
+                     head is not bounded) and a NaN stability score of an empty mask (the
+                     official score is 0 / 0 there; empty masks are kept with filters off)
   rle_size           segmentation size is not [height, width]
   area               area differs from the mask's pixel count
   bbox               bbox differs from pycocotools.mask.toBbox of the mask
@@ -24,6 +32,7 @@ Kinds (each has a test that plants it):
 """
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, get_args
@@ -35,7 +44,8 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable
 from pycocotools import mask as coco_mask
 
-from schemas import IMAGES, Stage, conform
+from schemas import IMAGES, Stage, annotation_id, conform
+from schemas.ids import MAX_MASKS_PER_IMAGE
 from schemas.records import SHA256_HEX
 
 from .reader import history, open_dataset, resolve_version
@@ -76,6 +86,7 @@ def validate(root: str, *, decode: bool = False, batch_rows: int = 256, **pin: A
     image_ids: Counter = Counter()
     image_keys: Counter = Counter()
     ann_ids: list[np.ndarray] = []
+    off_scheme: list[tuple[int, int, str]] = []  # (image_key, id, where) of ids not key << 15 | index
     for batch in ds.to_batches(batch_size=batch_rows):
         try:
             table = conform(pa.Table.from_batches([batch], schema=ds.schema))
@@ -87,7 +98,7 @@ def validate(root: str, *, decode: bool = False, batch_rows: int = 256, **pin: A
             image_ids[image["image_id"]] += 1
             image_keys[image["image_key"]] += 1
             ann_ids.append(np.array([a["id"] for a in image["annotations"]], np.int64))
-            _check_image(image, report, decode)
+            _check_image(image, report, decode, off_scheme)
     for kind, counter in (("duplicate_image", image_ids), ("duplicate_key", image_keys)):
         for value, n in counter.items():
             if n > 1:
@@ -95,6 +106,10 @@ def validate(root: str, *, decode: bool = False, batch_rows: int = 256, **pin: A
     ids, counts = np.unique(np.concatenate(ann_ids or [np.zeros(0, np.int64)]), return_counts=True)
     for value, n in zip(ids[counts > 1], counts[counts > 1]):
         report.add("duplicate_id", f"annotation id {value} used {n} times")
+    duplicate_ids = set(ids[counts > 1].tolist())
+    for key, ann_id, where in off_scheme:
+        if ann_id not in duplicate_ids and image_keys[key] == 1:
+            report.add("annotation_id", where)
     if "missing_file" not in report.faults:
         _check_duplicates(root, options if options is not None else storage_options(root), image_ids, report)
     return report
@@ -159,15 +174,21 @@ def _check_schema(schema: pa.Schema, report: Report) -> bool:
 _STAGES = set(get_args(Stage))
 
 
-def _check_image(image: dict, report: Report, decode: bool) -> None:
+def _check_image(image: dict, report: Report, decode: bool, off_scheme: list[tuple[int, int, str]]) -> None:
     image_id, h, w = image["image_id"], image["height"], image["width"]
     if not SHA256_HEX.match(image_id):
         report.add("image_id", f"{image_id!r}")
-    for ann in image["annotations"]:
+    for index, ann in enumerate(image["annotations"]):
         report.masks += 1
         where = f"image {image_id[:16]} mask {ann['id']}"
+        if index >= MAX_MASKS_PER_IMAGE or ann["id"] != annotation_id(image["image_key"], index):
+            off_scheme.append((image["image_key"], ann["id"], f"{where}: not image_key {image['image_key']} << 15 | "
+                                                              f"index {index}"))
         if ann["stage"] not in _STAGES or ann["round"] < 0:
             report.add("stage", f"{where}: stage {ann['stage']!r}, round {ann['round']}")
+        bad = _bad_scores(ann)
+        if bad:
+            report.add("score", f"{where}: {bad}")
         seg = ann["segmentation"]
         if list(seg["size"]) != [h, w]:
             report.add("rle_size", f"{where}: size {seg['size']} != [{h}, {w}]")
@@ -189,6 +210,17 @@ def _check_image(image: dict, report: Report, decode: bool) -> None:
             report.add("bbox", f"{where}: bbox {ann['bbox']} != {bbox}")
         if decode and int(coco_mask.decode(rle).sum()) != area:
             report.add("decode", f"{where}: decoded mask has {int(coco_mask.decode(rle).sum())} pixels")
+
+
+def _bad_scores(ann: dict) -> str | None:
+    """What is wrong with a mask's predicted_iou / stability_score (see "score" above)."""
+    faults = []
+    iou, stability = ann["predicted_iou"], ann["stability_score"]
+    if iou is not None and not math.isfinite(iou):
+        faults.append(f"predicted_iou {iou}")
+    if stability is not None and not (0.0 <= stability <= 1.0 or (math.isnan(stability) and ann["area"] == 0)):
+        faults.append(f"stability_score {stability}")
+    return ", ".join(faults) or None
 
 
 def rle_counts(s: str) -> np.ndarray | None:

@@ -247,10 +247,20 @@ def run_rounds(config: RoundsConfig, hooks: dict[str, StageHook] | None = None, 
         rec = records[r]
         if config.report:
             write_report(config.root, log)
-        log(f"round {r}: {config.promote_metric} {rec['metrics'].get(config.promote_metric)} -> candidate "
-            f"{rec['candidate_metrics'].get(config.promote_metric)}: "
-            f"{'promoted ' + Path(rec['candidate_checkpoint']).name if rec['promoted'] else 'kept ' + Path(incumbent).name}")
+        log(gate_line(rec, config.promote_metric, incumbent))
     return [records[r] for r in sorted(records)]
+
+
+def shown(value: Any) -> Any:
+    """A value as printed: a float rounded to 4 decimals (0.28, not 0.2800000000000001)."""
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def gate_line(rec: dict, metric: str, incumbent: str) -> str:
+    """What the quality gate of a round decided, as logged."""
+    outcome = f"promoted {Path(rec['candidate_checkpoint']).name}" if rec["promoted"] else f"kept {Path(incumbent).name}"
+    return (f"round {rec['round']}: {metric} {shown(rec['metrics'].get(metric))} -> candidate "
+            f"{shown(rec['candidate_metrics'].get(metric))}: {outcome}")
 
 
 def snapshot_initial_checkpoint(config: RoundsConfig) -> str:

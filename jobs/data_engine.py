@@ -26,7 +26,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 
 
 from engine.round_stages import check_stage_settings  # noqa: E402
-from engine.rounds import RoundsConfig  # noqa: E402
+from engine.rounds import RoundsConfig, shown  # noqa: E402
 from jobs.auto_annotate import load_config  # noqa: E402
 from schemas.settings_file import (  # noqa: E402
     SETTINGS_ERRORS, read_settings_file, settings_error_message, update_section,
@@ -140,11 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps([{k: rec[k] for k in ("round", "promoted", "images", "masks", "masks_per_image")}
-                      | {"metric": rec["metrics"].get(config.promote_metric),
-                         "candidate_metric": rec["candidate_metrics"].get(config.promote_metric)}
-                      for rec in records], indent=2))
+    print(json.dumps(round_summaries(records, config.promote_metric), indent=2))
     return 0
+
+
+def round_summaries(records: list[dict], metric: str) -> list[dict]:
+    """What the job prints of each round record, floats rounded (engine.rounds.shown)."""
+    return [{k: shown(v) for k, v in ({k: rec[k] for k in ("round", "promoted", "images", "masks", "masks_per_image")}
+                                      | {"metric": rec["metrics"].get(metric),
+                                         "candidate_metric": rec["candidate_metrics"].get(metric)}).items()}
+            for rec in records]
 
 
 if __name__ == "__main__":

@@ -329,6 +329,21 @@ def test_cli_refuses_bad_settings_before_starting_anything(tmp_path, capsys):
     assert not (tmp_path / "ds").exists()
 
 
+def test_what_the_job_prints_has_rounded_numbers():
+    """The gate's log line and the final summary showed float noise (AR100 0.2800000000000001)."""
+    from engine.rounds import gate_line
+    from jobs.data_engine import round_summaries
+
+    rec = {"round": 0, "promoted": False, "images": 6, "masks": 122, "masks_per_image": 122 / 6,
+           "metrics": {"AR100": 0.1 + 0.18, "miou": 0.5}, "candidate_metrics": {"AR100": 0.0, "miou": 0.4},
+           "candidate_checkpoint": "/r/checkpoints/round_1.pt"}
+    assert gate_line(rec, "AR100", "/r/checkpoints/round_0.pt") == "round 0: AR100 0.28 -> candidate 0.0: kept round_0.pt"
+    assert gate_line({**rec, "promoted": True}, "miou", "x") == "round 0: miou 0.5 -> candidate 0.4: promoted round_1.pt"
+    assert json.dumps(round_summaries([rec], "AR100")) == (
+        '[{"round": 0, "promoted": false, "images": 6, "masks": 122, "masks_per_image": 20.3333, "metric": 0.28, '
+        '"candidate_metric": 0.0}]')
+
+
 def test_cli_refuses_bad_train_and_held_out_sections_before_round_0(tmp_path, capsys):
     """Sections read only by later stages are checked before anything starts: a typo there
     used to surface after round 0's annotation."""

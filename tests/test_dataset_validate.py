@@ -16,7 +16,7 @@ from dataset import DatasetWriter, read_images
 from dataset.lineage import new_lineage
 from dataset.synthetic import image_records
 from dataset.validation import validate
-from schemas import DUPLICATES, IMAGES, to_table
+from schemas import DUPLICATES, IMAGES, annotation_id, to_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,19 @@ CORRUPTIONS = {
     "rle_size": lambda rows: _mask(rows)["segmentation"].update(size=[7, 9]),
     "area": lambda rows: _mask(rows).update(area=_mask(rows)["area"] + 1),
     "bbox": lambda rows: _mask(rows).update(bbox=[0, 0, 1, 1]),
+    "score": lambda rows: _mask(rows).update(predicted_iou=float("nan")),
+    "score (infinite predicted IoU)": lambda rows: _mask(rows).update(predicted_iou=float("-inf")),
+    "score (stability above 1)": lambda rows: _mask(rows).update(stability_score=1.5),
+    "score (NaN stability of a non-empty mask)": lambda rows: _mask(rows).update(stability_score=float("nan")),
+    # unique ids, but each names the other's index
+    "annotation_id": lambda rows: _swap_ids(rows[1]["annotations"][2], rows[1]["annotations"][3]),
+    "annotation_id (another image's key)": lambda rows: _mask(rows).update(
+        id=annotation_id(rows[0]["image_key"], 100)),
 }
+
+
+def _swap_ids(a, b):
+    a["id"], b["id"] = b["id"], a["id"]
 RLE_CORRUPTIONS = {
     "truncated": lambda c: c[:-3],
     "bad character": lambda c: c[:2] + "~" + c[3:],
@@ -84,6 +96,24 @@ def test_bad_rle_strings_are_reported_before_pycocotools_sees_them(tmp_path, goo
     report = validate(_write(tmp_path, rows), decode=True)
     assert "rle" in report.faults, report.text()
     assert set(report.faults) <= {"rle", "area", "bbox"}  # a changed run may leave a valid but other mask
+
+
+def test_what_the_automatic_stage_legitimately_writes_is_no_fault(tmp_path):
+    """With its filters off the automatic stage keeps empty masks, whose official stability
+    score is 0 / 0 (NaN); the IoU head is unbounded, so a predicted IoU may lie a little
+    outside [0, 1]; manual masks have no scores."""
+    root = str(tmp_path)
+    image = image_records(1, 3)[0]
+    h, w = image["height"], image["width"]
+    empty = coco_mask.encode(np.asfortranarray(np.zeros((h, w), np.uint8)))
+    a, b, c = image["annotations"]
+    a.update(segmentation={"size": [h, w], "counts": empty["counts"].decode("ascii")}, area=0, bbox=[0, 0, 0, 0],
+             stability_score=float("nan"), predicted_iou=-0.0021)
+    b.update(predicted_iou=1.013)
+    c.update(predicted_iou=None, stability_score=None)
+    DatasetWriter(root, new_lineage(round=0, stage="auto")).commit_images([image])
+    report = validate(root, decode=True)
+    assert report.ok and report.masks == 3, report.text()
 
 
 def test_schema_faults(tmp_path, good):

@@ -31,11 +31,16 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from deltalake import DeltaTable
+from PIL import Image as PILImage
 from pycocotools import mask as coco_mask
 from scipy.spatial import ConvexHull
 
-from dashboards import write_round_metrics
+from dashboards import build_report, write_round_metrics
 from dashboards.page import FIGURE_IDS
+from dataset import DatasetWriter
+from dataset.lineage import new_lineage
+from dataset.storage import RUNS_DIR
+from dataset.synthetic import image_records
 from jobs.auto_annotate import load_config
 from jobs.report import main as report_main
 from pipeline.graph import run
@@ -432,6 +437,95 @@ def test_report_in_headless_chromium(report, tmp_path):
     print(f"chromium: {time.monotonic() - t0:.1f} s, screenshot {tmp_path / 'report.png'}")
 
 
+# -- (a) on tiny datasets written with the DatasetWriter (no pipeline, no Ray) -------------------
+def write_run(root: str, chunks: list[list[dict]], round: int = 0, summary: dict | None = None) -> tuple[str, list]:
+    """One run committing each chunk of image records; with `summary`, its runs/<run_id>.json
+    as the pipeline writes it. Returns its run id and its versions."""
+    writer = DatasetWriter(root, new_lineage(round=round, stage="auto"))
+    writer.start_run()
+    versions = [writer.commit_images(chunk) for chunk in chunks]
+    run_id = writer.lineage.run_id
+    if summary is not None:
+        (Path(root) / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+        (Path(root) / RUNS_DIR / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, **summary}))
+    return run_id, versions
+
+
+def test_runs_show_the_versions_own_images_and_mark_a_run_only_partly_in_it(tmp_path):
+    """A version pinned mid-run, and the latest after rows of the run were removed: each run's
+    images and masks are the rows the version holds; the summary's numbers (funnel, annotated,
+    masks, ...) are whole-run totals and say so; the run is marked as only partly there."""
+    root = str(tmp_path / "ds")
+    records = image_records(5, 3)
+    summary = {"processed": 6, "annotated": 5, "duplicate": 0, "quarantined": 1, "masks": 15, "seconds": 2.5,
+               "funnel": {"candidates": 100, "iou": 60, "stability": 40, "crop_edge": 40, "kept": 15}}
+    run_id, (first, last) = write_run(root, [records[:2], records[2:]], summary=summary)
+
+    html, data = build_report(root, version=first, gallery_images=0)
+    (run,) = data["runs"]
+    assert (run["run_id"], run["images"], run["masks"]) == (run_id, 2, 6) == (run_id, data["images"], data["masks"])
+    assert (run["annotated"], run["run_masks"], run["later_version"]) == (5, 15, last)
+    assert run["part"] == f"its commits after this version (up to version {last}) are not in it"
+    assert data["partial_runs"] == [run_id] and data["funnel"]["kept"] == 15
+    assert f"<td><code>{run_id}</code></td><td>0</td><td>auto</td><td>2</td><td>6</td><td>6</td><td>5</td>" in html
+    assert f"only part of this run is in version {first}: its commits after this version" in html
+    assert "<b>Whole-run totals</b>" in html and "1 of them only partly in this version" in html
+    assert "this version does not hold (it holds 6)" in html
+    assert f'data-value="{first}">{first}</code>\n· generated' in html  # not "version 1 (version 1)"
+
+    DeltaTable(f"{root}/annotations").delete(f"image_id = '{records[4]['image_id']}'")
+    html, data = build_report(root, gallery_images=0)
+    (run,) = data["runs"]
+    assert (run["images"], run["masks"], run["later_version"]) == (4, 12, None) == (4, data["masks"], None)
+    assert run["part"] == "1 of the 5 images it annotated are not in it"
+    assert f'data-value="{data["version"]}">{data["version"]}</code> (latest)' in html
+
+    _, (other,) = write_run(root, [image_records(7, 2)[5:]], summary={**summary, "annotated": 2, "masks": 4})
+    data = build_report(root, gallery_images=0)[1]
+    assert [(r["images"], r["masks"], r["part"] is None) for r in data["runs"]] == [(4, 12, False), (2, 4, True)]
+
+
+def test_rounds_count_their_images_without_masks_and_a_version_without_masks(tmp_path):
+    """A round's images are also those it committed without a mask, as the headline and the
+    engine's rounds/<round>.json count them; a version with no mask shows no mean size."""
+    root = str(tmp_path / "ds")
+    records = image_records(5, 2)
+    for r in (records[0], records[1], records[4]):
+        r["annotations"] = []
+    _, (empty,) = write_run(root, [records[:2]], round=0)
+    write_run(root, [records[2:]], round=1)
+
+    html, data = build_report(root, version=empty, gallery_images=0)
+    assert (data["images"], data["masks"], data["mean_relative_size"]) == (2, 0, None)
+    assert "mean –. Share of masks per bin" in html
+    assert [(r["round"], r["images"], r["masks"], r["masks_per_image"]) for r in data["rounds"]] == [(0, 2, 0, 0.0)]
+
+    html, data = build_report(root, gallery_images=0)
+    assert [(r["round"], r["images"], r["masks"], r["masks_per_image"]) for r in data["rounds"]] == \
+        [(0, 2, 0, 0.0), (1, 3, 4, 4 / 3)]
+    assert sum(r["images"] for r in data["rounds"]) == data["images"] == 5
+    assert data["mean_relative_size"] > 0 and "Images of a round = those holding a mask" in html
+
+
+def test_gallery_skips_an_image_changed_since_it_was_annotated_and_names_a_missing_one(tmp_path):
+    """Only the size used to be compared: same-size new bytes got the old masks drawn on them."""
+    from dashboards.gallery import tile
+    from dataset.synthetic import encode_masks
+
+    path = tmp_path / "img.png"
+    rng = np.random.default_rng(0)
+    PILImage.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(path)
+    mask = np.zeros((1, 30, 40), bool)
+    mask[0, 5:20, 10:30] = True
+    row = {"image_id": hashlib.sha256(path.read_bytes()).hexdigest(), "uri": str(path), "width": 40, "height": 30,
+           "annotations": [{"segmentation": encode_masks(mask)[0]}]}
+    assert tile(row)["src"].startswith("data:image/jpeg;base64,")
+    PILImage.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(path)  # same size, other pixels
+    assert tile(row)["skipped"] == "image changed since it was annotated" and "src" not in tile(row)
+    path.unlink()
+    assert tile(row)["skipped"] == "missing"  # the reason quarantine gives
+
+
 # -- (b) live metrics --------------------------------------------------------------------------
 def scrape(port: int) -> dict[str, list[tuple[dict, float]]]:
     from prometheus_client.parser import text_string_to_metric_families
@@ -548,4 +642,4 @@ def test_report_of_a_run_that_only_quarantined(cluster, tmp_path):
     runs = parse(html).data["runs"]
     assert [(r["run_id"], r["round"], r["stage"], r["quarantined"]) for r in runs] == \
         [(summary["run_id"], 2, "auto", 3)]
-    assert f"<td><code>{summary['run_id'][:12]}</code></td><td>2</td><td>auto</td>" in html
+    assert f"<td><code>{summary['run_id']}</code></td><td>2</td><td>auto</td>" in html
