@@ -127,7 +127,7 @@ def test_the_maintainer_jobs_refuse_paths_in_the_copy(tmp_path, monkeypatch, cap
     """In-process, run from a copy: what the checkpoint-making jobs write (a text or crop
     checkpoint, an examples cache, a calibrated checkpoint) and the tables and files they
     read must not lie in it, nor may a dataset that validate checks or maintain rewrites.
-    Each case's other arguments would stop it at once were the path let through."""
+    Each case's other arguments would keep it short were the path let through."""
     from jobs import calibrate_checkpoint, maintain, train_crop_embedder, train_text, validate
 
     copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_3"
@@ -142,7 +142,7 @@ def test_the_maintainer_jobs_refuse_paths_in_the_copy(tmp_path, monkeypatch, cap
                                "--embedder", "none"], "--dataset t"),
             (train_text.main, ["--output", elsewhere, "--captions", "c.json", "--embedder", "none"],
              "--captions c.json"),
-            (train_crop_embedder.main, ["--output", "crops.pt", "--scenes", "0", "--steps", "0"], "--output crops.pt"),
+            (train_crop_embedder.main, ["--output", "crops.pt", "--scenes", "1", "--steps", "1", "--eval-scenes", "1"], "--output crops.pt"),
             (calibrate_checkpoint.main, ["--checkpoint", "m.pt"], "--checkpoint (rewritten in place) m.pt"),
             (calibrate_checkpoint.main, ["--checkpoint", missing, "--output", "m.pt"], "--output m.pt"),
             (maintain.main, ["ds", "compact"], "ROOT ds"),
@@ -161,7 +161,7 @@ def test_the_maintainer_jobs_refuse_paths_in_the_copy(tmp_path, monkeypatch, cap
 def test_maintainer_jobs_refuse_their_default_outputs_in_the_copy(job_copy):
     """Their default outputs lie under the code's checkpoints/ folder, so in the copy."""
     copy, env = job_copy
-    r = _run(copy, env, "jobs/train_crop_embedder.py", "--scenes", "0", "--steps", "0", "--eval-scenes", "0")
+    r = _run(copy, env, "jobs/train_crop_embedder.py", "--scenes", "1", "--steps", "1", "--eval-scenes", "1")
     _refused(r, "the default --output")
     assert str(copy / "checkpoints" / "crop_embedder_minilm.pt") in r.stderr
     r = _run(copy, env, "jobs/train_text.py")
