@@ -175,8 +175,9 @@ def with_checkpoint_defaults(config: AnnotateConfig, log=print) -> AnnotateConfi
 def checkpoint_error(checkpoint: str, error: Exception) -> InputError:
     """The one-line error of a checkpoint that cannot be read, naming it once (checkpoint
     errors start with the file's path; a fetched S3 checkpoint's path is the local copy's)."""
-    text = str(error)
-    return InputError(f"checkpoint {text}" if text.startswith(str(checkpoint)) else f"checkpoint {checkpoint}: {text}")
+    from model.checkpoint import checkpoint_problem
+
+    return InputError(f"checkpoint {checkpoint_problem(checkpoint, error)}")
 
 
 def text_vectors(config: AnnotateConfig) -> list[list[float]]:
