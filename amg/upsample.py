@@ -274,7 +274,8 @@ class Blocks:
         """B x l x l block flags -> B: the full-size pixels of the flagged blocks (summed by
         a matmul in block_areas' dtype, exact)."""
         area = self.upsampler.block_areas
-        return flags.flatten(1).to(area.dtype) @ area
+        # bool -> float through uint8: torch's direct bool conversion is ~6x slower on CPU
+        return flags.view(torch.uint8).flatten(1).to(area.dtype) @ area
 
     @torch.no_grad()
     def cell_bound(self, rows: torch.Tensor, k: int, upper: bool) -> torch.Tensor:

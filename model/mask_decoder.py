@@ -163,10 +163,18 @@ class MaskDecoder(nn.Module):
         per-pixel matmuls do not care where a pixel sits, so the features are never
         shuffled into image order (a copy of every upscaled feature)."""
         up1, norm, act1, up2, act2 = self.output_upscaling
-        x = act1(F.layer_norm(up1.per_pixel(x[..., None, :]), (norm.weight.shape[0],), norm.weight, norm.bias,
-                              norm.eps))
+        x = _activate(act1, F.layer_norm(up1.per_pixel(x[..., None, :]), (norm.weight.shape[0],), norm.weight,
+                                         norm.bias, norm.eps))
         b, h, w = x.shape[:3]
-        return act2(up2.per_pixel(x)).view(b, h, w, 16, -1)
+        return _activate(act2, up2.per_pixel(x)).view(b, h, w, 16, -1)
+
+
+def _activate(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """activation(x), in place on x (a fresh intermediate) where the activation is GELU and
+    autograd does not need x: no second per-prompt feature tensor."""
+    if type(activation) is nn.GELU and not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.ops.aten.gelu_(x, approximate=activation.approximate)
+    return activation(x)
 
 
 @lru_cache(maxsize=16)
@@ -211,5 +219,7 @@ class Upsample2x(nn.ConvTranspose2d):
         out = self.out_channels
         # (in, out, ky, kx) -> in x (ky kx out)
         weight = self.weight.permute(0, 2, 3, 1).reshape(c, 4 * out)
-        y = torch.addmm(self.bias.repeat(4), x.reshape(-1, c), weight)
+        # The bias added in place after the matmul: addmm first copies it, broadcast, into
+        # every output row, a slow pass on CPU (~25% of this layer's time).
+        y = torch.mm(x.reshape(-1, c), weight).add_(self.bias.repeat(4))
         return y.view(*lead, 4 * s, out)
