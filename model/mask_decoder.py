@@ -219,7 +219,12 @@ class Upsample2x(nn.ConvTranspose2d):
         out = self.out_channels
         # (in, out, ky, kx) -> in x (ky kx out)
         weight = self.weight.permute(0, 2, 3, 1).reshape(c, 4 * out)
-        # The bias added in place after the matmul: addmm first copies it, broadcast, into
-        # every output row, a slow pass on CPU (~25% of this layer's time).
-        y = torch.mm(x.reshape(-1, c), weight).add_(self.bias.repeat(4))
+        x, bias = x.reshape(-1, c), self.bias.repeat(4)
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            # The bias added in place after the matmul: addmm first copies it, broadcast, into
+            # every output row, a slow pass on CPU (~25% of this layer's time). Not in lower
+            # precision, where adding it to the rounded product would round twice.
+            y = torch.mm(x, weight).add_(bias)
+        else:
+            y = torch.addmm(bias, x, weight)
         return y.view(*lead, 4 * s, out)
