@@ -17,7 +17,7 @@ from typing import Any
 from deltalake import CommitProperties, DeltaTable
 
 from .storage import is_delta_table, storage_options, table_uri
-from .writer import METADATA_KEY, WRITER_PROPERTIES
+from .writer import METADATA_KEY, writer_properties
 
 TARGET_FILE_SIZE = 256 * 1024 * 1024
 DEFAULT_RETENTION_HOURS = 7 * 24
@@ -31,7 +31,7 @@ def compact(root: str, name: str = "annotations", *, target_size: int = TARGET_F
             options: dict[str, str] | None = None) -> dict[str, Any]:
     """Merge small files into files of about target_size bytes; returns delta-rs' metrics."""
     return _table(root, name, options).optimize.compact(
-        target_size=target_size, writer_properties=WRITER_PROPERTIES,
+        target_size=target_size, writer_properties=writer_properties(name),
         commit_properties=CommitProperties(custom_metadata={METADATA_KEY: {"maintenance": "compact"}}))
 
 

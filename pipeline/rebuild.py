@@ -25,7 +25,7 @@ from deltalake import CommitProperties, DeltaTable
 from dataset.lineage import sha256_hex
 from dataset.maintenance import vacuum
 from dataset.storage import arrow_dataset, is_delta_table, storage_options, table_uri
-from dataset.writer import METADATA_KEY
+from dataset.writer import METADATA_KEY, writer_properties
 from schemas.annotate import AnnotateConfig
 
 from .lease import WriterLease
@@ -122,7 +122,7 @@ def delete_records(root: str, uris: list[str], options: dict[str, str], reason: 
                 predicate += f" AND (run_id IS NULL OR run_id <> '{keep_run}')"
             if fence is not None:
                 fence()
-            metrics = dt.delete(predicate, commit_properties=CommitProperties(
+            metrics = dt.delete(predicate, writer_properties=writer_properties(name), commit_properties=CommitProperties(
                 custom_metadata={METADATA_KEY: {"maintenance": "rebuild", "table": name, "reason": reason}}))
             deleted += int(metrics.get("num_deleted_rows", 0))
     return deleted

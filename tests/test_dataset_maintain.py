@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
@@ -208,3 +209,43 @@ def test_repair_drops_a_lost_file_and_the_next_run_redoes_its_inputs(tmp_path, c
     done, _ = committed_state(root, {})
     assert set(done.to_pylist()) == kept  # the lost file's inputs count as not done: a rerun redoes them
     assert "dropped 0 missing" in _run(root, "repair", "--table", "annotations")  # nothing more to drop
+
+
+def _row_groups(path) -> tuple[list[int], set[str]]:
+    """Rows of each row group of a Parquet file, and its columns' compression codecs."""
+    meta = pq.ParquetFile(path).metadata
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    return [g.num_rows for g in groups], {g.column(c).compression for g in groups for c in range(g.num_columns)}
+
+
+def test_images_files_keep_small_row_groups_through_compaction_rebuild_deletes_and_exports(tmp_path):
+    """Images rows hold all their masks, so readers that load a row group at a time (the
+    report's sample, exports) need row groups of few rows: delta-rs' default made a compacted
+    file of 20,000 images one row group. Rebuild deletes rewrite files zstd-compressed, as the
+    writer does (they fell back to delta-rs' default codec)."""
+    from dataset.writer import IMAGE_ROWS_PER_GROUP
+    from pipeline.rebuild import delete_records
+
+    root = str(tmp_path / "ds")
+    n = IMAGE_ROWS_PER_GROUP * 2 + 88
+    records = image_records(n, 1, 24, 32)
+    w = DatasetWriter(root, new_lineage(round=0, stage="auto", run_id="r0"))
+    w.start_run()
+    w.commit_images(records[: n // 2], chunk=0)
+    w.commit_images(records[n // 2:], chunk=1)
+    _run(root, "compact", "--table", "annotations")
+    (path,) = DeltaTable(table_uri(root, "annotations")).file_uris()
+    groups, codecs = _row_groups(path)
+    assert sum(groups) == n and max(groups) <= IMAGE_ROWS_PER_GROUP and codecs == {"ZSTD"}, (groups, codecs)
+
+    gone = [r["uri"] for r in records[:5]]
+    assert delete_records(root, gone, {}, "test") == 5
+    for path in DeltaTable(table_uri(root, "annotations")).file_uris():
+        groups, codecs = _row_groups(path)
+        assert max(groups) <= IMAGE_ROWS_PER_GROUP and codecs == {"ZSTD"}, (path, groups, codecs)
+
+    files = export_parquet(root, str(tmp_path / "plain"), max_rows_per_file=300)
+    sizes = [_row_groups(f)[0] for f in files]
+    assert [sum(s) for s in sizes] == [300, n - 5 - 300] and max(map(max, sizes)) <= IMAGE_ROWS_PER_GROUP, sizes
+    exported = pq.read_table(str(tmp_path / "plain"))
+    assert sorted(exported["image_id"].to_pylist()) == sorted(r["image_id"] for r in records[5:])
