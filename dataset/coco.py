@@ -39,6 +39,10 @@ _EXTRAS = ("predicted_iou", "stability_score", "point_coords", "crop_box", "stag
 _RUN_FIELDS = ("stage", "round")  # a mask's fields that the importing run sets where the file does not
 
 
+# What the images list of an export takes from a row (not its masks, most of the row).
+_IMAGE_COLUMNS = ("image_key", "width", "height", "uri", "image_id", "phash")
+
+
 def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
     """Write a version as one COCO instances JSON file (local path; missing folders are made);
     returns the image count. Each image's file_name is its path relative to the folder that
@@ -60,7 +64,7 @@ def export_coco(root: str, dest: str | Path, **pin: Any) -> int:
         with open(partial, "w") as f:
             f.write('{"info":{"description":"samengine export"},"licenses":[],')
             f.write(f'"categories":[{json.dumps(CATEGORY)}],"images":[')
-            for image in iter_images(root, **pin):
+            for image in iter_images(root, columns=list(_IMAGE_COLUMNS), **pin):
                 entry = {"id": image["image_key"], "width": image["width"], "height": image["height"],
                          "file_name": file_name(image["uri"]), "sha256": image["image_id"],
                          "coco_url": image["uri"], "phash": image["phash"]}

@@ -142,12 +142,16 @@ def read_pandas(root: str, **kwargs: Any):
     return read_images(root, **kwargs).to_pandas()
 
 
-def iter_images(root: str, *, batch_rows: int = 256, **pin: Any) -> Iterator[dict]:
-    """Image rows of a version as dicts, streamed a batch of rows at a time."""
+def iter_images(root: str, *, batch_rows: int = 256, columns: list[str] | None = None, **pin: Any
+                ) -> Iterator[dict]:
+    """Image rows of a version as dicts (all columns unless `columns`), streamed a batch of
+    rows at a time. Name the columns where the masks are not needed: they are most of a row."""
     ds = open_dataset(root, **pin)
+    schema = None if columns is None else pa.schema([IMAGES.field(c) for c in columns])
     with reading(root):
-        for batch in ds.to_batches(batch_size=batch_rows):
-            yield from conform(pa.Table.from_batches([batch])).to_pylist()
+        for batch in ds.to_batches(batch_size=batch_rows, columns=columns):
+            table = pa.Table.from_batches([batch])
+            yield from (conform(table) if schema is None else table.cast(schema)).to_pylist()
 
 
 def iter_masks(root: str, **kwargs: Any) -> Iterator[tuple[dict, dict]]:

@@ -277,3 +277,19 @@ def test_table_of_an_older_schema_takes_the_text_prompt_field(tmp_path, records,
         assert [a["text_prompt"] for a in rows[r["image_id"]]["annotations"]] == [None] * 6
         assert [a["segmentation"] for a in rows[r["image_id"]]["annotations"]] == \
             [a["segmentation"] for a in r["annotations"]]
+
+
+def test_iter_images_reads_only_the_columns_named(tmp_path):
+    """Readers that do not need the masks (the COCO export's images list) name the columns
+    they need: the masks, most of a row, are neither read nor made into Python objects."""
+    from dataset import iter_images
+
+    root = str(tmp_path / "ds")
+    w = DatasetWriter(root, new_lineage(round=0, stage="auto", run_id="r0"))
+    w.start_run()
+    w.commit_images(image_records(5, 3), chunk=0)
+    full = {r["image_key"]: r for r in iter_images(root)}
+    columns = ["image_key", "uri", "width", "phash"]
+    rows = list(iter_images(root, columns=columns, batch_rows=2))
+    assert len(rows) == 5 and all(list(r) == columns for r in rows)
+    assert all(r[c] == full[r["image_key"]][c] for r in rows for c in columns)
