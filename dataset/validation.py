@@ -52,25 +52,35 @@ from .reader import history, open_dataset, resolve_version
 from .storage import arrow_dataset, is_delta_table, storage_options, table_uri
 
 
+# Examples kept per kind of fault: a badly damaged table has a fault per mask (millions);
+# the report counts them all and keeps this many to show.
+EXAMPLES_KEPT = 1000
+
+
 @dataclass
 class Report:
+    """faults: per kind, where the first EXAMPLES_KEPT of them are; counts: how many in all."""
+
     version: int
     images: int = 0
     masks: int = 0
     faults: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    counts: Counter = field(default_factory=Counter)
 
     def add(self, kind: str, where: str) -> None:
-        self.faults[kind].append(where)
+        self.counts[kind] += 1
+        if len(self.faults[kind]) < EXAMPLES_KEPT:
+            self.faults[kind].append(where)
 
     @property
     def ok(self) -> bool:
-        return not self.faults
+        return not self.counts
 
     def text(self, examples: int = 5) -> str:
         lines = [f"version {self.version}: {self.images} images, {self.masks} masks: "
-                 + ("OK" if self.ok else f"{sum(map(len, self.faults.values()))} faults")]
+                 + ("OK" if self.ok else f"{sum(self.counts.values())} faults")]
         for kind, where in sorted(self.faults.items()):
-            lines.append(f"  {kind}: {len(where)}")
+            lines.append(f"  {kind}: {self.counts[kind]}")
             lines += [f"    {w}" for w in where[:examples]]
         return "\n".join(lines)
 

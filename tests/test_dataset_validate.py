@@ -262,3 +262,20 @@ def test_duplicates_checked_when_the_history_is_empty(tmp_path, good, monkeypatc
     _write_duplicates(root, [good[0]["image_id"], "f" * 64])
     monkeypatch.setattr(validation, "history", lambda *a, **k: [])
     assert list(validate(root).faults) == ["duplicate_of"]
+
+
+def test_a_fault_in_every_mask_is_counted_in_full_but_kept_as_few_examples(tmp_path, good, monkeypatch):
+    """A badly damaged table has a fault per mask (millions): the report counts every one and
+    keeps EXAMPLES_KEPT of each kind, not a string per fault."""
+    import dataset.validation as validation
+
+    monkeypatch.setattr(validation, "EXAMPLES_KEPT", 3)
+    rows = copy.deepcopy(good)
+    for row in rows:
+        for ann in row["annotations"]:
+            ann["area"] += 1
+    report = validate(_write(tmp_path, rows))
+    n = sum(len(r["annotations"]) for r in rows)
+    assert n > 3 and set(report.faults) == {"area"} and report.counts["area"] == n, report.text()
+    assert len(report.faults["area"]) == 3 and not report.ok
+    assert f"{n} faults" in report.text() and f"  area: {n}" in report.text(examples=2)
