@@ -233,6 +233,13 @@ def _bad_scores(ann: dict) -> str | None:
     return ", ".join(faults) or None
 
 
+# Bounds of a well-formed counts string: 12 groups of 5 bits per count, runs below 2^40 pixels
+# (exact in int64 however many are summed).
+MAX_GROUPS = 12
+MAX_RUN = 2**40
+VECTORIZED_FROM = 200  # characters
+
+
 def rle_counts(s: str) -> np.ndarray | None:
     """Run lengths of a compressed COCO counts string, or None if it is malformed.
 
@@ -241,26 +248,60 @@ def rle_counts(s: str) -> np.ndarray | None:
     pycocotools call sees the string. Format: each count is a little-endian sequence of
     5-bit groups in chars offset by 48, 0x20 = more groups follow, 0x10 in the last group =
     negative; from the third count on, each is stored as the difference to the count two
-    places before it.
+    places before it. Validation reads every mask of a table: short strings are parsed in a
+    loop, longer ones with numpy (~65 us of fixed cost, 10x faster at 3000 chars); both
+    apply the same bounds (MAX_GROUPS, MAX_RUN).
     """
+    if len(s) < VECTORIZED_FROM:
+        return _rle_counts_loop(s)
+    try:
+        c = np.frombuffer(s.encode("ascii"), np.uint8).astype(np.int64) - 48
+    except UnicodeEncodeError:
+        return None
+    if len(c) == 0:
+        return np.zeros(0, np.int64)
+    if c.min() < 0 or c.max() >= 64:
+        return None
+    last = np.flatnonzero((c & 0x20) == 0)  # the last group of each count
+    if len(last) == 0 or last[-1] != len(c) - 1:
+        return None  # the last count was cut off mid-way
+    first = np.concatenate([[0], last[:-1] + 1])
+    groups = last - first + 1
+    if groups.max() > MAX_GROUPS:
+        return None
+    shift = 5 * (np.arange(len(c)) - np.repeat(first, groups))
+    values = np.add.reduceat((c & 0x1F) << shift, first)  # the groups' bits do not overlap: a sum is an OR
+    values -= ((c[last] & 0x10) != 0).astype(np.int64) << (5 * groups)  # negative: the sign bit extended
+    if np.abs(values).max() > MAX_RUN:
+        return None
+    counts = values.copy()  # from the third on, differences to the count two places before:
+    counts[1::2] = np.cumsum(values[1::2])  # odd positions accumulate from the second count,
+    counts[2::2] = np.cumsum(values[2::2])  # even ones from the third
+    return counts
+
+
+def _rle_counts_loop(s: str) -> np.ndarray | None:
+    """rle_counts, a character at a time (faster below VECTORIZED_FROM characters)."""
     counts: list[int] = []
-    value, shift = 0, 0
+    value, groups = 0, 0
     for ch in s:
         c = ord(ch) - 48
         if not 0 <= c < 64:
             return None
-        value |= (c & 0x1F) << shift
-        shift += 5
+        value |= (c & 0x1F) << (5 * groups)
+        groups += 1
         if c & 0x20:
-            if shift > 60:
+            if groups == MAX_GROUPS:
                 return None
             continue
         if c & 0x10:
-            value |= -1 << shift
+            value -= 1 << (5 * groups)
+        if abs(value) > MAX_RUN:
+            return None
         if len(counts) > 2:
             value += counts[-2]
         counts.append(value)
-        value, shift = 0, 0
-    if shift:
+        value, groups = 0, 0
+    if groups:
         return None  # the last count was cut off mid-way
     return np.array(counts, np.int64)

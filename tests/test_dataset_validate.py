@@ -279,3 +279,40 @@ def test_a_fault_in_every_mask_is_counted_in_full_but_kept_as_few_examples(tmp_p
     assert n > 3 and set(report.faults) == {"area"} and report.counts["area"] == n, report.text()
     assert len(report.faults["area"]) == 3 and not report.ok
     assert f"{n} faults" in report.text() and f"  area: {n}" in report.text(examples=2)
+
+
+def test_rle_counts_loop_and_vectorized_parsers_agree_on_good_and_corrupt_strings(monkeypatch):
+    """rle_counts parses short strings in a loop and long ones with numpy: both give the
+    runs pycocotools encoded, and refuse the same corrupt strings."""
+    import random
+
+    import dataset.validation as validation
+
+    rng, pick = np.random.default_rng(1), random.Random(1)
+    strings = []
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(2, 200, 2))
+        mask = np.zeros((h, w), np.uint8, order="F")
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        mask[y:y + int(rng.integers(1, h)), x:x + int(rng.integers(1, w))] = 1
+        if rng.random() < 0.3:
+            mask ^= (rng.random((h, w)) < 0.2).astype(np.uint8)
+        rle = coco_mask.encode(np.asfortranarray(mask))
+        runs = validation.rle_counts(rle["counts"].decode())
+        assert runs is not None and runs.sum() == h * w and runs[1::2].sum() == mask.sum()
+        strings.append(rle["counts"].decode())
+    chars = [chr(c) for c in range(40, 120)] + ["é"]
+    for s in list(strings):
+        for _ in range(8):
+            t = list(s)
+            t[pick.randrange(len(t))] = pick.choice(chars)
+            strings += ["".join(t), s[:pick.randrange(len(s))]]
+    strings += ["", "o" * 11 + "0", "o" * 12 + "0", "1" * 500, "P", "o" * 8 + "Q"]
+    parsed = {}
+    for start in (0, 10**9):  # numpy for every string, then the loop for every string
+        monkeypatch.setattr(validation, "VECTORIZED_FROM", start)
+        parsed[start] = [validation.rle_counts(s) for s in strings]
+    for s, a, b in zip(strings, *parsed.values()):
+        assert (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b)), s
+    assert sum(a is None for a in parsed[0]) > 50 and sum(a is not None for a in parsed[0]) > 60
+    assert validation.rle_counts("o" * 12 + "0") is None  # a count of 13 groups: past MAX_GROUPS
