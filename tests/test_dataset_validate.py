@@ -307,7 +307,7 @@ def test_rle_counts_loop_and_vectorized_parsers_agree_on_good_and_corrupt_string
             t = list(s)
             t[pick.randrange(len(t))] = pick.choice(chars)
             strings += ["".join(t), s[:pick.randrange(len(s))]]
-    strings += ["", "o" * 11 + "0", "o" * 12 + "0", "1" * 500, "P", "o" * 8 + "Q"]
+    strings += ["", "o" * 11 + "0", "o" * 12 + "0", "o" * 12 + "8", "1" * 500, "P", "o" * 8 + "Q"]
     parsed = {}
     for start in (0, 10**9):  # numpy for every string, then the loop for every string
         monkeypatch.setattr(validation, "VECTORIZED_FROM", start)
@@ -316,3 +316,4 @@ def test_rle_counts_loop_and_vectorized_parsers_agree_on_good_and_corrupt_string
         assert (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b)), s
     assert sum(a is None for a in parsed[0]) > 50 and sum(a is not None for a in parsed[0]) > 60
     assert validation.rle_counts("o" * 12 + "0") is None  # a count of 13 groups: past MAX_GROUPS
+    assert validation.rle_counts("o" * 12 + "8") is None  # 2^63 and more: was an OverflowError, not a fault
