@@ -9,7 +9,7 @@ from model.sam import Sam
 from .decode import decode_image
 from .encode import encode_image
 from .params import AmgParams
-from .postprocess import postprocess
+from .postprocessing import postprocess
 
 
 class AutomaticMaskGenerator:

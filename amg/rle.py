@@ -10,11 +10,13 @@ pycocotools turns those into the compressed string form stored in the dataset.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 from pycocotools import mask as coco_mask
+
+if TYPE_CHECKING:  # torch is imported where it is used: readers of RLE (the report) do not need it
+    import torch
 
 
 def masks_to_rle_counts(masks: torch.Tensor) -> list[np.ndarray]:
@@ -67,6 +69,8 @@ def _run_starts_numpy(pixels: np.ndarray) -> np.ndarray:
 
 
 def _run_starts_torch(masks: torch.Tensor) -> np.ndarray:
+    import torch
+
     _, h, w = masks.shape
     is_start = torch.empty_like(masks)
     _mark_run_starts(masks, is_start, torch.ne)
@@ -114,6 +118,8 @@ def crop_to_counts(pixels: np.ndarray, size: Sequence[int], y0: int, x0: int) ->
     ch, cw = pixels.shape
     columns = np.zeros((1, h, cw), dtype=bool)  # the crop's columns, full height
     columns[0, y0:y0 + ch] = pixels
+    import torch
+
     counts = masks_to_rle_counts(torch.from_numpy(columns))[0]
     counts[0] += x0 * h  # the columns before the crop: unset
     after = (w - x0 - cw) * h

@@ -350,3 +350,19 @@ def test_crop_boxes_match_official(im_size):
             ours = crop_boxes(im_size, n_layers, overlap_ratio)
             expected = official.generate_crop_boxes(im_size, n_layers, overlap_ratio)
             assert ours == expected
+
+
+def test_the_package_names_stay_functions_after_every_module_is_imported():
+    """amg loads its names lazily (the report imports amg.rle without torch); a module named
+    like one of them would replace it once imported (amg.postprocess did: the pipeline's
+    post-process stage then called a module)."""
+    import importlib
+    import pkgutil
+    import types
+
+    import amg
+
+    for info in pkgutil.iter_modules(amg.__path__):
+        importlib.import_module(f"amg.{info.name}")
+    for name in amg.__all__:
+        assert not isinstance(getattr(amg, name), types.ModuleType), name

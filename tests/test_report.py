@@ -643,3 +643,15 @@ def test_report_of_a_run_that_only_quarantined(cluster, tmp_path):
     assert [(r["run_id"], r["round"], r["stage"], r["quarantined"]) for r in runs] == \
         [(summary["run_id"], 2, "auto", 3)]
     assert f"<td><code>{summary['run_id']}</code></td><td>2</td><td>auto</td>" in html
+
+
+def test_the_report_job_does_not_import_torch():
+    """The report decodes RLE and draws overlays with numpy and pycocotools: importing torch
+    and the model (through the amg package) cost it ~1 GB resident and ~5 s of start-up, on
+    machines that only read a dataset."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = "import sys, jobs.report, dashboards.gallery; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
