@@ -23,6 +23,7 @@ from .encode import EncodedImage
 from .masks import box_near_crop_edge, box_nms, uncrop_masks
 from .params import AmgParams
 from .rle import masks_to_rle_counts
+from .stability_bounds import may_pass
 from .upsample import ThresholdUpsampler
 
 # Candidates made into full-size masks at once: bounds memory for large images.
@@ -174,18 +175,10 @@ def filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, o
     (amg.upsample): stability from pixel counts, boxes from the blocks."""
     t, offset, thresh = model.mask_threshold, params.stability_score_offset, params.stability_score_thresh
     upsampler = ThresholdUpsampler(low_res.shape[-1], model.image_size, input_size, crop_size, low_res.device)
-    blocks = upsampler.classify(low_res, [t + offset, t - offset, t])
     maybe = torch.arange(len(low_res), device=low_res.device)
-    if thresh > 0:  # evaluate only candidates whose score may reach thresh:
-        # score = count(> t + offset) / count(> t - offset) <= upper_0 / lower_1, NaN when both are 0
-        may_pass = lambda upper_0, lower_1: upper_0 >= (thresh - 1e-6) * lower_1  # noqa: E731
-        lower, upper = blocks.count_bounds([0, 1])  # bounds from the blocks, ...
-        maybe = ((upper[:, 1] > 0) & may_pass(upper[:, 0], lower[:, 1])).nonzero().squeeze(1)
-        upper_0 = blocks.cell_bound(maybe, 0, upper=True)  # ... then tighter ones from the frame cells
-        keep = may_pass(upper_0, lower[maybe, 1])
-        maybe, upper_0 = maybe[keep], upper_0[keep]
-        maybe = maybe[may_pass(upper_0, blocks.cell_bound(maybe, 1, upper=False))]
-    thresholded = blocks.exact(maybe)
+    if thresh > 0:  # evaluate only candidates whose score may reach thresh
+        maybe = may_pass(upsampler, low_res, t, offset, thresh).to(low_res.device)
+    thresholded = upsampler.classify(low_res.index_select(0, maybe), [t + offset, t - offset, t]).exact()
     counts = thresholded.counts([0, 1])
     # The official score: IoU of the masks at threshold +- offset (NaN when both are empty).
     stability = counts[:, 0] / counts[:, 1]

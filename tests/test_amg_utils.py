@@ -18,6 +18,7 @@ from amg.masks import (  # noqa: E402
     box_near_crop_edge, masks_to_boxes_xyxy, remove_small_regions, uncrop_boxes, uncrop_masks, uncrop_points,
 )
 from amg.regions import clean_small_regions  # noqa: E402
+from amg.stability_bounds import may_pass, may_pass_torch  # noqa: E402
 from amg.upsample import ThresholdUpsampler  # noqa: E402
 from amg.rle import (  # noqa: E402
     _run_starts_numpy, _run_starts_torch, coco_to_mask, masks_to_rle_counts, rle_area,
@@ -185,6 +186,33 @@ def test_threshold_upsampler_matches_full_size_logits(device, low, input_size, o
     assert none.boxes(2).shape == (0, 4) and exact.boxes(2, subset[:0]).shape == (0, 4)
     if out_size == (768, 1024):  # the blocks' bounds leave most pixels unevaluated
         assert exact.values.numel() < 0.5 * full.numel()
+
+
+@pytest.mark.parametrize("low,input_size,out_size", [
+    (64, (192, 256), (768, 1024)), (64, (256, 179), (100, 70)), (64, (31, 256), (37, 301)),
+    (128, (192, 256), (300, 400)), (16, (192, 256), (200, 260))])
+def test_stability_bounds_cpu_kernel(low, input_size, out_size):
+    """The compiled CPU kernel keeps exactly the candidates the torch bounds keep, every
+    candidate whose exact stability score reaches the threshold among them, and rules out
+    many; a candidate with NaN logits is left to the exact filter."""
+    low_res = smooth_noise(40, low, low, seed=11, cell=max(low // 8, 2)) * torch.logspace(-1, 2.5, 40)[:, None, None]
+    low_res = low_res + torch.linspace(-2, 2, 40)[:, None, None]
+    low_res[0], low_res[1] = -5.0, 5.0
+    low_res[2, 3, 4] = float("nan")
+    upsampler = ThresholdUpsampler(low, 256, input_size, out_size)
+    exact = upsampler.classify(low_res, [1.0, -1.0, 0.5, -0.5]).exact().counts([0, 1, 2, 3])
+    ruled_out = 0
+    for offset, thresh in ((1.0, 0.65), (1.0, 0.95), (0.5, 0.8), (0.5, 0.3)):
+        k = 0 if offset == 1.0 else 2
+        reach = (exact[:, k] / exact[:, k + 1] >= thresh).nonzero().squeeze(1)
+        ours = may_pass(upsampler, low_res, 0.0, offset, thresh)
+        assert ours.dtype == torch.int64
+        ours_set, torch_set = set(ours.tolist()), set(may_pass_torch(upsampler, low_res, 0.0, offset, thresh).tolist())
+        assert ours_set - {2} == torch_set - {2} and 2 in ours_set
+        assert set(reach.tolist()) <= ours_set
+        ruled_out += 40 - len(ours_set)
+    assert ruled_out > 40
+    assert may_pass(upsampler, low_res[:0], 0.0, 1.0, 0.9).shape == (0,)
 
 
 @pytest.mark.parametrize("device", DEVICES)
