@@ -73,4 +73,5 @@ def _may_pass_cpu(upsampler: ThresholdUpsampler, low_res: torch.Tensor, threshol
 
 def _axis_arrays(axis) -> tuple:
     return (int(axis.radius), axis.size.numpy(), axis.low_first.numpy(), axis.frame_i0.numpy(),
-            axis.frame_i1.numpy(), axis.frame_w0.numpy(), axis.frame_w1.numpy(), axis.cells.numpy())
+            axis.frame_i1.numpy(), axis.frame_w0.numpy(), axis.frame_w1.numpy(), axis.cells.numpy(),
+            axis.out_f0.numpy(), axis.out_f1.numpy(), axis.out_w0.numpy(), axis.out_w1.numpy(), axis.valid.numpy())

@@ -78,10 +78,30 @@ def _cell_pixels(frame, cells_r_i, cells_c_j, t, upper):
     return total
 
 
+@numba.njit(nogil=True, cache=True)
+def _block_pixels(frame, f0_r, f1_r, w0_r, w1_r, valid_r, f0_c, f1_c, w0_c, w1_c, valid_c, t, lerped):
+    """Pixels of one mixed block above t, evaluated from its frame values (along rows, then
+    between two rows, as the exact evaluation does); lerped (fr x m_c) is scratch."""
+    fr = frame.shape[0]
+    mc = f0_c.shape[0]
+    for a in range(fr):
+        for c in range(mc):
+            lerped[a, c] = frame[a, f0_c[c]] * w0_c[c] + frame[a, f1_c[c]] * w1_c[c]
+    total = 0
+    for y in range(f0_r.shape[0]):
+        if not valid_r[y]:
+            continue
+        r0, r1, u0, u1 = f0_r[y], f1_r[y], w0_r[y], w1_r[y]
+        for c in range(mc):
+            if valid_c[c] and lerped[r0, c] * u0 + lerped[r1, c] * u1 > t:
+                total += 1
+    return total
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def stability_may_pass(x, margins, t0, t1, ratio,
-                       ry, size_r, first_r, i0_r, i1_r, w0_r, w1_r, cells_r,
-                       rx, size_c, first_c, i0_c, i1_c, w0_c, w1_c, cells_c):
+                       ry, size_r, first_r, i0_r, i1_r, w0_r, w1_r, cells_r, of0_r, of1_r, ow0_r, ow1_r, valid_r,
+                       rx, size_c, first_c, i0_c, i1_c, w0_c, w1_c, cells_c, of0_c, of1_c, ow0_c, ow1_c, valid_c):
     """x: B x l x l float32 low-res logits, margins: B. Per candidate: may count(> t0) /
     count(> t1) over its full-size pixels reach ratio? (bounds as in amg.stability_bounds;
     the axis tables are amg.upsample._Axis'.) A candidate with NaN logits may (its exact
@@ -122,35 +142,43 @@ def stability_may_pass(x, margins, t0, t1, ratio,
                     upper1 += area
         if upper1 == 0 or not upper0 >= ratio * lower1:
             continue
-        # Tighter, from the frame cells of the mixed blocks: an upper bound of count(> t0),
-        # then a lower bound of count(> t1).
+        # Tighter, from the mixed blocks: first their frame cells, then their pixels, each
+        # level an upper bound of count(> t0), then a lower bound of count(> t1).
         frame = np.empty((fr, fc), dtype=np.float32)
         lerped = np.empty((low_rows, fc), dtype=np.float32)
-        block_lower1 = lower1
-        upper0 = 0
-        lower1 = 0
-        for k in range(2):
-            if k == 1 and not upper0 >= ratio * block_lower1:
-                break
-            t = t0 if k == 0 else t1
-            for i in range(l):
-                if size_r[i] == 0:
-                    continue
-                for j in range(l):
-                    area = size_r[i] * size_c[j]
-                    if area == 0 or hi[i, j] < t - m:  # none, or wholly below
+        lerped_pixels = np.empty((fr, of0_c.shape[1]), dtype=np.float32)
+        may = True
+        for level in range(2):
+            for k in range(2):
+                t = t0 if k == 0 else t1
+                total = 0
+                for i in range(l):
+                    if size_r[i] == 0:
                         continue
-                    if -neg_lo[i, j] > t + m:  # wholly above
-                        if k == 0:
-                            upper0 += area
+                    for j in range(l):
+                        area = size_r[i] * size_c[j]
+                        if area == 0 or hi[i, j] < t - m:  # none, or wholly below
+                            continue
+                        if -neg_lo[i, j] > t + m:  # wholly above
+                            total += area
+                            continue
+                        _frame(v, i, j, first_r, i0_r, i1_r, w0_r, w1_r, first_c, i0_c, i1_c, w0_c, w1_c, lerped,
+                               frame)
+                        bound = t - m if k == 0 else t + m
+                        if level == 0:
+                            total += _cell_pixels(frame, cells_r[i], cells_c[j], bound, k == 0)
                         else:
-                            lower1 += area
-                        continue
-                    _frame(v, i, j, first_r, i0_r, i1_r, w0_r, w1_r, first_c, i0_c, i1_c, w0_c, w1_c, lerped, frame)
-                    if k == 0:
-                        upper0 += _cell_pixels(frame, cells_r[i], cells_c[j], t - m, True)
-                    else:
-                        lower1 += _cell_pixels(frame, cells_r[i], cells_c[j], t + m, False)
-        else:
-            out[b] = upper0 >= ratio * lower1
+                            total += _block_pixels(frame, of0_r[i], of1_r[i], ow0_r[i], ow1_r[i], valid_r[i],
+                                                   of0_c[j], of1_c[j], ow0_c[j], ow1_c[j], valid_c[j], bound,
+                                                   lerped_pixels)
+                if k == 0:
+                    upper0 = total
+                else:
+                    lower1 = total
+                if not upper0 >= ratio * lower1:
+                    may = False
+                    break
+            if not may:
+                break
+        out[b] = may
     return out
