@@ -121,36 +121,19 @@ def stability_may_pass(x, margins, t0, t1, ratio,
         hi = np.empty((l, l), dtype=np.float32)
         neg_lo = np.empty((l, l), dtype=np.float32)
         _window_extrema(v, ry, rx, padded, rows, hi, neg_lo)
-        # Counts from whole blocks: lower / upper bounds of count(> t0) and count(> t1).
-        lower0 = 0
-        upper0 = 0
-        lower1 = 0
-        upper1 = 0
-        for i in range(l):
-            if size_r[i] == 0:
-                continue
-            for j in range(l):
-                area = size_r[i] * size_c[j]
-                lo, top = -neg_lo[i, j], hi[i, j]
-                if lo > t0 + m:
-                    lower0 += area
-                if not top < t0 - m:
-                    upper0 += area
-                if lo > t1 + m:
-                    lower1 += area
-                if not top < t1 - m:
-                    upper1 += area
-        if upper1 == 0 or not upper0 >= ratio * lower1:
-            continue
-        # Tighter, from the mixed blocks: first their frame cells, then their pixels, each
-        # level an upper bound of count(> t0), then a lower bound of count(> t1).
+        # Bounds at three levels, each an upper bound of count(> t0), then a lower bound of
+        # count(> t1): whole blocks alone, then also the frame cells of the mixed blocks, then
+        # their pixels. The score needs count(> t0) > 0 (thresholds are positive).
         frame = np.empty((fr, fc), dtype=np.float32)
         lerped = np.empty((low_rows, fc), dtype=np.float32)
         lerped_pixels = np.empty((fr, of0_c.shape[1]), dtype=np.float32)
+        upper0 = 0
+        lower1 = 0
         may = True
-        for level in range(2):
+        for level in range(3):
             for k in range(2):
                 t = t0 if k == 0 else t1
+                bound = t - m if k == 0 else t + m
                 total = 0
                 for i in range(l):
                     if size_r[i] == 0:
@@ -161,21 +144,22 @@ def stability_may_pass(x, margins, t0, t1, ratio,
                             continue
                         if -neg_lo[i, j] > t + m:  # wholly above
                             total += area
-                            continue
-                        _frame(v, i, j, first_r, i0_r, i1_r, w0_r, w1_r, first_c, i0_c, i1_c, w0_c, w1_c, lerped,
-                               frame)
-                        bound = t - m if k == 0 else t + m
-                        if level == 0:
-                            total += _cell_pixels(frame, cells_r[i], cells_c[j], bound, k == 0)
+                        elif level == 0:  # mixed: all of it may be above, none surely is
+                            total += area if k == 0 else 0
                         else:
-                            total += _block_pixels(frame, of0_r[i], of1_r[i], ow0_r[i], ow1_r[i], valid_r[i],
-                                                   of0_c[j], of1_c[j], ow0_c[j], ow1_c[j], valid_c[j], bound,
-                                                   lerped_pixels)
+                            _frame(v, i, j, first_r, i0_r, i1_r, w0_r, w1_r, first_c, i0_c, i1_c, w0_c, w1_c,
+                                   lerped, frame)
+                            if level == 1:
+                                total += _cell_pixels(frame, cells_r[i], cells_c[j], bound, k == 0)
+                            else:
+                                total += _block_pixels(frame, of0_r[i], of1_r[i], ow0_r[i], ow1_r[i], valid_r[i],
+                                                       of0_c[j], of1_c[j], ow0_c[j], ow1_c[j], valid_c[j], bound,
+                                                       lerped_pixels)
                 if k == 0:
                     upper0 = total
                 else:
                     lower1 = total
-                if not upper0 >= ratio * lower1:
+                if not (upper0 > 0 and upper0 >= ratio * lower1):
                     may = False
                     break
             if not may:
