@@ -1,8 +1,10 @@
 """SA-1B and COCO interchange: round trips with byte-identical RLE, imports of foreign files."""
+import gc
 import hashlib
 import io
 import json
 import tarfile
+import tempfile
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
@@ -136,6 +138,57 @@ def test_import_of_foreign_coco_polygons_and_rle(tmp_path):
     assert square["bbox"] == [5, 5, 25, 15] and square["predicted_iou"] is None and square["stage"] == "manual"
     assert blob["area"] == mask.sum() and blob["predicted_iou"] == 0.5
     assert validate(root, decode=True).ok
+
+
+def test_coco_reader_streams_annotations_in_any_order_and_refuses_malformed_files(own_export, tmp_path):
+    """read_coco keeps the annotations out of memory (a temporary SQLite file, removed with
+    the reader or when the file is refused): annotations listed before the images and
+    interleaved across images come back per image in file order; image ids 7 and "7" stay
+    apart, 7 and 7.0 do not; malformed files are refused in one line naming what is wrong."""
+    coco = json.loads(own_export.read_text())
+    images, anns = coco["images"], coco["annotations"]
+    key_a, key_b = images[0]["id"], images[1]["id"]
+    mixed = [anns[3], anns[0], anns[4], anns[1], anns[5], anns[2]]
+    mixed[1] = dict(mixed[1], image_id=float(mixed[1]["image_id"]))  # 7.0 names image 7
+    stray = dict(anns[0], id=99, image_id=str(key_a))  # "7" names no image
+    reordered = {"annotations": mixed + [stray], "categories": coco["categories"], "images": images}
+    path = tmp_path / "reordered.json"
+    path.write_text(json.dumps(reordered))
+    before = set(Path(tempfile.gettempdir()).glob("samengine-coco-*"))
+    read = read_coco(path)
+    spill = set(Path(tempfile.gettempdir()).glob("samengine-coco-*")) - before
+    assert len(spill) == 1 and read.orphans == 1
+    for key in (key_a, key_b):
+        expected = [a["id"] for a in mixed if int(a["image_id"]) == key]
+        assert [a["id"] for a in read.annotations.get(key)] == expected and len(expected) == 3
+    assert read.annotations.get(str(key_a))[0]["id"] == 99 and read.annotations.get(12345) == []
+    imported = {r["image_key"]: [m["segmentation"]["counts"] for m in r["annotations"]] for r in read}
+    direct = {r["image_key"]: [m["segmentation"]["counts"] for m in r["annotations"]] for r in read_coco(own_export)}
+    assert sorted(imported[key_a]) == sorted(direct[key_a]) and len(imported[key_b]) == 3
+    del read
+    gc.collect()
+    assert not any(p.exists() for p in spill)
+    bad = {
+        "a list": ([], "KeyError: 'images'"),
+        "no images": ({"annotations": []}, "KeyError: 'images'"),
+        "images an object": ({"images": {}}, "images must be a list of objects"),
+        "an image a number": ({"images": [1]}, "images must be a list of objects"),
+        "categories of strings": ({"images": images, "categories": ["cat"]}, "categories must be a list of objects"),
+        "an annotation a list": ({"images": images, "annotations": [[1]]}, "annotations must be a list of objects"),
+        "annotations an object": ({"images": images, "annotations": {"a": 1}}, "annotations must be a list of objects"),
+    }
+    for name, (doc, why) in bad.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(doc))
+        with pytest.raises(ValueError) as e:
+            read_coco(path)
+        assert str(e.value).startswith(f"{path}: not a COCO instances JSON file (") and why in str(e.value), name
+        assert "\n" not in str(e.value)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(json.dumps(reordered)[:-40])  # the images come after the cut annotations
+    with pytest.raises(ValueError, match="not a COCO instances JSON file \\(invalid JSON: "):
+        read_coco(truncated)
+    assert set(Path(tempfile.gettempdir()).glob("samengine-coco-*")) == before
 
 
 def test_coco_import_quarantines_an_image_of_another_size_than_declared(tmp_path):
@@ -412,7 +465,7 @@ def test_import_job_refuses_a_bad_coco_file_before_creating_anything(own_export,
     broken.write_text('{"images": [')
     unnamed = tmp_path / "unnamed.json"
     unnamed.write_text(json.dumps({"images": [{"id": 1, "width": 8, "height": 8, "file_name": "a.jpg"}]}))
-    for path, reason in ((broken, "not a COCO instances JSON file (JSONDecodeError"), (unnamed, "has no sha256")):
+    for path, reason in ((broken, "not a COCO instances JSON file (invalid JSON: parse error: premature EOF)"), (unnamed, "has no sha256")):
         root = tmp_path / f"ds-{path.stem}"
         code, out, err = _import_job(capsys, root, path, "--from", "coco")
         assert code == 2 and out == "" and err.startswith(f"error: {path}: ") and reason in err
