@@ -65,10 +65,15 @@ def _may_pass_cpu(upsampler: ThresholdUpsampler, low_res: torch.Tensor, threshol
 
     # As many threads as torch's (numba's own count is per calling thread); one call at a
     # time, since numba's fallback threading layer (workqueue) is not safe for concurrent ones.
+    # Numba's OpenMP layer sets the OpenMP thread count that torch reads too: put it back.
+    threads = torch.get_num_threads()
     with _KERNEL_LOCK:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        flags = stability_may_pass(x, margins, threshold + offset, threshold - offset, thresh - SLACK,
-                                   *_axis_arrays(rows), *_axis_arrays(cols))
+        try:
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+            flags = stability_may_pass(x, margins, threshold + offset, threshold - offset, thresh - SLACK,
+                                       *_axis_arrays(rows), *_axis_arrays(cols))
+        finally:
+            torch.set_num_threads(threads)
     return torch.from_numpy(np.flatnonzero(flags))
 
 

@@ -4,6 +4,11 @@ code: empty and full masks, single pixels, masks touching the border, thin image
 empty batches."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -215,6 +220,22 @@ def test_stability_bounds_cpu_kernel(low, input_size, out_size):
         kept, kept_torch = kept + len(ours - {2}), kept_torch + len(theirs - {2})
     assert kept < kept_torch < 4 * 39
     assert may_pass(upsampler, low_res[:0], 0.0, 1.0, 0.9).shape == (0,)
+
+
+def test_stability_bounds_cpu_kernel_keeps_the_callers_thread_count():
+    """Numba's OpenMP layer starts its threads with the OpenMP thread count that torch reads
+    too: in a fresh process (the first call starts them) the caller's count is kept."""
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from amg.stability_bounds import may_pass\n"
+            "from amg.upsample import ThresholdUpsampler\n"
+            "up = ThresholdUpsampler(64, 256, (192, 256), (768, 1024))\n"
+            "may_pass(up, torch.randn(8, 64, 64), 0.0, 1.0, 0.65)\n"
+            "print(torch.get_num_threads())\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
 
 
 @pytest.mark.parametrize("device", DEVICES)
