@@ -33,6 +33,11 @@ UPSAMPLE_CHUNK = 16
 # per-op overhead many times over: filtering in chunks of 96 instead of 16 took 20-28%
 # less decode time there (2 cores).
 FILTER_PIXELS = 96 * 768 * 1024
+# Candidates whose stability is bounded at once: the bounds hold a few low-res-sized arrays
+# per candidate, no full-size pixels. The default batch's 192 candidates in one call: the
+# compiled CPU bounds took ~30% longer in calls of 96 (a fixed cost per call, and uneven
+# candidates split over threads).
+BOUNDS_CHUNK = 1024
 
 
 @dataclass
@@ -89,6 +94,18 @@ def decode_crop(
     with autocast():
         image_pe = model.prompt_encoder.get_dense_pe()  # the same for every batch
     filter_chunk_size = max(UPSAMPLE_CHUNK, FILTER_PIXELS // (crop_size[0] * crop_size[1]))
+    # Candidates that may pass the stability filter (its bounds ruled the others out), held
+    # until a chunk's worth is evaluated exactly: most are ruled out, and an exact pass per
+    # chunk of the decoder's output would mostly pay torch's per-op overhead on a handful.
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def evaluate_pending() -> None:
+        if pending:
+            low_res, iou, prompt_points = (torch.cat(column) for column in zip(*pending))
+            pending.clear()
+            parts.append(filter_chunk(model, low_res, iou, prompt_points, input_size, crop_size, crop_box,
+                                      orig_size, params, funnel, bounded=True))
+
     for start in range(0, len(points), params.points_per_batch):
         batch = points[start:start + params.points_per_batch]
         coords = torch.as_tensor(scale_coords(batch, crop_size, model.image_size), device=model.device)
@@ -97,10 +114,14 @@ def decode_crop(
         funnel["candidates"] += 3 * len(batch)
         funnel["iou"] += len(iou)
         prompt_points = torch.as_tensor(batch)[prompt_idx.cpu()]
-        for first in range(0, len(iou), filter_chunk_size):
-            chunk = slice(first, first + filter_chunk_size)
-            parts.append(filter_chunk(model, low_res[chunk], iou[chunk], prompt_points[chunk],
-                                      input_size, crop_size, crop_box, orig_size, params, funnel))
+        for first in range(0, len(iou), BOUNDS_CHUNK):
+            chunk = slice(first, first + BOUNDS_CHUNK)
+            maybe = stability_candidates(model, low_res[chunk], input_size, crop_size, params)
+            pending.append((low_res[chunk].index_select(0, maybe), iou[chunk].index_select(0, maybe),
+                            prompt_points[chunk].index_select(0, maybe.cpu())))
+            if sum(len(p[1]) for p in pending) >= filter_chunk_size:
+                evaluate_pending()
+    evaluate_pending()
     out = Candidates(crop_box)
     if parts:
         survivors = Survivors.cat(parts)
@@ -138,7 +159,7 @@ class Survivors:
     """Candidates of one crop that passed the per-mask filters, before their masks exist:
     low-res logits N x l x l, boxes N x 4 (XYXY, inclusive, crop coordinates), iou and
     stability N, prompt points N x 2 (CPU), index N (CPU): each one's position in the
-    chunk it was filtered from."""
+    candidates given to filter_chunk."""
 
     low_res: torch.Tensor
     boxes: torch.Tensor
@@ -168,16 +189,29 @@ class Survivors:
         return Candidates(crop_box, counts, self.boxes.cpu(), self.iou.cpu(), self.stability.cpu(), self.points)
 
 
+def stability_candidates(model, low_res, input_size, crop_size, params) -> torch.Tensor:
+    """Indices (on low_res' device) of the candidates (low-res logits B x l x l) whose
+    stability score may reach the threshold, from bounds on their pixel counts (all of them
+    when there is no threshold)."""
+    thresh = params.stability_score_thresh
+    if thresh <= 0:
+        return torch.arange(len(low_res), device=low_res.device)
+    upsampler = ThresholdUpsampler(low_res.shape[-1], model.image_size, input_size, crop_size, low_res.device)
+    return may_pass(upsampler, low_res, model.mask_threshold, params.stability_score_offset, thresh
+                    ).to(low_res.device)
+
+
 def filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, orig_size, params,
-                 funnel) -> Survivors:
+                 funnel, bounded: bool = False) -> Survivors:
     """The stability and crop-edge filters on a few candidates (low-res logits B x l x l,
     iou B, prompt points B x 2), at crop resolution without full-size logits or masks
-    (amg.upsample): stability from pixel counts, boxes from the blocks."""
+    (amg.upsample): stability from pixel counts, boxes from the blocks. bounded: the
+    candidates are stability_candidates' already (the bounds are not taken again)."""
     t, offset, thresh = model.mask_threshold, params.stability_score_offset, params.stability_score_thresh
     upsampler = ThresholdUpsampler(low_res.shape[-1], model.image_size, input_size, crop_size, low_res.device)
     maybe = torch.arange(len(low_res), device=low_res.device)
-    if thresh > 0:  # evaluate only candidates whose score may reach thresh
-        maybe = may_pass(upsampler, low_res, t, offset, thresh).to(low_res.device)
+    if not bounded:  # evaluate only candidates whose score may reach thresh
+        maybe = stability_candidates(model, low_res, input_size, crop_size, params)
     thresholded = upsampler.classify(low_res.index_select(0, maybe), [t + offset, t - offset, t]).exact()
     counts = thresholded.counts([0, 1])
     # The official score: IoU of the masks at threshold +- offset (NaN when both are empty).
