@@ -20,7 +20,7 @@ import threading
 import numpy as np
 import torch
 
-from .upsample import ThresholdUpsampler, _margin
+from .upsample import ThresholdUpsampler
 
 # The ratio test's slack: float32 rounding of the exact score cannot lift a candidate ruled
 # out with it back over the threshold.
@@ -32,7 +32,7 @@ def may_pass(upsampler: ThresholdUpsampler, low_res: torch.Tensor, threshold: fl
              thresh: float) -> torch.Tensor:
     """Indices (int64, on low_res' device) of the candidates (low-res logits B x l x l) whose
     stability score at threshold +- offset may reach thresh."""
-    if low_res.device.type == "cpu":
+    if low_res.device.type == "cpu" and offset >= 0:
         return _may_pass_cpu(upsampler, low_res, threshold, offset, thresh)
     return may_pass_torch(upsampler, low_res, threshold, offset, thresh)
 
@@ -57,7 +57,6 @@ def _ratio_may_pass(upper_0: torch.Tensor, lower_1: torch.Tensor, thresh: float)
 def _may_pass_cpu(upsampler: ThresholdUpsampler, low_res: torch.Tensor, threshold: float, offset: float,
                   thresh: float) -> torch.Tensor:
     x = low_res.detach().float().contiguous().numpy()
-    margins = _margin(low_res.float()).double().numpy()
     rows, cols = upsampler.rows, upsampler.cols
     import numba
 
@@ -70,7 +69,7 @@ def _may_pass_cpu(upsampler: ThresholdUpsampler, low_res: torch.Tensor, threshol
     with _KERNEL_LOCK:
         try:
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-            flags = stability_may_pass(x, margins, threshold + offset, threshold - offset, thresh - SLACK,
+            flags = stability_may_pass(x, threshold + offset, threshold - offset, thresh - SLACK,
                                        *_axis_arrays(rows), *_axis_arrays(cols))
         finally:
             torch.set_num_threads(threads)

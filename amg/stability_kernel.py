@@ -8,29 +8,35 @@ import numpy as np
 
 
 @numba.njit(nogil=True, cache=True)
-def _window_extrema(v, ry, rx, padded, rows, hi, neg_lo):
+def _window_extrema(v, ry, rx, col_max, col_min, hi, neg_lo):
     """Max and -min of v (l x l) over each position's (2ry+1) x (2rx+1) window, clipped at
-    the borders, into hi and neg_lo (l x l): padded ((l+2ry) x (l+2rx), padding -inf),
-    rows (l x (l+2rx)) are scratch. Rows, then columns, in loops over contiguous rows."""
+    the borders, into hi and neg_lo (l x l); col_max, col_min (l) are scratch. Per output
+    row: the extrema over its window's rows, then over shifts along the row, in loops over
+    contiguous rows with comparisons and selects only (which the compiler vectorizes)."""
     l = v.shape[0]
-    cols = l + 2 * rx
-    for sign in (1.0, -1.0):
-        out = hi if sign > 0 else neg_lo
-        for i in range(l):
+    for i in range(l):
+        first, last = max(i - ry, 0), min(i + ry, l - 1)
+        for j in range(l):
+            col_max[j] = v[first, j]
+            col_min[j] = v[first, j]
+        for r in range(first + 1, last + 1):
             for j in range(l):
-                padded[i + ry, j + rx] = sign * v[i, j]
-        for i in range(l):
-            for j in range(cols):
-                rows[i, j] = padded[i, j]
-            for d in range(1, 2 * ry + 1):
-                for j in range(cols):
-                    rows[i, j] = max(rows[i, j], padded[i + d, j])
-        for i in range(l):
-            for j in range(l):
-                out[i, j] = rows[i, j]
-            for e in range(1, 2 * rx + 1):
-                for j in range(l):
-                    out[i, j] = max(out[i, j], rows[i, j + e])
+                a = v[r, j]
+                col_max[j] = a if a > col_max[j] else col_max[j]
+                col_min[j] = a if a < col_min[j] else col_min[j]
+        row_hi, row_lo = hi[i], neg_lo[i]
+        for j in range(l):
+            row_hi[j] = col_max[j]
+            row_lo[j] = col_min[j]
+        for e in range(1, rx + 1):
+            for j in range(l - e):  # the neighbour e to the right, then to the left
+                row_hi[j] = col_max[j + e] if col_max[j + e] > row_hi[j] else row_hi[j]
+                row_lo[j] = col_min[j + e] if col_min[j + e] < row_lo[j] else row_lo[j]
+            for j in range(e, l):
+                row_hi[j] = col_max[j - e] if col_max[j - e] > row_hi[j] else row_hi[j]
+                row_lo[j] = col_min[j - e] if col_min[j - e] < row_lo[j] else row_lo[j]
+        for j in range(l):
+            row_lo[j] = -row_lo[j]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -98,12 +104,40 @@ def _block_pixels(frame, f0_r, f1_r, w0_r, w1_r, valid_r, f0_c, f1_c, w0_c, w1_c
     return total
 
 
+@numba.njit(nogil=True, cache=True)
+def _ceil32(d):
+    """The least float32 >= d (float64): for a float32 x, x >= d and x < d compare the same
+    against it, in float32 arithmetic, which vectorizes twice as wide."""
+    f = np.float32(d)
+    if np.float64(f) < d:
+        f = np.float32(np.nextafter(f, np.float32(np.inf)))
+    return np.float32(f)
+
+
+@numba.njit(nogil=True, cache=True)
+def _margin(v, top, nans):
+    """amg.upsample._margin of one candidate, in the same float32 arithmetic: 1e-4 (1 + max |v|),
+    NaN where v has a NaN. top (float32) and nans (int32), v's row length, are scratch:
+    column-wise maxima and counts first (elementwise, vectorized), one short reduction last."""
+    for j in range(v.shape[1]):
+        top[j] = 0
+        nans[j] = 0
+    for i in range(v.shape[0]):
+        for j in range(v.shape[1]):
+            a = abs(v[i, j])
+            nans[j] += a != a
+            top[j] = a if a > top[j] else top[j]
+    if nans.sum():
+        return np.nan
+    return np.float64(np.float32(1e-4) * (np.float32(1.0) + top.max()))
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
-def stability_may_pass(x, margins, t0, t1, ratio,
+def stability_may_pass(x, t0, t1, ratio,
                        ry, size_r, first_r, i0_r, i1_r, w0_r, w1_r, cells_r, of0_r, of1_r, ow0_r, ow1_r, valid_r,
                        rx, size_c, first_c, i0_c, i1_c, w0_c, w1_c, cells_c, of0_c, of1_c, ow0_c, ow1_c, valid_c):
-    """x: B x l x l float32 low-res logits, margins: B. Per candidate: may count(> t0) /
-    count(> t1) over its full-size pixels reach ratio? (bounds as in amg.stability_bounds;
+    """x: B x l x l float32 low-res logits. Per candidate: may count(> t0) / count(> t1)
+    over its full-size pixels reach ratio? (bounds as in amg.stability_bounds, with t0 > t1;
     the axis tables are amg.upsample._Axis'.) A candidate with NaN logits may (its exact
     evaluation decides)."""
     n, l = x.shape[0], x.shape[1]
@@ -111,27 +145,43 @@ def stability_may_pass(x, margins, t0, t1, ratio,
     low_rows = int(i1_r.max()) + 1
     out = np.zeros(n, dtype=np.bool_)
     for b in numba.prange(n):
-        m = margins[b]
+        v = x[b]
+        col_max = np.empty(l, dtype=np.float32)
+        col_min = np.empty(l, dtype=np.float32)
+        nans = np.empty(l, dtype=np.int32)
+        m = _margin(v, col_max, nans)
         if m != m:
             out[b] = True
             continue
-        v = x[b]
-        padded = np.full((l + 2 * ry, l + 2 * rx), -np.inf, dtype=np.float32)
-        rows = np.empty((l, l + 2 * rx), dtype=np.float32)
         hi = np.empty((l, l), dtype=np.float32)
         neg_lo = np.empty((l, l), dtype=np.float32)
-        _window_extrema(v, ry, rx, padded, rows, hi, neg_lo)
+        _window_extrema(v, ry, rx, col_max, col_min, hi, neg_lo)
         # Bounds at three levels, each an upper bound of count(> t0), then a lower bound of
-        # count(> t1): whole blocks alone, then also the frame cells of the mixed blocks, then
-        # their pixels. The score needs count(> t0) > 0 (thresholds are positive).
+        # count(> t1): whole blocks alone (both in one pass), then also the frame cells of
+        # the mixed blocks, then their pixels. Each level's bounds are tighter than the
+        # last's; the earlier ones only save work. The score needs count(> t0) > 0
+        # (thresholds are positive).
+        upper0 = 0
+        lower1 = 0
+        below0 = _ceil32(t0 - m)  # float32 limits, the same outcomes for float32 values
+        above1 = _ceil32(-(t1 + m))
+        for i in range(l):
+            row_hi, row_lo = hi[i], neg_lo[i]
+            cols0 = 0
+            cols1 = 0
+            for j in range(l):
+                cols0 += size_c[j] if row_hi[j] >= below0 else 0  # not wholly below t0
+                cols1 += size_c[j] if row_lo[j] < above1 else 0  # wholly above t1
+            upper0 += size_r[i] * cols0
+            lower1 += size_r[i] * cols1
+        if not (upper0 > 0 and upper0 >= ratio * lower1):
+            continue
         frame = np.empty((fr, fc), dtype=np.float32)
         lerped = np.empty((low_rows, fc), dtype=np.float32)
         lerped_pixels = np.empty((fr, of0_c.shape[1]), dtype=np.float32)
-        upper0 = 0
-        lower1 = 0
         may = True
-        for level in range(3):
-            for k in range(2):
+        for level in range(1, 3):
+            for k in range(2):  # the count above t0, then above t1: often the first rules it out
                 t = t0 if k == 0 else t1
                 bound = t - m if k == 0 else t + m
                 total = 0
@@ -144,17 +194,15 @@ def stability_may_pass(x, margins, t0, t1, ratio,
                             continue
                         if -neg_lo[i, j] > t + m:  # wholly above
                             total += area
-                        elif level == 0:  # mixed: all of it may be above, none surely is
-                            total += area if k == 0 else 0
+                            continue
+                        _frame(v, i, j, first_r, i0_r, i1_r, w0_r, w1_r, first_c, i0_c, i1_c, w0_c, w1_c,
+                               lerped, frame)
+                        if level == 1:
+                            total += _cell_pixels(frame, cells_r[i], cells_c[j], bound, k == 0)
                         else:
-                            _frame(v, i, j, first_r, i0_r, i1_r, w0_r, w1_r, first_c, i0_c, i1_c, w0_c, w1_c,
-                                   lerped, frame)
-                            if level == 1:
-                                total += _cell_pixels(frame, cells_r[i], cells_c[j], bound, k == 0)
-                            else:
-                                total += _block_pixels(frame, of0_r[i], of1_r[i], ow0_r[i], ow1_r[i], valid_r[i],
-                                                       of0_c[j], of1_c[j], ow0_c[j], ow1_c[j], valid_c[j], bound,
-                                                       lerped_pixels)
+                            total += _block_pixels(frame, of0_r[i], of1_r[i], ow0_r[i], ow1_r[i], valid_r[i],
+                                                   of0_c[j], of1_c[j], ow0_c[j], ow1_c[j], valid_c[j], bound,
+                                                   lerped_pixels)
                 if k == 0:
                     upper0 = total
                 else:

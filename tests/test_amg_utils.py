@@ -222,6 +222,22 @@ def test_stability_bounds_cpu_kernel(low, input_size, out_size):
     assert may_pass(upsampler, low_res[:0], 0.0, 1.0, 0.9).shape == (0,)
 
 
+@pytest.mark.parametrize("ry,rx", [(1, 1), (0, 2), (3, 1), (70, 0)])
+def test_stability_kernel_window_extrema(ry, rx):
+    """The kernel's window max and -min, clipped at the borders, are amg.upsample's (torch)."""
+    from amg.stability_kernel import _window_extrema
+    from amg.upsample import _window_max
+
+    v = torch.randn(2, 64, 64)
+    v[1, 5:9, 7:12] = float("inf")
+    for x in v:
+        scratch = [np.empty(64, np.float32) for _ in range(2)]
+        hi, neg_lo = np.empty((64, 64), np.float32), np.empty((64, 64), np.float32)
+        _window_extrema(x.numpy(), ry, rx, *scratch, hi, neg_lo)
+        assert np.array_equal(hi, _window_max(x[None], ry, rx)[0].numpy())
+        assert np.array_equal(neg_lo, _window_max(-x[None], ry, rx)[0].numpy())
+
+
 def test_stability_bounds_cpu_kernel_keeps_the_callers_thread_count():
     """Numba's OpenMP layer starts its threads with the OpenMP thread count that torch reads
     too: in a fresh process (the first call starts them) the caller's count is kept."""
