@@ -161,48 +161,61 @@ def stability_may_pass(x, t0, t1, ratio,
         # the mixed blocks, then their pixels. Each level's bounds are tighter than the
         # last's; the earlier ones only save work. The score needs count(> t0) > 0
         # (thresholds are positive).
-        upper0 = 0
-        lower1 = 0
         below0 = _ceil32(t0 - m)  # float32 limits, the same outcomes for float32 values
+        above0 = _ceil32(-(t0 + m))
         above1 = _ceil32(-(t1 + m))
+        upper0 = 0  # pixels of the blocks not wholly below t0
+        lower1 = 0  # ... wholly above t1
+        whole0 = 0  # ... wholly above t0
         for i in range(l):
             row_hi, row_lo = hi[i], neg_lo[i]
             cols0 = 0
             cols1 = 0
+            cols2 = 0
             for j in range(l):
-                cols0 += size_c[j] if row_hi[j] >= below0 else 0  # not wholly below t0
-                cols1 += size_c[j] if row_lo[j] < above1 else 0  # wholly above t1
+                cols0 += size_c[j] if row_hi[j] >= below0 else 0
+                cols1 += size_c[j] if row_lo[j] < above1 else 0
+                cols2 += size_c[j] if row_lo[j] < above0 else 0
             upper0 += size_r[i] * cols0
             lower1 += size_r[i] * cols1
+            whole0 += size_r[i] * cols2
         if not (upper0 > 0 and upper0 >= ratio * lower1):
             continue
+        whole1 = lower1
+        # The blocks mixed for each threshold (neither wholly above nor wholly below it),
+        # listed once: the levels below visit only these.
+        below1 = _ceil32(t1 - m)
+        mixed = np.empty((2, l * l), dtype=np.int32)
+        n_mixed = np.zeros(2, dtype=np.int64)
+        for i in range(l):
+            if size_r[i] == 0:
+                continue
+            for j in range(l):
+                if size_c[j] == 0:
+                    continue
+                if hi[i, j] >= below0 and not neg_lo[i, j] < above0:
+                    mixed[0, n_mixed[0]] = i * l + j
+                    n_mixed[0] += 1
+                if hi[i, j] >= below1 and not neg_lo[i, j] < above1:
+                    mixed[1, n_mixed[1]] = i * l + j
+                    n_mixed[1] += 1
         frame = np.empty((fr, fc), dtype=np.float32)
         lerped = np.empty((low_rows, fc), dtype=np.float32)
         lerped_pixels = np.empty((fr, of0_c.shape[1]), dtype=np.float32)
         may = True
         for level in range(1, 3):
             for k in range(2):  # the count above t0, then above t1: often the first rules it out
-                t = t0 if k == 0 else t1
-                bound = t - m if k == 0 else t + m
-                total = 0
-                for i in range(l):
-                    if size_r[i] == 0:
-                        continue
-                    for j in range(l):
-                        area = size_r[i] * size_c[j]
-                        if area == 0 or hi[i, j] < t - m:  # none, or wholly below
-                            continue
-                        if -neg_lo[i, j] > t + m:  # wholly above
-                            total += area
-                            continue
-                        _frame(v, i, j, first_r, i0_r, i1_r, w0_r, w1_r, first_c, i0_c, i1_c, w0_c, w1_c,
-                               lerped, frame)
-                        if level == 1:
-                            total += _cell_pixels(frame, cells_r[i], cells_c[j], bound, k == 0)
-                        else:
-                            total += _block_pixels(frame, of0_r[i], of1_r[i], ow0_r[i], ow1_r[i], valid_r[i],
-                                                   of0_c[j], of1_c[j], ow0_c[j], ow1_c[j], valid_c[j], bound,
-                                                   lerped_pixels)
+                bound = t0 - m if k == 0 else t1 + m
+                total = whole0 if k == 0 else whole1
+                for q in range(n_mixed[k]):
+                    i, j = divmod(mixed[k, q], l)
+                    _frame(v, i, j, first_r, i0_r, i1_r, w0_r, w1_r, first_c, i0_c, i1_c, w0_c, w1_c, lerped, frame)
+                    if level == 1:
+                        total += _cell_pixels(frame, cells_r[i], cells_c[j], bound, k == 0)
+                    else:
+                        total += _block_pixels(frame, of0_r[i], of1_r[i], ow0_r[i], ow1_r[i], valid_r[i],
+                                               of0_c[j], of1_c[j], ow0_c[j], ow1_c[j], valid_c[j], bound,
+                                               lerped_pixels)
                 if k == 0:
                     upper0 = total
                 else:
