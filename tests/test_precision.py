@@ -4,7 +4,6 @@ it gives the official generator's masks up to bf16 rounding, live, with trained 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator

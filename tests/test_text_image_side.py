@@ -13,7 +13,6 @@ from model import load_checkpoint
 from model.crop_embedder import BACKGROUND, CROP_SIZE, ImageTextEmbedder, mask_crop
 from model.text import load_embedder
 from training.crop_embedder import crop_accuracy, name_vocabulary, scene_crops
-from training.synthetic import make_scene, scene_seed
 from training.text import TextTrainConfig, mask_items, prepare_examples, scene_stream, train_text
 
 ROOT = Path(__file__).resolve().parents[1]

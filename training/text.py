@@ -131,8 +131,8 @@ def dataset_items(paths: Sequence[str], endpoint_url: str | None = None, unnamed
     unnamed: every mask is a target of its own, named or not (for image-side training)."""
     source = ParquetExamples(paths, endpoint_url=endpoint_url)
     for batch in source.dataset.to_batches(columns=source.columns):
-        for uri, annotations in zip(*(batch.column(c).to_pylist() for c in source.columns)):
-            kept = [a for a in annotations or () if unnamed or a.get("text_prompt")]
+        for uri, masks in zip(*(batch.column(c).to_pylist() for c in source.columns)):
+            kept = [a for a in masks or () if unnamed or a.get("text_prompt")]
             if not kept:
                 continue
             example = parquet_example(uri, kept, endpoint_url)
