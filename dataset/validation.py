@@ -1,5 +1,11 @@
 """Checks of a dataset version: every fault found, by kind, with the rows it is in.
 
+Masks are checked a batch of images at a time over the table's columns: the counts strings
+are parsed, re-encoded and measured in one compiled pass (dataset.rle_check), the other
+fields with numpy, and only masks not proven clean that way are checked one by one (which
+also words their faults), so a clean table costs microseconds per mask, not a Python dict
+and a dozen calls each. decode=True checks every mask one by one.
+
 Kinds (each has a test that plants it):
   missing_file       a data file the version names is absent from the store (its rows
                      cannot be checked; jobs/maintain.py ROOT repair drops it)
@@ -39,6 +45,7 @@ from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from deltalake import DeltaTable
@@ -103,12 +110,28 @@ def validate(root: str, *, decode: bool = False, batch_rows: int = 256, **pin: A
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:  # a type that casts, values that do not
             report.add("schema", f"values do not cast to the schema: {e}")
             return report
-        for image in table.to_pylist():
+        fast = None if decode else _fast_checks(table)
+        if fast is None:  # every mask as a dict (decode=True, or nulls where the schema has none)
+            for image in table.to_pylist():
+                report.images += 1
+                image_ids[image["image_id"]] += 1
+                image_keys[image["image_key"]] += 1
+                ann_ids.append(np.array([a["id"] for a in image["annotations"]], np.int64))
+                _check_image_id(image, report)
+                for index, ann in enumerate(image["annotations"]):
+                    _check_mask(image, index, ann, report, decode, off_scheme)
+            continue
+        masks, offsets, ids, clean = fast
+        for i, image in enumerate(table.select(["image_id", "image_key", "height", "width"]).to_pylist()):
             report.images += 1
             image_ids[image["image_id"]] += 1
             image_keys[image["image_key"]] += 1
-            ann_ids.append(np.array([a["id"] for a in image["annotations"]], np.int64))
-            _check_image(image, report, decode, off_scheme)
+            first, end = int(offsets[i]), int(offsets[i + 1])
+            ann_ids.append(ids[first:end])
+            _check_image_id(image, report)
+            for index in np.flatnonzero(~clean[first:end]).tolist():  # the masks not proven clean
+                _check_mask(image, index, masks[first + index].as_py(), report, decode, off_scheme)
+            report.masks += int(clean[first:end].sum())
     for kind, counter in (("duplicate_image", image_ids), ("duplicate_key", image_keys)):
         for value, n in counter.items():
             if n > 1:
@@ -184,42 +207,108 @@ def _check_schema(schema: pa.Schema, report: Report) -> bool:
 _STAGES = set(get_args(Stage))
 
 
-def _check_image(image: dict, report: Report, decode: bool, off_scheme: list[tuple[int, int, str]]) -> None:
+def _fast_checks(table: pa.Table) -> tuple[pa.StructArray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The per-mask checks over a batch's columns at once (dataset.rle_check parses, re-encodes
+    and measures every counts string in one compiled pass): (masks, offsets per image, ids,
+    clean), where clean marks the masks proven free of every per-mask fault. The others are
+    checked one by one (_check_mask), which also words their faults. None where a column the
+    checks read holds nulls (the schema has none there): the batch is checked mask by mask."""
+    from .rle_check import check_counts
+
+    lists = table.column("annotations").combine_chunks()
+    keys, heights, widths = (table.column(c) for c in ("image_key", "height", "width"))
+    if lists.null_count or any(c.null_count for c in (keys, heights, widths)):
+        return None
+    bounds = np.asarray(lists.offsets, np.int64)
+    masks = lists.values.slice(bounds[0], bounds[-1] - bounds[0])
+    offsets = bounds - bounds[0]
+    field = dict(zip((f.name for f in masks.type), masks.flatten()))
+    seg = dict(zip((f.name for f in field["segmentation"].type), field["segmentation"].flatten()))
+    needed = [masks, field["id"], field["stage"], field["round"], field["area"], field["bbox"], seg["size"],
+              seg["counts"], field["bbox"].flatten(), seg["size"].flatten()]
+    if any(a.null_count for a in needed):
+        return None
+    n = len(masks)
+    if n == 0:
+        return masks, offsets, np.zeros(0, np.int64), np.zeros(0, bool)
+    per_image = np.diff(offsets)
+    image_of = np.repeat(np.arange(len(per_image)), per_image)
+    index = np.arange(n) - np.repeat(offsets[:-1], per_image)
+    key = keys.to_numpy()[image_of]
+    h, w = heights.to_numpy().astype(np.int64)[image_of], widths.to_numpy().astype(np.int64)[image_of]
+    ids = field["id"].to_numpy()
+    clean = (index < MAX_MASKS_PER_IMAGE) & (key >= 0) & (key < 2**48) & (ids == ((key << 15) | index))
+    clean &= pc.is_in(field["stage"], value_set=pa.array(sorted(_STAGES))).to_numpy(zero_copy_only=False)
+    clean &= field["round"].to_numpy() >= 0
+    iou = pc.fill_null(field["predicted_iou"], 0.0).to_numpy()
+    stability = pc.fill_null(field["stability_score"], 0.5).to_numpy()
+    area = field["area"].to_numpy()
+    clean &= np.isfinite(iou)
+    clean &= ((stability >= 0) & (stability <= 1)) | (np.isnan(stability) & (area == 0))
+    size = _fixed_lists(seg["size"], 2)
+    clean &= (size[:, 0] == h) & (size[:, 1] == w)
+    counts = seg["counts"]
+    buffers = counts.buffers()
+    data = np.frombuffer(buffers[2], np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
+    starts = np.frombuffer(buffers[1], np.int32)[counts.offset: counts.offset + n + 1].astype(np.int64)
+    computed_area, computed_bbox = np.zeros(n, np.int64), np.zeros((n, 4), np.int64)
+    clean &= check_counts(data, starts, h, w, computed_area, computed_bbox)
+    clean &= (area == computed_area) & (_fixed_lists(field["bbox"], 4) == computed_bbox).all(1)
+    return masks, offsets, ids, clean
+
+
+def _fixed_lists(lists: pa.ListArray, length: int) -> np.ndarray:
+    """N x length int64 values of a list array; rows of another length are -1 (never equal to
+    a size, or to a bbox of a mask that parses)."""
+    lengths = pc.list_value_length(lists).to_numpy()
+    values = lists.flatten().to_numpy().astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    out = np.full((len(lengths), length), -1, np.int64)
+    whole = lengths == length
+    out[whole] = values[starts[whole, None] + np.arange(length)]
+    return out
+
+
+def _check_image_id(image: dict, report: Report) -> None:
+    if not SHA256_HEX.match(image["image_id"]):
+        report.add("image_id", f"{image['image_id']!r}")
+
+
+def _check_mask(image: dict, index: int, ann: dict, report: Report, decode: bool,
+                off_scheme: list[tuple[int, int, str]]) -> None:
+    """Every per-mask check of the index-th mask of an image (ann: the mask as a dict)."""
     image_id, h, w = image["image_id"], image["height"], image["width"]
-    if not SHA256_HEX.match(image_id):
-        report.add("image_id", f"{image_id!r}")
-    for index, ann in enumerate(image["annotations"]):
-        report.masks += 1
-        where = f"image {image_id[:16]} mask {ann['id']}"
-        if index >= MAX_MASKS_PER_IMAGE or ann["id"] != annotation_id(image["image_key"], index):
-            off_scheme.append((image["image_key"], ann["id"], f"{where}: not image_key {image['image_key']} << 15 | "
-                                                              f"index {index}"))
-        if ann["stage"] not in _STAGES or ann["round"] < 0:
-            report.add("stage", f"{where}: stage {ann['stage']!r}, round {ann['round']}")
-        bad = _bad_scores(ann)
-        if bad:
-            report.add("score", f"{where}: {bad}")
-        seg = ann["segmentation"]
-        if list(seg["size"]) != [h, w]:
-            report.add("rle_size", f"{where}: size {seg['size']} != [{h}, {w}]")
-            continue
-        counts = rle_counts(seg["counts"])
-        if counts is None or counts.sum() != h * w or np.any(counts[1:] <= 0) or counts[0] < 0:
-            report.add("rle", f"{where}: malformed counts or runs not summing to {h}x{w}")
-            continue
-        rle = {"size": [h, w], "counts": seg["counts"].encode("ascii")}
-        canonical = coco_mask.frPyObjects({"size": [h, w], "counts": counts.astype(np.uint32)}, h, w)
-        if canonical["counts"] != rle["counts"]:
-            report.add("rle", f"{where}: not the canonical pycocotools string for its runs")
-            continue
-        area = int(counts[1::2].sum())
-        if ann["area"] != area:
-            report.add("area", f"{where}: area {ann['area']} != {area}")
-        bbox = [int(v) for v in coco_mask.toBbox(rle)]
-        if list(ann["bbox"]) != bbox:
-            report.add("bbox", f"{where}: bbox {ann['bbox']} != {bbox}")
-        if decode and int(coco_mask.decode(rle).sum()) != area:
-            report.add("decode", f"{where}: decoded mask has {int(coco_mask.decode(rle).sum())} pixels")
+    report.masks += 1
+    where = f"image {image_id[:16]} mask {ann['id']}"
+    if index >= MAX_MASKS_PER_IMAGE or ann["id"] != annotation_id(image["image_key"], index):
+        off_scheme.append((image["image_key"], ann["id"], f"{where}: not image_key {image['image_key']} << 15 | "
+                                                          f"index {index}"))
+    if ann["stage"] not in _STAGES or ann["round"] < 0:
+        report.add("stage", f"{where}: stage {ann['stage']!r}, round {ann['round']}")
+    bad = _bad_scores(ann)
+    if bad:
+        report.add("score", f"{where}: {bad}")
+    seg = ann["segmentation"]
+    if list(seg["size"]) != [h, w]:
+        report.add("rle_size", f"{where}: size {seg['size']} != [{h}, {w}]")
+        return
+    counts = rle_counts(seg["counts"])
+    if counts is None or counts.sum() != h * w or np.any(counts[1:] <= 0) or counts[0] < 0:
+        report.add("rle", f"{where}: malformed counts or runs not summing to {h}x{w}")
+        return
+    rle = {"size": [h, w], "counts": seg["counts"].encode("ascii")}
+    canonical = coco_mask.frPyObjects({"size": [h, w], "counts": counts.astype(np.uint32)}, h, w)
+    if canonical["counts"] != rle["counts"]:
+        report.add("rle", f"{where}: not the canonical pycocotools string for its runs")
+        return
+    area = int(counts[1::2].sum())
+    if ann["area"] != area:
+        report.add("area", f"{where}: area {ann['area']} != {area}")
+    bbox = [int(v) for v in coco_mask.toBbox(rle)]
+    if list(ann["bbox"]) != bbox:
+        report.add("bbox", f"{where}: bbox {ann['bbox']} != {bbox}")
+    if decode and int(coco_mask.decode(rle).sum()) != area:
+        report.add("decode", f"{where}: decoded mask has {int(coco_mask.decode(rle).sum())} pixels")
 
 
 def _bad_scores(ann: dict) -> str | None:

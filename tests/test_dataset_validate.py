@@ -317,3 +317,93 @@ def test_rle_counts_loop_and_vectorized_parsers_agree_on_good_and_corrupt_string
     assert sum(a is None for a in parsed[0]) > 50 and sum(a is not None for a in parsed[0]) > 60
     assert validation.rle_counts("o" * 12 + "0") is None  # a count of 13 groups: past MAX_GROUPS
     assert validation.rle_counts("o" * 12 + "8") is None  # 2^63 and more: was an OverflowError, not a fault
+
+
+def _random_counts_strings(seed: int) -> list[tuple[str, int, int]]:
+    """(counts string, height, width): pycocotools' strings of random masks, many corrupted."""
+    import random
+
+    rng, pick = np.random.default_rng(seed), random.Random(seed)
+    out = []
+    for _ in range(80):
+        h, w = (int(v) for v in rng.integers(1, 120, 2))
+        mask = np.zeros((h, w), np.uint8, order="F")
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        mask[y:y + int(rng.integers(1, h + 1)), x:x + int(rng.integers(1, w + 1))] = 1
+        if rng.random() < 0.4:
+            mask ^= (rng.random((h, w)) < 0.2).astype(np.uint8)
+        if rng.random() < 0.1:
+            mask[:] = rng.integers(0, 2)
+        s = coco_mask.encode(np.asfortranarray(mask))["counts"].decode()
+        out.append((s, h, w))
+        t = list(s)
+        t[pick.randrange(len(t))] = pick.choice([chr(c) for c in range(40, 120)] + ["é"])
+        out += [("".join(t), h, w), (s[:pick.randrange(len(s) + 1)], h, w), (s, h + 1, w), (s, h, w - 1)]
+    out += [("", 0, 5), ("", 1, 1), ("o" * 12 + "0", 4, 4), ("1" * 500, 3, 3), (s[:-1] + chr(ord(s[-1]) + 32) + "0", h, w)]
+    return out
+
+
+def test_compiled_counts_check_agrees_with_the_parser_and_pycocotools():
+    """dataset.rle_check passes exactly the strings the per-mask checks pass (they parse, sum
+    to the size with positive runs, and are canonical), with pycocotools' area and bbox."""
+    from dataset.rle_check import check_counts
+    from dataset.validation import rle_counts
+
+    cases = _random_counts_strings(3)
+    data = np.frombuffer("".join(s for s, _, _ in cases).encode("utf-8"), np.uint8)
+    offsets = np.concatenate([[0], np.cumsum([len(s.encode("utf-8")) for s, _, _ in cases])]).astype(np.int64)
+    heights, widths = (np.array(v, np.int64) for v in zip(*[(h, w) for _, h, w in cases]))
+    area, bbox = np.zeros(len(cases), np.int64), np.zeros((len(cases), 4), np.int64)
+    ok = check_counts(data, offsets, heights, widths, area, bbox)
+    for k, (s, h, w) in enumerate(cases):
+        runs = rle_counts(s)
+        valid = (runs is not None and runs.sum() == h * w and not np.any(runs[1:] <= 0) and (len(runs) == 0 or runs[0] >= 0)
+                 and coco_mask.frPyObjects({"size": [h, w], "counts": runs.astype(np.uint32)}, h, w)["counts"]
+                 == s.encode("ascii"))
+        assert ok[k] == valid, (s, h, w)
+        if valid:
+            rle = {"size": [h, w], "counts": s.encode("ascii")}
+            assert area[k] == int(coco_mask.area(rle)) and list(bbox[k]) == [int(v) for v in coco_mask.toBbox(rle)]
+    assert 60 < ok.sum() < len(cases) - 100
+
+
+def test_the_batch_checks_and_the_per_mask_checks_report_the_same(tmp_path, good, monkeypatch):
+    """Faults of every per-mask kind planted across a table: the batch path (compiled counts
+    checks, masks not proven clean checked one by one) reports exactly what checking every
+    mask one by one reports, in the same order."""
+    import random
+
+    import dataset.validation as validation
+
+    pick = random.Random(5)
+    rows = []
+    for r in range(12):
+        for row in copy.deepcopy(good):
+            row["image_id"] = hashlib.sha256(f"{r} {row['image_id']}".encode()).hexdigest()
+            row["image_key"] = int(row["image_id"][:12], 16)
+            for index, ann in enumerate(row["annotations"]):
+                ann["id"] = annotation_id(row["image_key"], index)
+            rows.append(row)
+    planted = [k for k in CORRUPTIONS if k not in ("image_id", "duplicate_image", "duplicate_key")]
+    for row in rows[1:]:
+        if pick.random() < 0.6:
+            CORRUPTIONS[pick.choice(planted)]([rows[0], row])  # _mask(rows) is the second row's
+        if pick.random() < 0.3:
+            seg = pick.choice(row["annotations"])["segmentation"]
+            seg["counts"] = RLE_CORRUPTIONS[pick.choice(["truncated", "bad character", "changed run"])](seg["counts"])
+    root = _write(tmp_path, rows)
+    fast_checks, proven = validation._fast_checks, []
+
+    def counted(table):
+        out = fast_checks(table)
+        proven.append(None if out is None else int(out[3].sum()))
+        return out
+
+    monkeypatch.setattr(validation, "_fast_checks", counted)
+    batch = validate(root, batch_rows=5)
+    assert None not in proven and sum(proven) > 0.5 * batch.masks  # the batch path ran, and proved most
+    monkeypatch.setattr(validation, "_fast_checks", lambda table: None)
+    one_by_one = validate(root, batch_rows=5)
+    assert batch.counts == one_by_one.counts and dict(batch.faults) == dict(one_by_one.faults)
+    assert (batch.images, batch.masks) == (one_by_one.images, one_by_one.masks)
+    assert len(batch.counts) >= 6 and sum(batch.counts.values()) > 20, batch.text()
