@@ -99,12 +99,19 @@ def decode_crop(
     # chunk of the decoder's output would mostly pay torch's per-op overhead on a handful.
     pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def evaluate_pending() -> None:
-        if pending:
-            low_res, iou, prompt_points = (torch.cat(column) for column in zip(*pending))
-            pending.clear()
-            parts.append(filter_chunk(model, low_res, iou, prompt_points, input_size, crop_size, crop_box,
-                                      orig_size, params, funnel, bounded=True))
+    def evaluate_pending(final: bool = False) -> None:
+        """Whole chunks of the pending candidates (and, when final, the rest)."""
+        if not pending:
+            return
+        low_res, iou, prompt_points = (torch.cat(column) for column in zip(*pending))
+        pending.clear()
+        whole = len(iou) if final else len(iou) - len(iou) % filter_chunk_size
+        for first in range(0, whole, filter_chunk_size):  # chunks bound the exact evaluation's memory
+            chunk = slice(first, min(first + filter_chunk_size, whole))
+            parts.append(filter_chunk(model, low_res[chunk], iou[chunk], prompt_points[chunk], input_size,
+                                      crop_size, crop_box, orig_size, params, funnel, bounded=True))
+        if whole < len(iou):
+            pending.append((low_res[whole:], iou[whole:], prompt_points[whole:]))
 
     for start in range(0, len(points), params.points_per_batch):
         batch = points[start:start + params.points_per_batch]
@@ -121,7 +128,7 @@ def decode_crop(
                             prompt_points[chunk].index_select(0, maybe.cpu())))
             if sum(len(p[1]) for p in pending) >= filter_chunk_size:
                 evaluate_pending()
-    evaluate_pending()
+    evaluate_pending(final=True)
     out = Candidates(crop_box)
     if parts:
         survivors = Survivors.cat(parts)
