@@ -137,7 +137,7 @@ def stability_may_pass(x, t0, t1, ratio,
                        ry, size_r, first_r, i0_r, i1_r, w0_r, w1_r, cells_r, of0_r, of1_r, ow0_r, ow1_r, valid_r,
                        rx, size_c, first_c, i0_c, i1_c, w0_c, w1_c, cells_c, of0_c, of1_c, ow0_c, ow1_c, valid_c):
     """x: B x l x l float32 low-res logits. Per candidate: may count(> t0) / count(> t1)
-    over its full-size pixels reach ratio? (bounds as in amg.stability_bounds, with t0 > t1;
+    over its full-size pixels reach ratio? (bounds as in amg.stability_bounds, with t0 >= t1;
     the axis tables are amg.upsample._Axis'.) A candidate with NaN logits may (its exact
     evaluation decides)."""
     n, l = x.shape[0], x.shape[1]
