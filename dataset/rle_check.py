@@ -8,16 +8,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# validation.rle_counts' bounds: 12 groups of 5 bits per count, runs below 2^40 pixels.
-MAX_GROUPS = 12
-MAX_RUN = 2**40
-
 
 @numba.njit(nogil=True, cache=True)
-def _parse(data, start, end, runs):
+def _parse(data, start, end, runs, max_groups, max_run):
     """Runs of the counts string data[start:end] into runs; their number, or -1 where the
-    string is malformed (validation._rle_counts_loop's rules, byte by byte: a non-ASCII
-    character is bytes outside the 64 allowed, as its character is)."""
+    string is malformed (validation._rle_counts_loop's rules and bounds, byte by byte: a
+    non-ASCII character is bytes outside the 64 allowed, as its character is)."""
     n = 0
     value = 0
     groups = 0
@@ -28,12 +24,12 @@ def _parse(data, start, end, runs):
         value |= (c & 0x1F) << (5 * groups)
         groups += 1
         if c & 0x20:
-            if groups == MAX_GROUPS:
+            if groups == max_groups:
                 return -1
             continue
         if c & 0x10:
             value -= np.int64(1) << (5 * groups)
-        if abs(value) > MAX_RUN:
+        if abs(value) > max_run:
             return -1
         if n > 2:
             value += runs[n - 2]
@@ -68,10 +64,11 @@ def _canonical(data, start, end, runs, n):
 
 
 @numba.njit(nogil=True, cache=True)
-def check_counts(data, offsets, heights, widths, area, bbox):
+def check_counts(data, offsets, heights, widths, area, bbox, max_groups, max_run):
     """data, offsets: a batch's counts strings as Arrow holds them (bytes, and M + 1 int64
-    offsets); heights, widths: M int64 (the size each mask must have). Per mask, ok (M bool):
-    the string parses within bounds, its runs sum to height x width with every run after the
+    offsets); heights, widths: M int64 (the size each mask must have); max_groups, max_run:
+    validation.rle_counts' bounds. Per mask, ok (M bool): the string parses within those
+    bounds, its runs sum to height x width with every run after the
     first positive, and it is the canonical string of those runs; for those, area (M int64)
     and bbox (M x 4 int64 XYWH) as pycocotools computes them."""
     m = len(heights)
@@ -83,7 +80,7 @@ def check_counts(data, offsets, heights, widths, area, bbox):
     for k in range(m):
         start, end = offsets[k], offsets[k + 1]
         h, w = heights[k], widths[k]
-        n = _parse(data, start, end, runs)
+        n = _parse(data, start, end, runs, max_groups, max_run)
         if n < 0 or h < 0 or w < 0 or h * w >= 2**31:
             continue
         total = 0

@@ -52,7 +52,7 @@ from deltalake import DeltaTable
 from pycocotools import mask as coco_mask
 
 from schemas import IMAGES, Stage, annotation_id, conform
-from schemas.ids import MAX_MASKS_PER_IMAGE
+from schemas.ids import INDEX_BITS, KEY_BITS, MAX_MASKS_PER_IMAGE
 from schemas.records import SHA256_HEX
 
 from .reader import history, open_dataset, resolve_version
@@ -237,7 +237,7 @@ def _fast_checks(table: pa.Table) -> tuple[pa.StructArray, np.ndarray, np.ndarra
     key = keys.to_numpy()[image_of]
     h, w = heights.to_numpy().astype(np.int64)[image_of], widths.to_numpy().astype(np.int64)[image_of]
     ids = field["id"].to_numpy()
-    clean = (index < MAX_MASKS_PER_IMAGE) & (key >= 0) & (key < 2**48) & (ids == ((key << 15) | index))
+    clean = (index < MAX_MASKS_PER_IMAGE) & (key >= 0) & (key < 1 << KEY_BITS) & (ids == ((key << INDEX_BITS) | index))
     clean &= pc.is_in(field["stage"], value_set=pa.array(sorted(_STAGES))).to_numpy(zero_copy_only=False)
     clean &= field["round"].to_numpy() >= 0
     iou = pc.fill_null(field["predicted_iou"], 0.0).to_numpy()
@@ -252,7 +252,7 @@ def _fast_checks(table: pa.Table) -> tuple[pa.StructArray, np.ndarray, np.ndarra
     data = np.frombuffer(buffers[2], np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
     starts = np.frombuffer(buffers[1], np.int32)[counts.offset: counts.offset + n + 1].astype(np.int64)
     computed_area, computed_bbox = np.zeros(n, np.int64), np.zeros((n, 4), np.int64)
-    clean &= check_counts(data, starts, h, w, computed_area, computed_bbox)
+    clean &= check_counts(data, starts, h, w, computed_area, computed_bbox, MAX_GROUPS, MAX_RUN)
     clean &= (area == computed_area) & (_fixed_lists(field["bbox"], 4) == computed_bbox).all(1)
     return masks, offsets, ids, clean
 

@@ -347,14 +347,14 @@ def test_compiled_counts_check_agrees_with_the_parser_and_pycocotools():
     """dataset.rle_check passes exactly the strings the per-mask checks pass (they parse, sum
     to the size with positive runs, and are canonical), with pycocotools' area and bbox."""
     from dataset.rle_check import check_counts
-    from dataset.validation import rle_counts
+    from dataset.validation import MAX_GROUPS, MAX_RUN, rle_counts
 
     cases = _random_counts_strings(3)
     data = np.frombuffer("".join(s for s, _, _ in cases).encode("utf-8"), np.uint8)
     offsets = np.concatenate([[0], np.cumsum([len(s.encode("utf-8")) for s, _, _ in cases])]).astype(np.int64)
     heights, widths = (np.array(v, np.int64) for v in zip(*[(h, w) for _, h, w in cases]))
     area, bbox = np.zeros(len(cases), np.int64), np.zeros((len(cases), 4), np.int64)
-    ok = check_counts(data, offsets, heights, widths, area, bbox)
+    ok = check_counts(data, offsets, heights, widths, area, bbox, MAX_GROUPS, MAX_RUN)
     for k, (s, h, w) in enumerate(cases):
         runs = rle_counts(s)
         valid = (runs is not None and runs.sum() == h * w and not np.any(runs[1:] <= 0) and (len(runs) == 0 or runs[0] >= 0)
