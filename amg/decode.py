@@ -109,7 +109,7 @@ def decode_crop(
         for first in range(0, whole, filter_chunk_size):  # chunks bound the exact evaluation's memory
             chunk = slice(first, min(first + filter_chunk_size, whole))
             parts.append(filter_chunk(model, low_res[chunk], iou[chunk], prompt_points[chunk], input_size,
-                                      crop_size, crop_box, orig_size, params, funnel, bounded=True))
+                                      crop_size, crop_box, orig_size, params, funnel))
         if whole < len(iou):
             pending.append((low_res[whole:], iou[whole:], prompt_points[whole:]))
 
@@ -209,17 +209,14 @@ def stability_candidates(model, low_res, input_size, crop_size, params) -> torch
 
 
 def filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, orig_size, params,
-                 funnel, bounded: bool = False) -> Survivors:
-    """The stability and crop-edge filters on a few candidates (low-res logits B x l x l,
-    iou B, prompt points B x 2), at crop resolution without full-size logits or masks
-    (amg.upsample): stability from pixel counts, boxes from the blocks. bounded: the
-    candidates are stability_candidates' already (the bounds are not taken again)."""
+                 funnel) -> Survivors:
+    """The stability and crop-edge filters on a few candidates that stability_candidates
+    kept (low-res logits B x l x l, iou B, prompt points B x 2), at crop resolution without
+    full-size logits or masks (amg.upsample): stability from pixel counts, boxes from the
+    blocks."""
     t, offset, thresh = model.mask_threshold, params.stability_score_offset, params.stability_score_thresh
     upsampler = ThresholdUpsampler(low_res.shape[-1], model.image_size, input_size, crop_size, low_res.device)
-    maybe = torch.arange(len(low_res), device=low_res.device)
-    if not bounded:  # evaluate only candidates whose score may reach thresh
-        maybe = stability_candidates(model, low_res, input_size, crop_size, params)
-    thresholded = upsampler.classify(low_res.index_select(0, maybe), [t + offset, t - offset, t]).exact()
+    thresholded = upsampler.classify(low_res, [t + offset, t - offset, t]).exact()
     counts = thresholded.counts([0, 1])
     # The official score: IoU of the masks at threshold +- offset (NaN when both are empty).
     stability = counts[:, 0] / counts[:, 1]
@@ -230,6 +227,5 @@ def filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, o
     inside = ~box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
     funnel["crop_edge"] += int(inside.sum())
     rows, boxes = rows[inside], boxes[inside]
-    index = maybe[rows]
-    cpu_index = index.cpu()
-    return Survivors(low_res[index], boxes, iou[index], stability[rows], points[cpu_index], cpu_index)
+    cpu_rows = rows.cpu()
+    return Survivors(low_res[rows], boxes, iou[rows], stability[rows], points[cpu_rows], cpu_rows)
