@@ -26,13 +26,20 @@ from .rle import masks_to_rle_counts
 from .stability_bounds import may_pass
 from .upsample import ThresholdUpsampler
 
-# Candidates made into full-size masks at once: bounds memory for large images.
-UPSAMPLE_CHUNK = 16
+# Candidates x full-size pixels made into masks at once: 16 masks of a 768 x 1024 image,
+# one at a time from ~12 MP up. A fixed 16 peaked at twice the memory of chunks of 2 on a
+# 3000 x 4000 image (+660 MB vs +312 MB over the run) and took longer (11.4 vs 8.2 s).
+UPSAMPLE_PIXELS = 16 * 768 * 1024
 # Candidates x output pixels filtered at once (no full-size tensors: only the mixed blocks'
 # pixels are evaluated); 96 candidates of a 768 x 1024 image. Small chunks pay torch's
 # per-op overhead many times over: filtering in chunks of 96 instead of 16 took 20-28%
 # less decode time there (2 cores).
 FILTER_PIXELS = 96 * 768 * 1024
+
+
+def chunk_size(pixels: int, budget: int) -> int:
+    """Candidates of `pixels` output pixels each that fit a budget of pixels (at least one)."""
+    return max(1, budget // max(1, pixels))
 # Candidates whose stability is bounded at once: the bounds hold a few low-res-sized arrays
 # per candidate, no full-size pixels. The default batch's 192 candidates in one call: the
 # compiled CPU bounds took ~30% longer in calls of 96 (a fixed cost per call, and uneven
@@ -93,7 +100,7 @@ def decode_crop(
     autocast = lambda: torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
     with autocast():
         image_pe = model.prompt_encoder.get_dense_pe()  # the same for every batch
-    filter_chunk_size = max(UPSAMPLE_CHUNK, FILTER_PIXELS // (crop_size[0] * crop_size[1]))
+    filter_chunk_size = chunk_size(crop_size[0] * crop_size[1], FILTER_PIXELS)
     # Candidates that may pass the stability filter (its bounds ruled the others out), held
     # until a chunk's worth is evaluated exactly: most are ruled out, and an exact pass per
     # chunk of the decoder's output would mostly pay torch's per-op overhead on a handful.
@@ -186,11 +193,11 @@ class Survivors:
 
     def encode(self, model: Sam, input_size, crop_size, crop_box, orig_size) -> Candidates:
         """Their masks at the model's threshold, as RLE in the full image frame, a few at a
-        time (bounded memory)."""
+        time (memory bounded by UPSAMPLE_PIXELS: the masks are placed in the image frame)."""
         upsampler = ThresholdUpsampler(self.low_res.shape[-1], model.image_size, input_size, crop_size,
                                        self.low_res.device)
         counts = []
-        for chunk in self.low_res.split(UPSAMPLE_CHUNK):
+        for chunk in self.low_res.split(chunk_size(orig_size[0] * orig_size[1], UPSAMPLE_PIXELS)):
             masks = upsampler.classify(chunk, [model.mask_threshold]).exact().masks(0)
             counts += masks_to_rle_counts(uncrop_masks(masks, crop_box, *orig_size))
         return Candidates(crop_box, counts, self.boxes.cpu(), self.iou.cpu(), self.stability.cpu(), self.points)

@@ -93,6 +93,31 @@ def test_records_agree_with_pycocotools(models, images):
         assert rec["crop_box"] == [0, 0, image.shape[1], image.shape[0]]
 
 
+def test_masks_are_made_and_filtered_in_pixel_bounded_chunks(models, images, monkeypatch):
+    """The candidates of a larger image are filtered and made into masks fewer at a time
+    (amg.decode's pixel budgets bound the memory), with the same records as in big chunks."""
+    import amg.decode
+
+    ours, _ = models
+    image = np.asarray(Image.fromarray(images["synthetic"]).resize((960, 720), Image.BILINEAR))
+    kw = dict(points_per_side=6, output_mode="coco_rle", **LOOSE)
+    whole = AutomaticMaskGenerator(ours, **kw).generate(image)
+    pixels = image.shape[0] * image.shape[1]
+    monkeypatch.setattr(amg.decode, "UPSAMPLE_PIXELS", 3 * pixels + 1)
+    monkeypatch.setattr(amg.decode, "FILTER_PIXELS", 5 * pixels)
+    made, filtered = [], []
+    to_rle, filter_chunk = amg.decode.masks_to_rle_counts, amg.decode.filter_chunk
+    monkeypatch.setattr(amg.decode, "masks_to_rle_counts", lambda masks: made.append(len(masks)) or to_rle(masks))
+    monkeypatch.setattr(amg.decode, "filter_chunk",
+                        lambda model, low_res, *a: filtered.append(len(low_res)) or filter_chunk(model, low_res, *a))
+    chunked = AutomaticMaskGenerator(ours, **kw).generate(image)
+    assert len(whole) >= 5
+    assert max(made) == 3 and sum(made) == len(whole)
+    assert max(filtered) == 5 and sum(filtered) == 3 * 36
+    key = lambda r: (r["point_coords"], r["predicted_iou"])  # noqa: E731
+    assert sorted(chunked, key=key) == sorted(whole, key=key)
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
