@@ -35,16 +35,16 @@ UPSAMPLE_PIXELS = 16 * 768 * 1024
 # per-op overhead many times over: filtering in chunks of 96 instead of 16 took 20-28%
 # less decode time there (2 cores).
 FILTER_PIXELS = 96 * 768 * 1024
-
-
-def chunk_size(pixels: int, budget: int) -> int:
-    """Candidates of `pixels` output pixels each that fit a budget of pixels (at least one)."""
-    return max(1, budget // max(1, pixels))
 # Candidates whose stability is bounded at once: the bounds hold a few low-res-sized arrays
 # per candidate, no full-size pixels. The default batch's 192 candidates in one call: the
 # compiled CPU bounds took ~30% longer in calls of 96 (a fixed cost per call, and uneven
 # candidates split over threads).
 BOUNDS_CHUNK = 1024
+
+
+def chunk_size(pixels: int, budget: int) -> int:
+    """Candidates of `pixels` output pixels each that fit a budget of pixels (at least one)."""
+    return max(1, budget // max(1, pixels))
 
 
 @dataclass
