@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import multiprocessing as mp
 import os
+import queue
 import sys
 import time
 from pathlib import Path
@@ -67,11 +68,17 @@ def run_layout(side: str, processes: int, threads: int, args: argparse.Namespace
     workers = [ctx.Process(target=_worker, args=(side, threads, args, barrier, results)) for _ in range(processes)]
     for w in workers:
         w.start()
-    done = [results.get() for _ in workers]
+    done = []
+    while len(done) < processes:
+        try:
+            done.append(results.get(timeout=5))
+        except queue.Empty:
+            if any(w.exitcode for w in workers):  # one died: the others would wait at the barrier for ever
+                for w in workers:
+                    w.terminate()
+                raise SystemExit(f"a {side} worker failed (exit codes {[w.exitcode for w in workers]})")
     for w in workers:
         w.join()
-        if w.exitcode:
-            raise SystemExit(f"a {side} worker failed (exit code {w.exitcode})")
     seconds = max(end for _, end, _ in done) - min(start for start, _, _ in done)
     return seconds, done[0][2] / args.images
 
