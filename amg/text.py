@@ -14,7 +14,7 @@ import torch
 from model.predictor import PRECISIONS
 from model.sam import Sam
 
-from .decode import UPSAMPLE_PIXELS, Candidates, Survivors, chunk_size, filter_chunk, stability_candidates
+from .decode import FILTER_PIXELS, Candidates, Survivors, chunk_size, filter_chunk, stability_candidates
 from .encode import EncodedImage
 from .params import AmgParams
 
@@ -43,7 +43,8 @@ def decode_texts(model: Sam, encoded: EncodedImage, texts: list[str], text_embed
     funnel["iou"] = len(keep)
     parts, kept_texts = [], []
     input_size = tuple(int(v) for v in encoded.input_sizes[0])
-    for chunk in keep.split(chunk_size(crop_size[0] * crop_size[1], UPSAMPLE_PIXELS)):  # a few phrases at a time
+    # Filtered in chunks of the grid path's size (decode_crop): the same work, the same memory bound.
+    for chunk in keep.split(chunk_size(crop_size[0] * crop_size[1], FILTER_PIXELS)):
         chunk = chunk[stability_candidates(model, low_res[chunk], input_size, crop_size, params)]
         # Points are a grid's; a phrase has none (the records carry an empty point list).
         no_points = torch.zeros(len(chunk), 2, dtype=torch.float64)
