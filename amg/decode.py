@@ -162,7 +162,7 @@ def _decode_survivors(model: Sam, embedding: torch.Tensor, image_pe: torch.Tenso
         e = 4 * scored.size[0]
         return iou.new_zeros(0, e, e), iou.new_zeros(0), rows
     token_index = torch.arange(1, decoder.num_mask_tokens)
-    low_res = decoder.masks_from(*decoder.finish(scored, rows, token_index), token_index).float()
+    low_res = decoder.mask_logits(scored, rows, token_index).float()
     kept = keep[rows]
     prompt_idx = rows[:, None].expand_as(kept)[kept]
     return low_res[kept], iou[rows][kept], prompt_idx

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import score_kernel
 from .common import MLP, LayerNorm2d
 from .transformer import TwoWayTransformer
 
@@ -104,8 +105,13 @@ class MaskDecoder(nn.Module):
         IoU predictions B x T of every prompt, the final attention run for the IoU token
         alone and from the keys before the last block's LayerNorm (same values up to float
         rounding), and what finish() needs for the mask tokens and image features of the
-        prompts kept."""
+        prompts kept. In float32 on the CPU, for prompts on one shared image side, it runs as
+        a native kernel (model/score_kernel.py)."""
         tokens, src = self._inputs(image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings)
+        if (_native(tokens, src, image_pe) and src.shape[0] == 1 and image_pe.shape[0] == 1
+                and score_kernel.supports(self)):
+            iou, queries, raw_keys, key_pe = score_kernel.score(self, tokens, src, image_pe)
+            return iou, Scored(queries, tokens, raw_keys, key_pe, src.shape[-2:])
         t = self.transformer
         queries, raw_keys, key_pe = t.blocks(src, image_pe, tokens, normalize_keys=False)
         iou_token = t.final_from_unnormalized(queries[:, :1], tokens[:, :1], raw_keys, key_pe)
@@ -127,6 +133,15 @@ class MaskDecoder(nn.Module):
         queries, query_pe = (x.index_select(0, rows).index_select(1, columns) for x in (scored.queries, scored.tokens))
         hs = t.final(queries, query_pe, keys, scored.key_pe)
         return hs, keys.view(len(rows), *scored.size, keys.shape[-1])
+
+    @torch.no_grad()
+    def mask_logits(self, scored: "Scored", rows: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        """masks_from(*finish(scored, rows, token_index), token_index): low-res logits
+        len(rows) x T' x 4h x 4w of the prompts `rows` of a score() call; in float32 on the
+        CPU as a native kernel (model/score_kernel.py)."""
+        if _native(scored.raw_keys) and score_kernel.supports(self):
+            return score_kernel.mask_logits(self, *scored, rows, token_index)
+        return self.masks_from(*self.finish(scored, rows, token_index), token_index)
 
     def _inputs(self, image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings):
         """The tokens B x (1 + T + prompts) x C and the image side (1 or B x C x h x w)."""
@@ -167,6 +182,14 @@ class MaskDecoder(nn.Module):
                                          norm.bias, norm.eps))
         b, h, w = x.shape[:3]
         return _activate(act2, up2.per_pixel(x)).view(b, h, w, 16, -1)
+
+
+def _native(*tensors: torch.Tensor) -> bool:
+    """Whether the native kernels (model/score_kernel.py) can take these tensors: float32 on
+    the CPU, outside autocast and autograd, with the kernels built."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled()
+            and score_kernel.available())
 
 
 def _activate(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:

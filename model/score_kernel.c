@@ -1,0 +1,628 @@
+/* The mask decoder for single-point prompts on a shared image side (the automatic generator's
+ * grids), one prompt at a time: score_prompts is MaskDecoder.score (the two-way transformer's
+ * blocks, the IoU token's final attention, the IoU head), mask_prompts is its finish and
+ * masks_from. A prompt's image-side tensors (C x hw: 128 KB for the bundled model) stay in the
+ * core's cache through all of its steps, where torch makes a pass over the whole batch's
+ * tensors (8 MB per 64 prompts) for every op.
+ *
+ * Image-side tensors are channel-major (C x hw), so LayerNorms over channels, softmaxes over
+ * the tokens and every per-pixel step run as vector operations across pixels. Same function as
+ * model/transformer.py's folded inference paths and model/mask_decoder.py (float32 throughout;
+ * sums run in another order, so the last bits may differ). Built and called by
+ * model/score_kernel.py; weights arrive transposed where a matmul reads them as its right-hand
+ * side. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define VL 16
+typedef float v16 __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t i16v __attribute__((vector_size(VL * sizeof(int32_t))));
+
+static inline v16 vload(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+static inline v16 vsplat(float x) { return (v16){0} + x; }
+static inline v16 vsel(i16v m, v16 a, v16 b) { return (v16)((m & (i16v)a) | (~m & (i16v)b)); }
+
+/* ---------------------------------------------------------------- matmul
+ * C[i, j] (=, or += when acc) sum_k A[i * sai + k * sak] * B[k * ldb + j], i < M, j < N, k < K:
+ * A read through any strides (its values are broadcast), B's rows contiguous. Column panels
+ * of 64, 32 or 16 (a panel of B stays in L1 while every row block passes over it), register
+ * blocks of 4 x 4, 8 x 2 or 8 x 1 vectors. */
+static inline __attribute__((always_inline)) void kern(int R, int V, int K, const float *A, long sai, long sak,
+                                                        const float *B, long ldb, float *C, long ldc, int acc) {
+  v16 c[8][4];
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < V; v++) c[r][v] = acc ? vload(C + r * ldc + v * VL) : (v16){0};
+  for (int k = 0; k < K; k++) {
+    const float *b = B + k * ldb;
+    v16 bv[4];
+    for (int v = 0; v < V; v++) bv[v] = vload(b + v * VL);
+    for (int r = 0; r < R; r++) {
+      float a = A[r * sai + k * sak];
+      for (int v = 0; v < V; v++) c[r][v] += a * bv[v];
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < V; v++) vstore(C + r * ldc + v * VL, c[r][v]);
+}
+
+#define KERN_ROWS(V, rows)                                                                           \
+  switch (rows) {                                                                                    \
+    case 8: kern(8, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
+    case 7: kern(7, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
+    case 6: kern(6, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
+    case 5: kern(5, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
+    case 4: kern(4, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
+    case 3: kern(3, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
+    case 2: kern(2, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
+    case 1: kern(1, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
+  }
+
+static void gemm(int M, int N, int K, const float *A, long sai, long sak, const float *B, long ldb, float *C,
+                 long ldc, int acc) {
+  int j = 0;
+  for (; j + 4 * VL <= N; j += 4 * VL)
+    for (int i = 0; i < M; i += 4) {
+      if (M - i >= 4) kern(4, 4, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc);
+      else KERN_ROWS(4, M - i)
+    }
+  for (; j + 2 * VL <= N; j += 2 * VL)
+    for (int i = 0; i < M; i += 8) {
+      if (M - i >= 8) kern(8, 2, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc);
+      else KERN_ROWS(2, M - i)
+    }
+  for (; j + VL <= N; j += VL)
+    for (int i = 0; i < M; i += 8) {
+      if (M - i >= 8) kern(8, 1, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc);
+      else KERN_ROWS(1, M - i)
+    }
+  for (; j < N; j++)
+    for (int i = 0; i < M; i++) {
+      float s = acc ? C[i * ldc + j] : 0.0f;
+      for (int k = 0; k < K; k++) s += A[i * sai + k * sak] * B[k * ldb + j];
+      C[i * ldc + j] = s;
+    }
+}
+
+/* y (M x out) = x (M x in, row stride ldx) @ WT (in x out) + b */
+static void linear(int M, int in, int out, const float *x, long ldx, const float *WT, const float *b, float *y) {
+  gemm(M, out, in, x, ldx, 1, WT, out, y, out, 0);
+  if (b)
+    for (int i = 0; i < M; i++)
+      for (int j = 0; j < out; j++) y[i * out + j] += b[j];
+}
+
+/* ---------------------------------------------------------------- elementwise */
+/* exp(x) for a vector: Cody-Waite reduction to r in [-ln2/2, ln2/2] and a degree-6
+ * polynomial (relative error ~1e-7); below -87.3 the result is 0, as for the
+ * softmax weights it serves. */
+static inline v16 vexp(v16 x) {
+  const v16 lo = vsplat(-87.33654f), hi = vsplat(88.0f);
+  i16v under = x <= lo;
+  x = vsel(under, lo, x);
+  x = vsel(x > hi, hi, x);
+  v16 half = vsel(x >= 0.0f, vsplat(0.5f), vsplat(-0.5f));
+  v16 n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + half, i16v), v16);
+  v16 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
+  v16 scale;
+  memcpy(&scale, &e, sizeof scale);
+  return vsel(under, vsplat(0.0f), p * scale);
+}
+
+/* sum of x[0 .. n) and of its squares (x - shift)^2, 16 lanes at a time */
+static inline float vsum(const float *x, int n, float shift, int squares) {
+  v16 acc = {0};
+  int i = 0;
+  for (; i + VL <= n; i += VL) {
+    v16 v = vload(x + i) - shift;
+    acc += squares ? v * v : v;
+  }
+  float buf[VL], s = 0.0f;
+  vstore(buf, acc);
+  for (int l = 0; l < VL; l++) s += buf[l];
+  for (; i < n; i++) s += squares ? (x[i] - shift) * (x[i] - shift) : x[i];
+  return s;
+}
+
+static inline float sexp(float x) {
+  float buf[VL] = {x};
+  vstore(buf, vexp(vload(buf)));
+  return buf[0];
+}
+
+/* Weights below the smallest normal float become 0 (model/transformer.py's _softmax). */
+static inline float flush(float w) { return w < 1.17549435e-38f ? 0.0f : w; }
+
+/* softmax over each row of x (M x N, row stride ld) */
+static void softmax_rows(int M, int N, float *x, long ld) {
+  for (int i = 0; i < M; i++) {
+    float *r = x + i * ld, m = r[0], s = 0.0f;
+    for (int j = 1; j < N; j++) m = r[j] > m ? r[j] : m;
+    int j = 0;
+    for (; j + VL <= N; j += VL) {
+      v16 e = vexp(vload(r + j) - m);
+      vstore(r + j, e);
+    }
+    for (; j < N; j++) r[j] = sexp(r[j] - m);
+    s = vsum(r, N, 0.0f, 0);
+    float inv = 1.0f / s;
+    for (j = 0; j < N; j++) r[j] = flush(r[j] * inv);
+  }
+}
+
+/* softmax over each column j < N of x (M rows, row stride ld): across rows, vectors across columns */
+static void softmax_cols(int M, int N, float *x, long ld, float *work /* 2 N */) {
+  float *m = work, *s = work + N;
+  for (int j = 0; j < N; j++) m[j] = x[j], s[j] = 0.0f;
+  for (int i = 1; i < M; i++)
+    for (int j = 0; j < N; j++) m[j] = x[i * ld + j] > m[j] ? x[i * ld + j] : m[j];
+  for (int i = 0; i < M; i++) {
+    float *r = x + i * ld;
+    int j = 0;
+    for (; j + VL <= N; j += VL) vstore(r + j, vexp(vload(r + j) - vload(m + j)));
+    for (; j < N; j++) r[j] = sexp(r[j] - m[j]);
+    for (j = 0; j < N; j++) s[j] += r[j];
+  }
+  for (int j = 0; j < N; j++) s[j] = 1.0f / s[j];
+  for (int i = 0; i < M; i++)
+    for (int j = 0; j < N; j++) x[i * ld + j] = flush(x[i * ld + j] * s[j]);
+}
+
+/* y = LayerNorm(x) over rows of C (y may be x) */
+static void layernorm(int M, int C, const float *x, float *y, const float *w, const float *b, float eps) {
+  for (int i = 0; i < M; i++) {
+    const float *r = x + (long)i * C;
+    float mean = vsum(r, C, 0.0f, 0) / C, var = vsum(r, C, mean, 1);
+    float rstd = 1.0f / sqrtf(var / C + eps);
+    float *o = y + (long)i * C;
+    for (int c = 0; c < C; c++) o[c] = (r[c] - mean) * rstd * w[c] + b[c];
+  }
+}
+
+static void add(long n, const float *a, const float *b, float *y) {
+  for (long i = 0; i < n; i++) y[i] = a[i] + b[i];
+}
+
+/* y = LayerNorm(x) over the rows of each column: x, y C x N (channel-major; y may be x) */
+static void layernorm_cols(int C, int N, const float *x, float *y, const float *w, const float *b, float eps) {
+  for (int n0 = 0; n0 < N; n0 += VL) {
+    int lanes = N - n0 < VL ? N - n0 : VL;
+    v16 mean = {0}, var = {0};
+    float buf[VL] = {0};
+    for (int c = 0; c < C; c++) {
+      const float *src = x + (long)c * N + n0;
+      if (lanes < VL) memcpy(buf, src, sizeof(float) * lanes);
+      mean += vload(lanes < VL ? buf : src);
+    }
+    mean = mean / (float)C;
+    for (int c = 0; c < C; c++) {
+      const float *src = x + (long)c * N + n0;
+      if (lanes < VL) memcpy(buf, src, sizeof(float) * lanes);
+      v16 v = vload(lanes < VL ? buf : src) - mean;
+      var += v * v;
+    }
+    float inv[VL];
+    vstore(inv, var / (float)C + eps);
+    for (int l = 0; l < VL; l++) inv[l] = 1.0f / sqrtf(inv[l]);
+    v16 rstd = vload(inv);
+    for (int c = 0; c < C; c++) {
+      const float *src = x + (long)c * N + n0;
+      if (lanes < VL) memcpy(buf, src, sizeof(float) * lanes);
+      v16 v = (vload(lanes < VL ? buf : src) - mean) * rstd * w[c] + b[c];
+      if (lanes < VL) {
+        vstore(buf, v);
+        memcpy(y + (long)c * N + n0, buf, sizeof(float) * lanes);
+      } else {
+        vstore(y + (long)c * N + n0, v);
+      }
+    }
+  }
+}
+
+/* xt (N x ldt, columns >= M zero) = x^T for x M x N */
+static void transpose_padded(int M, int N, const float *x, float *xt, int ldt) {
+  for (int n = 0; n < N; n++) {
+    for (int m = 0; m < M; m++) xt[(long)n * ldt + m] = x[(long)m * N + n];
+    for (int m = M; m < ldt; m++) xt[(long)n * ldt + m] = 0.0f;
+  }
+}
+
+/* ---------------------------------------------------------------- model */
+/* Dimensions, in this order (dims[]). */
+enum { D_C, D_T, D_N, D_H, D_DI, D_MLP, D_IOU_HIDDEN, D_MASK_TOKENS, D_DEPTH, D_COUNT };
+
+/* Weight pointers: per layer (L_* from layer * L_COUNT), then the final attention and IoU
+ * head (F_* from depth * L_COUNT), then the image side shared by every prompt. WT: transposed
+ * (in x out); W: as nn.Linear holds it (out x in), for the folded projections. */
+enum {
+  L_SA_WQT, L_SA_BQ, L_SA_WKT, L_SA_BK, L_SA_WVT, L_SA_BV, L_SA_WOT, L_SA_BO, L_N1_W, L_N1_B,
+  L_TI_WQT, L_TI_BQ, L_TI_WK, L_TI_WVT, L_TI_BV, L_TI_WOT, L_TI_BO, L_N2_W, L_N2_B,
+  L_M_W1T, L_M_B1, L_M_W2T, L_M_B2, L_N3_W, L_N3_B,
+  L_IT_WKT, L_IT_BK, L_IT_WQ, L_IT_BQ, L_IT_WVT, L_IT_BV, L_IT_WOT, L_IT_BO, L_N4_W, L_N4_B,
+  L_COUNT
+};
+enum {
+  F_WQT, F_BQ, F_WK, F_WVT, F_BV, F_WOT, F_BO, F_NF_W, F_NF_B,
+  F_IOU_W1T, F_IOU_B1, F_IOU_W2T, F_IOU_B2, F_IOU_W3T, F_IOU_B3,
+  /* the image side, channel-major: src (C x N, the embedding plus the no-mask embedding),
+   * its positional encoding (C x N), the first block's token -> image keys (Di x N) and
+   * values (N x Di, row-major), and its image -> token queries (Di x N) */
+  F_SRC, F_PE, F_K1T, F_V1, F_QIMG,
+  F_COUNT
+};
+/* An attention's weights, as L_TI_WQT .. L_TI_BO and F_WQT .. F_BO lay them out. */
+enum { A_WQT, A_BQ, A_WK, A_WVT, A_BV, A_WOT, A_BO };
+
+static const float EPS = 1e-5f;
+
+static int round16(int n) { return (n + VL - 1) / VL * VL; }
+
+static long lmax(long a, long b) { return a > b ? a : b; }
+
+/* scratch of tokens_to_image for T tokens */
+static long t2i_floats(long C, long N, long H, long Di, long T) {
+  long TH = T * H, P = round16(TH);
+  return 2 * T * Di + TH * C + TH * N + N * P + C * P + 2 * N;
+}
+
+long score_scratch_floats(const int *dims) {
+  long C = dims[D_C], T = dims[D_T], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], mlp = dims[D_MLP];
+  long TH = T * H, PH = round16(H), hid = dims[D_IOU_HIDDEN];
+  long sub = 4 * T * C + T * T;                                              /* self_attention */
+  sub = lmax(sub, t2i_floats(C, N, H, Di, T));                               /* tokens_to_image */
+  sub = lmax(sub, 2 * T * Di + T * N);                                       /* tokens_to_shared_image */
+  sub = lmax(sub, 2 * T * Di + 2 * TH * C + TH * N + 2 * N);                 /* image_to_tokens */
+  sub = lmax(sub, 3 * N + 2 * C + 2 * Di + 3 * H * C + 2 * H * N + N * PH + C * PH + 2 * hid + 2 * N);  /* iou_of */
+  return 3 * N * C + 3 * T * C + T * mlp + sub;
+}
+
+/* Self-attention of the T tokens: q, k from qk_in, v from v_in; out (T x C). */
+static void self_attention(const int *dims, const float *const *w, const float *qk_in, const float *v_in,
+                           float *out, float *s) {
+  int C = dims[D_C], T = dims[D_T], H = dims[D_H], d = C / H;
+  float *q = s, *k = q + T * C, *v = k + T * C, *att = v + T * C, *p = att + T * C;
+  linear(T, C, C, qk_in, C, w[L_SA_WQT], w[L_SA_BQ], q);
+  linear(T, C, C, qk_in, C, w[L_SA_WKT], w[L_SA_BK], k);
+  linear(T, C, C, v_in, C, w[L_SA_WVT], w[L_SA_BV], v);
+  float scale = 1.0f / sqrtf((float)d);
+  for (int h = 0; h < H; h++) {
+    for (int i = 0; i < T; i++)
+      for (int j = 0; j < T; j++) {
+        float acc = 0.0f;
+        for (int c = 0; c < d; c++) acc += q[i * C + h * d + c] * k[j * C + h * d + c];
+        p[i * T + j] = acc * scale;
+      }
+    softmax_rows(T, T, p, T);
+    for (int i = 0; i < T; i++)
+      for (int c = 0; c < d; c++) {
+        float acc = 0.0f;
+        for (int j = 0; j < T; j++) acc += p[i * T + j] * v[j * C + h * d + c];
+        att[i * C + h * d + c] = acc;
+      }
+  }
+  linear(T, C, C, att, C, w[L_SA_WOT], w[L_SA_BO], out);
+}
+
+/* Attention of T tokens (x: T x C) to per-prompt image keys + pe (kpT: C x N) with values keysT
+ * (C x N), folded (transformer.py's Attention._few_queries); out (T x C). */
+static void tokens_to_image(const int *dims, const float *const *aw, int T, const float *x, const float *kpT,
+                            const float *keysT, float *out, float *s) {
+  int C = dims[D_C], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], d = Di / H;
+  int TH = T * H, P = round16(TH);
+  float *qh = s, *att = qh + T * Di, *F = att + T * Di, *scores = F + TH * C, *wT = scores + (long)TH * N,
+        *pooledT = wT + (long)N * P;
+  linear(T, C, Di, x, C, aw[A_WQT], aw[A_BQ], qh);
+  float scale = 1.0f / sqrtf((float)d);
+  for (int i = 0; i < T * Di; i++) qh[i] *= scale;
+  for (int h = 0; h < H; h++)  /* F[t * H + h] = qh[t, h] @ Wk[h] */
+    gemm(T, C, d, qh + h * d, Di, 1, aw[A_WK] + (long)h * d * C, C, F + h * C, (long)H * C, 0);
+  gemm(TH, N, C, F, C, 1, kpT, N, scores, N, 0);  /* (t, h) x N */
+  softmax_rows(TH, N, scores, N);
+  transpose_padded(TH, N, scores, wT, P);
+  gemm(C, P, N, keysT, N, 1, wT, P, pooledT, P, 0);  /* pooled^T: C x (t, h) */
+  for (int h = 0; h < H; h++)  /* att[t, h] = pooled[t, h] @ Wv[h]^T */
+    gemm(T, d, C, pooledT + h, H, P, aw[A_WVT] + h * d, Di, att + h * d, Di, 0);
+  for (int t = 0; t < T; t++)
+    for (int i = 0; i < Di; i++) att[t * Di + i] += aw[A_BV][i];
+  linear(T, Di, C, att, Di, aw[A_WOT], aw[A_BO], out);
+}
+
+/* The first block's tokens -> image attention: shared keys (K1T: Di x N) and values (V1:
+ * N x Di), the plain path; out (T x C). */
+static void tokens_to_shared_image(const int *dims, const float *const *w, const float *const *f,
+                                   const float *x, float *out, float *s) {
+  int C = dims[D_C], T = dims[D_T], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], d = Di / H;
+  float *q = s, *att = q + T * Di, *p = att + T * Di;
+  linear(T, C, Di, x, C, w[L_TI_WQT], w[L_TI_BQ], q);
+  float scale = 1.0f / sqrtf((float)d);
+  for (int h = 0; h < H; h++) {
+    gemm(T, N, d, q + h * d, Di, 1, f[F_K1T] + (long)h * d * N, N, p, N, 0);
+    for (int i = 0; i < T * N; i++) p[i] *= scale;
+    softmax_rows(T, N, p, N);
+    gemm(T, d, N, p, N, 1, f[F_V1] + h * d, Di, att + h * d, Di, 0);
+  }
+  linear(T, Di, C, att, Di, w[L_TI_WOT], w[L_TI_BO], out);
+}
+
+/* Image tokens attending to the T tokens (transformer.py's Attention._few_keys): outT (C x N),
+ * residualT + attention. img: the image queries, either projected and shared (Di x N, the
+ * first block) or the per-prompt keys + pe (C x N), folded into the token keys. */
+static void image_to_tokens(const int *dims, const float *const *w, const float *tok_kp, const float *tok_v,
+                            const float *img, int shared, const float *residualT, float *outT, float *s) {
+  int C = dims[D_C], T = dims[D_T], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], d = Di / H;
+  int TH = T * H;
+  float *kh = s, *vh = kh + T * Di, *values = vh + T * Di, *folded = values + TH * C, *scores = folded + TH * C,
+        *work = scores + (long)TH * N;
+  linear(T, C, Di, tok_kp, C, w[L_IT_WKT], w[L_IT_BK], kh);
+  float scale = 1.0f / sqrtf((float)d);
+  for (int i = 0; i < T * Di; i++) kh[i] *= scale;
+  for (int h = 0; h < H; h++) {  /* scores (h, t) x N */
+    float *sh = scores + (long)h * T * N;
+    if (shared) {
+      gemm(T, N, d, kh + h * d, Di, 1, img + (long)h * d * N, N, sh, N, 0);
+    } else {  /* folded: row (h, t) = kh[t, h] @ Wq[h], plus kh[t, h] . bq[h] */
+      gemm(T, C, d, kh + h * d, Di, 1, w[L_IT_WQ] + (long)h * d * C, C, folded + (long)h * T * C, C, 0);
+      gemm(T, N, C, folded + (long)h * T * C, C, 1, img, N, sh, N, 0);
+      for (int t = 0; t < T; t++) {
+        float bias = 0.0f;
+        for (int e = 0; e < d; e++) bias += kh[t * Di + h * d + e] * w[L_IT_BQ][h * d + e];
+        for (int n = 0; n < N; n++) sh[(long)t * N + n] += bias;
+      }
+    }
+    softmax_cols(T, N, sh, N, work);  /* over the tokens, for each pixel */
+  }
+  linear(T, C, Di, tok_v, C, w[L_IT_WVT], w[L_IT_BV], vh);
+  for (int h = 0; h < H; h++) /* values[h, t] = vh[t, h] @ Wo[:, h]^T + bo / H */
+    gemm(T, C, d, vh + h * d, Di, 1, w[L_IT_WOT] + (long)h * d * C, C, values + (long)h * T * C, C, 0);
+  for (int j = 0; j < TH; j++)
+    for (int c = 0; c < C; c++) values[(long)j * C + c] += w[L_IT_BO][c] / H;
+  gemm(C, N, TH, values, 1, C, scores, N, outT, N, 0);  /* values^T @ weights */
+  add((long)N * C, outT, residualT, outT);
+}
+
+/* The IoU token's final attention from the keys before the last LayerNorm (rawT: C x N;
+ * transformer.py's Attention.few_queries_normalized) and the IoU head: iou (mask tokens). */
+static void iou_of(const int *dims, const float *const *lw, const float *const *f, const float *queries,
+                   const float *pe, const float *rawT, float *iou, float *s) {
+  int C = dims[D_C], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], d = Di / H, hid = dims[D_IOU_HIDDEN];
+  int P = round16(H);
+  const float *g = lw[L_N4_W], *b = lw[L_N4_B];
+  float *mean = s, *scl = mean + N, *sq = scl + N, *x = sq + N, *qh = x + C, *folded = qh + Di, *gained = folded + H * C,
+        *pooledT = gained + H * C, *scores = pooledT + C * P, *pos = scores + (long)H * N, *wT = pos + (long)H * N,
+        *att = wT + (long)N * P, *o = att + Di, *h1 = o + C, *h2 = h1 + hid;
+  float gsum[64], sm[64];
+  memset(mean, 0, sizeof(float) * N);
+  memset(sq, 0, sizeof(float) * N);
+  for (int c = 0; c < C; c++) {  /* each pixel's mean and 1 / std over channels */
+    const float *r = rawT + (long)c * N;
+    for (int n = 0; n < N; n++) mean[n] += r[n], sq[n] += r[n] * r[n];
+  }
+  for (int n = 0; n < N; n++) {
+    float m = mean[n] / C, var = sq[n] / C - m * m;
+    mean[n] = m;
+    scl[n] = 1.0f / sqrtf((var > 0.0f ? var : 0.0f) + EPS);
+  }
+  for (int c = 0; c < C; c++) x[c] = queries[c] + pe[c];
+  linear(1, C, Di, x, C, f[F_WQT], f[F_BQ], qh);
+  float scale = 1.0f / sqrtf((float)d);
+  for (int i = 0; i < Di; i++) qh[i] *= scale;
+  for (int h = 0; h < H; h++) {
+    gemm(1, C, d, qh + h * d, 1, 1, f[F_WK] + (long)h * d * C, C, folded + h * C, C, 0);
+    gsum[h] = 0.0f;
+    for (int c = 0; c < C; c++) {
+      gained[h * C + c] = folded[h * C + c] * g[c];
+      gsum[h] += gained[h * C + c];
+    }
+  }
+  gemm(H, N, C, gained, C, 1, rawT, N, scores, N, 0);
+  gemm(H, N, C, folded, C, 1, f[F_PE], N, pos, N, 0);
+  for (int h = 0; h < H; h++)
+    for (int n = 0; n < N; n++) {
+      float *v = scores + (long)h * N + n;
+      *v = (*v - gsum[h] * mean[n]) * scl[n] + pos[(long)h * N + n];
+    }
+  softmax_rows(H, N, scores, N);
+  for (int h = 0; h < H; h++) {
+    sm[h] = 0.0f;
+    for (int n = 0; n < N; n++) {
+      float *v = scores + (long)h * N + n;
+      *v *= scl[n];
+      sm[h] += *v * mean[n];
+    }
+  }
+  transpose_padded(H, N, scores, wT, P);
+  gemm(C, P, N, rawT, N, 1, wT, P, pooledT, P, 0);  /* pooled^T: C x heads */
+  for (int c = 0; c < C; c++)
+    for (int h = 0; h < H; h++) pooledT[c * P + h] = (pooledT[c * P + h] - sm[h]) * g[c] + b[c];
+  for (int h = 0; h < H; h++) gemm(1, d, C, pooledT + h, 1, P, f[F_WVT] + h * d, Di, att + h * d, Di, 0);
+  for (int i = 0; i < Di; i++) att[i] += f[F_BV][i];
+  linear(1, Di, C, att, Di, f[F_WOT], f[F_BO], o);
+  for (int c = 0; c < C; c++) o[c] += queries[c];
+  layernorm(1, C, o, o, f[F_NF_W], f[F_NF_B], EPS);
+  linear(1, C, hid, o, C, f[F_IOU_W1T], f[F_IOU_B1], h1);
+  for (int i = 0; i < hid; i++) h1[i] = h1[i] > 0.0f ? h1[i] : 0.0f;
+  linear(1, hid, hid, h1, hid, f[F_IOU_W2T], f[F_IOU_B2], h2);
+  for (int i = 0; i < hid; i++) h2[i] = h2[i] > 0.0f ? h2[i] : 0.0f;
+  linear(1, hid, dims[D_MASK_TOKENS], h2, hid, f[F_IOU_W3T], f[F_IOU_B3], iou);
+}
+
+/* Prompts [first, last): tokens (B x T x C, also their positional encoding) -> queries
+ * (B x T x C, after the blocks), raw keys (B x C x N, channel-major, before the last
+ * LayerNorm) and iou (B x mask tokens). scratch: score_scratch_floats(dims) floats. */
+void score_prompts(const int *dims, const float *const *w, int first, int last, const float *tokens,
+                   float *queries_out, float *raw_out, float *iou_out, float *scratch) {
+  int C = dims[D_C], T = dims[D_T], N = dims[D_N], depth = dims[D_DEPTH], mlp = dims[D_MLP];
+  const float *const *f = w + (long)depth * L_COUNT;
+  long NC = (long)N * C;
+  float *keysT = scratch, *kpT = keysT + NC, *img_out = kpT + NC, *rest = img_out + NC;
+  float *q = rest, *x = q + T * C, *o = x + T * C, *hbuf = o + T * C, *sub = hbuf + (long)T * mlp;
+  for (int p = first; p < last; p++) {
+    const float *pe = tokens + (long)p * T * C;
+    float *rawT = raw_out + (long)p * NC;
+    for (int l = 0; l < depth; l++) {
+      const float *const *lw = w + (long)l * L_COUNT;
+      int last_layer = l == depth - 1;
+      if (l == 0) {
+        self_attention(dims, lw, pe, pe, o, sub);
+        layernorm(T, C, o, q, lw[L_N1_W], lw[L_N1_B], EPS);
+      } else {
+        add(T * C, q, pe, x);
+        self_attention(dims, lw, x, q, o, sub);
+        add(T * C, q, o, o);
+        layernorm(T, C, o, q, lw[L_N1_W], lw[L_N1_B], EPS);
+      }
+      add(T * C, q, pe, x);
+      if (l == 0) {
+        tokens_to_shared_image(dims, lw, f, x, o, sub);
+      } else {
+        add(NC, keysT, f[F_PE], kpT);
+        tokens_to_image(dims, lw + L_TI_WQT, T, x, kpT, keysT, o, sub);
+      }
+      add(T * C, q, o, o);
+      layernorm(T, C, o, q, lw[L_N2_W], lw[L_N2_B], EPS);
+      linear(T, C, mlp, q, C, lw[L_M_W1T], lw[L_M_B1], hbuf);
+      for (long i = 0; i < (long)T * mlp; i++) hbuf[i] = hbuf[i] > 0.0f ? hbuf[i] : 0.0f;
+      linear(T, mlp, C, hbuf, mlp, lw[L_M_W2T], lw[L_M_B2], o);
+      add(T * C, q, o, o);
+      layernorm(T, C, o, q, lw[L_N3_W], lw[L_N3_B], EPS);
+      add(T * C, q, pe, x);
+      float *dst = last_layer ? rawT : img_out;
+      if (l == 0) image_to_tokens(dims, lw, x, q, f[F_QIMG], 1, f[F_SRC], dst, sub);
+      else image_to_tokens(dims, lw, x, q, kpT, 0, keysT, dst, sub);
+      if (!last_layer) layernorm_cols(C, N, img_out, keysT, lw[L_N4_W], lw[L_N4_B], EPS);
+    }
+    memcpy(queries_out + (long)p * T * C, q, sizeof(float) * T * C);
+    iou_of(dims, w + (long)(depth - 1) * L_COUNT, f, q, pe, rawT, iou_out + (long)p * dims[D_MASK_TOKENS], sub);
+  }
+}
+
+/* ---------------------------------------------------------------- mask logits
+ * MaskDecoder.finish and masks_from for the prompts that passed the IoU filter: the chosen
+ * mask tokens' final attention, their hypernetwork MLPs, the upscaling (2x2 stride-2
+ * transposed convolutions as per-pixel matmuls, LayerNorm, GELU) and the mask products,
+ * written in image order. The upscaling runs channel-major (channels x pixels), so the
+ * LayerNorm over channels and the mask products are vector operations across pixels. */
+
+/* erf(x): Abramowitz and Stegun 7.1.26 (absolute error < 1.5e-7), as torch's CPU GELU */
+static inline v16 verf(v16 x) {
+  i16v bits;
+  memcpy(&bits, &x, sizeof bits);
+  i16v sign = bits & INT32_MIN, abs_bits = bits & ~sign;
+  v16 a;
+  memcpy(&a, &abs_bits, sizeof a);
+  v16 t = 1.0f / (0.3275911f * a + 1.0f);
+  v16 r = vsplat(1.061405429f);
+  r = r * t - 1.453152027f;
+  r = r * t + 1.421413741f;
+  r = r * t - 0.284496736f;
+  r = r * t + 0.254829592f;
+  v16 y = 1.0f - r * t * vexp(-(a * a));
+  i16v ybits;
+  memcpy(&ybits, &y, sizeof ybits);
+  ybits |= sign;
+  memcpy(&y, &ybits, sizeof y);
+  return y;
+}
+
+static inline v16 vgelu(v16 x) { return x * 0.5f * (1.0f + verf(x * 0.70710678118654752f)); }
+
+static void gelu(long n, float *x) {
+  long i = 0;
+  for (; i + VL <= n; i += VL) vstore(x + i, vgelu(vload(x + i)));
+  if (i < n) {
+    float buf[VL] = {0};
+    memcpy(buf, x + i, sizeof(float) * (n - i));
+    vstore(buf, vgelu(vload(buf)));
+    memcpy(x + i, buf, sizeof(float) * (n - i));
+  }
+}
+
+/* Weight pointers of mask_prompts: the last block's key LayerNorm, the final attention
+ * (A_* order), its LayerNorm, the keys' positional encoding (C x N), the upscaling (W1:
+ * C x (4 C4), columns (ky, kx, out); its bias C4; LayerNorm C4; W2: C4 x (4 C8); bias C8),
+ * then 6 per mask token: its hypernetwork MLP (W1T, b1, W2T, b2, W3T, b3). */
+enum { M_N4_W, M_N4_B, M_ATT, M_NF_W = M_ATT + 7, M_NF_B, M_PE, M_UP1_W, M_UP1_B, M_LN_W, M_LN_B, M_UP2_W,
+       M_UP2_B, M_HYPER };
+/* mdims: upscaling channels C4 = C / 4 and C8 = C / 8, embedding h and w, mask tokens chosen */
+enum { E_C4, E_C8, E_H, E_W, E_SEL, E_COUNT };
+static const float EPS2D = 1e-6f;
+
+long mask_scratch_floats(const int *dims, const int *mdims) {
+  long C = dims[D_C], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], S = mdims[E_SEL];
+  long C4 = mdims[E_C4], C8 = mdims[E_C8];
+  return 2 * N * C + 4 * C4 * N + 4 * C8 * N + S * N + 2 * S * C + S * C8 + 2 * C + t2i_floats(C, N, H, Di, S);
+}
+
+/* Prompts [first, last) of rows (indices into queries B x T x C, tokens B x T x C and raw keys
+ * B x C x N): out[p] (S x 4h x 4w) the low-res logits of the mask tokens token_index[0 .. S)
+ * (indices among the mask tokens). */
+void mask_prompts(const int *dims, const int *mdims, const float *const *w, int first, int last,
+                  const int64_t *rows, const int64_t *token_index, const float *queries, const float *tokens,
+                  const float *raw, float *out, float *scratch) {
+  int C = dims[D_C], T = dims[D_T], N = dims[D_N];
+  int C4 = mdims[E_C4], C8 = mdims[E_C8], h = mdims[E_H], wd = mdims[E_W], S = mdims[E_SEL];
+  long NC = (long)N * C;
+  float *KT = scratch, *kpT = KT + NC, *Y1 = kpT + NC, *Y2 = Y1 + 4L * C4 * N, *mt = Y2 + 4L * C8 * N,
+        *x = mt + (long)S * N, *o = x + S * C, *hyper = o + S * C, *hid = hyper + S * C8, *hid2 = hid + C,
+        *sub = hid2 + C;
+  for (int p = first; p < last; p++) {
+    const float *rawT = raw + rows[p] * NC, *q = queries + rows[p] * T * C, *pe = tokens + rows[p] * T * C;
+    layernorm_cols(C, N, rawT, KT, w[M_N4_W], w[M_N4_B], EPS);
+    add(NC, KT, w[M_PE], kpT);
+    for (int t = 0; t < S; t++) {
+      long tok = 1 + token_index[t];
+      add(C, q + tok * C, pe + tok * C, x + t * C);
+    }
+    tokens_to_image(dims, w + M_ATT, S, x, kpT, KT, o, sub);
+    for (int t = 0; t < S; t++) add(C, o + t * C, q + (1 + token_index[t]) * C, o + t * C);
+    layernorm(S, C, o, o, w[M_NF_W], w[M_NF_B], EPS);
+    for (int t = 0; t < S; t++) {
+      const float *const *mw = w + M_HYPER + 6 * token_index[t];
+      linear(1, C, C, o + t * C, C, mw[0], mw[1], hid);
+      for (int i = 0; i < C; i++) hid[i] = hid[i] > 0.0f ? hid[i] : 0.0f;
+      linear(1, C, C, hid, C, mw[2], mw[3], hid2);
+      for (int i = 0; i < C; i++) hid2[i] = hid2[i] > 0.0f ? hid2[i] : 0.0f;
+      linear(1, C, C8, hid2, C, mw[4], mw[5], hyper + t * C8);
+    }
+    /* first upscaling: rows (ky1, kx1, c4) x pixels, then LayerNorm over c4 and GELU */
+    gemm(4 * C4, N, C, w[M_UP1_W], 1, 4 * C4, KT, N, Y1, N, 0);
+    for (int i = 0; i < 4 * C4; i++) {
+      float bias = w[M_UP1_B][i % C4], *y = Y1 + (long)i * N;
+      for (int n = 0; n < N; n++) y[n] += bias;
+    }
+    for (int s1 = 0; s1 < 4; s1++) {
+      float *blk = Y1 + (long)s1 * C4 * N;
+      layernorm_cols(C4, N, blk, blk, w[M_LN_W], w[M_LN_B], EPS2D);
+      gelu((long)C4 * N, blk);
+    }
+    /* second upscaling per first sub-pixel: rows (ky2, kx2, c8), GELU, the mask products */
+    for (int s1 = 0; s1 < 4; s1++) {
+      gemm(4 * C8, N, C4, w[M_UP2_W], 1, 4 * C8, Y1 + (long)s1 * C4 * N, N, Y2, N, 0);
+      for (int i = 0; i < 4 * C8; i++) {
+        float bias = w[M_UP2_B][i % C8], *y = Y2 + (long)i * N;
+        for (int n = 0; n < N; n++) y[n] += bias;
+      }
+      gelu(4L * C8 * N, Y2);
+      for (int s2 = 0; s2 < 4; s2++) {
+        gemm(S, N, C8, hyper, C8, 1, Y2 + (long)s2 * C8 * N, N, mt, N, 0);
+        int dy = 2 * (s1 / 2) + s2 / 2, dx = 2 * (s1 % 2) + s2 % 2;
+        for (int t = 0; t < S; t++) {
+          float *dst = out + ((long)p * S + t) * 16L * N;
+          const float *src = mt + (long)t * N;
+          for (int y = 0; y < h; y++)
+            for (int xx = 0; xx < wd; xx++) dst[(4L * y + dy) * 4 * wd + 4 * xx + dx] = src[y * wd + xx];
+        }
+      }
+    }
+  }
+}

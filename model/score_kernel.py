@@ -1,0 +1,272 @@
+"""The mask decoder for the automatic generator's grids on the CPU, as native kernels that take
+one prompt at a time through all of its steps (model/score_kernel.c): `score` is
+MaskDecoder.score, `mask_logits` its finish + masks_from for the prompts kept.
+
+torch runs the decoder op by op over a whole batch: every op is a pass over the batch's
+per-prompt image tensors (hw x C each, 8 MB per 64 prompts for the bundled model), and its
+matmuls already run near the core's peak, so those passes are what costs. The kernels keep a
+prompt's tensors in the core's cache instead. Same function (float32 throughout; sums run in
+another order, so the last bits may differ).
+
+The C source is compiled on first use with the system's C compiler (`cc`, or $CC) for this
+CPU and cached per source, compiler flags and CPU features. Without a compiler, or with
+SAMENGINE_NATIVE=0, `available()` is False and the decoder keeps its torch path."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("score_kernel.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno"]
+_lock = threading.Lock()
+_library: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+
+
+def available() -> bool:
+    """Whether the kernel is built (or can be) and not disabled by SAMENGINE_NATIVE=0."""
+    return os.environ.get("SAMENGINE_NATIVE", "1") != "0" and _load() is not None
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library
+    with _lock:
+        if _library is False:
+            try:
+                _library = _bind(ctypes.CDLL(str(_build())))
+            except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+                log.warning("native score kernel unavailable, using torch: %s", e)
+                _library = None
+        return _library
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SAMENGINE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "samengine")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The CPU's features as -march=native sees them (a cache shared by unlike nodes must not
+    hand one of them another's instructions)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([compiler, *FLAGS]).encode(),
+                                     _cpu_signature().encode(), platform.machine().encode()])).hexdigest()[:20]
+    target = _cache_dir() / f"score_kernel-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent workers each build and one wins
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p = ctypes.c_void_p
+    lib.score_scratch_floats.argtypes = [p]
+    lib.score_scratch_floats.restype = ctypes.c_long
+    lib.score_prompts.argtypes = [p, p, ctypes.c_int, ctypes.c_int, p, p, p, p, p]
+    lib.score_prompts.restype = None
+    lib.mask_scratch_floats.argtypes = [p, p]
+    lib.mask_scratch_floats.restype = ctypes.c_long
+    lib.mask_prompts.argtypes = [p, p, p, ctypes.c_int, ctypes.c_int, p, p, p, p, p, p, p]
+    lib.mask_prompts.restype = None
+    return lib
+
+
+def supports(decoder: nn.Module) -> bool:
+    """Whether the kernels compute this decoder: SAM's layout (ReLU transformer MLPs, 3-layer
+    IoU head and hypernetwork MLPs, LayerNorms with eps 1e-5, exact-GELU upscaling)."""
+    t = decoder.transformer
+    norms = [m for m in t.modules() if isinstance(m, nn.LayerNorm)]
+    return (all(type(layer.mlp.act) is nn.ReLU for layer in t.layers)
+            and len(decoder.iou_prediction_head.layers) == 3 and not decoder.iou_prediction_head.sigmoid_output
+            and all(n.eps == 1e-5 and n.weight is not None for n in norms)
+            and t.layers[0].self_attn.num_heads <= 64 and _upscaling_supported(decoder))
+
+
+def _upscaling_supported(decoder: nn.Module) -> bool:
+    from .common import LayerNorm2d
+    from .mask_decoder import Upsample2x
+
+    layers = list(decoder.output_upscaling)
+    kinds = [Upsample2x, LayerNorm2d, nn.GELU, Upsample2x, nn.GELU]
+    return (len(layers) == 5 and all(type(m) is k for m, k in zip(layers, kinds))
+            and all(m.approximate == "none" for m in (layers[2], layers[4]))
+            and layers[0].out_channels <= 256
+            and all(len(m.layers) == 3 and not m.sigmoid_output for m in decoder.output_hypernetworks_mlps))
+
+
+class _Packed:
+    """A decoder's weights in the kernel's order and layout (see score_kernel.c's enums)."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        t = decoder.transformer
+        tensors: list[torch.Tensor] = []
+        c = lambda x: x.detach().float().contiguous()  # noqa: E731
+        tr = lambda x: c(x.detach().t())  # noqa: E731
+        for layer in t.layers:
+            sa, ti, it = layer.self_attn, layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+            tensors += [tr(sa.q_proj.weight), c(sa.q_proj.bias), tr(sa.k_proj.weight), c(sa.k_proj.bias),
+                        tr(sa.v_proj.weight), c(sa.v_proj.bias), tr(sa.out_proj.weight), c(sa.out_proj.bias),
+                        c(layer.norm1.weight), c(layer.norm1.bias),
+                        tr(ti.q_proj.weight), c(ti.q_proj.bias), c(ti.k_proj.weight), tr(ti.v_proj.weight),
+                        c(ti.v_proj.bias), tr(ti.out_proj.weight), c(ti.out_proj.bias),
+                        c(layer.norm2.weight), c(layer.norm2.bias),
+                        tr(layer.mlp.lin1.weight), c(layer.mlp.lin1.bias), tr(layer.mlp.lin2.weight),
+                        c(layer.mlp.lin2.bias), c(layer.norm3.weight), c(layer.norm3.bias),
+                        tr(it.k_proj.weight), c(it.k_proj.bias), c(it.q_proj.weight), c(it.q_proj.bias),
+                        tr(it.v_proj.weight), c(it.v_proj.bias), tr(it.out_proj.weight), c(it.out_proj.bias),
+                        c(layer.norm4.weight), c(layer.norm4.bias)]
+        fa, head = t.final_attn_token_to_image, decoder.iou_prediction_head.layers
+        final = [tr(fa.q_proj.weight), c(fa.q_proj.bias), c(fa.k_proj.weight), tr(fa.v_proj.weight),
+                 c(fa.v_proj.bias), tr(fa.out_proj.weight), c(fa.out_proj.bias),
+                 c(t.norm_final_attn.weight), c(t.norm_final_attn.bias)]
+        tensors += final
+        for lin in head:
+            tensors += [tr(lin.weight), c(lin.bias)]
+        self.tensors = tensors
+        last = t.layers[-1]
+        up1, norm, _, up2, _ = decoder.output_upscaling
+        per_pixel = lambda up: c(up.weight.permute(0, 2, 3, 1).reshape(up.in_channels, 4 * up.out_channels))  # noqa: E731
+        # mask_prompts' order (score_kernel.c's M_* enum); None: the keys' positional encoding,
+        # given per call
+        self.mask_tensors = [c(last.norm4.weight), c(last.norm4.bias), *final, None, per_pixel(up1), c(up1.bias),
+                             c(norm.weight), c(norm.bias), per_pixel(up2), c(up2.bias)]
+        for mlp in decoder.output_hypernetworks_mlps:
+            for lin in mlp.layers:
+                self.mask_tensors += [tr(lin.weight), c(lin.bias)]
+        self.upscale_channels = (up1.out_channels, up2.out_channels)
+        first = t.layers[0]
+        self.heads = first.self_attn.num_heads
+        self.internal = first.cross_attn_token_to_image.internal_dim
+        self.mlp = first.mlp.lin1.out_features
+        self.iou_hidden = head[0].out_features
+        self.depth = len(t.layers)
+        self.signature = _signature(decoder)
+
+
+_packed: "weakref.WeakKeyDictionary[nn.Module, _Packed]" = weakref.WeakKeyDictionary()
+
+
+def _signature(module: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), getattr(p, "_version", 0) if not p.is_inference() else -1)
+                 for p in module.parameters())
+
+
+def _packed_for(decoder: nn.Module) -> _Packed:
+    packed = _packed.get(decoder)
+    if packed is None or packed.signature != _signature(decoder):
+        packed = _packed[decoder] = _Packed(decoder)
+    return packed
+
+
+@torch.no_grad()
+def score(decoder: nn.Module, tokens: torch.Tensor, src: torch.Tensor, image_pe: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MaskDecoder.score's pass for tokens B x T x C (also their positional encoding) on one
+    shared image side (src, image_pe: 1 x C x h x w): IoU predictions B x M, tokens after
+    the blocks B x T x C, image keys before the last LayerNorm B x hw x C (a view of a
+    channel-major B x C x hw tensor, the kernel's layout) and the keys' positional encoding
+    1 x hw x C."""
+    lib = _load()
+    packed = _packed_for(decoder)
+    b, n_tok, c = tokens.shape
+    src_t = src.reshape(c, -1).float().contiguous()  # C x hw, channel-major as the kernel keeps it
+    pe_t = image_pe.reshape(c, -1).float().contiguous()
+    first = decoder.transformer.layers[0]
+    ti, it = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+    keys, with_pe = src_t.t(), (src_t + pe_t).t()
+    shared = [src_t, pe_t, ti.k_proj(with_pe).t().contiguous(), ti.v_proj(keys).contiguous(),
+              it.q_proj(with_pe).t().contiguous()]
+    pointers = (ctypes.c_void_p * (len(packed.tensors) + len(shared)))(
+        *[x.data_ptr() for x in packed.tensors + shared])
+    n = src_t.shape[1]
+    dims = _dims(decoder, packed, c, n_tok, n)
+    tokens = tokens.float().contiguous()
+    queries = torch.empty_like(tokens)
+    raw = torch.empty(b, c, n)
+    iou = torch.empty(b, decoder.num_mask_tokens)
+    scratch = torch.empty(max(1, min(torch.get_num_threads(), b)), lib.score_scratch_floats(dims))
+    _threads(b, lambda i, first, last: lib.score_prompts(
+        dims, pointers, first, last, tokens.data_ptr(), queries.data_ptr(), raw.data_ptr(), iou.data_ptr(),
+        scratch[i].data_ptr()))
+    return iou, queries, raw.transpose(1, 2), pe_t.t()[None]
+
+
+def _dims(decoder: nn.Module, packed: _Packed, c: int, n_tok: int, n: int):
+    return (ctypes.c_int * 9)(c, n_tok, n, packed.heads, packed.internal, packed.mlp, packed.iou_hidden,
+                              decoder.num_mask_tokens, packed.depth)
+
+
+def _threads(n: int, fn) -> None:
+    """fn(first, last) over [0, n) split among torch's threads (ctypes releases the GIL)."""
+    workers = max(1, min(torch.get_num_threads(), n))
+    bounds = [n * i // workers for i in range(workers + 1)]
+    if workers == 1:
+        fn(0, 0, n)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda i: fn(i, bounds[i], bounds[i + 1]), range(workers)))
+
+
+@torch.no_grad()
+def mask_logits(decoder: nn.Module, queries: torch.Tensor, tokens: torch.Tensor, raw_keys: torch.Tensor,
+                key_pe: torch.Tensor, size: tuple[int, int], rows: torch.Tensor, token_index: torch.Tensor
+                ) -> torch.Tensor:
+    """MaskDecoder.masks_from(*finish(...)) of a native score pass (its queries, tokens, raw
+    keys and key_pe): low-res logits len(rows) x len(token_index) x 4h x 4w of the mask tokens
+    token_index (indices among the mask tokens, as finish and masks_from take them)."""
+    lib = _load()
+    packed = _packed_for(decoder)
+    b, n_tok, c = tokens.shape
+    h, w = size
+    n = h * w
+    rows = rows.to(torch.int64).contiguous()
+    chosen = token_index.to(torch.int64).contiguous()
+    pe_t = key_pe.reshape(n, c).t().float().contiguous()
+    weights = [pe_t if x is None else x for x in packed.mask_tensors]
+    pointers = (ctypes.c_void_p * len(weights))(*[x.data_ptr() for x in weights])
+    dims = _dims(decoder, packed, c, n_tok, n)
+    mdims = (ctypes.c_int * 5)(*packed.upscale_channels, h, w, len(chosen))
+    queries, tokens = (x.float().contiguous() for x in (queries, tokens))
+    raw_t = raw_keys.transpose(1, 2).float().contiguous()  # B x C x hw: no copy of score()'s output
+    out = torch.empty(len(rows), len(chosen), 4 * h, 4 * w)
+    scratch = torch.empty(max(1, min(torch.get_num_threads(), len(rows))), lib.mask_scratch_floats(dims, mdims))
+    _threads(len(rows), lambda i, first, last: lib.mask_prompts(
+        dims, mdims, pointers, first, last, rows.data_ptr(), chosen.data_ptr(), queries.data_ptr(),
+        tokens.data_ptr(), raw_t.data_ptr(), out.data_ptr(), scratch[i].data_ptr()))
+    return out

@@ -1,0 +1,110 @@
+"""The native decoder kernels (model/score_kernel.py): the same score pass and mask logits as
+the torch path, on decoder shapes with and without vector tails, and the same generator
+records; without a C compiler the torch path runs instead."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amg import AutomaticMaskGenerator
+from model import Sam, SamConfig, get_config, load_checkpoint, score_kernel
+from model.transforms import scale_coords
+from schemas.annotate import DEFAULT_CHECKPOINT
+
+pytestmark = pytest.mark.skipif(not score_kernel.available(), reason="no C compiler: the torch path runs")
+
+
+def _random_model(config: SamConfig, seed: int) -> Sam:
+    torch.manual_seed(seed)
+    model = Sam(config).eval()
+    with torch.no_grad():  # trained-like scales: LayerNorm gains and biases away from 1 and 0
+        for name, p in model.mask_decoder.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+CONFIGS = {
+    "bundled layout": get_config("vit_tiny256"),
+    # 14 x 14 = 196 image tokens (not a multiple of 16: the kernels' vector tails), 8 heads,
+    # decoder width 256 as the official ViT-B/L/H decoders
+    "official width, 14x14": SamConfig(name="t", image_size=224, patch_size=16, encoder_embed_dim=64,
+                                       encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
+                                       window_size=7, prompt_embed_dim=256, decoder_mlp_dim=2048,
+                                       decoder_num_heads=8, iou_head_hidden_dim=256),
+}
+
+
+def _prompts(model: Sam, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    e = model.config.embedding_size
+    embedding = torch.randn(1, model.config.prompt_embed_dim, e, e, generator=torch.Generator().manual_seed(seed))
+    points = rng.uniform(0, 1, size=(n, 2)) * [320, 240]
+    coords = torch.as_tensor(scale_coords(points, (240, 320), model.image_size))
+    sparse, dense = model.prompt_encoder((coords[:, None, :], torch.ones(n, 1, dtype=torch.int64)), None, None)
+    return embedding, model.prompt_encoder.get_dense_pe(), sparse, dense
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_kernels_compute_the_torch_decoder(name, monkeypatch):
+    model = _random_model(CONFIGS[name], seed=3)
+    decoder = model.mask_decoder
+    assert score_kernel.supports(decoder)
+    embedding, pe, sparse, dense = _prompts(model, 11, seed=4)  # 11 prompts: uneven splits over threads
+    rows, tokens = torch.tensor([0, 3, 4, 10]), torch.tensor([1, 2, 3])
+    with torch.inference_mode():
+        monkeypatch.setenv("SAMENGINE_NATIVE", "0")
+        iou, scored = decoder.score(embedding, pe, sparse, dense)
+        masks = decoder.mask_logits(scored, rows, tokens)
+        monkeypatch.setenv("SAMENGINE_NATIVE", "1")
+        native_iou, native = decoder.score(embedding, pe, sparse, dense)
+        native_masks = decoder.mask_logits(native, rows, tokens)
+        # the native masks from the torch pass's state too (any raw-key layout)
+        crossed = decoder.mask_logits(scored, rows, tokens)
+    assert native.raw_keys.shape == scored.raw_keys.shape and native_masks.shape == masks.shape
+    torch.testing.assert_close(native_iou, iou, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(native.queries, scored.queries, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(native.raw_keys, scored.raw_keys, rtol=1e-4, atol=1e-4)
+    scale = masks.abs().max()
+    assert scale > 0.01  # not all zero
+    torch.testing.assert_close(native_masks, masks, rtol=0, atol=2e-5 * scale)
+    torch.testing.assert_close(crossed, masks, rtol=0, atol=2e-5 * scale)
+
+
+def test_generator_records_are_the_same_with_native_kernels(monkeypatch):
+    model, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    photo = Image.open("examples/images/coffee.jpg").convert("RGB")
+    photo.thumbnail((320, 320))
+    image = np.asarray(photo)
+    kwargs = dict(points_per_side=16, pred_iou_thresh=0.05, stability_score_thresh=0.3, output_mode="coco_rle")
+    monkeypatch.setenv("SAMENGINE_NATIVE", "0")
+    torch_records = AutomaticMaskGenerator(model, **kwargs).generate(image)
+    monkeypatch.setenv("SAMENGINE_NATIVE", "1")
+    native_records = AutomaticMaskGenerator(model, **kwargs).generate(image)
+    assert len(torch_records) >= 10
+    assert len(native_records) == len(torch_records)
+    same = sum(a["segmentation"] == b["segmentation"] for a, b in zip(native_records, torch_records))
+    assert same >= len(torch_records) - 1  # a pixel whose logit sits within rounding of 0 may flip
+    np.testing.assert_allclose([r["predicted_iou"] for r in native_records],
+                               [r["predicted_iou"] for r in torch_records], atol=1e-5)
+
+
+def test_without_a_compiler_the_torch_path_runs(tmp_path):
+    code = ("import torch; from model import score_kernel, get_config, Sam; "
+            "assert not score_kernel.available(); "
+            "m = Sam(get_config('vit_tiny256')).eval(); e = torch.randn(1, 128, 16, 16); "
+            "s, d = m.prompt_encoder((torch.rand(3, 1, 2) * 256, torch.ones(3, 1, dtype=torch.int64)), None, None); "
+            "iou, scored = m.mask_decoder.score(e, m.prompt_encoder.get_dense_pe(), s, d); "
+            "assert iou.shape == (3, 4) and scored.raw_keys.is_contiguous(); print('torch path')")
+    env = dict(os.environ, CC=str(tmp_path / "no-such-compiler"), SAMENGINE_CACHE=str(tmp_path / "cache"))
+    env["PATH"] = str(tmp_path)  # no cc, gcc or clang either
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torch path" in done.stdout
+    assert "native score kernel unavailable" in done.stderr
