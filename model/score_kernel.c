@@ -134,6 +134,18 @@ static inline float vsum(const float *x, int n, float shift, int squares) {
   return s;
 }
 
+/* sum of a[i] b[i], i < n, 16 lanes at a time */
+static inline float vdot(const float *a, const float *b, int n) {
+  v16 acc = {0};
+  int i = 0;
+  for (; i + VL <= n; i += VL) acc += vload(a + i) * vload(b + i);
+  float buf[VL], s = 0.0f;
+  vstore(buf, acc);
+  for (int l = 0; l < VL; l++) s += buf[l];
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
 static inline float sexp(float x) {
   float buf[VL] = {x};
   vstore(buf, vexp(vload(buf)));
@@ -147,8 +159,16 @@ static inline float flush(float w) { return w < 1.17549435e-38f ? 0.0f : w; }
 static void softmax_rows(int M, int N, float *x, long ld) {
   for (int i = 0; i < M; i++) {
     float *r = x + i * ld, m = r[0], s = 0.0f;
-    for (int j = 1; j < N; j++) m = r[j] > m ? r[j] : m;
     int j = 0;
+    if (N >= VL) {
+      v16 vm = vload(r);
+      for (j = VL; j + VL <= N; j += VL) vm = vsel(vload(r + j) > vm, vload(r + j), vm);
+      float buf[VL];
+      vstore(buf, vm);
+      for (int l = 0; l < VL; l++) m = buf[l] > m ? buf[l] : m;
+    }
+    for (; j < N; j++) m = r[j] > m ? r[j] : m;
+    j = 0;
     for (; j + VL <= N; j += VL) {
       v16 e = vexp(vload(r + j) - m);
       vstore(r + j, e);
@@ -297,18 +317,19 @@ static void self_attention(const int *dims, const float *const *w, const float *
   float scale = 1.0f / sqrtf((float)d);
   for (int h = 0; h < H; h++) {
     for (int i = 0; i < T; i++)
-      for (int j = 0; j < T; j++) {
-        float acc = 0.0f;
-        for (int c = 0; c < d; c++) acc += q[i * C + h * d + c] * k[j * C + h * d + c];
-        p[i * T + j] = acc * scale;
-      }
+      for (int j = 0; j < T; j++) p[i * T + j] = vdot(q + i * C + h * d, k + j * C + h * d, d) * scale;
     softmax_rows(T, T, p, T);
-    for (int i = 0; i < T; i++)
-      for (int c = 0; c < d; c++) {
-        float acc = 0.0f;
-        for (int j = 0; j < T; j++) acc += p[i * T + j] * v[j * C + h * d + c];
-        att[i * C + h * d + c] = acc;
+    for (int i = 0; i < T; i++) {  /* att[i, h] = sum_j p[i, j] v[j, h], 16 channels at a time */
+      float *a = att + i * C + h * d;
+      memset(a, 0, sizeof(float) * d);
+      for (int j = 0; j < T; j++) {
+        const float *vj = v + j * C + h * d;
+        float pij = p[i * T + j];
+        int c = 0;
+        for (; c + VL <= d; c += VL) vstore(a + c, vload(a + c) + pij * vload(vj + c));
+        for (; c < d; c++) a[c] += pij * vj[c];
       }
+    }
   }
   linear(T, C, C, att, C, w[L_SA_WOT], w[L_SA_BO], out);
 }
