@@ -105,11 +105,11 @@ class MaskDecoder(nn.Module):
         IoU predictions B x T of every prompt, the final attention run for the IoU token
         alone and from the keys before the last block's LayerNorm (same values up to float
         rounding), and what finish() needs for the mask tokens and image features of the
-        prompts kept. In float32 on the CPU, for prompts on one shared image side, it runs as
-        a native kernel (model/score_kernel.py)."""
+        prompts kept. In float32 on the CPU, for prompts on one shared image side of a size
+        the native kernels take, it runs as one (model/score_kernel.py)."""
         tokens, src = self._inputs(image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings)
         if (_native(tokens, src, image_pe) and src.shape[0] == 1 and image_pe.shape[0] == 1
-                and score_kernel.supports(self)):
+                and score_kernel.supports(self, src.shape[-2] * src.shape[-1])):
             iou, queries, raw_keys, key_pe = score_kernel.score(self, tokens, src, image_pe)
             return iou, Scored(queries, tokens, raw_keys, key_pe, src.shape[-2:])
         t = self.transformer
@@ -138,8 +138,8 @@ class MaskDecoder(nn.Module):
     def mask_logits(self, scored: "Scored", rows: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
         """masks_from(*finish(scored, rows, token_index), token_index): low-res logits
         len(rows) x T' x 4h x 4w of the prompts `rows` of a score() call; in float32 on the
-        CPU as a native kernel (model/score_kernel.py)."""
-        if _native(scored.raw_keys) and score_kernel.supports(self):
+        CPU, where the native kernels take the image size, as one (model/score_kernel.py)."""
+        if _native(scored.raw_keys) and score_kernel.supports(self, scored.raw_keys.shape[1]):
             return score_kernel.mask_logits(self, *scored, rows, token_index)
         return self.masks_from(*self.finish(scored, rows, token_index), token_index)
 

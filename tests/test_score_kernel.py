@@ -55,7 +55,7 @@ def _prompts(model: Sam, n: int, seed: int):
 def test_kernels_compute_the_torch_decoder(name, monkeypatch):
     model = _random_model(CONFIGS[name], seed=3)
     decoder = model.mask_decoder
-    assert score_kernel.supports(decoder)
+    assert score_kernel.supports(decoder, model.config.embedding_size ** 2)
     embedding, pe, sparse, dense = _prompts(model, 11, seed=4)  # 11 prompts: uneven splits over threads
     rows, tokens = torch.tensor([0, 3, 4, 10]), torch.tensor([1, 2, 3])
     with torch.inference_mode():
@@ -108,3 +108,9 @@ def test_without_a_compiler_the_torch_path_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "torch path" in done.stdout
     assert "native score kernel unavailable" in done.stderr
+
+
+def test_official_sized_image_sides_take_the_torch_path():
+    decoder = Sam(get_config("vit_b")).mask_decoder
+    assert not score_kernel.supports(decoder, 64 * 64)  # 4 MB per prompt tensor: torch's passes win
+    assert score_kernel.supports(decoder, 14 * 14)
