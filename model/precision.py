@@ -15,9 +15,12 @@ import copy
 import itertools
 import weakref
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .sam import Sam
+if TYPE_CHECKING:  # model.sam imports the decoder, whose native kernels use weights_signature
+    from .sam import Sam
 
 _TWIN_MODULES = ("prompt_encoder", "mask_decoder")
 _twins: "weakref.WeakKeyDictionary[Sam, tuple[tuple, Sam]]" = weakref.WeakKeyDictionary()
@@ -45,7 +48,12 @@ def decoding_model(model: Sam, dtype: torch.dtype | None) -> Sam:
 
 def _signature(model: Sam) -> tuple:
     """Where the prompt side's weights live and how often they were written in place."""
-    modules = [model._modules[name] for name in _TWIN_MODULES]
+    return weights_signature(*(model._modules[name] for name in _TWIN_MODULES))
+
+
+def weights_signature(*modules: torch.nn.Module) -> tuple:
+    """Where the modules' weights live and how often they were written in place: it changes
+    when a checkpoint is loaded into them or a training step updates them."""
     tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
     return tuple((t.data_ptr(), t.device.type, _version(t)) for t in tensors)
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .precision import weights_signature
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("score_kernel.c")
@@ -43,7 +45,7 @@ _library: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unava
 
 
 def available() -> bool:
-    """Whether the kernel is built (or can be) and not disabled by SAMENGINE_NATIVE=0."""
+    """Whether the kernels are built (or can be) and not disabled by SAMENGINE_NATIVE=0."""
     return os.environ.get("SAMENGINE_NATIVE", "1") != "0" and _load() is not None
 
 
@@ -54,7 +56,7 @@ def _load() -> ctypes.CDLL | None:
             try:
                 _library = _bind(ctypes.CDLL(str(_build())))
             except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-                log.warning("native score kernel unavailable, using torch: %s", e)
+                log.warning("native decoder kernels unavailable, using torch: %s", e)
                 _library = None
         return _library
 
@@ -184,20 +186,16 @@ class _Packed:
         self.mlp = first.mlp.lin1.out_features
         self.iou_hidden = head[0].out_features
         self.depth = len(t.layers)
-        self.signature = _signature(decoder)
+        self.signature = weights_signature(decoder)
 
 
 _packed: "weakref.WeakKeyDictionary[nn.Module, _Packed]" = weakref.WeakKeyDictionary()
 
 
-def _signature(module: nn.Module) -> tuple:
-    return tuple((p.data_ptr(), getattr(p, "_version", 0) if not p.is_inference() else -1)
-                 for p in module.parameters())
-
-
 def _packed_for(decoder: nn.Module) -> _Packed:
+    """The decoder's packed weights, packed again when its weights changed."""
     packed = _packed.get(decoder)
-    if packed is None or packed.signature != _signature(decoder):
+    if packed is None or packed.signature != weights_signature(decoder):
         packed = _packed[decoder] = _Packed(decoder)
     return packed
 
@@ -241,7 +239,8 @@ def _dims(decoder: nn.Module, packed: _Packed, c: int, n_tok: int, n: int):
 
 
 def _threads(n: int, fn) -> None:
-    """fn(first, last) over [0, n) split among torch's threads (ctypes releases the GIL)."""
+    """fn(i, first, last) for the i-th of torch's threads and its share [first, last) of
+    [0, n), on threads of their own (ctypes releases the GIL during the calls)."""
     workers = max(1, min(torch.get_num_threads(), n))
     bounds = [n * i // workers for i in range(workers + 1)]
     if workers == 1:
@@ -255,8 +254,8 @@ def _threads(n: int, fn) -> None:
 def mask_logits(decoder: nn.Module, queries: torch.Tensor, tokens: torch.Tensor, raw_keys: torch.Tensor,
                 key_pe: torch.Tensor, size: tuple[int, int], rows: torch.Tensor, token_index: torch.Tensor
                 ) -> torch.Tensor:
-    """MaskDecoder.masks_from(*finish(...)) of a native score pass (its queries, tokens, raw
-    keys and key_pe): low-res logits len(rows) x len(token_index) x 4h x 4w of the mask tokens
+    """MaskDecoder.masks_from(*finish(...)) of a score() pass (its queries, tokens, raw keys,
+    key_pe and size): low-res logits len(rows) x len(token_index) x 4h x 4w of the mask tokens
     token_index (indices among the mask tokens, as finish and masks_from take them)."""
     lib = _load()
     packed = _packed_for(decoder)

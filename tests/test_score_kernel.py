@@ -107,7 +107,7 @@ def test_without_a_compiler_the_torch_path_runs(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "torch path" in done.stdout
-    assert "native score kernel unavailable" in done.stderr
+    assert "native decoder kernels unavailable" in done.stderr
 
 
 def test_official_sized_image_sides_take_the_torch_path():
