@@ -534,7 +534,7 @@ void score_prompts(const int *dims, const float *const *w, int first, int last, 
  * written in image order. The upscaling runs channel-major (channels x pixels), so the
  * LayerNorm over channels and the mask products are vector operations across pixels. */
 
-/* erf(x): Abramowitz and Stegun 7.1.26 (absolute error < 1.5e-7), as torch's CPU GELU */
+/* erf(x): Abramowitz and Stegun 7.1.26 (absolute error < 1.5e-7) */
 static inline v16 verf(v16 x) {
   i16v bits;
   memcpy(&bits, &x, sizeof bits);
