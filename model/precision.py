@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import itertools
 import weakref
-
 from typing import TYPE_CHECKING
 
 import torch

@@ -25,15 +25,15 @@ static inline v16 vsplat(float x) { return (v16){0} + x; }
 static inline v16 vsel(i16v m, v16 a, v16 b) { return (v16)((m & (i16v)a) | (~m & (i16v)b)); }
 
 /* ---------------------------------------------------------------- matmul
- * C[i, j] (=, or += when acc) sum_k A[i * sai + k * sak] * B[k * ldb + j], i < M, j < N, k < K:
+ * C[i, j] = sum_k A[i * sai + k * sak] * B[k * ldb + j], i < M, j < N, k < K:
  * A read through any strides (its values are broadcast), B's rows contiguous. Column panels
  * of 64, 32 or 16 (a panel of B stays in L1 while every row block passes over it), register
  * blocks of 4 x 4, 8 x 2 or 8 x 1 vectors. */
 static inline __attribute__((always_inline)) void kern(int R, int V, int K, const float *A, long sai, long sak,
-                                                        const float *B, long ldb, float *C, long ldc, int acc) {
+                                                        const float *B, long ldb, float *C, long ldc) {
   v16 c[8][4];
   for (int r = 0; r < R; r++)
-    for (int v = 0; v < V; v++) c[r][v] = acc ? vload(C + r * ldc + v * VL) : (v16){0};
+    for (int v = 0; v < V; v++) c[r][v] = (v16){0};
   for (int k = 0; k < K; k++) {
     const float *b = B + k * ldb;
     v16 bv[4];
@@ -49,37 +49,37 @@ static inline __attribute__((always_inline)) void kern(int R, int V, int K, cons
 
 #define KERN_ROWS(V, rows)                                                                           \
   switch (rows) {                                                                                    \
-    case 8: kern(8, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
-    case 7: kern(7, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
-    case 6: kern(6, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
-    case 5: kern(5, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
-    case 4: kern(4, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
-    case 3: kern(3, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
-    case 2: kern(2, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
-    case 1: kern(1, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc); break;       \
+    case 8: kern(8, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc); break;       \
+    case 7: kern(7, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc); break;       \
+    case 6: kern(6, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc); break;       \
+    case 5: kern(5, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc); break;       \
+    case 4: kern(4, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc); break;       \
+    case 3: kern(3, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc); break;       \
+    case 2: kern(2, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc); break;       \
+    case 1: kern(1, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc); break;       \
   }
 
 static void gemm(int M, int N, int K, const float *A, long sai, long sak, const float *B, long ldb, float *C,
-                 long ldc, int acc) {
+                 long ldc) {
   int j = 0;
   for (; j + 4 * VL <= N; j += 4 * VL)
     for (int i = 0; i < M; i += 4) {
-      if (M - i >= 4) kern(4, 4, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc);
+      if (M - i >= 4) kern(4, 4, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc);
       else KERN_ROWS(4, M - i)
     }
   for (; j + 2 * VL <= N; j += 2 * VL)
     for (int i = 0; i < M; i += 8) {
-      if (M - i >= 8) kern(8, 2, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc);
+      if (M - i >= 8) kern(8, 2, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc);
       else KERN_ROWS(2, M - i)
     }
   for (; j + VL <= N; j += VL)
     for (int i = 0; i < M; i += 8) {
-      if (M - i >= 8) kern(8, 1, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc, acc);
+      if (M - i >= 8) kern(8, 1, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc);
       else KERN_ROWS(1, M - i)
     }
   for (; j < N; j++)
     for (int i = 0; i < M; i++) {
-      float s = acc ? C[i * ldc + j] : 0.0f;
+      float s = 0.0f;
       for (int k = 0; k < K; k++) s += A[i * sai + k * sak] * B[k * ldb + j];
       C[i * ldc + j] = s;
     }
@@ -87,7 +87,7 @@ static void gemm(int M, int N, int K, const float *A, long sai, long sak, const 
 
 /* y (M x out) = x (M x in, row stride ldx) @ WT (in x out) + b */
 static void linear(int M, int in, int out, const float *x, long ldx, const float *WT, const float *b, float *y) {
-  gemm(M, out, in, x, ldx, 1, WT, out, y, out, 0);
+  gemm(M, out, in, x, ldx, 1, WT, out, y, out);
   if (b)
     for (int i = 0; i < M; i++)
       for (int j = 0; j < out; j++) y[i * out + j] += b[j];
@@ -346,13 +346,13 @@ static void tokens_to_image(const int *dims, const float *const *aw, int T, cons
   float scale = 1.0f / sqrtf((float)d);
   for (int i = 0; i < T * Di; i++) qh[i] *= scale;
   for (int h = 0; h < H; h++)  /* F[t * H + h] = qh[t, h] @ Wk[h] */
-    gemm(T, C, d, qh + h * d, Di, 1, aw[A_WK] + (long)h * d * C, C, F + h * C, (long)H * C, 0);
-  gemm(TH, N, C, F, C, 1, kpT, N, scores, N, 0);  /* (t, h) x N */
+    gemm(T, C, d, qh + h * d, Di, 1, aw[A_WK] + (long)h * d * C, C, F + h * C, (long)H * C);
+  gemm(TH, N, C, F, C, 1, kpT, N, scores, N);  /* (t, h) x N */
   softmax_rows(TH, N, scores, N);
   transpose_padded(TH, N, scores, wT, P);
-  gemm(C, P, N, keysT, N, 1, wT, P, pooledT, P, 0);  /* pooled^T: C x (t, h) */
+  gemm(C, P, N, keysT, N, 1, wT, P, pooledT, P);  /* pooled^T: C x (t, h) */
   for (int h = 0; h < H; h++)  /* att[t, h] = pooled[t, h] @ Wv[h]^T */
-    gemm(T, d, C, pooledT + h, H, P, aw[A_WVT] + h * d, Di, att + h * d, Di, 0);
+    gemm(T, d, C, pooledT + h, H, P, aw[A_WVT] + h * d, Di, att + h * d, Di);
   for (int t = 0; t < T; t++)
     for (int i = 0; i < Di; i++) att[t * Di + i] += aw[A_BV][i];
   linear(T, Di, C, att, Di, aw[A_WOT], aw[A_BO], out);
@@ -367,10 +367,10 @@ static void tokens_to_shared_image(const int *dims, const float *const *w, const
   linear(T, C, Di, x, C, w[L_TI_WQT], w[L_TI_BQ], q);
   float scale = 1.0f / sqrtf((float)d);
   for (int h = 0; h < H; h++) {
-    gemm(T, N, d, q + h * d, Di, 1, f[F_K1T] + (long)h * d * N, N, p, N, 0);
+    gemm(T, N, d, q + h * d, Di, 1, f[F_K1T] + (long)h * d * N, N, p, N);
     for (int i = 0; i < T * N; i++) p[i] *= scale;
     softmax_rows(T, N, p, N);
-    gemm(T, d, N, p, N, 1, f[F_V1] + h * d, Di, att + h * d, Di, 0);
+    gemm(T, d, N, p, N, 1, f[F_V1] + h * d, Di, att + h * d, Di);
   }
   linear(T, Di, C, att, Di, w[L_TI_WOT], w[L_TI_BO], out);
 }
@@ -390,10 +390,10 @@ static void image_to_tokens(const int *dims, const float *const *w, const float 
   for (int h = 0; h < H; h++) {  /* scores (h, t) x N */
     float *sh = scores + (long)h * T * N;
     if (shared) {
-      gemm(T, N, d, kh + h * d, Di, 1, img + (long)h * d * N, N, sh, N, 0);
+      gemm(T, N, d, kh + h * d, Di, 1, img + (long)h * d * N, N, sh, N);
     } else {  /* folded: row (h, t) = kh[t, h] @ Wq[h], plus kh[t, h] . bq[h] */
-      gemm(T, C, d, kh + h * d, Di, 1, w[L_IT_WQ] + (long)h * d * C, C, folded + (long)h * T * C, C, 0);
-      gemm(T, N, C, folded + (long)h * T * C, C, 1, img, N, sh, N, 0);
+      gemm(T, C, d, kh + h * d, Di, 1, w[L_IT_WQ] + (long)h * d * C, C, folded + (long)h * T * C, C);
+      gemm(T, N, C, folded + (long)h * T * C, C, 1, img, N, sh, N);
       for (int t = 0; t < T; t++) {
         float bias = 0.0f;
         for (int e = 0; e < d; e++) bias += kh[t * Di + h * d + e] * w[L_IT_BQ][h * d + e];
@@ -404,10 +404,10 @@ static void image_to_tokens(const int *dims, const float *const *w, const float 
   }
   linear(T, C, Di, tok_v, C, w[L_IT_WVT], w[L_IT_BV], vh);
   for (int h = 0; h < H; h++) /* values[h, t] = vh[t, h] @ Wo[:, h]^T + bo / H */
-    gemm(T, C, d, vh + h * d, Di, 1, w[L_IT_WOT] + (long)h * d * C, C, values + (long)h * T * C, C, 0);
+    gemm(T, C, d, vh + h * d, Di, 1, w[L_IT_WOT] + (long)h * d * C, C, values + (long)h * T * C, C);
   for (int j = 0; j < TH; j++)
     for (int c = 0; c < C; c++) values[(long)j * C + c] += w[L_IT_BO][c] / H;
-  gemm(C, N, TH, values, 1, C, scores, N, outT, N, 0);  /* values^T @ weights */
+  gemm(C, N, TH, values, 1, C, scores, N, outT, N);  /* values^T @ weights */
   add((long)N * C, outT, residualT, outT);
 }
 
@@ -438,15 +438,15 @@ static void iou_of(const int *dims, const float *const *lw, const float *const *
   float scale = 1.0f / sqrtf((float)d);
   for (int i = 0; i < Di; i++) qh[i] *= scale;
   for (int h = 0; h < H; h++) {
-    gemm(1, C, d, qh + h * d, 1, 1, f[F_WK] + (long)h * d * C, C, folded + h * C, C, 0);
+    gemm(1, C, d, qh + h * d, 1, 1, f[F_WK] + (long)h * d * C, C, folded + h * C, C);
     gsum[h] = 0.0f;
     for (int c = 0; c < C; c++) {
       gained[h * C + c] = folded[h * C + c] * g[c];
       gsum[h] += gained[h * C + c];
     }
   }
-  gemm(H, N, C, gained, C, 1, rawT, N, scores, N, 0);
-  gemm(H, N, C, folded, C, 1, f[F_PE], N, pos, N, 0);
+  gemm(H, N, C, gained, C, 1, rawT, N, scores, N);
+  gemm(H, N, C, folded, C, 1, f[F_PE], N, pos, N);
   for (int h = 0; h < H; h++)
     for (int n = 0; n < N; n++) {
       float *v = scores + (long)h * N + n;
@@ -462,10 +462,10 @@ static void iou_of(const int *dims, const float *const *lw, const float *const *
     }
   }
   transpose_padded(H, N, scores, wT, P);
-  gemm(C, P, N, rawT, N, 1, wT, P, pooledT, P, 0);  /* pooled^T: C x heads */
+  gemm(C, P, N, rawT, N, 1, wT, P, pooledT, P);  /* pooled^T: C x heads */
   for (int c = 0; c < C; c++)
     for (int h = 0; h < H; h++) pooledT[c * P + h] = (pooledT[c * P + h] - sm[h]) * g[c] + b[c];
-  for (int h = 0; h < H; h++) gemm(1, d, C, pooledT + h, 1, P, f[F_WVT] + h * d, Di, att + h * d, Di, 0);
+  for (int h = 0; h < H; h++) gemm(1, d, C, pooledT + h, 1, P, f[F_WVT] + h * d, Di, att + h * d, Di);
   for (int i = 0; i < Di; i++) att[i] += f[F_BV][i];
   linear(1, Di, C, att, Di, f[F_WOT], f[F_BO], o);
   for (int c = 0; c < C; c++) o[c] += queries[c];
@@ -616,7 +616,7 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
       linear(1, C, C8, hid2, C, mw[4], mw[5], hyper + t * C8);
     }
     /* first upscaling: rows (ky1, kx1, c4) x pixels, then LayerNorm over c4 and GELU */
-    gemm(4 * C4, N, C, w[M_UP1_W], 1, 4 * C4, KT, N, Y1, N, 0);
+    gemm(4 * C4, N, C, w[M_UP1_W], 1, 4 * C4, KT, N, Y1, N);
     for (int i = 0; i < 4 * C4; i++) {
       float bias = w[M_UP1_B][i % C4], *y = Y1 + (long)i * N;
       for (int n = 0; n < N; n++) y[n] += bias;
@@ -628,14 +628,14 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
     }
     /* second upscaling per first sub-pixel: rows (ky2, kx2, c8), GELU, the mask products */
     for (int s1 = 0; s1 < 4; s1++) {
-      gemm(4 * C8, N, C4, w[M_UP2_W], 1, 4 * C8, Y1 + (long)s1 * C4 * N, N, Y2, N, 0);
+      gemm(4 * C8, N, C4, w[M_UP2_W], 1, 4 * C8, Y1 + (long)s1 * C4 * N, N, Y2, N);
       for (int i = 0; i < 4 * C8; i++) {
         float bias = w[M_UP2_B][i % C8], *y = Y2 + (long)i * N;
         for (int n = 0; n < N; n++) y[n] += bias;
       }
       gelu(4L * C8 * N, Y2);
       for (int s2 = 0; s2 < 4; s2++) {
-        gemm(S, N, C8, hyper, C8, 1, Y2 + (long)s2 * C8 * N, N, mt, N, 0);
+        gemm(S, N, C8, hyper, C8, 1, Y2 + (long)s2 * C8 * N, N, mt, N);
         int dy = 2 * (s1 / 2) + s2 / 2, dx = 2 * (s1 % 2) + s2 % 2;
         for (int t = 0; t < S; t++) {
           float *dst = out + ((long)p * S + t) * 16L * N;
