@@ -12,7 +12,6 @@ checkpoint loaded in place, a training step), so callers can ask for it on every
 from __future__ import annotations
 
 import copy
-import itertools
 import weakref
 from typing import TYPE_CHECKING
 
@@ -51,14 +50,20 @@ def _signature(model: Sam) -> tuple:
 
 
 def weights_signature(*modules: torch.nn.Module) -> tuple:
-    """Where the modules' weights live and how often they were written in place: it changes
-    when a checkpoint is loaded into them or a training step updates them."""
-    tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
-    return tuple((t.data_ptr(), t.device.type, _version(t)) for t in tensors)
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # weights made under inference mode have no version counter
-        return -1
+    """Where the modules' weights live (their data pointers) and how often they were written
+    in place: it changes when a checkpoint is loaded into them, a training step updates them
+    or they move. A plain walk of the module tree, as the native kernels ask on every call
+    (nn.Module.parameters() with its generators costs several times more)."""
+    out = []
+    stack = list(reversed(modules))
+    while stack:
+        module = stack.pop()
+        for group in (module._parameters, module._buffers):
+            for t in group.values():
+                if t is not None:
+                    try:
+                        out.append((t.data_ptr(), t._version))
+                    except RuntimeError:  # weights made under inference mode have no version counter
+                        out.append((t.data_ptr(), -1))
+        stack.extend(m for m in reversed(module._modules.values()) if m is not None)
+    return tuple(out)

@@ -93,17 +93,70 @@ static void linear(int M, int in, int out, const float *x, long ldx, const float
       for (int j = 0; j < out; j++) y[i * out + j] += b[j];
 }
 
+/* The 16 lane sums of a[0 .. 16), in order: a tree of lane shuffles and adds (15 steps for
+ * 16 vectors where storing and adding lanes one by one takes 256). */
+#define SHUF(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+static inline v16 lane_sums(v16 a[16]) {
+  v16 h8[8], h4[4], h2[2];
+  for (int i = 0; i < 8; i++)
+    h8[i] = SHUF(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            SHUF(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; i++)
+    h4[i] = SHUF(h8[2 * i], h8[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+            SHUF(h8[2 * i], h8[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; i++)
+    h2[i] = SHUF(h4[2 * i], h4[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+            SHUF(h4[2 * i], h4[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return SHUF(h2[0], h2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         SHUF(h2[0], h2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* C[i * ldc + j] = sum_n A[i * N + n] B[j * N + n], i < M (a multiple of 4), j < J: products
+ * of rows with few other rows (a softmax's weights per head), blocks of 4 x 4 dot products
+ * across n, without padding the few rows to a vector's width. */
+static void dots(int M, int J, int N, const float *A, const float *B, float *C, long ldc) {
+  for (int j0 = 0; j0 < J; j0 += 4) {
+    const float *b[4];
+    for (int y = 0; y < 4; y++) b[y] = B + (long)(j0 + y < J ? j0 + y : J - 1) * N;  /* tail: repeats */
+    for (int i0 = 0; i0 < M; i0 += 4) {
+      v16 acc[16];
+      for (int k = 0; k < 16; k++) acc[k] = (v16){0};
+      const float *a = A + (long)i0 * N;
+      int n = 0;
+      for (; n + VL <= N; n += VL) {
+        v16 bv[4];
+        for (int y = 0; y < 4; y++) bv[y] = vload(b[y] + n);
+        for (int x = 0; x < 4; x++) {
+          v16 av = vload(a + (long)x * N + n);
+          for (int y = 0; y < 4; y++) acc[x * 4 + y] += av * bv[y];
+        }
+      }
+      if (n < N) {
+        float ab[4][VL] = {{0}}, bb[4][VL] = {{0}};
+        for (int x = 0; x < 4; x++) memcpy(ab[x], a + (long)x * N + n, sizeof(float) * (N - n));
+        for (int y = 0; y < 4; y++) memcpy(bb[y], b[y] + n, sizeof(float) * (N - n));
+        for (int x = 0; x < 4; x++)
+          for (int y = 0; y < 4; y++) acc[x * 4 + y] += vload(ab[x]) * vload(bb[y]);
+      }
+      float sums[VL];
+      vstore(sums, lane_sums(acc));
+      for (int x = 0; x < 4; x++)
+        for (int y = 0; y < 4 && j0 + y < J; y++) C[(long)(i0 + x) * ldc + j0 + y] = sums[x * 4 + y];
+    }
+  }
+}
+
 /* ---------------------------------------------------------------- elementwise */
-/* exp(x) for a vector: Cody-Waite reduction to r in [-ln2/2, ln2/2] and a degree-6
- * polynomial (relative error ~1e-7); below -87.3 the result is 0, as for the
- * softmax weights it serves. */
+/* exp(x) for a vector of x <= 0 (the softmaxes' shifted scores, erf's -x^2): Cody-Waite
+ * reduction to r in [-ln2/2, ln2/2] (n rounded by the 1.5 * 2^23 trick) and a degree-6
+ * polynomial (relative error ~1e-7); at or below -87.3 the result is 0, as for the softmax
+ * weights it serves. */
 static inline v16 vexp(v16 x) {
-  const v16 lo = vsplat(-87.33654f), hi = vsplat(88.0f);
+  const float lo = -87.33654f, magic = 12582912.0f;
   i16v under = x <= lo;
-  x = vsel(under, lo, x);
-  x = vsel(x > hi, hi, x);
-  v16 half = vsel(x >= 0.0f, vsplat(0.5f), vsplat(-0.5f));
-  v16 n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + half, i16v), v16);
+  x = vsel(under, vsplat(lo), x);
+  v16 k = x * 1.44269504f + magic;  /* n + magic: its low mantissa bits hold n */
+  v16 n = k - magic;
   v16 r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   v16 p = vsplat(1.9875691500e-4f);
@@ -113,7 +166,9 @@ static inline v16 vexp(v16 x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
+  i16v kbits;
+  memcpy(&kbits, &k, sizeof kbits);
+  i16v e = (kbits - 0x4B400000 + 127) << 23;  /* 2^n */
   v16 scale;
   memcpy(&scale, &e, sizeof scale);
   return vsel(under, vsplat(0.0f), p * scale);
@@ -146,19 +201,28 @@ static inline float vdot(const float *a, const float *b, int n) {
   return s;
 }
 
-static inline float sexp(float x) {
-  float buf[VL] = {x};
-  vstore(buf, vexp(vload(buf)));
-  return buf[0];
+/* r[j] = exp(r[j] - (m ? m[j] : shift)), j < n: every shifted value <= 0 */
+static void exp_shifted(float *r, int n, const float *m, float shift) {
+  int j = 0;
+  for (; j + VL <= n; j += VL) vstore(r + j, vexp(vload(r + j) - (m ? vload(m + j) : vsplat(shift))));
+  if (j < n) {
+    float buf[VL], mb[VL] = {0};  /* unused lanes: exp(0) */
+    for (int l = 0; l < VL; l++) buf[l] = m ? 0.0f : shift;
+    memcpy(buf, r + j, sizeof(float) * (n - j));
+    if (m) memcpy(mb, m + j, sizeof(float) * (n - j));
+    vstore(buf, vexp(vload(buf) - (m ? vload(mb) : vsplat(shift))));
+    memcpy(r + j, buf, sizeof(float) * (n - j));
+  }
 }
 
 /* Weights below the smallest normal float become 0 (model/transformer.py's _softmax). */
 static inline float flush(float w) { return w < 1.17549435e-38f ? 0.0f : w; }
 
-/* softmax over each row of x (M x N, row stride ld) */
-static void softmax_rows(int M, int N, float *x, long ld) {
+/* softmax over each row of x (M x N, row stride ld), in place, or into xt transposed (N x
+ * ldt, its columns M .. ldt zeroed) where the next product wants the weights as columns */
+static void softmax_rows(int M, int N, float *x, long ld, float *xt, int ldt) {
   for (int i = 0; i < M; i++) {
-    float *r = x + i * ld, m = r[0], s = 0.0f;
+    float *r = x + i * ld, m = r[0];
     int j = 0;
     if (N >= VL) {
       v16 vm = vload(r);
@@ -168,16 +232,16 @@ static void softmax_rows(int M, int N, float *x, long ld) {
       for (int l = 0; l < VL; l++) m = buf[l] > m ? buf[l] : m;
     }
     for (; j < N; j++) m = r[j] > m ? r[j] : m;
-    j = 0;
-    for (; j + VL <= N; j += VL) {
-      v16 e = vexp(vload(r + j) - m);
-      vstore(r + j, e);
-    }
-    for (; j < N; j++) r[j] = sexp(r[j] - m);
-    s = vsum(r, N, 0.0f, 0);
-    float inv = 1.0f / s;
-    for (j = 0; j < N; j++) r[j] = flush(r[j] * inv);
+    exp_shifted(r, N, NULL, m);
+    float inv = 1.0f / vsum(r, N, 0.0f, 0);
+    if (xt)
+      for (j = 0; j < N; j++) xt[(long)j * ldt + i] = flush(r[j] * inv);
+    else
+      for (j = 0; j < N; j++) r[j] = flush(r[j] * inv);
   }
+  if (xt)
+    for (int j = 0; j < N; j++)
+      for (int i = M; i < ldt; i++) xt[(long)j * ldt + i] = 0.0f;
 }
 
 /* softmax over each column j < N of x (M rows, row stride ld): across rows, vectors across columns */
@@ -188,10 +252,8 @@ static void softmax_cols(int M, int N, float *x, long ld, float *work /* 2 N */)
     for (int j = 0; j < N; j++) m[j] = x[i * ld + j] > m[j] ? x[i * ld + j] : m[j];
   for (int i = 0; i < M; i++) {
     float *r = x + i * ld;
-    int j = 0;
-    for (; j + VL <= N; j += VL) vstore(r + j, vexp(vload(r + j) - vload(m + j)));
-    for (; j < N; j++) r[j] = sexp(r[j] - m[j]);
-    for (j = 0; j < N; j++) s[j] += r[j];
+    exp_shifted(r, N, m, 0.0f);
+    for (int j = 0; j < N; j++) s[j] += r[j];
   }
   for (int j = 0; j < N; j++) s[j] = 1.0f / s[j];
   for (int i = 0; i < M; i++)
@@ -213,8 +275,10 @@ static void add(long n, const float *a, const float *b, float *y) {
   for (long i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
-/* y = LayerNorm(x) over the rows of each column: x, y C x N (channel-major; y may be x) */
-static void layernorm_cols(int C, int N, const float *x, float *y, const float *w, const float *b, float eps) {
+/* y = LayerNorm(x) over the rows of each column: x, y C x N (channel-major; y may be x);
+ * with pe (C x N), also ype = y + pe */
+static void layernorm_cols(int C, int N, const float *x, float *y, const float *w, const float *b, float eps,
+                           const float *pe, float *ype) {
   for (int n0 = 0; n0 < N; n0 += VL) {
     int lanes = N - n0 < VL ? N - n0 : VL;
     v16 mean = {0}, var = {0};
@@ -236,24 +300,20 @@ static void layernorm_cols(int C, int N, const float *x, float *y, const float *
     for (int l = 0; l < VL; l++) inv[l] = 1.0f / sqrtf(inv[l]);
     v16 rstd = vload(inv);
     for (int c = 0; c < C; c++) {
-      const float *src = x + (long)c * N + n0;
-      if (lanes < VL) memcpy(buf, src, sizeof(float) * lanes);
-      v16 v = (vload(lanes < VL ? buf : src) - mean) * rstd * w[c] + b[c];
+      long at = (long)c * N + n0;
       if (lanes < VL) {
+        memcpy(buf, x + at, sizeof(float) * lanes);
+        v16 v = (vload(buf) - mean) * rstd * w[c] + b[c];
         vstore(buf, v);
-        memcpy(y + (long)c * N + n0, buf, sizeof(float) * lanes);
+        memcpy(y + at, buf, sizeof(float) * lanes);
+        if (pe)
+          for (int l = 0; l < lanes; l++) ype[at + l] = buf[l] + pe[at + l];
       } else {
-        vstore(y + (long)c * N + n0, v);
+        v16 v = (vload(x + at) - mean) * rstd * w[c] + b[c];
+        vstore(y + at, v);
+        if (pe) vstore(ype + at, v + vload(pe + at));
       }
     }
-  }
-}
-
-/* xt (N x ldt, columns >= M zero) = x^T for x M x N */
-static void transpose_padded(int M, int N, const float *x, float *xt, int ldt) {
-  for (int n = 0; n < N; n++) {
-    for (int m = 0; m < M; m++) xt[(long)n * ldt + m] = x[(long)m * N + n];
-    for (int m = M; m < ldt; m++) xt[(long)n * ldt + m] = 0.0f;
   }
 }
 
@@ -302,7 +362,7 @@ long score_scratch_floats(const int *dims) {
   sub = lmax(sub, t2i_floats(C, N, H, Di, T));                               /* tokens_to_image */
   sub = lmax(sub, 2 * T * Di + T * N);                                       /* tokens_to_shared_image */
   sub = lmax(sub, 2 * T * Di + 2 * TH * C + TH * N + 2 * N);                 /* image_to_tokens */
-  sub = lmax(sub, 3 * N + 2 * C + 2 * Di + 3 * H * C + 2 * H * N + N * PH + C * PH + 2 * hid + 2 * N);  /* iou_of */
+  sub = lmax(sub, 3 * N + 2 * C + 2 * Di + 3 * H * C + 2 * H * N + C * PH + 2 * hid + 2 * N);  /* iou_of */
   return 3 * N * C + 3 * T * C + T * mlp + sub;
 }
 
@@ -318,7 +378,7 @@ static void self_attention(const int *dims, const float *const *w, const float *
   for (int h = 0; h < H; h++) {
     for (int i = 0; i < T; i++)
       for (int j = 0; j < T; j++) p[i * T + j] = vdot(q + i * C + h * d, k + j * C + h * d, d) * scale;
-    softmax_rows(T, T, p, T);
+    softmax_rows(T, T, p, T, NULL, 0);
     for (int i = 0; i < T; i++) {  /* att[i, h] = sum_j p[i, j] v[j, h], 16 channels at a time */
       float *a = att + i * C + h * d;
       memset(a, 0, sizeof(float) * d);
@@ -348,8 +408,7 @@ static void tokens_to_image(const int *dims, const float *const *aw, int T, cons
   for (int h = 0; h < H; h++)  /* F[t * H + h] = qh[t, h] @ Wk[h] */
     gemm(T, C, d, qh + h * d, Di, 1, aw[A_WK] + (long)h * d * C, C, F + h * C, (long)H * C);
   gemm(TH, N, C, F, C, 1, kpT, N, scores, N);  /* (t, h) x N */
-  softmax_rows(TH, N, scores, N);
-  transpose_padded(TH, N, scores, wT, P);
+  softmax_rows(TH, N, scores, N, wT, P);
   gemm(C, P, N, keysT, N, 1, wT, P, pooledT, P);  /* pooled^T: C x (t, h) */
   for (int h = 0; h < H; h++)  /* att[t, h] = pooled[t, h] @ Wv[h]^T */
     gemm(T, d, C, pooledT + h, H, P, aw[A_WVT] + h * d, Di, att + h * d, Di);
@@ -369,7 +428,7 @@ static void tokens_to_shared_image(const int *dims, const float *const *w, const
   for (int h = 0; h < H; h++) {
     gemm(T, N, d, q + h * d, Di, 1, f[F_K1T] + (long)h * d * N, N, p, N);
     for (int i = 0; i < T * N; i++) p[i] *= scale;
-    softmax_rows(T, N, p, N);
+    softmax_rows(T, N, p, N, NULL, 0);
     gemm(T, d, N, p, N, 1, f[F_V1] + h * d, Di, att + h * d, Di);
   }
   linear(T, Di, C, att, Di, w[L_TI_WOT], w[L_TI_BO], out);
@@ -419,8 +478,8 @@ static void iou_of(const int *dims, const float *const *lw, const float *const *
   int P = round16(H);
   const float *g = lw[L_N4_W], *b = lw[L_N4_B];
   float *mean = s, *scl = mean + N, *sq = scl + N, *x = sq + N, *qh = x + C, *folded = qh + Di, *gained = folded + H * C,
-        *pooledT = gained + H * C, *scores = pooledT + C * P, *pos = scores + (long)H * N, *wT = pos + (long)H * N,
-        *att = wT + (long)N * P, *o = att + Di, *h1 = o + C, *h2 = h1 + hid;
+        *pooledT = gained + H * C, *scores = pooledT + C * P, *pos = scores + (long)H * N,
+        *att = pos + (long)H * N, *o = att + Di, *h1 = o + C, *h2 = h1 + hid;
   float gsum[64], sm[64];
   memset(mean, 0, sizeof(float) * N);
   memset(sq, 0, sizeof(float) * N);
@@ -452,7 +511,7 @@ static void iou_of(const int *dims, const float *const *lw, const float *const *
       float *v = scores + (long)h * N + n;
       *v = (*v - gsum[h] * mean[n]) * scl[n] + pos[(long)h * N + n];
     }
-  softmax_rows(H, N, scores, N);
+  softmax_rows(H, N, scores, N, NULL, 0);
   for (int h = 0; h < H; h++) {
     sm[h] = 0.0f;
     for (int n = 0; n < N; n++) {
@@ -461,8 +520,7 @@ static void iou_of(const int *dims, const float *const *lw, const float *const *
       sm[h] += *v * mean[n];
     }
   }
-  transpose_padded(H, N, scores, wT, P);
-  gemm(C, P, N, rawT, N, 1, wT, P, pooledT, P);  /* pooled^T: C x heads */
+  dots(C, H, N, rawT, scores, pooledT, P);  /* pooled^T: C x heads */
   for (int c = 0; c < C; c++)
     for (int h = 0; h < H; h++) pooledT[c * P + h] = (pooledT[c * P + h] - sm[h]) * g[c] + b[c];
   for (int h = 0; h < H; h++) gemm(1, d, C, pooledT + h, 1, P, f[F_WVT] + h * d, Di, att + h * d, Di);
@@ -506,7 +564,6 @@ void score_prompts(const int *dims, const float *const *w, int first, int last, 
       if (l == 0) {
         tokens_to_shared_image(dims, lw, f, x, o, sub);
       } else {
-        add(NC, keysT, f[F_PE], kpT);
         tokens_to_image(dims, lw + L_TI_WQT, T, x, kpT, keysT, o, sub);
       }
       add(T * C, q, o, o);
@@ -520,7 +577,7 @@ void score_prompts(const int *dims, const float *const *w, int first, int last, 
       float *dst = last_layer ? rawT : img_out;
       if (l == 0) image_to_tokens(dims, lw, x, q, f[F_QIMG], 1, f[F_SRC], dst, sub);
       else image_to_tokens(dims, lw, x, q, kpT, 0, keysT, dst, sub);
-      if (!last_layer) layernorm_cols(C, N, img_out, keysT, lw[L_N4_W], lw[L_N4_B], EPS);
+      if (!last_layer) layernorm_cols(C, N, img_out, keysT, lw[L_N4_W], lw[L_N4_B], EPS, f[F_PE], kpT);
     }
     memcpy(queries_out + (long)p * T * C, q, sizeof(float) * T * C);
     iou_of(dims, w + (long)(depth - 1) * L_COUNT, f, q, pe, rawT, iou_out + (long)p * dims[D_MASK_TOKENS], sub);
@@ -598,8 +655,7 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
         *sub = hid2 + C;
   for (int p = first; p < last; p++) {
     const float *rawT = raw + rows[p] * NC, *q = queries + rows[p] * T * C, *pe = tokens + rows[p] * T * C;
-    layernorm_cols(C, N, rawT, KT, w[M_N4_W], w[M_N4_B], EPS);
-    add(NC, KT, w[M_PE], kpT);
+    layernorm_cols(C, N, rawT, KT, w[M_N4_W], w[M_N4_B], EPS, w[M_PE], kpT);
     for (int t = 0; t < S; t++) {
       long tok = 1 + token_index[t];
       add(C, q + tok * C, pe + tok * C, x + t * C);
@@ -623,7 +679,7 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
     }
     for (int s1 = 0; s1 < 4; s1++) {
       float *blk = Y1 + (long)s1 * C4 * N;
-      layernorm_cols(C4, N, blk, blk, w[M_LN_W], w[M_LN_B], EPS2D);
+      layernorm_cols(C4, N, blk, blk, w[M_LN_W], w[M_LN_B], EPS2D, NULL, NULL);
       gelu((long)C4 * N, blk);
     }
     /* second upscaling per first sub-pixel: rows (ky2, kx2, c8), GELU, the mask products */

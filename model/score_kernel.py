@@ -117,8 +117,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def supports(decoder: nn.Module, pixels: int) -> bool:
     """Whether the kernels compute this decoder on image embeddings of `pixels` (h x w): SAM's
     layout (ReLU transformer MLPs, 3-layer IoU head and hypernetwork MLPs, LayerNorms with eps
-    1e-5, exact-GELU upscaling), with per-prompt image tensors within MAX_IMAGE_FLOATS."""
-    if pixels * decoder.transformer_dim > MAX_IMAGE_FLOATS:
+    1e-5, exact-GELU upscaling, a width that is a multiple of 4, as every SamConfig's), with
+    per-prompt image tensors within MAX_IMAGE_FLOATS."""
+    if pixels * decoder.transformer_dim > MAX_IMAGE_FLOATS or decoder.transformer_dim % 4:
         return False
     t = decoder.transformer
     norms = [m for m in t.modules() if isinstance(m, nn.LayerNorm)]
@@ -187,6 +188,7 @@ class _Packed:
         self.iou_hidden = head[0].out_features
         self.depth = len(t.layers)
         self.signature = weights_signature(decoder)
+        self.image_side: list[torch.Tensor] | None = None  # see _image_side
 
 
 _packed: "weakref.WeakKeyDictionary[nn.Module, _Packed]" = weakref.WeakKeyDictionary()
@@ -213,11 +215,7 @@ def score(decoder: nn.Module, tokens: torch.Tensor, src: torch.Tensor, image_pe:
     b, n_tok, c = tokens.shape
     src_t = src.reshape(c, -1).float().contiguous()  # C x hw, channel-major as the kernel keeps it
     pe_t = image_pe.reshape(c, -1).float().contiguous()
-    first = decoder.transformer.layers[0]
-    ti, it = first.cross_attn_token_to_image, first.cross_attn_image_to_token
-    keys, with_pe = src_t.t(), (src_t + pe_t).t()
-    shared = [src_t, pe_t, ti.k_proj(with_pe).t().contiguous(), ti.v_proj(keys).contiguous(),
-              it.q_proj(with_pe).t().contiguous()]
+    shared = _image_side(decoder, packed, src_t, pe_t)
     pointers = (ctypes.c_void_p * (len(packed.tensors) + len(shared)))(
         *[x.data_ptr() for x in packed.tensors + shared])
     n = src_t.shape[1]
@@ -231,6 +229,23 @@ def score(decoder: nn.Module, tokens: torch.Tensor, src: torch.Tensor, image_pe:
         dims, pointers, first, last, tokens.data_ptr(), queries.data_ptr(), raw.data_ptr(), iou.data_ptr(),
         scratch[i].data_ptr()))
     return iou, queries, raw.transpose(1, 2), pe_t.t()[None]
+
+
+def _image_side(decoder: nn.Module, packed: _Packed, src_t: torch.Tensor, pe_t: torch.Tensor) -> list[torch.Tensor]:
+    """The image side every prompt shares: src and pe (C x hw), the first block's token ->
+    image keys and values and its image -> token queries. The generator scores an image's
+    grid in batches on the same image side, so the last one is kept with the packed weights
+    and reused while src and pe are equal to it."""
+    last = packed.image_side
+    if last is not None and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(last[:2], (src_t, pe_t))):
+        return last
+    first = decoder.transformer.layers[0]
+    ti, it = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+    keys, with_pe = src_t.t(), (src_t + pe_t).t()
+    side = [src_t, pe_t, ti.k_proj(with_pe).t().contiguous(), ti.v_proj(keys).contiguous(),
+            it.q_proj(with_pe).t().contiguous()]
+    packed.image_side = side
+    return side
 
 
 def _dims(decoder: nn.Module, packed: _Packed, c: int, n_tok: int, n: int):

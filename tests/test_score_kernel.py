@@ -38,6 +38,12 @@ CONFIGS = {
                                        encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
                                        window_size=7, prompt_embed_dim=256, decoder_mlp_dim=2048,
                                        decoder_num_heads=8, iou_head_hidden_dim=256),
+    # 6 heads (not a multiple of the IoU pooling's blocks of 4), width 96 (12 upscaled
+    # channels, under a vector), 10 x 10 image tokens
+    "6 heads, width 96, 10x10": SamConfig(name="t6", image_size=160, patch_size=16, encoder_embed_dim=48,
+                                          encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
+                                          window_size=5, prompt_embed_dim=96, decoder_mlp_dim=192,
+                                          decoder_num_heads=6, iou_head_hidden_dim=64),
 }
 
 
@@ -75,6 +81,23 @@ def test_kernels_compute_the_torch_decoder(name, monkeypatch):
     assert scale > 0.01  # not all zero
     torch.testing.assert_close(native_masks, masks, rtol=0, atol=2e-5 * scale)
     torch.testing.assert_close(crossed, masks, rtol=0, atol=2e-5 * scale)
+
+
+def test_image_side_kept_between_batches_follows_the_image(monkeypatch):
+    """The shared image side is reused across an image's batches, never for another image."""
+    model = _random_model(CONFIGS["bundled layout"], seed=5)
+    decoder = model.mask_decoder
+    first, pe, sparse, dense = _prompts(model, 5, seed=6)
+    second = _prompts(model, 5, seed=7)[0]
+    with torch.inference_mode():
+        results = []
+        for native in ("0", "1"):
+            monkeypatch.setenv("SAMENGINE_NATIVE", native)
+            results.append([decoder.score(e, pe, sparse, dense)[0] for e in (first, second, first)])
+    torch_iou, native_iou = results
+    assert not torch.allclose(torch_iou[0], torch_iou[1])  # the two images score differently
+    for expected, got in zip(torch_iou, native_iou):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_generator_records_are_the_same_with_native_kernels(monkeypatch):
