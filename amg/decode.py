@@ -164,8 +164,10 @@ def _decode_survivors(model: Sam, embedding: torch.Tensor, image_pe: torch.Tenso
     token_index = torch.arange(1, decoder.num_mask_tokens)
     low_res = decoder.mask_logits(scored, rows, token_index).float()
     kept = keep[rows]
-    prompt_idx = rows[:, None].expand_as(kept)[kept]
-    return low_res[kept], iou[rows][kept], prompt_idx
+    prompt_idx = rows[:, None].expand_as(kept)
+    if bool(kept.all()):  # a low IoU threshold keeps them all: views, no copy of the logits
+        return low_res.flatten(0, 1), iou[rows].flatten(), prompt_idx.flatten()
+    return low_res[kept], iou[rows][kept], prompt_idx[kept]
 
 
 @dataclass
