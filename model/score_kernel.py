@@ -235,10 +235,12 @@ def _image_side(decoder: nn.Module, packed: _Packed, src_t: torch.Tensor, pe_t: 
     """The image side every prompt shares: src and pe (C x hw), the first block's token ->
     image keys and values and its image -> token queries. The generator scores an image's
     grid in batches on the same image side, so the last one is kept with the packed weights
-    and reused while src and pe are equal to it."""
+    and reused while src and pe are equal to it (kept as copies: a caller that refills its
+    tensors in place must not find them equal to themselves)."""
     last = packed.image_side
     if last is not None and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(last[:2], (src_t, pe_t))):
         return last
+    src_t, pe_t = src_t.clone(), pe_t.clone()
     first = decoder.transformer.layers[0]
     ti, it = first.cross_attn_token_to_image, first.cross_attn_image_to_token
     keys, with_pe = src_t.t(), (src_t + pe_t).t()

@@ -98,6 +98,15 @@ def test_image_side_kept_between_batches_follows_the_image(monkeypatch):
     assert not torch.allclose(torch_iou[0], torch_iou[1])  # the two images score differently
     for expected, got in zip(torch_iou, native_iou):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # A caller refilling one image tensor in place (score() then sees a view of it): the
+    # second image (not the one last kept), then the first
+    tokens, buffer = decoder._inputs(second, sparse, dense)
+    buffer = buffer.clone()
+    with torch.inference_mode():
+        score_kernel.score(decoder, tokens, buffer, pe)
+        buffer.copy_(decoder._inputs(first, sparse, dense)[1])
+        refilled = score_kernel.score(decoder, tokens, buffer, pe)[0]
+    torch.testing.assert_close(refilled, torch_iou[0], rtol=1e-4, atol=1e-5)
 
 
 def test_generator_records_are_the_same_with_native_kernels(monkeypatch):
