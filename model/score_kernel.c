@@ -94,7 +94,9 @@ static void linear(int M, int in, int out, const float *x, long ldx, const float
 }
 
 /* The 16 lane sums of a[0 .. 16), in order: a tree of lane shuffles and adds (15 steps for
- * 16 vectors where storing and adding lanes one by one takes 256). */
+ * 16 vectors where storing and adding lanes one by one takes 256); compilers without
+ * __builtin_shufflevector (GCC before 12) add them one by one. */
+#if defined(__clang__) || __GNUC__ >= 12  /* __builtin_shufflevector */
 #define SHUF(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
 static inline v16 lane_sums(v16 a[16]) {
   v16 h8[8], h4[4], h2[2];
@@ -110,6 +112,17 @@ static inline v16 lane_sums(v16 a[16]) {
   return SHUF(h2[0], h2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          SHUF(h2[0], h2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+#else
+static inline v16 lane_sums(v16 a[16]) {
+  float lanes[VL], sums[VL];
+  for (int i = 0; i < 16; i++) {
+    vstore(lanes, a[i]);
+    sums[i] = 0.0f;
+    for (int l = 0; l < VL; l++) sums[i] += lanes[l];
+  }
+  return vload(sums);
+}
+#endif
 
 /* C[i * ldc + j] = sum_n A[i * N + n] B[j * N + n], i < M (a multiple of 4), j < J: products
  * of rows with few other rows (a softmax's weights per head), blocks of 4 x 4 dot products
