@@ -370,12 +370,12 @@ static long t2i_floats(long C, long N, long H, long Di, long T) {
 
 long score_scratch_floats(const int *dims) {
   long C = dims[D_C], T = dims[D_T], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], mlp = dims[D_MLP];
-  long TH = T * H, PH = round16(H), hid = dims[D_IOU_HIDDEN];
+  long TH = T * H, hid = dims[D_IOU_HIDDEN];
   long sub = 4 * T * C + T * T;                                              /* self_attention */
   sub = lmax(sub, t2i_floats(C, N, H, Di, T));                               /* tokens_to_image */
   sub = lmax(sub, 2 * T * Di + T * N);                                       /* tokens_to_shared_image */
   sub = lmax(sub, 2 * T * Di + 2 * TH * C + TH * N + 2 * N);                 /* image_to_tokens */
-  sub = lmax(sub, 3 * N + 2 * C + 2 * Di + 3 * H * C + 2 * H * N + C * PH + 2 * hid + 2 * N);  /* iou_of */
+  sub = lmax(sub, 3 * N + 2 * C + 2 * Di + 3 * H * C + 2 * H * N + C * H + 2 * hid + 2 * N);  /* iou_of */
   return 3 * N * C + 3 * T * C + T * mlp + sub;
 }
 
@@ -488,10 +488,9 @@ static void image_to_tokens(const int *dims, const float *const *w, const float 
 static void iou_of(const int *dims, const float *const *lw, const float *const *f, const float *queries,
                    const float *pe, const float *rawT, float *iou, float *s) {
   int C = dims[D_C], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], d = Di / H, hid = dims[D_IOU_HIDDEN];
-  int P = round16(H);
   const float *g = lw[L_N4_W], *b = lw[L_N4_B];
   float *mean = s, *scl = mean + N, *sq = scl + N, *x = sq + N, *qh = x + C, *folded = qh + Di, *gained = folded + H * C,
-        *pooledT = gained + H * C, *scores = pooledT + C * P, *pos = scores + (long)H * N,
+        *pooledT = gained + H * C, *scores = pooledT + C * H, *pos = scores + (long)H * N,
         *att = pos + (long)H * N, *o = att + Di, *h1 = o + C, *h2 = h1 + hid;
   float gsum[64], sm[64];
   memset(mean, 0, sizeof(float) * N);
@@ -533,10 +532,10 @@ static void iou_of(const int *dims, const float *const *lw, const float *const *
       sm[h] += *v * mean[n];
     }
   }
-  dots(C, H, N, rawT, scores, pooledT, P);  /* pooled^T: C x heads */
+  dots(C, H, N, rawT, scores, pooledT, H);  /* pooled^T: C x heads */
   for (int c = 0; c < C; c++)
-    for (int h = 0; h < H; h++) pooledT[c * P + h] = (pooledT[c * P + h] - sm[h]) * g[c] + b[c];
-  for (int h = 0; h < H; h++) gemm(1, d, C, pooledT + h, 1, P, f[F_WVT] + h * d, Di, att + h * d, Di);
+    for (int h = 0; h < H; h++) pooledT[c * H + h] = (pooledT[c * H + h] - sm[h]) * g[c] + b[c];
+  for (int h = 0; h < H; h++) gemm(1, d, C, pooledT + h, 1, H, f[F_WVT] + h * d, Di, att + h * d, Di);
   for (int i = 0; i < Di; i++) att[i] += f[F_BV][i];
   linear(1, Di, C, att, Di, f[F_WOT], f[F_BO], o);
   for (int c = 0; c < C; c++) o[c] += queries[c];

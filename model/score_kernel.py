@@ -238,7 +238,7 @@ def _image_side(decoder: nn.Module, packed: _Packed, src_t: torch.Tensor, pe_t: 
     and reused while src and pe are equal to it (kept as copies: a caller that refills its
     tensors in place must not find them equal to themselves)."""
     last = packed.image_side
-    if last is not None and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(last[:2], (src_t, pe_t))):
+    if last is not None and torch.equal(last[0], src_t) and torch.equal(last[1], pe_t):
         return last
     src_t, pe_t = src_t.clone(), pe_t.clone()
     first = decoder.transformer.layers[0]
