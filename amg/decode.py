@@ -93,6 +93,12 @@ def decode_crop(
     crop_size = (y1 - y0, x1 - x0)
     points = grid * np.array(crop_size)[None, ::-1]  # normalized -> crop pixels (x, y)
     dtype = PRECISIONS[precision]
+    # bf16 on a CPU the native kernels serve: their matmuls in bf16 on the float32 model (faster
+    # than torch's bf16 there, which casts op by op); elsewhere a bf16 twin under autocast.
+    pixels = embedding.shape[-2] * embedding.shape[-1]
+    native_bf16 = dtype == torch.bfloat16 and model.mask_decoder.native_bf16_for(pixels)
+    if native_bf16:
+        dtype = None
     model = decoding_model(model, dtype)
     embedding = embedding.to(model.device, dtype or torch.float32)
     parts: list[Survivors] = []
@@ -124,7 +130,8 @@ def decode_crop(
         batch = points[start:start + params.points_per_batch]
         coords = torch.as_tensor(scale_coords(batch, crop_size, model.image_size), device=model.device)
         with autocast():
-            low_res, iou, prompt_idx = _decode_survivors(model, embedding, image_pe, coords, params.pred_iou_thresh)
+            low_res, iou, prompt_idx = _decode_survivors(model, embedding, image_pe, coords, params.pred_iou_thresh,
+                                                         native_bf16)
         funnel["candidates"] += 3 * len(batch)
         funnel["iou"] += len(iou)
         prompt_points = torch.as_tensor(batch)[prompt_idx.cpu()]
@@ -147,14 +154,14 @@ def decode_crop(
 
 
 def _decode_survivors(model: Sam, embedding: torch.Tensor, image_pe: torch.Tensor, coords: torch.Tensor,
-                      iou_thresh: float):
+                      iou_thresh: float, native_bf16: bool = False):
     """Single-point prompts B x 2 -> the multimask candidates whose predicted IoU is
     above iou_thresh, in (prompt, token) order: low-res logits N x 4e x 4e, IoU N and
     the prompt index of each. Masks are computed only for surviving tokens."""
     labels = torch.ones(len(coords), 1, dtype=torch.int64, device=coords.device)
     sparse, dense = model.prompt_encoder((coords[:, None, :], labels), None, None)
     decoder = model.mask_decoder
-    iou, scored = decoder.score(embedding, image_pe, sparse, dense)
+    iou, scored = decoder.score(embedding, image_pe, sparse, dense, native_bf16=native_bf16)
     iou = iou[:, 1:].float()  # the multimask tokens
     keep = iou > iou_thresh if iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
     rows = keep.any(dim=1).nonzero().squeeze(1)

@@ -100,18 +100,22 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        native_bf16: bool = False,
     ) -> tuple[torch.Tensor, "Scored"]:
         """attend() for callers that keep few prompts (the automatic generator's IoU filter):
         IoU predictions B x T of every prompt, the final attention run for the IoU token
         alone and from the keys before the last block's LayerNorm (same values up to float
         rounding), and what finish() needs for the mask tokens and image features of the
         prompts kept. In float32 on the CPU, for prompts on one shared image side of a size
-        the native kernels take, it runs as one (model/score_kernel.py)."""
+        the native kernels take, it runs as one (model/score_kernel.py); native_bf16 (where
+        native_bf16_for(pixels)): its matmuls, and mask_logits' after it, in bf16."""
         tokens, src = self._inputs(image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings)
         if (_native(tokens, src, image_pe) and src.shape[0] == 1 and image_pe.shape[0] == 1
                 and score_kernel.supports(self, src.shape[-2] * src.shape[-1])):
-            iou, queries, raw_keys, key_pe = score_kernel.score(self, tokens, src, image_pe)
-            return iou, Scored(queries, tokens, raw_keys, key_pe, src.shape[-2:])
+            iou, queries, raw_keys, key_pe = score_kernel.score(self, tokens, src, image_pe, bf16=native_bf16)
+            return iou, Scored(queries, tokens, raw_keys, key_pe, src.shape[-2:], native_bf16)
+        if native_bf16:
+            raise ValueError("native_bf16 needs float32 inputs on a CPU where native_bf16_for() holds")
         t = self.transformer
         queries, raw_keys, key_pe = t.blocks(src, image_pe, tokens, normalize_keys=False)
         iou_token = t.final_from_unnormalized(queries[:, :1], tokens[:, :1], raw_keys, key_pe)
@@ -140,8 +144,15 @@ class MaskDecoder(nn.Module):
         len(rows) x T' x 4h x 4w of the prompts `rows` of a score() call; in float32 on the
         CPU, where the native kernels take the image size, as one (model/score_kernel.py)."""
         if _native(scored.raw_keys) and score_kernel.supports(self, scored.raw_keys.shape[1]):
-            return score_kernel.mask_logits(self, *scored, rows, token_index)
+            return score_kernel.mask_logits(self, *scored[:5], rows, token_index, bf16=scored.native_bf16)
         return self.masks_from(*self.finish(scored, rows, token_index), token_index)
+
+    def native_bf16_for(self, pixels: int) -> bool:
+        """Whether score() on image embeddings of `pixels` (h x w) can multiply in bf16 in the
+        native kernels: float32 weights on a CPU with AVX512-BF16, a decoder and size they take."""
+        weight = self.iou_token.weight
+        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and score_kernel.bf16_available()
+                and score_kernel.supports(self, pixels))
 
     def _inputs(self, image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings):
         """The tokens B x (1 + T + prompts) x C and the image side (1 or B x C x h x w)."""
@@ -212,13 +223,15 @@ def _image_order(h: int, w: int, device: str) -> torch.Tensor:
 class Scored(NamedTuple):
     """MaskDecoder.score's state of B prompts: tokens after the attention blocks and their
     positional encodings (B x N x C), image keys before the last LayerNorm (B x hw x C),
-    the keys' positional encoding (1 x hw x C) and the embedding size (h, w)."""
+    the keys' positional encoding (1 x hw x C), the embedding size (h, w) and whether the
+    native kernels multiplied in bf16 (mask_logits does the same)."""
 
     queries: torch.Tensor
     tokens: torch.Tensor
     raw_keys: torch.Tensor
     key_pe: torch.Tensor
     size: tuple[int, int]
+    native_bf16: bool = False
 
 
 class Upsample2x(nn.ConvTranspose2d):

@@ -23,6 +23,7 @@ static inline v16 vload(const float *p) { v16 v; memcpy(&v, p, sizeof v); return
 static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 static inline v16 vsplat(float x) { return (v16){0} + x; }
 static inline v16 vsel(i16v m, v16 a, v16 b) { return (v16)((m & (i16v)a) | (~m & (i16v)b)); }
+static int round16(int n) { return (n + VL - 1) / VL * VL; }
 
 /* ---------------------------------------------------------------- matmul
  * C[i, j] = sum_k A[i * sai + k * sak] * B[k * ldb + j], i < M, j < N, k < K:
@@ -85,12 +86,163 @@ static void gemm(int M, int N, int K, const float *A, long sai, long sak, const 
     }
 }
 
-/* y (M x out) = x (M x in, row stride ldx) @ WT (in x out) + b */
-static void linear(int M, int in, int out, const float *x, long ldx, const float *WT, const float *b, float *y) {
-  gemm(M, out, in, x, ldx, 1, WT, out, y, out);
+/* ---------------------------------------------------------------- bf16 matmul
+ * Where the CPU has AVX512-BF16 (and the caller asks for it: precision bf16), the largest
+ * matmuls take bf16 operands with float32 sums: vdpbf16ps multiplies pairs of bf16 along k,
+ * twice fp32's multiply-adds per instruction. Operands are rounded to bf16 (nearest even) as
+ * they are packed: pairs (k, k + 1) side by side, an odd K padded with a zero row.
+ *   k-major (K x N, rows along N contiguous, as image-side tensors and transposed weights lie):
+ *     P[k2][n] = (x[2 k2][n], x[2 k2 + 1][n]), rows of round16(N) pairs (padding zero);
+ *   row-major (M x K, rows along K contiguous, as tokens lie): P[i][k2], rows of K2 pairs.
+ * The product reads A's pairs through strides (a_i, a_k) and B's k-major pairs. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAVE_BF16 1
+typedef uint32_t pair;
+
+static inline uint32_t bf16_bits(float x) {  /* round to nearest even (finite x) */
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+static long pairs_k_major(int K, int N) { return (long)(K + 1) / 2 * round16(N); }
+
+static void pack_k_major(int K, int N, const float *x, long ldx, pair *P) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                              23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  int ld = round16(N);
+  for (int k = 0; k < K; k += 2) {
+    const float *r0 = x + (long)k * ldx, *r1 = r0 + ldx;
+    pair *dst = P + (long)(k / 2) * ld;
+    for (int j = 0; j < ld; j += 16) {
+      __mmask16 m = N - j >= 16 ? 0xFFFF : (__mmask16)((1u << (N - j)) - 1);
+      __m512 lo = _mm512_maskz_loadu_ps(m, r0 + j);
+      __m512 hi = k + 1 < K ? _mm512_maskz_loadu_ps(m, r1 + j) : _mm512_setzero_ps();
+      __m512i b = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  /* lanes 0-15: row k, 16-31: row k + 1 */
+      _mm512_storeu_si512(dst + j, _mm512_permutexvar_epi16(interleave, b));
+    }
+  }
+}
+
+static long pairs_row_major(int M, int K) { return (long)M * ((K + 1) / 2); }
+
+static void pack_row_major(int M, int K, const float *x, long ldx, pair *P) {
+  int K2 = (K + 1) / 2;
+  for (int i = 0; i < M; i++) {
+    const float *r = x + (long)i * ldx;
+    pair *dst = P + (long)i * K2;
+    int k = 0;
+    for (; k + 32 <= K; k += 32)  /* in order: bf16 values side by side are the pairs */
+      _mm512_storeu_si512(dst + k / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + k + 16),
+                                                                     _mm512_loadu_ps(r + k)));
+    for (; k < K; k += 2)
+      dst[k / 2] = bf16_bits(r[k]) | (k + 1 < K ? bf16_bits(r[k + 1]) << 16 : 0u);
+  }
+}
+
+static inline __attribute__((always_inline)) void kern_bf16(int R, int V, int K2, const pair *A, long a_i,
+                                                             long a_k, const pair *B, long ldb, float *C,
+                                                             long ldc, __mmask16 last) {
+  __m512 c[8][4];
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < V; v++) c[r][v] = _mm512_setzero_ps();
+  for (int k = 0; k < K2; k++) {
+    __m512bh bv[4];
+    for (int v = 0; v < V; v++) bv[v] = (__m512bh)_mm512_loadu_si512(B + k * ldb + v * 16);
+    for (int r = 0; r < R; r++) {
+      __m512bh a = (__m512bh)_mm512_set1_epi32((int)A[r * a_i + k * a_k]);
+      for (int v = 0; v < V; v++) c[r][v] = _mm512_dpbf16_ps(c[r][v], a, bv[v]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < V; v++) _mm512_mask_storeu_ps(C + r * ldc + v * 16, v == V - 1 ? last : 0xFFFF, c[r][v]);
+}
+
+#define KERN_BF16_ROWS(V, rows, last)                                                                 \
+  switch (rows) {                                                                                    \
+    case 8: kern_bf16(8, V, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, last); break; \
+    case 7: kern_bf16(7, V, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, last); break; \
+    case 6: kern_bf16(6, V, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, last); break; \
+    case 5: kern_bf16(5, V, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, last); break; \
+    case 4: kern_bf16(4, V, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, last); break; \
+    case 3: kern_bf16(3, V, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, last); break; \
+    case 2: kern_bf16(2, V, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, last); break; \
+    case 1: kern_bf16(1, V, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, last); break; \
+  }
+
+/* C (M x N, row stride ldc) = A B: A's pairs at A[i * a_i + k2 * a_k], B k-major pairs */
+static void gemm_bf16(int M, int N, int K, const pair *A, long a_i, long a_k, const pair *B, float *C, long ldc) {
+  int K2 = (K + 1) / 2, j = 0;
+  long ldb = round16(N);
+  for (; j + 64 <= N; j += 64)
+    for (int i = 0; i < M; i += 4) {
+      if (M - i >= 4) kern_bf16(4, 4, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, 0xFFFF);
+      else KERN_BF16_ROWS(4, M - i, 0xFFFF)
+    }
+  for (; j < N; j += 16) {
+    __mmask16 last = N - j >= 16 ? 0xFFFF : (__mmask16)((1u << (N - j)) - 1);
+    for (int i = 0; i < M; i += 8) {
+      if (M - i >= 8) kern_bf16(8, 1, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, last);
+      else KERN_BF16_ROWS(1, M - i, last)
+    }
+  }
+}
+#else
+#define HAVE_BF16 0
+typedef uint32_t pair;
+static long pairs_k_major(int K, int N) { (void)K, (void)N; return 0; }
+static long pairs_row_major(int M, int K) { (void)M, (void)K; return 0; }
+#endif
+
+/* Whether this build has the bf16 matmuls (score_prompts and mask_prompts take them when asked). */
+int kernel_bf16(void) { return HAVE_BF16; }
+
+/* A kernel call's bf16 switch and the space its products pack operands into */
+typedef struct { int on; pair *work; } bf16_ctx;
+
+/* pairs mm() packs for an A of M x K (row-major: sak == 1, else k-major) and a B of K x N */
+static long mm_pairs(int M, int N, int K, long sak) {
+  return (sak == 1 ? pairs_row_major(M, K) : pairs_k_major(K, M)) + pairs_k_major(K, N);
+}
+
+/* C = A B as gemm() takes them; in bf16 where bf->on, A row-major (sak == 1) or k-major (sai
+ * == 1), B k-major, or bp: B packed already (then B is not read) */
+static void mm(const bf16_ctx *bf, int M, int N, int K, const float *A, long sai, long sak, const float *B,
+               long ldb, const pair *bp, float *C, long ldc) {
+#if HAVE_BF16
+  if (bf->on) {
+    pair *ap = bf->work, *rest;
+    long a_i, a_k;
+    if (sak == 1) {
+      pack_row_major(M, K, A, sai, ap);
+      a_i = (K + 1) / 2, a_k = 1, rest = ap + pairs_row_major(M, K);
+    } else {
+      pack_k_major(K, M, A, sak, ap);
+      a_i = 1, a_k = round16(M), rest = ap + pairs_k_major(K, M);
+    }
+    if (!bp) pack_k_major(K, N, B, ldb, rest);
+    gemm_bf16(M, N, K, ap, a_i, a_k, bp ? bp : rest, C, ldc);
+    return;
+  }
+#endif
+  (void)bp, (void)bf;
+  gemm(M, N, K, A, sai, sak, B, ldb, C, ldc);
+}
+
+/* y (M x out) = x (M x in, row stride ldx) @ WT (in x out) + b; with bf16 where bf->on and
+ * wp holds WT's pairs (k-major) */
+static void linear_bf(const bf16_ctx *bf, int M, int in, int out, const float *x, long ldx, const float *WT,
+                      const pair *wp, const float *b, float *y) {
+  if (bf && bf->on && wp) mm(bf, M, out, in, x, ldx, 1, NULL, 0, wp, y, out);
+  else gemm(M, out, in, x, ldx, 1, WT, out, y, out);
   if (b)
     for (int i = 0; i < M; i++)
       for (int j = 0; j < out; j++) y[i * out + j] += b[j];
+}
+
+static void linear(int M, int in, int out, const float *x, long ldx, const float *WT, const float *b, float *y) {
+  linear_bf(NULL, M, in, out, x, ldx, WT, NULL, b, y);
 }
 
 /* The 16 lane sums of a[0 .. 16), in order: a tree of lane shuffles and adds (15 steps for
@@ -331,8 +483,8 @@ static void layernorm_cols(int C, int N, const float *x, float *y, const float *
 }
 
 /* ---------------------------------------------------------------- model */
-/* Dimensions, in this order (dims[]). */
-enum { D_C, D_T, D_N, D_H, D_DI, D_MLP, D_IOU_HIDDEN, D_MASK_TOKENS, D_DEPTH, D_COUNT };
+/* Dimensions, in this order (dims[]), and whether to multiply in bf16 (where kernel_bf16()). */
+enum { D_C, D_T, D_N, D_H, D_DI, D_MLP, D_IOU_HIDDEN, D_MASK_TOKENS, D_DEPTH, D_BF16, D_COUNT };
 
 /* Weight pointers: per layer (L_* from layer * L_COUNT), then the final attention and IoU
  * head (F_* from depth * L_COUNT), then the image side shared by every prompt. WT: transposed
@@ -358,14 +510,49 @@ enum { A_WQT, A_BQ, A_WK, A_WVT, A_BV, A_WOT, A_BO };
 
 static const float EPS = 1e-5f;
 
-static int round16(int n) { return (n + VL - 1) / VL * VL; }
-
 static long lmax(long a, long b) { return a > b ? a : b; }
 
 /* scratch of tokens_to_image for T tokens */
 static long t2i_floats(long C, long N, long H, long Di, long T) {
   long TH = T * H, P = round16(TH);
   return 2 * T * Di + TH * C + TH * N + N * P + C * P + 2 * N;
+}
+
+/* The bf16 pairs of a block's token-side weights (self-attention's q, k, v and out, the MLP),
+ * packed once per call where the call multiplies in bf16; wp[P_*] points at them. */
+enum { P_SA_Q, P_SA_K, P_SA_V, P_SA_O, P_M1, P_M2, P_COUNT };
+enum { MAX_DEPTH = 16 };
+
+static long layer_pairs(long C, long mlp) {
+  return 4 * pairs_k_major(C, C) + pairs_k_major(C, mlp) + pairs_k_major(mlp, C);
+}
+
+#if HAVE_BF16
+static pair *pack_layer(const int *dims, const float *const *lw, pair *dst, const pair **wp) {
+  int C = dims[D_C], mlp = dims[D_MLP];
+  const int src[P_COUNT] = {L_SA_WQT, L_SA_WKT, L_SA_WVT, L_SA_WOT, L_M_W1T, L_M_W2T};
+  const int in[P_COUNT] = {C, C, C, C, C, mlp}, out[P_COUNT] = {C, C, C, C, mlp, C};
+  for (int i = 0; i < P_COUNT; i++) {
+    pack_k_major(in[i], out[i], lw[src[i]], out[i], dst);
+    wp[i] = dst;
+    dst += pairs_k_major(in[i], out[i]);
+  }
+  return dst;
+}
+#endif
+
+/* the packing space of tokens_to_image's and image_to_tokens' products for T tokens */
+static long attention_pairs(long C, long N, long H, long T) {
+  long TH = T * H;
+  return lmax(lmax(mm_pairs(TH, N, C, 1), mm_pairs(C, round16(TH), N, 1)),
+              lmax(mm_pairs(T, N, C, 1), mm_pairs(C, N, TH, C)));
+}
+
+/* score_prompts' bf16 packing space: the blocks' weights, an image tensor, the products' operands */
+static long score_pairs(const int *dims) {
+  long C = dims[D_C], T = dims[D_T], N = dims[D_N], mlp = dims[D_MLP];
+  return dims[D_DEPTH] * layer_pairs(C, mlp) + pairs_k_major(C, N) +
+         lmax(attention_pairs(C, N, dims[D_H], T), pairs_row_major(T, lmax(C, mlp)));
 }
 
 long score_scratch_floats(const int *dims) {
@@ -376,17 +563,17 @@ long score_scratch_floats(const int *dims) {
   sub = lmax(sub, 2 * T * Di + T * N);                                       /* tokens_to_shared_image */
   sub = lmax(sub, 2 * T * Di + 2 * TH * C + TH * N + 2 * N);                 /* image_to_tokens */
   sub = lmax(sub, 3 * N + 2 * C + 2 * Di + 3 * H * C + 2 * H * N + C * H + 2 * hid + 2 * N);  /* iou_of */
-  return 3 * N * C + 3 * T * C + T * mlp + sub;
+  return 3 * N * C + score_pairs(dims) + 3 * T * C + T * mlp + sub;
 }
 
 /* Self-attention of the T tokens: q, k from qk_in, v from v_in; out (T x C). */
 static void self_attention(const int *dims, const float *const *w, const float *qk_in, const float *v_in,
-                           float *out, float *s) {
+                           float *out, float *s, const bf16_ctx *bf, const pair *const *wp) {
   int C = dims[D_C], T = dims[D_T], H = dims[D_H], d = C / H;
   float *q = s, *k = q + T * C, *v = k + T * C, *att = v + T * C, *p = att + T * C;
-  linear(T, C, C, qk_in, C, w[L_SA_WQT], w[L_SA_BQ], q);
-  linear(T, C, C, qk_in, C, w[L_SA_WKT], w[L_SA_BK], k);
-  linear(T, C, C, v_in, C, w[L_SA_WVT], w[L_SA_BV], v);
+  linear_bf(bf, T, C, C, qk_in, C, w[L_SA_WQT], wp[P_SA_Q], w[L_SA_BQ], q);
+  linear_bf(bf, T, C, C, qk_in, C, w[L_SA_WKT], wp[P_SA_K], w[L_SA_BK], k);
+  linear_bf(bf, T, C, C, v_in, C, w[L_SA_WVT], wp[P_SA_V], w[L_SA_BV], v);
   float scale = 1.0f / sqrtf((float)d);
   for (int h = 0; h < H; h++) {
     for (int i = 0; i < T; i++)
@@ -404,13 +591,13 @@ static void self_attention(const int *dims, const float *const *w, const float *
       }
     }
   }
-  linear(T, C, C, att, C, w[L_SA_WOT], w[L_SA_BO], out);
+  linear_bf(bf, T, C, C, att, C, w[L_SA_WOT], wp[P_SA_O], w[L_SA_BO], out);
 }
 
 /* Attention of T tokens (x: T x C) to per-prompt image keys + pe (kpT: C x N) with values keysT
  * (C x N), folded (transformer.py's Attention._few_queries); out (T x C). */
 static void tokens_to_image(const int *dims, const float *const *aw, int T, const float *x, const float *kpT,
-                            const float *keysT, float *out, float *s) {
+                            const float *keysT, float *out, float *s, const bf16_ctx *bf) {
   int C = dims[D_C], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], d = Di / H;
   int TH = T * H, P = round16(TH);
   float *qh = s, *att = qh + T * Di, *F = att + T * Di, *scores = F + TH * C, *wT = scores + (long)TH * N,
@@ -420,9 +607,9 @@ static void tokens_to_image(const int *dims, const float *const *aw, int T, cons
   for (int i = 0; i < T * Di; i++) qh[i] *= scale;
   for (int h = 0; h < H; h++)  /* F[t * H + h] = qh[t, h] @ Wk[h] */
     gemm(T, C, d, qh + h * d, Di, 1, aw[A_WK] + (long)h * d * C, C, F + h * C, (long)H * C);
-  gemm(TH, N, C, F, C, 1, kpT, N, scores, N);  /* (t, h) x N */
+  mm(bf, TH, N, C, F, C, 1, kpT, N, NULL, scores, N);  /* (t, h) x N */
   softmax_rows(TH, N, scores, N, wT, P);
-  gemm(C, P, N, keysT, N, 1, wT, P, pooledT, P);  /* pooled^T: C x (t, h) */
+  mm(bf, C, P, N, keysT, N, 1, wT, P, NULL, pooledT, P);  /* pooled^T: C x (t, h) */
   for (int h = 0; h < H; h++)  /* att[t, h] = pooled[t, h] @ Wv[h]^T */
     gemm(T, d, C, pooledT + h, H, P, aw[A_WVT] + h * d, Di, att + h * d, Di);
   for (int t = 0; t < T; t++)
@@ -451,7 +638,8 @@ static void tokens_to_shared_image(const int *dims, const float *const *w, const
  * residualT + attention. img: the image queries, either projected and shared (Di x N, the
  * first block) or the per-prompt keys + pe (C x N), folded into the token keys. */
 static void image_to_tokens(const int *dims, const float *const *w, const float *tok_kp, const float *tok_v,
-                            const float *img, int shared, const float *residualT, float *outT, float *s) {
+                            const float *img, int shared, const float *residualT, float *outT, float *s,
+                            const bf16_ctx *bf, pair *img_pairs) {
   int C = dims[D_C], T = dims[D_T], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], d = Di / H;
   int TH = T * H;
   float *kh = s, *vh = kh + T * Di, *values = vh + T * Di, *folded = values + TH * C, *scores = folded + TH * C,
@@ -459,13 +647,16 @@ static void image_to_tokens(const int *dims, const float *const *w, const float 
   linear(T, C, Di, tok_kp, C, w[L_IT_WKT], w[L_IT_BK], kh);
   float scale = 1.0f / sqrtf((float)d);
   for (int i = 0; i < T * Di; i++) kh[i] *= scale;
+#if HAVE_BF16
+  if (bf->on && !shared) pack_k_major(C, N, img, N, img_pairs);  /* once for every head */
+#endif
   for (int h = 0; h < H; h++) {  /* scores (h, t) x N */
     float *sh = scores + (long)h * T * N;
     if (shared) {
       gemm(T, N, d, kh + h * d, Di, 1, img + (long)h * d * N, N, sh, N);
     } else {  /* folded: row (h, t) = kh[t, h] @ Wq[h], plus kh[t, h] . bq[h] */
       gemm(T, C, d, kh + h * d, Di, 1, w[L_IT_WQ] + (long)h * d * C, C, folded + (long)h * T * C, C);
-      gemm(T, N, C, folded + (long)h * T * C, C, 1, img, N, sh, N);
+      mm(bf, T, N, C, folded + (long)h * T * C, C, 1, img, N, img_pairs, sh, N);
       for (int t = 0; t < T; t++) {
         float bias = 0.0f;
         for (int e = 0; e < d; e++) bias += kh[t * Di + h * d + e] * w[L_IT_BQ][h * d + e];
@@ -479,7 +670,7 @@ static void image_to_tokens(const int *dims, const float *const *w, const float 
     gemm(T, C, d, vh + h * d, Di, 1, w[L_IT_WOT] + (long)h * d * C, C, values + (long)h * T * C, C);
   for (int j = 0; j < TH; j++)
     for (int c = 0; c < C; c++) values[(long)j * C + c] += w[L_IT_BO][c] / H;
-  gemm(C, N, TH, values, 1, C, scores, N, outT, N);  /* values^T @ weights */
+  mm(bf, C, N, TH, values, 1, C, scores, N, NULL, outT, N);  /* values^T @ weights */
   add((long)N * C, outT, residualT, outT);
 }
 
@@ -555,8 +746,16 @@ void score_prompts(const int *dims, const float *const *w, int first, int last, 
   int C = dims[D_C], T = dims[D_T], N = dims[D_N], depth = dims[D_DEPTH], mlp = dims[D_MLP];
   const float *const *f = w + (long)depth * L_COUNT;
   long NC = (long)N * C;
-  float *keysT = scratch, *kpT = keysT + NC, *img_out = kpT + NC, *rest = img_out + NC;
+  float *keysT = scratch, *kpT = keysT + NC, *img_out = kpT + NC, *rest = img_out + NC + score_pairs(dims);
   float *q = rest, *x = q + T * C, *o = x + T * C, *hbuf = o + T * C, *sub = hbuf + (long)T * mlp;
+  /* bf16: the blocks' token-side weights (packed once per call), an image tensor's pairs, the
+   * products' operands */
+  pair *layer_packs = (pair *)(img_out + NC), *img_pairs = layer_packs + depth * layer_pairs(C, mlp);
+  bf16_ctx bfc = {HAVE_BF16 && dims[D_BF16], img_pairs + pairs_k_major(C, N)};
+  const pair *wp[MAX_DEPTH][P_COUNT] = {{NULL}};
+#if HAVE_BF16
+  for (int l = 0; bfc.on && l < depth; l++) layer_packs = pack_layer(dims, w + (long)l * L_COUNT, layer_packs, wp[l]);
+#endif
   for (int p = first; p < last; p++) {
     const float *pe = tokens + (long)p * T * C;
     float *rawT = raw_out + (long)p * NC;
@@ -564,11 +763,11 @@ void score_prompts(const int *dims, const float *const *w, int first, int last, 
       const float *const *lw = w + (long)l * L_COUNT;
       int last_layer = l == depth - 1;
       if (l == 0) {
-        self_attention(dims, lw, pe, pe, o, sub);
+        self_attention(dims, lw, pe, pe, o, sub, &bfc, wp[l]);
         layernorm(T, C, o, q, lw[L_N1_W], lw[L_N1_B], EPS);
       } else {
         add(T * C, q, pe, x);
-        self_attention(dims, lw, x, q, o, sub);
+        self_attention(dims, lw, x, q, o, sub, &bfc, wp[l]);
         add(T * C, q, o, o);
         layernorm(T, C, o, q, lw[L_N1_W], lw[L_N1_B], EPS);
       }
@@ -576,19 +775,19 @@ void score_prompts(const int *dims, const float *const *w, int first, int last, 
       if (l == 0) {
         tokens_to_shared_image(dims, lw, f, x, o, sub);
       } else {
-        tokens_to_image(dims, lw + L_TI_WQT, T, x, kpT, keysT, o, sub);
+        tokens_to_image(dims, lw + L_TI_WQT, T, x, kpT, keysT, o, sub, &bfc);
       }
       add(T * C, q, o, o);
       layernorm(T, C, o, q, lw[L_N2_W], lw[L_N2_B], EPS);
-      linear(T, C, mlp, q, C, lw[L_M_W1T], lw[L_M_B1], hbuf);
+      linear_bf(&bfc, T, C, mlp, q, C, lw[L_M_W1T], wp[l][P_M1], lw[L_M_B1], hbuf);
       for (long i = 0; i < (long)T * mlp; i++) hbuf[i] = hbuf[i] > 0.0f ? hbuf[i] : 0.0f;
-      linear(T, mlp, C, hbuf, mlp, lw[L_M_W2T], lw[L_M_B2], o);
+      linear_bf(&bfc, T, mlp, C, hbuf, mlp, lw[L_M_W2T], wp[l][P_M2], lw[L_M_B2], o);
       add(T * C, q, o, o);
       layernorm(T, C, o, q, lw[L_N3_W], lw[L_N3_B], EPS);
       add(T * C, q, pe, x);
       float *dst = last_layer ? rawT : img_out;
-      if (l == 0) image_to_tokens(dims, lw, x, q, f[F_QIMG], 1, f[F_SRC], dst, sub);
-      else image_to_tokens(dims, lw, x, q, kpT, 0, keysT, dst, sub);
+      if (l == 0) image_to_tokens(dims, lw, x, q, f[F_QIMG], 1, f[F_SRC], dst, sub, &bfc, img_pairs);
+      else image_to_tokens(dims, lw, x, q, kpT, 0, keysT, dst, sub, &bfc, img_pairs);
       if (!last_layer) layernorm_cols(C, N, img_out, keysT, lw[L_N4_W], lw[L_N4_B], EPS, f[F_PE], kpT);
     }
     memcpy(queries_out + (long)p * T * C, q, sizeof(float) * T * C);
@@ -650,7 +849,10 @@ static const float EPS2D = 1e-6f;
 long mask_scratch_floats(const int *dims, const int *mdims) {
   long C = dims[D_C], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], S = mdims[E_SEL];
   long C4 = mdims[E_C4], C8 = mdims[E_C8];
-  return 2 * N * C + 4 * C4 * N + 4 * C8 * N + S * N + 2 * S * C + S * C8 + 2 * C + t2i_floats(C, N, H, Di, S);
+  long packs = pairs_k_major(C, 4 * C4) + pairs_k_major(C4, 4 * C8) + pairs_k_major(C, N) + pairs_k_major(C4, N) +
+               attention_pairs(C, N, H, S);
+  return 2 * N * C + 4 * C4 * N + 4 * C8 * N + S * N + 2 * S * C + S * C8 + 2 * C + packs +
+         t2i_floats(C, N, H, Di, S);
 }
 
 /* Prompts [first, last) of rows (indices into queries B x T x C, tokens B x T x C and raw keys
@@ -664,7 +866,17 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
   long NC = (long)N * C;
   float *KT = scratch, *kpT = KT + NC, *Y1 = kpT + NC, *Y2 = Y1 + 4L * C4 * N, *mt = Y2 + 4L * C8 * N,
         *x = mt + (long)S * N, *o = x + S * C, *hyper = o + S * C, *hid = hyper + S * C8, *hid2 = hid + C,
-        *sub = hid2 + C;
+        *packs = hid2 + C;
+  pair *w1p = (pair *)packs, *w2p = w1p + pairs_k_major(C, 4 * C4), *kp = w2p + pairs_k_major(C4, 4 * C8),
+       *y1p = kp + pairs_k_major(C, N);
+  bf16_ctx bfc = {HAVE_BF16 && dims[D_BF16], y1p + pairs_k_major(C4, N)};
+  float *sub = (float *)(bfc.work + attention_pairs(C, N, dims[D_H], S));
+#if HAVE_BF16
+  if (bfc.on) {  /* the upscaling weights as A operands: pairs along their input channels */
+    pack_k_major(C, 4 * C4, w[M_UP1_W], 4 * C4, w1p);
+    pack_k_major(C4, 4 * C8, w[M_UP2_W], 4 * C8, w2p);
+  }
+#endif
   for (int p = first; p < last; p++) {
     const float *rawT = raw + rows[p] * NC, *q = queries + rows[p] * T * C, *pe = tokens + rows[p] * T * C;
     layernorm_cols(C, N, rawT, KT, w[M_N4_W], w[M_N4_B], EPS, w[M_PE], kpT);
@@ -672,7 +884,7 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
       long tok = 1 + token_index[t];
       add(C, q + tok * C, pe + tok * C, x + t * C);
     }
-    tokens_to_image(dims, w + M_ATT, S, x, kpT, KT, o, sub);
+    tokens_to_image(dims, w + M_ATT, S, x, kpT, KT, o, sub, &bfc);
     for (int t = 0; t < S; t++) add(C, o + t * C, q + (1 + token_index[t]) * C, o + t * C);
     layernorm(S, C, o, o, w[M_NF_W], w[M_NF_B], EPS);
     for (int t = 0; t < S; t++) {
@@ -684,7 +896,13 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
       linear(1, C, C8, hid2, C, mw[4], mw[5], hyper + t * C8);
     }
     /* first upscaling: rows (ky1, kx1, c4) x pixels, then LayerNorm over c4 and GELU */
-    gemm(4 * C4, N, C, w[M_UP1_W], 1, 4 * C4, KT, N, Y1, N);
+#if HAVE_BF16
+    if (bfc.on) {
+      pack_k_major(C, N, KT, N, kp);
+      gemm_bf16(4 * C4, N, C, w1p, 1, round16(4 * C4), kp, Y1, N);
+    } else
+#endif
+      gemm(4 * C4, N, C, w[M_UP1_W], 1, 4 * C4, KT, N, Y1, N);
     for (int i = 0; i < 4 * C4; i++) {
       float bias = w[M_UP1_B][i % C4], *y = Y1 + (long)i * N;
       for (int n = 0; n < N; n++) y[n] += bias;
@@ -696,7 +914,13 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
     }
     /* second upscaling per first sub-pixel: rows (ky2, kx2, c8), GELU, the mask products */
     for (int s1 = 0; s1 < 4; s1++) {
-      gemm(4 * C8, N, C4, w[M_UP2_W], 1, 4 * C8, Y1 + (long)s1 * C4 * N, N, Y2, N);
+#if HAVE_BF16
+      if (bfc.on) {
+        pack_k_major(C4, N, Y1 + (long)s1 * C4 * N, N, y1p);
+        gemm_bf16(4 * C8, N, C4, w2p, 1, round16(4 * C8), y1p, Y2, N);
+      } else
+#endif
+        gemm(4 * C8, N, C4, w[M_UP2_W], 1, 4 * C8, Y1 + (long)s1 * C4 * N, N, Y2, N);
       for (int i = 0; i < 4 * C8; i++) {
         float bias = w[M_UP2_B][i % C8], *y = Y2 + (long)i * N;
         for (int n = 0; n < N; n++) y[n] += bias;

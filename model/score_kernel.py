@@ -39,6 +39,7 @@ SOURCE = Path(__file__).with_name("score_kernel.c")
 # 64 prompts at two threads, an official-sized decoder (64 x 64 x 256, 4 MB) took 981 vs 671 ms
 # (score) and 1369 vs 722 ms (masks) natively; vit_t's (32 x 32 x 128) 70 vs 93 and 71 vs 107.
 MAX_IMAGE_FLOATS = 1 << 18
+MAX_DEPTH = 16  # two-way transformer blocks (score_kernel.c's MAX_DEPTH; SAM's decoder has 2)
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno"]
 _lock = threading.Lock()
 _library: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
@@ -111,7 +112,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mask_scratch_floats.restype = ctypes.c_long
     lib.mask_prompts.argtypes = [p, p, p, ctypes.c_int, ctypes.c_int, p, p, p, p, p, p, p]
     lib.mask_prompts.restype = None
+    lib.kernel_bf16.argtypes = []
+    lib.kernel_bf16.restype = ctypes.c_int
     return lib
+
+
+def bf16_available() -> bool:
+    """Whether the kernels can multiply in bf16 (built for a CPU with AVX512-BF16)."""
+    return available() and bool(_load().kernel_bf16())
 
 
 def supports(decoder: nn.Module, pixels: int) -> bool:
@@ -126,7 +134,8 @@ def supports(decoder: nn.Module, pixels: int) -> bool:
     return (all(type(layer.mlp.act) is nn.ReLU for layer in t.layers)
             and len(decoder.iou_prediction_head.layers) == 3 and not decoder.iou_prediction_head.sigmoid_output
             and all(n.eps == 1e-5 and n.weight is not None for n in norms)
-            and t.layers[0].self_attn.num_heads <= 64 and _upscaling_supported(decoder))
+            and t.layers[0].self_attn.num_heads <= 64 and len(t.layers) <= MAX_DEPTH
+            and _upscaling_supported(decoder))
 
 
 def _upscaling_supported(decoder: nn.Module) -> bool:
@@ -203,13 +212,13 @@ def _packed_for(decoder: nn.Module) -> _Packed:
 
 
 @torch.no_grad()
-def score(decoder: nn.Module, tokens: torch.Tensor, src: torch.Tensor, image_pe: torch.Tensor
+def score(decoder: nn.Module, tokens: torch.Tensor, src: torch.Tensor, image_pe: torch.Tensor, bf16: bool = False
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MaskDecoder.score's pass for tokens B x T x C (also their positional encoding) on one
     shared image side (src, image_pe: 1 x C x h x w): IoU predictions B x M, tokens after
     the blocks B x T x C, image keys before the last LayerNorm B x hw x C (a view of a
     channel-major B x C x hw tensor, the kernel's layout) and the keys' positional encoding
-    1 x hw x C."""
+    1 x hw x C. bf16: the matmuls take bf16 operands (float32 sums), where bf16_available()."""
     lib = _load()
     packed = _packed_for(decoder)
     b, n_tok, c = tokens.shape
@@ -219,7 +228,7 @@ def score(decoder: nn.Module, tokens: torch.Tensor, src: torch.Tensor, image_pe:
     pointers = (ctypes.c_void_p * (len(packed.tensors) + len(shared)))(
         *[x.data_ptr() for x in packed.tensors + shared])
     n = src_t.shape[1]
-    dims = _dims(decoder, packed, c, n_tok, n)
+    dims = _dims(decoder, packed, c, n_tok, n, bf16)
     tokens = tokens.float().contiguous()
     queries = torch.empty_like(tokens)
     raw = torch.empty(b, c, n)
@@ -250,9 +259,11 @@ def _image_side(decoder: nn.Module, packed: _Packed, src_t: torch.Tensor, pe_t: 
     return side
 
 
-def _dims(decoder: nn.Module, packed: _Packed, c: int, n_tok: int, n: int):
-    return (ctypes.c_int * 9)(c, n_tok, n, packed.heads, packed.internal, packed.mlp, packed.iou_hidden,
-                              decoder.num_mask_tokens, packed.depth)
+def _dims(decoder: nn.Module, packed: _Packed, c: int, n_tok: int, n: int, bf16: bool):
+    if bf16 and not bf16_available():
+        raise ValueError("bf16 matmuls need kernels built for a CPU with AVX512-BF16 (see bf16_available)")
+    return (ctypes.c_int * 10)(c, n_tok, n, packed.heads, packed.internal, packed.mlp, packed.iou_hidden,
+                               decoder.num_mask_tokens, packed.depth, int(bf16))
 
 
 def _threads(n: int, fn) -> None:
@@ -269,11 +280,12 @@ def _threads(n: int, fn) -> None:
 
 @torch.no_grad()
 def mask_logits(decoder: nn.Module, queries: torch.Tensor, tokens: torch.Tensor, raw_keys: torch.Tensor,
-                key_pe: torch.Tensor, size: tuple[int, int], rows: torch.Tensor, token_index: torch.Tensor
-                ) -> torch.Tensor:
+                key_pe: torch.Tensor, size: tuple[int, int], rows: torch.Tensor, token_index: torch.Tensor,
+                bf16: bool = False) -> torch.Tensor:
     """MaskDecoder.masks_from(*finish(...)) of a score() pass (its queries, tokens, raw keys,
     key_pe and size): low-res logits len(rows) x len(token_index) x 4h x 4w of the mask tokens
-    token_index (indices among the mask tokens, as finish and masks_from take them)."""
+    token_index (indices among the mask tokens, as finish and masks_from take them). bf16: as
+    for score."""
     lib = _load()
     packed = _packed_for(decoder)
     b, n_tok, c = tokens.shape
@@ -284,7 +296,7 @@ def mask_logits(decoder: nn.Module, queries: torch.Tensor, tokens: torch.Tensor,
     pe_t = key_pe.reshape(n, c).t().float().contiguous()
     weights = [pe_t if x is None else x for x in packed.mask_tensors]
     pointers = (ctypes.c_void_p * len(weights))(*[x.data_ptr() for x in weights])
-    dims = _dims(decoder, packed, c, n_tok, n)
+    dims = _dims(decoder, packed, c, n_tok, n, bf16)
     mdims = (ctypes.c_int * 5)(*packed.upscale_channels, h, w, len(chosen))
     queries, tokens = (x.float().contiguous() for x in (queries, tokens))
     raw_t = raw_keys.transpose(1, 2).float().contiguous()  # B x C x hw: no copy of score()'s output

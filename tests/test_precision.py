@@ -1,16 +1,18 @@
 """The bf16 twin of a model's prompt side (model.precision.decoding_model): what it holds,
-that it follows the model's weights, and that the automatic generator's bf16 path built on
-it gives the official generator's masks up to bf16 rounding, live, with trained weights."""
+that it follows the model's weights, and that the automatic generator's bf16 paths (that twin,
+or the native kernels' bf16 matmuls where the CPU has them) give the official generator's
+masks up to bf16 rounding, live, with trained weights."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator
 
 from amg import AutomaticMaskGenerator
 from amg.compare import match_records
-from model import Sam, get_config, load_checkpoint
+from model import Sam, get_config, load_checkpoint, score_kernel
 from model.precision import decoding_model
 from schemas.annotate import DEFAULT_CHECKPOINT
 from tests.official import build_official
@@ -59,8 +61,9 @@ def test_bf16_twin_follows_new_weights():
                                model.mask_decoder.mask_tokens.weight, rtol=1e-2, atol=1e-2)
 
 
-def test_bf16_generator_gives_the_official_masks_up_to_rounding():
-    """bf16 against the official generator in fp32, with the bundled checkpoint. Its masks
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_bf16_generator_gives_the_official_masks_up_to_rounding(native, monkeypatch):
+    """bf16 (the twin; with native "1" the kernels' bf16 matmuls where they have them) against the official generator in fp32, with the bundled checkpoint. Its masks
     are soft (stability 0.1 admits masks whose area moves with every logit), so bf16 rounding
     moves many boundaries by a few pixels (benchmarks/amg.py counts them at full size);
     what must hold is the same masks: nearly the same count, every official mask found, and
@@ -73,6 +76,10 @@ def test_bf16_generator_gives_the_official_masks_up_to_rounding():
     image = np.asarray(photo)
     kwargs = dict(points_per_side=16, pred_iou_thresh=0.1, stability_score_thresh=0.1, output_mode="coco_rle")
     theirs = SamAutomaticMaskGenerator(official.eval(), **kwargs).generate(image)
+    monkeypatch.setenv("SAMENGINE_NATIVE", native)
+    # the path taken: the native one wherever the kernels multiply in bf16
+    assert ours.mask_decoder.native_bf16_for(ours.config.embedding_size ** 2) == (
+        native == "1" and score_kernel.bf16_available())
     mine = AutomaticMaskGenerator(ours.eval(), precision="bf16", **kwargs).generate(image)
     assert len(theirs) >= 100, f"only {len(theirs)} official masks"
     assert abs(len(mine) - len(theirs)) <= 0.05 * len(theirs)

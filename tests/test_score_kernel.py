@@ -44,6 +44,11 @@ CONFIGS = {
                                           encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
                                           window_size=5, prompt_embed_dim=96, decoder_mlp_dim=192,
                                           decoder_num_heads=6, iou_head_hidden_dim=64),
+    # 3 heads and 9 x 9 image tokens: odd sums (7 tokens x 3 heads, 81 pixels) for the bf16
+    # products' pairs
+    "3 heads, 9x9": SamConfig(name="t3", image_size=144, patch_size=16, encoder_embed_dim=48, encoder_depth=2,
+                              encoder_num_heads=2, encoder_global_attn_indexes=(1,), window_size=3,
+                              prompt_embed_dim=96, decoder_mlp_dim=160, decoder_num_heads=3, iou_head_hidden_dim=64),
 }
 
 
@@ -81,6 +86,34 @@ def test_kernels_compute_the_torch_decoder(name, monkeypatch):
     assert scale > 0.01  # not all zero
     torch.testing.assert_close(native_masks, masks, rtol=0, atol=2e-5 * scale)
     torch.testing.assert_close(crossed, masks, rtol=0, atol=2e-5 * scale)
+
+
+@pytest.mark.skipif(not score_kernel.bf16_available(), reason="kernels built for a CPU without AVX512-BF16")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_bf16_kernels_stay_within_bf16_rounding_of_the_torch_decoder(name, monkeypatch):
+    """native_bf16: the matmuls take bf16 operands (8 significant bits, float32 sums), so
+    results move by a fraction of a percent of their scale, no more; and they do move (the
+    float32 kernels agree with torch to ~1e-6)."""
+    model = _random_model(CONFIGS[name], seed=3)
+    decoder = model.mask_decoder
+    assert decoder.native_bf16_for(model.config.embedding_size ** 2)
+    embedding, pe, sparse, dense = _prompts(model, 11, seed=4)
+    rows, tokens = torch.tensor([0, 3, 4, 10]), torch.tensor([1, 2, 3])
+    with torch.inference_mode():
+        monkeypatch.setenv("SAMENGINE_NATIVE", "0")
+        iou, scored = decoder.score(embedding, pe, sparse, dense)
+        masks = decoder.mask_logits(scored, rows, tokens)
+        monkeypatch.setenv("SAMENGINE_NATIVE", "1")
+        bf16_iou, bf16 = decoder.score(embedding, pe, sparse, dense, native_bf16=True)
+        bf16_masks = decoder.mask_logits(bf16, rows, tokens)
+    assert bf16.native_bf16
+    torch.testing.assert_close(bf16_iou, iou, rtol=0, atol=0.005)
+    keys_scale = scored.raw_keys.abs().max()
+    assert (bf16.raw_keys - scored.raw_keys).abs().max() <= 0.01 * keys_scale
+    scale = masks.abs().max()
+    error = (bf16_masks - masks).abs()
+    assert error.max() <= 0.02 * scale and error.mean() <= 0.003 * scale
+    assert error.max() >= 1e-4 * scale  # bf16 products did run
 
 
 def test_image_side_kept_between_batches_follows_the_image(monkeypatch):
@@ -146,3 +179,12 @@ def test_official_sized_image_sides_take_the_torch_path():
     decoder = Sam(get_config("vit_b")).mask_decoder
     assert not score_kernel.supports(decoder, 64 * 64)  # 4 MB per prompt tensor: torch's passes win
     assert score_kernel.supports(decoder, 14 * 14)
+
+
+def test_native_bf16_where_the_kernels_cannot_is_an_error(monkeypatch):
+    model = _random_model(CONFIGS["bundled layout"], seed=3)
+    embedding, pe, sparse, dense = _prompts(model, 2, seed=4)
+    monkeypatch.setenv("SAMENGINE_NATIVE", "0")
+    assert not model.mask_decoder.native_bf16_for(model.config.embedding_size ** 2)
+    with torch.inference_mode(), pytest.raises(ValueError, match="native_bf16"):
+        model.mask_decoder.score(embedding, pe, sparse, dense, native_bf16=True)
