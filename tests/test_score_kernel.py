@@ -4,6 +4,7 @@ records; without a C compiler the torch path runs instead."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -64,6 +65,32 @@ def _prompts(model: Sam, n: int, seed: int):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_kernels_compute_the_torch_decoder(name, monkeypatch):
+    _check_against_torch(name, monkeypatch)
+
+
+def _avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return platform.machine() == "x86_64" and {"avx2", "fma", "bmi2", "movbe"} <= set(flags)
+
+
+@pytest.mark.skipif(not _avx2(), reason="an x86-64 CPU with AVX2 builds the kernels without AVX-512")
+def test_kernels_built_without_avx512_compute_the_torch_decoder(tmp_path, monkeypatch):
+    """The build for CPUs without AVX-512 (x86-64-v3: AVX2) takes other paths: the erf-based
+    GELU, no bf16 products, vectors of 16 lanes split in two. Same function."""
+    monkeypatch.setenv("SAMENGINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(score_kernel, "FLAGS", ["-march=x86-64-v3" if f == "-march=native" else f
+                                                for f in score_kernel.FLAGS])
+    monkeypatch.setattr(score_kernel, "_library", False)  # build and load that one
+    assert score_kernel.available() and not score_kernel.bf16_available()
+    for name in ("3 heads, 9x9", "6 heads, width 96, 10x10"):
+        _check_against_torch(name, monkeypatch)
+
+
+def _check_against_torch(name, monkeypatch):
     model = _random_model(CONFIGS[name], seed=3)
     decoder = model.mask_decoder
     assert score_kernel.supports(decoder, model.config.embedding_size ** 2)
