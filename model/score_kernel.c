@@ -441,43 +441,46 @@ static void add(long n, const float *a, const float *b, float *y) {
 }
 
 /* y = LayerNorm(x) over the rows of each column: x, y C x N (channel-major; y may be x);
- * with pe (C x N), also ype = y + pe */
+ * with pe (C x N), also ype = y + pe. stats: 2 N floats. Two sweeps along the rows, each
+ * pixel's statistics in vectors across pixels: sums of the values and of their squares taken
+ * relative to the first row's value (no cancellation for a column far from 0), then the
+ * normalized rows. (Walking a column's C values instead strides by N, which for N a power of
+ * two maps them to a few cache sets and misses on every pass.) */
 static void layernorm_cols(int C, int N, const float *x, float *y, const float *w, const float *b, float eps,
-                           const float *pe, float *ype) {
-  for (int n0 = 0; n0 < N; n0 += VL) {
-    int lanes = N - n0 < VL ? N - n0 : VL;
-    v16 mean = {0}, var = {0};
-    float buf[VL] = {0};
-    for (int c = 0; c < C; c++) {
-      const float *src = x + (long)c * N + n0;
-      if (lanes < VL) memcpy(buf, src, sizeof(float) * lanes);
-      mean += vload(lanes < VL ? buf : src);
+                           const float *pe, float *ype, float *stats) {
+  float *mean = stats, *rstd = stats + N;
+  int n;
+  for (n = 0; n < N; n++) mean[n] = rstd[n] = 0.0f;
+  for (int c = 1; c < C; c++) {
+    const float *r = x + (long)c * N;
+    for (n = 0; n + VL <= N; n += VL) {
+      v16 d = vload(r + n) - vload(x + n);
+      vstore(mean + n, vload(mean + n) + d);
+      vstore(rstd + n, vload(rstd + n) + d * d);
     }
-    mean = mean / (float)C;
-    for (int c = 0; c < C; c++) {
-      const float *src = x + (long)c * N + n0;
-      if (lanes < VL) memcpy(buf, src, sizeof(float) * lanes);
-      v16 v = vload(lanes < VL ? buf : src) - mean;
-      var += v * v;
+    for (; n < N; n++) {
+      float d = r[n] - x[n];
+      mean[n] += d, rstd[n] += d * d;
     }
-    float inv[VL];
-    vstore(inv, var / (float)C + eps);
-    for (int l = 0; l < VL; l++) inv[l] = 1.0f / sqrtf(inv[l]);
-    v16 rstd = vload(inv);
-    for (int c = 0; c < C; c++) {
-      long at = (long)c * N + n0;
-      if (lanes < VL) {
-        memcpy(buf, x + at, sizeof(float) * lanes);
-        v16 v = (vload(buf) - mean) * rstd * w[c] + b[c];
-        vstore(buf, v);
-        memcpy(y + at, buf, sizeof(float) * lanes);
-        if (pe)
-          for (int l = 0; l < lanes; l++) ype[at + l] = buf[l] + pe[at + l];
-      } else {
-        v16 v = (vload(x + at) - mean) * rstd * w[c] + b[c];
-        vstore(y + at, v);
-        if (pe) vstore(ype + at, v + vload(pe + at));
-      }
+  }
+  for (n = 0; n < N; n++) {
+    float m = mean[n] / C, var = rstd[n] / C - m * m;
+    mean[n] = x[n] + m;
+    rstd[n] = 1.0f / sqrtf((var > 0.0f ? var : 0.0f) + eps);
+  }
+  for (int c = 0; c < C; c++) {
+    const float *r = x + (long)c * N;
+    float *o = y + (long)c * N;
+    float wc = w[c], bc = b[c];
+    for (n = 0; n + VL <= N; n += VL) {
+      v16 v = (vload(r + n) - vload(mean + n)) * vload(rstd + n) * wc + bc;
+      vstore(o + n, v);
+      if (pe) vstore(ype + (long)c * N + n, v + vload(pe + (long)c * N + n));
+    }
+    for (; n < N; n++) {
+      float v = (r[n] - mean[n]) * rstd[n] * wc + bc;
+      o[n] = v;
+      if (pe) ype[(long)c * N + n] = v + pe[(long)c * N + n];
     }
   }
 }
@@ -788,7 +791,7 @@ void score_prompts(const int *dims, const float *const *w, int first, int last, 
       float *dst = last_layer ? rawT : img_out;
       if (l == 0) image_to_tokens(dims, lw, x, q, f[F_QIMG], 1, f[F_SRC], dst, sub, &bfc, img_pairs);
       else image_to_tokens(dims, lw, x, q, kpT, 0, keysT, dst, sub, &bfc, img_pairs);
-      if (!last_layer) layernorm_cols(C, N, img_out, keysT, lw[L_N4_W], lw[L_N4_B], EPS, f[F_PE], kpT);
+      if (!last_layer) layernorm_cols(C, N, img_out, keysT, lw[L_N4_W], lw[L_N4_B], EPS, f[F_PE], kpT, sub);
     }
     memcpy(queries_out + (long)p * T * C, q, sizeof(float) * T * C);
     iou_of(dims, w + (long)(depth - 1) * L_COUNT, f, q, pe, rawT, iou_out + (long)p * dims[D_MASK_TOKENS], sub);
@@ -937,7 +940,7 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
 #endif
   for (int p = first; p < last; p++) {
     const float *rawT = raw + rows[p] * NC, *q = queries + rows[p] * T * C, *pe = tokens + rows[p] * T * C;
-    layernorm_cols(C, N, rawT, KT, w[M_N4_W], w[M_N4_B], EPS, w[M_PE], kpT);
+    layernorm_cols(C, N, rawT, KT, w[M_N4_W], w[M_N4_B], EPS, w[M_PE], kpT, sub);
     for (int t = 0; t < S; t++) {
       long tok = 1 + token_index[t];
       add(C, q + tok * C, pe + tok * C, x + t * C);
@@ -967,7 +970,7 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
     }
     for (int s1 = 0; s1 < 4; s1++) {
       float *blk = Y1 + (long)s1 * C4 * N;
-      layernorm_cols(C4, N, blk, blk, w[M_LN_W], w[M_LN_B], EPS2D, NULL, NULL);
+      layernorm_cols(C4, N, blk, blk, w[M_LN_W], w[M_LN_B], EPS2D, NULL, NULL, sub);
       gelu((long)C4 * N, blk);
     }
     /* second upscaling per first sub-pixel: rows (ky2, kx2, c8), GELU, the mask products */
