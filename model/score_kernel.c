@@ -598,9 +598,10 @@ static void self_attention(const int *dims, const float *const *w, const float *
 }
 
 /* Attention of T tokens (x: T x C) to per-prompt image keys + pe (kpT: C x N) with values keysT
- * (C x N), folded (transformer.py's Attention._few_queries); out (T x C). */
+ * (C x N), folded (transformer.py's Attention._few_queries); out (T x C). kp_pairs: kpT's
+ * k-major pairs, where the caller packed them (bf->on), or NULL. */
 static void tokens_to_image(const int *dims, const float *const *aw, int T, const float *x, const float *kpT,
-                            const float *keysT, float *out, float *s, const bf16_ctx *bf) {
+                            const float *keysT, float *out, float *s, const bf16_ctx *bf, const pair *kp_pairs) {
   int C = dims[D_C], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], d = Di / H;
   int TH = T * H, P = round16(TH);
   float *qh = s, *att = qh + T * Di, *F = att + T * Di, *scores = F + TH * C, *wT = scores + (long)TH * N,
@@ -610,7 +611,7 @@ static void tokens_to_image(const int *dims, const float *const *aw, int T, cons
   for (int i = 0; i < T * Di; i++) qh[i] *= scale;
   for (int h = 0; h < H; h++)  /* F[t * H + h] = qh[t, h] @ Wk[h] */
     gemm(T, C, d, qh + h * d, Di, 1, aw[A_WK] + (long)h * d * C, C, F + h * C, (long)H * C);
-  mm(bf, TH, N, C, F, C, 1, kpT, N, NULL, scores, N);  /* (t, h) x N */
+  mm(bf, TH, N, C, F, C, 1, kpT, N, kp_pairs, scores, N);  /* (t, h) x N */
   softmax_rows(TH, N, scores, N, wT, P);
   mm(bf, C, P, N, keysT, N, 1, wT, P, NULL, pooledT, P);  /* pooled^T: C x (t, h) */
   for (int h = 0; h < H; h++)  /* att[t, h] = pooled[t, h] @ Wv[h]^T */
@@ -639,10 +640,11 @@ static void tokens_to_shared_image(const int *dims, const float *const *w, const
 
 /* Image tokens attending to the T tokens (transformer.py's Attention._few_keys): outT (C x N),
  * residualT + attention. img: the image queries, either projected and shared (Di x N, the
- * first block) or the per-prompt keys + pe (C x N), folded into the token keys. */
+ * first block) or the per-prompt keys + pe (C x N), folded into the token keys; where bf->on,
+ * the latter's k-major pairs in img_pairs. */
 static void image_to_tokens(const int *dims, const float *const *w, const float *tok_kp, const float *tok_v,
                             const float *img, int shared, const float *residualT, float *outT, float *s,
-                            const bf16_ctx *bf, pair *img_pairs) {
+                            const bf16_ctx *bf, const pair *img_pairs) {
   int C = dims[D_C], T = dims[D_T], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], d = Di / H;
   int TH = T * H;
   float *kh = s, *vh = kh + T * Di, *values = vh + T * Di, *folded = values + TH * C, *scores = folded + TH * C,
@@ -650,9 +652,6 @@ static void image_to_tokens(const int *dims, const float *const *w, const float 
   linear(T, C, Di, tok_kp, C, w[L_IT_WKT], w[L_IT_BK], kh);
   float scale = 1.0f / sqrtf((float)d);
   for (int i = 0; i < T * Di; i++) kh[i] *= scale;
-#if HAVE_BF16
-  if (bf->on && !shared) pack_k_major(C, N, img, N, img_pairs);  /* once for every head */
-#endif
   for (int h = 0; h < H; h++) {  /* scores (h, t) x N */
     float *sh = scores + (long)h * T * N;
     if (shared) {
@@ -778,7 +777,10 @@ void score_prompts(const int *dims, const float *const *w, int first, int last, 
       if (l == 0) {
         tokens_to_shared_image(dims, lw, f, x, o, sub);
       } else {
-        tokens_to_image(dims, lw + L_TI_WQT, T, x, kpT, keysT, o, sub, &bfc);
+#if HAVE_BF16
+        if (bfc.on) pack_k_major(C, N, kpT, N, img_pairs);  /* for this block's two attentions */
+#endif
+        tokens_to_image(dims, lw + L_TI_WQT, T, x, kpT, keysT, o, sub, &bfc, bfc.on ? img_pairs : NULL);
       }
       add(T * C, q, o, o);
       layernorm(T, C, o, q, lw[L_N2_W], lw[L_N2_B], EPS);
@@ -945,7 +947,7 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
       long tok = 1 + token_index[t];
       add(C, q + tok * C, pe + tok * C, x + t * C);
     }
-    tokens_to_image(dims, w + M_ATT, S, x, kpT, KT, o, sub, &bfc);
+    tokens_to_image(dims, w + M_ATT, S, x, kpT, KT, o, sub, &bfc, NULL);
     for (int t = 0; t < S; t++) add(C, o + t * C, q + (1 + token_index[t]) * C, o + t * C);
     layernorm(S, C, o, o, w[M_NF_W], w[M_NF_B], EPS);
     for (int t = 0; t < S; t++) {
