@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amg import AmgParams, AutomaticMaskGenerator, decode_image, encode_image, postprocess  # noqa: E402
 from amg.compare import match_records  # noqa: E402
 from amg.params import checkpoint_defaults  # noqa: E402
-from model import Sam, get_config, load_checkpoint, read_checkpoint_meta  # noqa: E402
+from model import Sam, get_config, load_checkpoint, read_checkpoint_meta, score_kernel  # noqa: E402
 from model.memory import retain_freed_memory  # noqa: E402
 from schemas.annotate import DEFAULT_CHECKPOINT  # noqa: E402
 from schemas.throughput import FORMAT, ThroughputResults, write_results  # noqa: E402
@@ -143,6 +143,17 @@ def stage_times(model, image, params, precision):
     postprocess(crops, enc.orig_size, params)
     t3 = time.perf_counter()
     return t1 - t0, t2 - t1, t3 - t2
+
+
+def decoder_path(model: Sam, precision: str) -> str:
+    """Which decoder our generator runs at this precision (amg.decode's choice, crops aside)."""
+    pixels = model.config.embedding_size ** 2
+    if model.device.type == "cpu" and precision == "bf16" and model.mask_decoder.native_bf16_for(pixels):
+        return "native kernels, bf16 matmuls"
+    if model.device.type == "cpu" and precision == "fp32" and score_kernel.available() \
+            and score_kernel.supports(model.mask_decoder, pixels):
+        return "native kernels"
+    return "torch" + (", a bf16 copy of the decoder" if precision == "bf16" else "")
 
 
 def _spread(n: int, median: float) -> str:
@@ -255,6 +266,7 @@ def main() -> None:
           f"points, crop_n_layers={params.crop_n_layers}, min_mask_region_area={params.min_mask_region_area}, "
           f"pred_iou_thresh={params.pred_iou_thresh}, stability_score_thresh={params.stability_score_thresh}, "
           f"threads={torch.get_num_threads()}, malloc={args.malloc}")
+    print("decoder: " + "; ".join(f"{p}: {decoder_path(model, p)}" for p in args.precision))
     official = None if args.skip_official else official_generator(model, params)
     seconds = dict.fromkeys(("read", "encode", "decode_prompts", "postprocess", "write"), 0.0)
     images = load_images(args.size)[: args.images]

@@ -196,6 +196,9 @@ def test_amg_benchmark_writes_results(tmp_path):
     assert r.config["stability_score_thresh"] == recommended["stability_score_thresh"]
     assert f"wrote {path}" in proc.stdout
     assert proc.stdout.count("(best of 2, median") == 2  # one line per image
+    from model import score_kernel
+
+    assert ("decoder: fp32: native kernels" if score_kernel.available() else "decoder: fp32: torch") in proc.stdout
 
 
 def test_amg_write_stage_serialises_real_records(photo):
