@@ -35,11 +35,11 @@ def test_decoder_oom_costs_a_retry_not_the_image():
     score = stage.model.mask_decoder.score  # the decoder's pass over every prompt of a batch
     batches = []
 
-    def small_memory(image_embeddings, image_pe, sparse, dense):
+    def small_memory(image_embeddings, image_pe, sparse, dense, **options):
         batches.append(len(sparse))
         if len(sparse) > 9:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return score(image_embeddings, image_pe, sparse, dense)
+        return score(image_embeddings, image_pe, sparse, dense, **options)
 
     stage.model.mask_decoder.score = small_memory
     got = stage._candidates(stage._encode(image))
