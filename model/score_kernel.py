@@ -34,11 +34,14 @@ from .precision import weights_signature
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("score_kernel.c")
-# The largest per-prompt image tensor (hw x C floats) the kernels take: 1 MB, so that a
-# prompt's few such tensors stay in a core's cache. Beyond it torch's batched passes win: per
-# 64 prompts at two threads, an official-sized decoder (64 x 64 x 256, 4 MB) took 981 vs 671 ms
-# (score) and 1369 vs 722 ms (masks) natively; vit_t's (32 x 32 x 128) 70 vs 93 and 71 vs 107.
-MAX_IMAGE_FLOATS = 1 << 18
+# The largest per-prompt image tensor (hw x C floats) the kernels take: 4 MB, the official
+# ViT-B/L/H decoders' (64 x 64 x 256). Those no longer stay in a core's cache, but the kernels
+# still win: per prompt (64 per batch, idle 2-core AMD EPYC), one thread: torch 18.6 + 23.5 ms
+# (score + masks), native 17.3 + 18.3, native bf16 11.5 + 10.2; two threads: 9.6 + 12.1,
+# 8.8 + 9.5, 6.0 + 5.3. (Before their LayerNorm over channels swept rows, a 64 x 64 side's
+# power-of-two stride thrashed the cache and they lost: 981 vs 671 ms score per 64 prompts.)
+# Larger sides would need per-thread scratch of hundreds of MB: torch's path.
+MAX_IMAGE_FLOATS = 1 << 20
 MAX_DEPTH = 16  # two-way transformer blocks (score_kernel.c's MAX_DEPTH; SAM's decoder has 2)
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno"]
 _lock = threading.Lock()

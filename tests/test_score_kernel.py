@@ -202,10 +202,11 @@ def test_without_a_compiler_the_torch_path_runs(tmp_path):
     assert "native decoder kernels unavailable" in done.stderr
 
 
-def test_official_sized_image_sides_take_the_torch_path():
+def test_official_sized_image_sides_run_natively_larger_ones_in_torch():
     decoder = Sam(get_config("vit_b")).mask_decoder
-    assert not score_kernel.supports(decoder, 64 * 64)  # 4 MB per prompt tensor: torch's passes win
+    assert score_kernel.supports(decoder, 64 * 64)  # the official decoders' 4 MB per prompt tensor
     assert score_kernel.supports(decoder, 14 * 14)
+    assert not score_kernel.supports(decoder, 96 * 96)  # 9 MB: torch's path
 
 
 def test_native_bf16_where_the_kernels_cannot_is_an_error(monkeypatch):
