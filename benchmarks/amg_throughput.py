@@ -43,7 +43,7 @@ def _single_image_benchmark():
     return module
 
 
-def _worker(side: str, threads: int, args: argparse.Namespace, barrier, results) -> None:
+def _worker(side: str, precision: str, threads: int, args: argparse.Namespace, barrier, results) -> None:
     torch.set_num_threads(threads)
     retain_freed_memory()  # as our workers run; both sides alike
     bench = _single_image_benchmark()
@@ -51,7 +51,8 @@ def _worker(side: str, threads: int, args: argparse.Namespace, barrier, results)
     model.eval()
     params = AmgParams(points_per_side=args.points_per_side, output_mode="coco_rle").over(
         checkpoint_defaults(read_checkpoint_meta(args.checkpoint, None)))
-    generator = bench.official_generator(model, params) if side == "official" else AutomaticMaskGenerator(model, params)
+    generator = (bench.official_generator(model, params) if side == "official"
+                 else AutomaticMaskGenerator(model, params, precision=precision))
     images = [image for _, image in bench.load_images(args.size)[: args.images]]
     warm = np.ascontiguousarray(images[0][::8, ::8])  # one-off set-up (seconds on first calls), cheaply
     generator.generate(warm)
@@ -61,11 +62,13 @@ def _worker(side: str, threads: int, args: argparse.Namespace, barrier, results)
     results.put((start, time.perf_counter(), masks))
 
 
-def run_layout(side: str, processes: int, threads: int, args: argparse.Namespace) -> tuple[float, float]:
+def run_layout(side: str, precision: str, processes: int, threads: int, args: argparse.Namespace
+               ) -> tuple[float, float]:
     """Seconds from the barrier to the last process's end, and masks per image."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(side, threads, args, barrier, results)) for _ in range(processes)]
+    workers = [ctx.Process(target=_worker, args=(side, precision, threads, args, barrier, results))
+               for _ in range(processes)]
     for w in workers:
         w.start()
     done = []
@@ -91,21 +94,26 @@ def main() -> None:
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                     help="single-threaded processes of the second layout (default: one per CPU)")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                    help="our generator's precision(s); the official one runs in fp32")
     args = ap.parse_args()
     cores = args.processes
     layouts = [(1, cores), (cores, 1)] if cores > 1 else [(1, 1)]
     print(f"{args.images} image(s) of {args.size} per process, {args.points_per_side}x{args.points_per_side} points, "
           f"checkpoint {Path(args.checkpoint).name} with its recommended thresholds, {cores} CPUs")
     best = {}
-    for side in ("official", "ours"):
+    for side, precision in [("official", "fp32")] + [("ours", p) for p in args.precision]:
         for processes, threads in layouts:
-            seconds, masks = run_layout(side, processes, threads, args)
+            seconds, masks = run_layout(side, precision, processes, threads, args)
             rate = processes * args.images / seconds
-            print(f"  {side:8s} {processes} process(es) x {threads} thread(s): {seconds:7.2f} s for "
+            print(f"  {side:8s} {precision} {processes} process(es) x {threads} thread(s): {seconds:7.2f} s for "
                   f"{processes * args.images} image(s), {rate:.3f} images/s ({masks:.1f} masks per image)", flush=True)
-            best[side] = max(best.get(side, 0.0), rate)
-    print(f"best layouts: ours {best['ours']:.3f} images/s, official {best['official']:.3f} images/s: "
-          f"x{best['ours'] / best['official']:.1f} per machine")
+            best[side, precision] = max(best.get((side, precision), 0.0), rate)
+    official = best["official", "fp32"]
+    for precision in args.precision:
+        ours = best["ours", precision]
+        print(f"best layouts: ours {precision} {ours:.3f} images/s, official {official:.3f} images/s: "
+              f"x{ours / official:.1f} per machine")
 
 
 if __name__ == "__main__":
