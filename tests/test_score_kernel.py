@@ -90,21 +90,30 @@ def test_kernels_built_without_avx512_compute_the_torch_decoder(tmp_path, monkey
         _check_against_torch(name, monkeypatch)
 
 
-def _check_against_torch(name, monkeypatch):
+ROWS, TOKENS = torch.tensor([0, 3, 4, 10]), torch.tensor([1, 2, 3])
+
+
+def _torch_and_native(name, monkeypatch, native_bf16=False):
+    """The decoder of CONFIGS[name] (random weights) and, for 11 prompts (uneven splits over
+    threads), the torch path's then the kernels' (iou, scored, mask logits of ROWS, TOKENS)."""
     model = _random_model(CONFIGS[name], seed=3)
     decoder = model.mask_decoder
     assert score_kernel.supports(decoder, model.config.embedding_size ** 2)
-    embedding, pe, sparse, dense = _prompts(model, 11, seed=4)  # 11 prompts: uneven splits over threads
-    rows, tokens = torch.tensor([0, 3, 4, 10]), torch.tensor([1, 2, 3])
+    assert not native_bf16 or decoder.native_bf16_for(model.config.embedding_size ** 2)
+    embedding, pe, sparse, dense = _prompts(model, 11, seed=4)
+    out = []
     with torch.inference_mode():
-        monkeypatch.setenv("SAMENGINE_NATIVE", "0")
-        iou, scored = decoder.score(embedding, pe, sparse, dense)
-        masks = decoder.mask_logits(scored, rows, tokens)
-        monkeypatch.setenv("SAMENGINE_NATIVE", "1")
-        native_iou, native = decoder.score(embedding, pe, sparse, dense)
-        native_masks = decoder.mask_logits(native, rows, tokens)
-        # the native masks from the torch pass's state too (any raw-key layout)
-        crossed = decoder.mask_logits(scored, rows, tokens)
+        for native in ("0", "1"):
+            monkeypatch.setenv("SAMENGINE_NATIVE", native)
+            iou, scored = decoder.score(embedding, pe, sparse, dense, native_bf16=native_bf16 and native == "1")
+            out.append((iou, scored, decoder.mask_logits(scored, ROWS, TOKENS)))
+    return decoder, out
+
+
+def _check_against_torch(name, monkeypatch):
+    decoder, ((iou, scored, masks), (native_iou, native, native_masks)) = _torch_and_native(name, monkeypatch)
+    with torch.inference_mode():  # the native masks from the torch pass's state too (any raw-key layout)
+        crossed = decoder.mask_logits(scored, ROWS, TOKENS)
     assert native.raw_keys.shape == scored.raw_keys.shape and native_masks.shape == masks.shape
     torch.testing.assert_close(native_iou, iou, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(native.queries, scored.queries, rtol=1e-4, atol=1e-4)
@@ -121,18 +130,7 @@ def test_bf16_kernels_stay_within_bf16_rounding_of_the_torch_decoder(name, monke
     """native_bf16: the matmuls take bf16 operands (8 significant bits, float32 sums), so
     results move by a fraction of a percent of their scale, no more; and they do move (the
     float32 kernels agree with torch to ~1e-6)."""
-    model = _random_model(CONFIGS[name], seed=3)
-    decoder = model.mask_decoder
-    assert decoder.native_bf16_for(model.config.embedding_size ** 2)
-    embedding, pe, sparse, dense = _prompts(model, 11, seed=4)
-    rows, tokens = torch.tensor([0, 3, 4, 10]), torch.tensor([1, 2, 3])
-    with torch.inference_mode():
-        monkeypatch.setenv("SAMENGINE_NATIVE", "0")
-        iou, scored = decoder.score(embedding, pe, sparse, dense)
-        masks = decoder.mask_logits(scored, rows, tokens)
-        monkeypatch.setenv("SAMENGINE_NATIVE", "1")
-        bf16_iou, bf16 = decoder.score(embedding, pe, sparse, dense, native_bf16=True)
-        bf16_masks = decoder.mask_logits(bf16, rows, tokens)
+    _, ((iou, scored, masks), (bf16_iou, bf16, bf16_masks)) = _torch_and_native(name, monkeypatch, native_bf16=True)
     assert bf16.native_bf16
     torch.testing.assert_close(bf16_iou, iou, rtol=0, atol=0.005)
     keys_scale = scored.raw_keys.abs().max()
