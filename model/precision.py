@@ -8,7 +8,11 @@ encoder and mask decoder hold bf16 weights keeps those features in bf16: half th
 per pass, and matmuls without casts. The image encoder is shared, not copied.
 
 The twin is made once per model and made again when the model's weights change (a new
-checkpoint loaded in place, a training step), so callers can ask for it on every call."""
+checkpoint loaded in place, a training step), so callers can ask for it on every call.
+
+On a CPU with AVX512-BF16 the automatic generator decodes bf16 without the twin: the native
+kernels take the float32 model and multiply bf16 operands themselves
+(MaskDecoder.native_bf16_for, amg.decode)."""
 from __future__ import annotations
 
 import copy
