@@ -88,3 +88,15 @@ def test_bf16_generator_gives_the_official_masks_up_to_rounding(native, monkeypa
     assert result["matched"] >= 0.97 * len(theirs)
     assert (ious >= 0.9).sum() >= 0.85 * len(theirs)
     assert np.median(ious) >= 0.97
+
+
+def test_bf16_generator_inside_a_callers_autocast_runs():
+    """A caller's own autocast region around the generator: its decode turns autocast off where
+    it runs the native kernels (their bf16 or float32 products), so it runs and finds the masks."""
+    model, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    image = np.asarray(Image.open("examples/images/chelsea.jpg").convert("RGB").resize((160, 120)))
+    kwargs = dict(points_per_side=8, pred_iou_thresh=0.1, stability_score_thresh=0.1, output_mode="coco_rle")
+    plain = AutomaticMaskGenerator(model.eval(), precision="bf16", **kwargs).generate(image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = AutomaticMaskGenerator(model, precision="bf16", **kwargs).generate(image)
+    assert len(plain) >= 5 and abs(len(inside) - len(plain)) <= 0.2 * len(plain)
