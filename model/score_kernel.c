@@ -24,6 +24,11 @@ static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 static inline v16 vsplat(float x) { return (v16){0} + x; }
 static inline v16 vsel(i16v m, v16 a, v16 b) { return (v16)((m & (i16v)a) | (~m & (i16v)b)); }
 static int round16(int n) { return (n + VL - 1) / VL * VL; }
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* the lanes of a vector that hold the first n (< 16: a tail) of the values left */
+static inline __mmask16 lanes_of(long n) { return n >= VL ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+#endif
 
 /* ---------------------------------------------------------------- matmul
  * C[i, j] = sum_k A[i * sai + k * sak] * B[k * ldb + j], i < M, j < N, k < K:
@@ -96,7 +101,6 @@ static void gemm(int M, int N, int K, const float *A, long sai, long sak, const 
  *   row-major (M x K, rows along K contiguous, as tokens lie): P[i][k2], rows of K2 pairs.
  * The product reads A's pairs through strides (a_i, a_k) and B's k-major pairs. */
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-#include <immintrin.h>
 #define HAVE_BF16 1
 typedef uint32_t pair;
 
@@ -116,7 +120,7 @@ static void pack_k_major(int K, int N, const float *x, long ldx, pair *P) {
     const float *r0 = x + (long)k * ldx, *r1 = r0 + ldx;
     pair *dst = P + (long)(k / 2) * ld;
     for (int j = 0; j < ld; j += 16) {
-      __mmask16 m = N - j >= 16 ? 0xFFFF : (__mmask16)((1u << (N - j)) - 1);
+      __mmask16 m = lanes_of(N - j);
       __m512 lo = _mm512_maskz_loadu_ps(m, r0 + j);
       __m512 hi = k + 1 < K ? _mm512_maskz_loadu_ps(m, r1 + j) : _mm512_setzero_ps();
       __m512i b = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  /* lanes 0-15: row k, 16-31: row k + 1 */
@@ -181,7 +185,7 @@ static void gemm_bf16(int M, int N, int K, const pair *A, long a_i, long a_k, co
       else KERN_BF16_ROWS(4, M - i, 0xFFFF)
     }
   for (; j < N; j += 16) {
-    __mmask16 last = N - j >= 16 ? 0xFFFF : (__mmask16)((1u << (N - j)) - 1);
+    __mmask16 last = lanes_of(N - j);
     for (int i = 0; i < M; i += 8) {
       if (M - i >= 8) kern_bf16(8, 1, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, last);
       else KERN_BF16_ROWS(1, M - i, last)
@@ -207,34 +211,35 @@ static long mm_pairs(int M, int N, int K, long sak) {
 }
 
 /* C = A B as gemm() takes them; in bf16 where bf->on, A row-major (sak == 1) or k-major (sai
- * == 1), B k-major, or bp: B packed already (then B is not read) */
-static void mm(const bf16_ctx *bf, int M, int N, int K, const float *A, long sai, long sak, const float *B,
-               long ldb, const pair *bp, float *C, long ldc) {
+ * == 1), B k-major, each packed into bf->work unless the caller packed it already: ap, A's
+ * k-major pairs, and bp, B's (an operand given packed is not read) */
+static void mm(const bf16_ctx *bf, int M, int N, int K, const float *A, long sai, long sak, const pair *ap,
+               const float *B, long ldb, const pair *bp, float *C, long ldc) {
 #if HAVE_BF16
   if (bf->on) {
-    pair *ap = bf->work, *rest;
-    long a_i, a_k;
-    if (sak == 1) {
-      pack_row_major(M, K, A, sai, ap);
-      a_i = (K + 1) / 2, a_k = 1, rest = ap + pairs_row_major(M, K);
-    } else {
-      pack_k_major(K, M, A, sak, ap);
-      a_i = 1, a_k = round16(M), rest = ap + pairs_k_major(K, M);
+    pair *rest = bf->work;
+    long a_i = 1, a_k = round16(M);  /* k-major */
+    if (!ap && sak == 1) {
+      pack_row_major(M, K, A, sai, rest);
+      ap = rest, a_i = (K + 1) / 2, a_k = 1, rest += pairs_row_major(M, K);
+    } else if (!ap) {
+      pack_k_major(K, M, A, sak, rest);
+      ap = rest, rest += pairs_k_major(K, M);
     }
     if (!bp) pack_k_major(K, N, B, ldb, rest);
     gemm_bf16(M, N, K, ap, a_i, a_k, bp ? bp : rest, C, ldc);
     return;
   }
 #endif
-  (void)bp, (void)bf;
+  (void)ap, (void)bp, (void)bf;
   gemm(M, N, K, A, sai, sak, B, ldb, C, ldc);
 }
 
-/* y (M x out) = x (M x in, row stride ldx) @ WT (in x out) + b; with bf16 where bf->on and
- * wp holds WT's pairs (k-major) */
+/* y (M x out) = x (M x in, row stride ldx) @ WT (in x out) + b; in bf16 where wp holds WT's
+ * pairs (k-major; packed only where bf->on) */
 static void linear_bf(const bf16_ctx *bf, int M, int in, int out, const float *x, long ldx, const float *WT,
                       const pair *wp, const float *b, float *y) {
-  if (bf && bf->on && wp) mm(bf, M, out, in, x, ldx, 1, NULL, 0, wp, y, out);
+  if (wp) mm(bf, M, out, in, x, ldx, 1, NULL, NULL, 0, wp, y, out);
   else gemm(M, out, in, x, ldx, 1, WT, out, y, out);
   if (b)
     for (int i = 0; i < M; i++)
@@ -611,9 +616,9 @@ static void tokens_to_image(const int *dims, const float *const *aw, int T, cons
   for (int i = 0; i < T * Di; i++) qh[i] *= scale;
   for (int h = 0; h < H; h++)  /* F[t * H + h] = qh[t, h] @ Wk[h] */
     gemm(T, C, d, qh + h * d, Di, 1, aw[A_WK] + (long)h * d * C, C, F + h * C, (long)H * C);
-  mm(bf, TH, N, C, F, C, 1, kpT, N, kp_pairs, scores, N);  /* (t, h) x N */
+  mm(bf, TH, N, C, F, C, 1, NULL, kpT, N, kp_pairs, scores, N);  /* (t, h) x N */
   softmax_rows(TH, N, scores, N, wT, P);
-  mm(bf, C, P, N, keysT, N, 1, wT, P, NULL, pooledT, P);  /* pooled^T: C x (t, h) */
+  mm(bf, C, P, N, keysT, N, 1, NULL, wT, P, NULL, pooledT, P);  /* pooled^T: C x (t, h) */
   for (int h = 0; h < H; h++)  /* att[t, h] = pooled[t, h] @ Wv[h]^T */
     gemm(T, d, C, pooledT + h, H, P, aw[A_WVT] + h * d, Di, att + h * d, Di);
   for (int t = 0; t < T; t++)
@@ -658,7 +663,7 @@ static void image_to_tokens(const int *dims, const float *const *w, const float 
       gemm(T, N, d, kh + h * d, Di, 1, img + (long)h * d * N, N, sh, N);
     } else {  /* folded: row (h, t) = kh[t, h] @ Wq[h], plus kh[t, h] . bq[h] */
       gemm(T, C, d, kh + h * d, Di, 1, w[L_IT_WQ] + (long)h * d * C, C, folded + (long)h * T * C, C);
-      mm(bf, T, N, C, folded + (long)h * T * C, C, 1, img, N, img_pairs, sh, N);
+      mm(bf, T, N, C, folded + (long)h * T * C, C, 1, NULL, img, N, img_pairs, sh, N);
       for (int t = 0; t < T; t++) {
         float bias = 0.0f;
         for (int e = 0; e < d; e++) bias += kh[t * Di + h * d + e] * w[L_IT_BQ][h * d + e];
@@ -672,7 +677,7 @@ static void image_to_tokens(const int *dims, const float *const *w, const float 
     gemm(T, C, d, vh + h * d, Di, 1, w[L_IT_WOT] + (long)h * d * C, C, values + (long)h * T * C, C);
   for (int j = 0; j < TH; j++)
     for (int c = 0; c < C; c++) values[(long)j * C + c] += w[L_IT_BO][c] / H;
-  mm(bf, C, N, TH, values, 1, C, scores, N, NULL, outT, N);  /* values^T @ weights */
+  mm(bf, C, N, TH, values, 1, C, NULL, scores, N, NULL, outT, N);  /* values^T @ weights */
   add((long)N * C, outT, residualT, outT);
 }
 
@@ -814,7 +819,6 @@ void score_prompts(const int *dims, const float *const *w, int first, int last, 
  * nodes per interval): evaluated in float32, Phi within 6.5e-8, GELU within 4.1e-7 of exact
  * on [-8, 8] (torch's erf-based GELU: ~1e-7). No exp and no division: 1.7x faster than the
  * erf-based form below. */
-#include <immintrin.h>
 static const float PHI_COEF[7][16] = {
     {9.275064668e-09f, 5.440381804e-07f, 1.853672496e-05f, 3.690785085e-04f,
      4.332448487e-03f, 3.039636130e-02f, 1.302945172e-01f, 3.538302343e-01f,
@@ -849,7 +853,7 @@ static void gelu(long n, float *x) {
   __m512 c[7];
   for (int d = 0; d < 7; d++) c[d] = _mm512_loadu_ps(PHI_COEF[d]);
   for (long i = 0; i < n; i += VL) {
-    __mmask16 lanes = n - i >= VL ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    __mmask16 lanes = lanes_of(n - i);
     __m512 v = _mm512_maskz_loadu_ps(lanes, x + i);
     __m512 u = _mm512_fmadd_ps(v, _mm512_set1_ps(16.0f / 12.0f), _mm512_set1_ps(8.0f));  /* interval */
     u = _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), _mm512_set1_ps(15.5f));
@@ -909,11 +913,15 @@ enum { M_N4_W, M_N4_B, M_ATT, M_NF_W = M_ATT + 7, M_NF_B, M_PE, M_UP1_W, M_UP1_B
 enum { E_C4, E_C8, E_H, E_W, E_SEL, E_COUNT };
 static const float EPS2D = 1e-6f;
 
+/* mask_prompts' product operands packed per prompt: the final attention's, the upscalings' images */
+static long mask_work_pairs(long C, long N, long H, long S) {
+  return lmax(attention_pairs(C, N, H, S), pairs_k_major(C, N));
+}
+
 long mask_scratch_floats(const int *dims, const int *mdims) {
   long C = dims[D_C], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], S = mdims[E_SEL];
   long C4 = mdims[E_C4], C8 = mdims[E_C8];
-  long packs = pairs_k_major(C, 4 * C4) + pairs_k_major(C4, 4 * C8) + pairs_k_major(C, N) + pairs_k_major(C4, N) +
-               attention_pairs(C, N, H, S);
+  long packs = pairs_k_major(C, 4 * C4) + pairs_k_major(C4, 4 * C8) + mask_work_pairs(C, N, H, S);
   return 2 * N * C + 4 * C4 * N + 4 * C8 * N + S * N + 2 * S * C + S * C8 + 2 * C + packs +
          t2i_floats(C, N, H, Di, S);
 }
@@ -930,10 +938,9 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
   float *KT = scratch, *kpT = KT + NC, *Y1 = kpT + NC, *Y2 = Y1 + 4L * C4 * N, *mt = Y2 + 4L * C8 * N,
         *x = mt + (long)S * N, *o = x + S * C, *hyper = o + S * C, *hid = hyper + S * C8, *hid2 = hid + C,
         *packs = hid2 + C;
-  pair *w1p = (pair *)packs, *w2p = w1p + pairs_k_major(C, 4 * C4), *kp = w2p + pairs_k_major(C4, 4 * C8),
-       *y1p = kp + pairs_k_major(C, N);
-  bf16_ctx bfc = {HAVE_BF16 && dims[D_BF16], y1p + pairs_k_major(C4, N)};
-  float *sub = (float *)(bfc.work + attention_pairs(C, N, dims[D_H], S));
+  pair *w1p = (pair *)packs, *w2p = w1p + pairs_k_major(C, 4 * C4);
+  bf16_ctx bfc = {HAVE_BF16 && dims[D_BF16], w2p + pairs_k_major(C4, 4 * C8)};
+  float *sub = (float *)(bfc.work + mask_work_pairs(C, N, dims[D_H], S));
 #if HAVE_BF16
   if (bfc.on) {  /* the upscaling weights as A operands: pairs along their input channels */
     pack_k_major(C, 4 * C4, w[M_UP1_W], 4 * C4, w1p);
@@ -959,13 +966,7 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
       linear(1, C, C8, hid2, C, mw[4], mw[5], hyper + t * C8);
     }
     /* first upscaling: rows (ky1, kx1, c4) x pixels, then LayerNorm over c4 and GELU */
-#if HAVE_BF16
-    if (bfc.on) {
-      pack_k_major(C, N, KT, N, kp);
-      gemm_bf16(4 * C4, N, C, w1p, 1, round16(4 * C4), kp, Y1, N);
-    } else
-#endif
-      gemm(4 * C4, N, C, w[M_UP1_W], 1, 4 * C4, KT, N, Y1, N);
+    mm(&bfc, 4 * C4, N, C, w[M_UP1_W], 1, 4 * C4, w1p, KT, N, NULL, Y1, N);
     for (int i = 0; i < 4 * C4; i++) {
       float bias = w[M_UP1_B][i % C4], *y = Y1 + (long)i * N;
       for (int n = 0; n < N; n++) y[n] += bias;
@@ -977,13 +978,7 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
     }
     /* second upscaling per first sub-pixel: rows (ky2, kx2, c8), GELU, the mask products */
     for (int s1 = 0; s1 < 4; s1++) {
-#if HAVE_BF16
-      if (bfc.on) {
-        pack_k_major(C4, N, Y1 + (long)s1 * C4 * N, N, y1p);
-        gemm_bf16(4 * C8, N, C4, w2p, 1, round16(4 * C8), y1p, Y2, N);
-      } else
-#endif
-        gemm(4 * C8, N, C4, w[M_UP2_W], 1, 4 * C8, Y1 + (long)s1 * C4 * N, N, Y2, N);
+      mm(&bfc, 4 * C8, N, C4, w[M_UP2_W], 1, 4 * C8, w2p, Y1 + (long)s1 * C4 * N, N, NULL, Y2, N);
       for (int i = 0; i < 4 * C8; i++) {
         float bias = w[M_UP2_B][i % C8], *y = Y2 + (long)i * N;
         for (int n = 0; n < N; n++) y[n] += bias;
