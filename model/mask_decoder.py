@@ -147,12 +147,18 @@ class MaskDecoder(nn.Module):
             return score_kernel.mask_logits(self, *scored[:5], rows, token_index, bf16=scored.native_bf16)
         return self.masks_from(*self.finish(scored, rows, token_index), token_index)
 
-    def native_bf16_for(self, pixels: int) -> bool:
-        """Whether score() on image embeddings of `pixels` (h x w) can multiply in bf16 in the
-        native kernels: float32 weights on a CPU with AVX512-BF16, a decoder and size they take."""
+    def native_for(self, pixels: int) -> bool:
+        """Whether this decoder runs as the native kernels on image embeddings of `pixels`
+        (h x w), given float32 inputs: float32 weights on the CPU, kernels built, a decoder and
+        size they take."""
         weight = self.iou_token.weight
-        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and score_kernel.bf16_available()
+        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and score_kernel.available()
                 and score_kernel.supports(self, pixels))
+
+    def native_bf16_for(self, pixels: int) -> bool:
+        """Whether score() on image embeddings of `pixels` can multiply in bf16 in the native
+        kernels: native_for(pixels) on a CPU with AVX512-BF16."""
+        return self.native_for(pixels) and score_kernel.bf16_available()
 
     def _inputs(self, image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings):
         """The tokens B x (1 + T + prompts) x C and the image side (1 or B x C x h x w)."""

@@ -211,7 +211,8 @@ def test_native_bf16_where_the_kernels_cannot_is_an_error(monkeypatch):
     model = _random_model(CONFIGS["bundled layout"], seed=3)
     embedding, pe, sparse, dense = _prompts(model, 2, seed=4)
     pixels = model.config.embedding_size ** 2
+    assert model.mask_decoder.native_for(pixels)
     monkeypatch.setenv("SAMENGINE_NATIVE", "0")
-    assert not model.mask_decoder.native_bf16_for(pixels)
+    assert not model.mask_decoder.native_for(pixels) and not model.mask_decoder.native_bf16_for(pixels)
     with torch.inference_mode(), pytest.raises(ValueError, match="native_bf16"):
         model.mask_decoder.score(embedding, pe, sparse, dense, native_bf16=True)
