@@ -24,36 +24,63 @@ BIN = Path(sys.executable).parent
 def head_node(tmp_path):
     """A one-node cluster of its own (own ports and temp dir, so that it neither finds nor
     disturbs any other Ray on the machine), stopped by killing its process group."""
-    port, dash = free_port(), free_port()
-    temp = f"/tmp/rj{port}"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_DISABLE_USAGE_STATS": "1"}
     env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
-         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--temp-dir", temp, "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    head, address = _start_head(env, tmp_path)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError as e:
-                if "401" in str(e) or "403" in str(e):  # up, and asking for the token
-                    break
-                if time.time() > deadline or head.poll() is not None:
-                    raise RuntimeError("ray head did not start")
-                time.sleep(1)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        _stop(head)
+
+
+def _start_head(env: dict, tmp_path: Path, attempts: int = 3) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` and its dashboard address once it answers. Every port is
+    picked free (Ray's fixed defaults, such as the dashboard agent's 52365 and the client
+    server's 10001, may belong to another Ray on the machine), but a free port can be taken
+    before the head binds it: a head that exits or does not answer is stopped and started
+    again on new ports. Its output goes to a log quoted in the error if every attempt fails."""
+    log = tmp_path / "ray-head.log"
+    for _ in range(attempts):
+        ports = {flag: free_port() for flag in (
+            "--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+            "--ray-client-server-port", "--metrics-export-port", "--runtime-env-agent-port",
+            "--node-manager-port", "--object-manager-port")}
+        args = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+                "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+                "--temp-dir", f"/tmp/rj{ports['--port']}", "--disable-usage-stats"]
+        for flag, port in ports.items():
+            args += [flag, str(port)]
+        with open(log, "ab") as out:
+            head = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        address = f"http://127.0.0.1:{ports['--dashboard-port']}"
+        if _answers(address, head, deadline=time.time() + 120):
+            return head, address
+        _stop(head)
+    raise RuntimeError(f"ray head did not start in {attempts} attempts; its output:\n{log.read_text()[-4000:]}")
+
+
+def _answers(address: str, head: subprocess.Popen, deadline: float) -> bool:
+    while head.poll() is None and time.time() < deadline:
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return True
+        except OSError as e:
+            if "401" in str(e) or "403" in str(e):  # up, and asking for the token
+                return True
+            time.sleep(1)
+    return False
+
+
+def _stop(head: subprocess.Popen) -> None:
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
 
 
 def test_ray_job_submit_of_auto_annotate(head_node, tmp_path):
