@@ -21,25 +21,28 @@ FUNNEL = ("candidates", "iou", "stability", "crop_edge")
 
 
 class _ModelStage:
-    """texts / text_embeddings: phrases (and their vectors, embedded once by the driver) that
+    """precision: the decoder's; encoder_precision: the image encoder's (AnnotateConfig).
+    texts / text_embeddings: phrases (and their vectors, embedded once by the driver) that
     prompt every image instead of the point grid (amg.text)."""
 
     def __init__(self, checkpoint: str, model_type: str | None, device: str, precision: str, amg: dict,
                  num_threads: int = 1, endpoint_url: str | None = None, texts: list[str] | None = None,
-                 text_embeddings: list[list[float]] | None = None):
+                 text_embeddings: list[list[float]] | None = None, encoder_precision: str = "fp32"):
         if device == "cpu":
             torch.set_num_threads(max(1, num_threads))
             retain_freed_memory()  # the decoder's per-batch tensors are reused, not page-faulted afresh
         self.model: Sam
         self.model, _ = load_checkpoint(local_checkpoint(checkpoint, endpoint_url), model_type=model_type, device=device)
         check_precision(precision, self.model.device)
+        check_precision(encoder_precision, self.model.device, "encoder_precision")
         self.params = AmgParams(**amg)
         self.precision = precision
+        self.encoder_precision = encoder_precision
         self.texts = list(texts or [])
         self.text_embeddings = np.asarray(text_embeddings if self.texts else [], np.float32)
 
     def _encode(self, image: np.ndarray) -> EncodedImage:
-        return split_on_oom(lambda b: encode_image(self.model, image, self.params, self.precision, batch_size=b), 4)
+        return split_on_oom(lambda b: encode_image(self.model, image, self.params, self.encoder_precision, batch_size=b), 4)
 
     def _candidates(self, encoded: EncodedImage) -> list:
         if self.texts:

@@ -131,10 +131,10 @@ def _sync(model) -> None:
         torch.cuda.synchronize(model.device)
 
 
-def stage_times(model, image, params, precision):
+def stage_times(model, image, params, precision, encoder_precision):
     """Seconds spent in encode, decode and post-process."""
     t0 = time.perf_counter()
-    enc = encode_image(model, image, params, precision)
+    enc = encode_image(model, image, params, encoder_precision)
     _sync(model)
     t1 = time.perf_counter()
     crops = decode_image(model, enc, params, precision)
@@ -229,7 +229,8 @@ def main() -> None:
                          "(the official 0.88 without one)")
     ap.add_argument("--stability-score-thresh", type=float, default=None,
                     help="default: the checkpoint's recommendation (the official 0.95 without one)")
-    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], help="of our decoder, one run each")
+    ap.add_argument("--encoder-precision", default="fp32", help="of our image encoder, in every run")
     ap.add_argument("--skip-official", action="store_true")
     ap.add_argument("--repeat", type=int, default=1,
                     help="time each side this many times per image (after the warm-up) and report the best")
@@ -265,7 +266,8 @@ def main() -> None:
           f"points, crop_n_layers={params.crop_n_layers}, min_mask_region_area={params.min_mask_region_area}, "
           f"pred_iou_thresh={params.pred_iou_thresh}, stability_score_thresh={params.stability_score_thresh}, "
           f"threads={torch.get_num_threads()}, malloc={args.malloc}")
-    print("decoder: " + "; ".join(f"{p}: {decoder_path(model, p)}" for p in args.precision))
+    print("decoder: " + "; ".join(f"{p}: {decoder_path(model, p)}" for p in args.precision)
+          + f"; our encoder in {args.encoder_precision}")
     official = None if args.skip_official else official_generator(model, params)
     seconds = dict.fromkeys(("read", "encode", "decode_prompts", "postprocess", "write"), 0.0)
     images = load_images(args.size)[: args.images]
@@ -286,10 +288,10 @@ def main() -> None:
             print(f"  official       {t_ref:8.2f} s  peak +{m_ref:7.0f} MB  {len(ref)} masks"
                   f"  [encode {enc_ref:.2f} s, decode + post {ref_rest:.2f} s]{_spread(args.repeat, t_ref_median)}")
         for precision in args.precision:
-            gen = AutomaticMaskGenerator(model, params, precision=precision)
+            gen = AutomaticMaskGenerator(model, params, precision=precision, encoder_precision=args.encoder_precision)
             gen.generate(image)  # warm-up
             out, t, t_median, m, _ = best_of(args.repeat, gen.generate, image)
-            enc, dec, post = np.min([stage_times(model, image, params, precision) for _ in range(args.repeat)], axis=0)
+            enc, dec, post = np.min([stage_times(model, image, params, precision, args.encoder_precision) for _ in range(args.repeat)], axis=0)
             if args.results_json and precision == args.precision[0]:
                 for stage, dt in zip(("encode", "decode_prompts", "postprocess"), (enc, dec, post)):
                     seconds[stage] += dt

@@ -39,7 +39,8 @@ from schemas.settings_file import (  # noqa: E402
 AMG_FLAGS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
              "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
              "crop_n_points_downscale_factor", "min_mask_region_area")
-TOP_FLAGS = ("input", "output", "checkpoint", "model_type", "device", "precision", "embedding_dtype", "endpoint_url",
+TOP_FLAGS = ("input", "output", "checkpoint", "model_type", "device", "precision", "encoder_precision",
+             "embedding_dtype", "endpoint_url",
              "near_duplicate_distance", "chunk_images", "writers", "read_batch_size", "round", "run_id", "ray_address")
 
 

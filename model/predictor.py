@@ -16,13 +16,14 @@ from .transforms import input_shape, resize_image, scale_boxes, scale_coords
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_precision(precision: str, device: torch.device | str) -> None:
-    """Raise on an unknown precision; warn when bf16 runs on a CPU without native bf16
-    (AVX512-BF16 or AMX), where it is emulated and several times slower than fp32."""
+def check_precision(precision: str, device: torch.device | str, name: str = "precision") -> None:
+    """Raise on an unknown precision (the error names the setting); warn when bf16 runs on a
+    CPU without native bf16 (AVX512-BF16 or AMX), where it is emulated and several times
+    slower than fp32."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        raise ValueError(f"{name} must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("precision bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated "
+        warnings.warn(f"{name} bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated "
                       "there and run slower than fp32; use fp32 on this machine", RuntimeWarning, stacklevel=3)
 
 

@@ -66,11 +66,12 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0, batch_size=config.read_batch_size)
     if config.fused(device):
         ds = ds.map_batches(Annotator, **pool(config.encoder, fn_constructor_args=model_args, fn_constructor_kwargs=dict(
-            num_threads=int(config.encoder.num_cpus), endpoint_url=config.endpoint_url, **text)))
+            num_threads=int(config.encoder.num_cpus), endpoint_url=config.endpoint_url,
+            encoder_precision=config.encoder_precision, **text)))
     else:
         ds = ds.map_batches(Encoder, **pool(config.encoder, fn_constructor_args=model_args, fn_constructor_kwargs=dict(
             num_threads=int(config.encoder.num_cpus), endpoint_url=config.endpoint_url,
-            embedding_dtype=config.embedding_dtype)))
+            embedding_dtype=config.embedding_dtype, encoder_precision=config.encoder_precision)))
         ds = ds.map_batches(Decoder, **pool(config.decoder, fn_constructor_args=model_args, fn_constructor_kwargs=dict(
             num_threads=int(config.decoder.num_cpus), endpoint_url=config.endpoint_url, **text)))
         ds = ds.map_batches(postprocess_batch, num_cpus=config.postprocess_num_cpus, batch_size=1,
@@ -114,7 +115,7 @@ def _run(config: AnnotateConfig, listing: pa.Table, log, lease: WriterLease, t0:
         log(f"warning: device {device} but the cluster has no GPU now: the GPU workers wait until GPU nodes join")
     text_embeddings = text_vectors(config) if config.text else None
     lineage = new_lineage(round=config.round, stage="auto", params=config.model_dump(
-        mode="json", include={"amg", "model_type", "precision", "near_duplicate_distance", "limits", "text"}),
+        mode="json", include={"amg", "model_type", "precision", "encoder_precision", "near_duplicate_distance", "limits", "text"}),
         checkpoint_hash=_checkpoint_hash(config), run_id=config.run_id,
         listing_hash=listing_hash(listing.to_pylist()))
     options = storage_options(config.output, config.endpoint_url)

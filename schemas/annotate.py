@@ -53,7 +53,11 @@ class AnnotateConfig(BaseModel):
     checkpoint: str = Field(DEFAULT_CHECKPOINT, description="ours or an official sam_vit_*.pth (local or s3://)")
     model_type: str | None = Field(None, description="config of an official checkpoint: vit_b, vit_l, vit_h")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="of the grid prompts' decoding, most of the work; bf16: the fast path")
+    encoder_precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="of the image encoder; bf16 moves masks more than the decoder's bf16 does, "
+                            "but is most of the time saved with ViT-H on a GPU")
     embedding_dtype: Literal["float32", "float16"] = Field(
         "float32", description="embeddings between encoder and decoder actors; float16 halves the transfer")
     amg: AmgParams = Field(default_factory=lambda: AmgParams(output_mode="coco_rle"))

@@ -37,6 +37,14 @@ def test_every_official_amg_flag_is_accepted_with_its_meaning():
     assert (a.crop_overlap_ratio, a.crop_n_points_downscale_factor, a.min_mask_region_area) == (0.25, 2, 50)
 
 
+def test_decoder_and_encoder_precision_are_separate_settings():
+    """bf16 decoding leaves the image encoder in fp32 unless that is asked for too."""
+    c = load_config(["--precision", "bf16"])
+    assert (c.precision, c.encoder_precision) == ("bf16", "fp32")
+    c = load_config(["--precision", "bf16", "--encoder-precision", "bf16"])
+    assert (c.precision, c.encoder_precision) == ("bf16", "bf16")
+
+
 def test_settings_file_then_flags(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("input: s3://bucket/images\noutput: s3://bucket/ds\namg:\n  points_per_side: 8\n"
@@ -53,6 +61,7 @@ def test_settings_file_then_flags(tmp_path):
     (["--points-per-side", "0"], "amg.points_per_side"),
     (["--crop-overlap-ratio", "1.5"], "amg.crop_overlap_ratio"),
     (["--device", "tpu"], "device"),
+    (["--encoder-precision", "int8"], "encoder_precision"),
     (["--chunk-images", "0"], "chunk_images"),
     (["--encoder-actors", "4,2"], "encoder"),
     (["--run-id", "../../etc/cron.d/x"], "run_id"),  # a run id names files under the output only

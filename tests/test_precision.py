@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator
 
-from amg import AutomaticMaskGenerator
+from amg import AmgParams, AutomaticMaskGenerator, decode_image, encode_image, postprocess
 from amg.compare import match_records
 from model import Sam, get_config, load_checkpoint, score_kernel
 from model.precision import decoding_model
@@ -88,6 +88,24 @@ def test_bf16_generator_gives_the_official_masks_up_to_rounding(native, monkeypa
     assert result["matched"] >= 0.97 * len(theirs)
     assert (ious >= 0.9).sum() >= 0.85 * len(theirs)
     assert np.median(ious) >= 0.97
+
+
+def test_the_encoder_runs_at_its_own_precision():
+    """precision="bf16" decodes in bf16 and leaves the image encoder in fp32 (its embeddings
+    exactly the fp32 ones) unless encoder_precision asks for bf16 too; the generator's masks
+    are the stages composed at those precisions."""
+    model, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    image = np.asarray(Image.open("examples/images/chelsea.jpg").convert("RGB").resize((160, 120)))
+    params = AmgParams(points_per_side=8, pred_iou_thresh=0.1, stability_score_thresh=0.1, output_mode="coco_rle")
+    fp32, bf16 = (encode_image(model, image, params, p) for p in ("fp32", "bf16"))
+    assert fp32.embeddings.dtype == torch.float32 and bf16.embeddings.dtype == torch.bfloat16
+    assert not torch.equal(fp32.embeddings, bf16.embeddings.float())
+    records = {}
+    for name, encoded in (("fp32", fp32), ("bf16", bf16)):
+        records[name] = AutomaticMaskGenerator(model, params, precision="bf16", encoder_precision=name).generate(image)
+        assert records[name] == postprocess(decode_image(model, encoded, params, "bf16"), encoded.orig_size, params)
+    assert records["fp32"] == AutomaticMaskGenerator(model, params, precision="bf16").generate(image)
+    assert len(records["fp32"]) >= 5 and records["fp32"] != records["bf16"]
 
 
 def test_bf16_generator_inside_a_callers_autocast_runs():

@@ -157,3 +157,5 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
         AutomaticMaskGenerator(model, precision="bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
         AutomaticMaskGenerator(model, precision="int8")
+    with pytest.raises(ValueError, match="^encoder_precision must be one of"):
+        AutomaticMaskGenerator(model, encoder_precision="int8")
