@@ -14,6 +14,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define VL 16
 typedef float v16 __attribute__((vector_size(VL * sizeof(float))));
@@ -748,8 +751,8 @@ static void iou_of(const int *dims, const float *const *lw, const float *const *
 /* Prompts [first, last): tokens (B x T x C, also their positional encoding) -> queries
  * (B x T x C, after the blocks), raw keys (B x C x N, channel-major, before the last
  * LayerNorm) and iou (B x mask tokens). scratch: score_scratch_floats(dims) floats. */
-void score_prompts(const int *dims, const float *const *w, int first, int last, const float *tokens,
-                   float *queries_out, float *raw_out, float *iou_out, float *scratch) {
+static void score_range(const int *dims, const float *const *w, int first, int last, const float *tokens,
+                        float *queries_out, float *raw_out, float *iou_out, float *scratch) {
   int C = dims[D_C], T = dims[D_T], N = dims[D_N], depth = dims[D_DEPTH], mlp = dims[D_MLP];
   const float *const *f = w + (long)depth * L_COUNT;
   long NC = (long)N * C;
@@ -929,9 +932,9 @@ long mask_scratch_floats(const int *dims, const int *mdims) {
 /* Prompts [first, last) of rows (indices into queries B x T x C, tokens B x T x C and raw keys
  * B x C x N): out[p] (S x 4h x 4w) the low-res logits of the mask tokens token_index[0 .. S)
  * (indices among the mask tokens). */
-void mask_prompts(const int *dims, const int *mdims, const float *const *w, int first, int last,
-                  const int64_t *rows, const int64_t *token_index, const float *queries, const float *tokens,
-                  const float *raw, float *out, float *scratch) {
+static void mask_range(const int *dims, const int *mdims, const float *const *w, int first, int last,
+                       const int64_t *rows, const int64_t *token_index, const float *queries, const float *tokens,
+                       const float *raw, float *out, float *scratch) {
   int C = dims[D_C], T = dims[D_T], N = dims[D_N];
   int C4 = mdims[E_C4], C8 = mdims[E_C8], h = mdims[E_H], wd = mdims[E_W], S = mdims[E_SEL];
   long NC = (long)N * C;
@@ -996,4 +999,50 @@ void mask_prompts(const int *dims, const int *mdims, const float *const *w, int 
       }
     }
   }
+}
+
+/* ---------------------------------------------------------------- entry points */
+/* The n prompts split evenly over `threads` threads, thread i with its scratch at scratch +
+ * i * stride. The threads are OpenMP's team, built with -fopenmp against the runtime torch
+ * has loaded (same soname): the team torch runs its own parallel regions on, whose threads
+ * would otherwise spin-wait for cores beside threads of our own. Without OpenMP, one thread. */
+
+/* this thread's index in the team and its share [first, last) of n prompts */
+static int share_of(int n, int *first, int *last) {
+  int i = 0, k = 1;
+#ifdef _OPENMP
+  i = omp_get_thread_num(), k = omp_get_num_threads();
+#endif
+  *first = (int)((long)n * i / k), *last = (int)((long)n * (i + 1) / k);
+  return i;
+}
+
+/* score_range for prompts [0, n) */
+void score_prompts(int threads, const int *dims, const float *const *w, int n, const float *tokens,
+                   float *queries_out, float *raw_out, float *iou_out, float *scratch, long stride) {
+#pragma omp parallel num_threads(threads)
+  {
+    int first, last, i = share_of(n, &first, &last);
+    score_range(dims, w, first, last, tokens, queries_out, raw_out, iou_out, scratch + i * stride);
+  }
+}
+
+/* mask_range for rows [0, n) */
+void mask_prompts(int threads, const int *dims, const int *mdims, const float *const *w, int n,
+                  const int64_t *rows, const int64_t *token_index, const float *queries, const float *tokens,
+                  const float *raw, float *out, float *scratch, long stride) {
+#pragma omp parallel num_threads(threads)
+  {
+    int first, last, i = share_of(n, &first, &last);
+    mask_range(dims, mdims, w, first, last, rows, token_index, queries, tokens, raw, out, scratch + i * stride);
+  }
+}
+
+/* whether the kernels split prompts over threads (built with OpenMP) */
+int kernel_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
 }

@@ -23,7 +23,6 @@ import subprocess
 import tempfile
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -85,7 +84,15 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([compiler, *FLAGS]).encode(),
+    try:
+        return _compile(compiler, [*FLAGS, "-fopenmp"])
+    except RuntimeError as e:  # a compiler without OpenMP (Apple's clang): kernels on one thread
+        log.warning("native decoder kernels built without OpenMP, on one thread: %s", e)
+        return _compile(compiler, FLAGS)
+
+
+def _compile(compiler: str, flags: list[str]) -> Path:
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([compiler, *flags]).encode(),
                                      _cpu_signature().encode(), platform.machine().encode()])).hexdigest()[:20]
     target = _cache_dir() / f"score_kernel-{key}.so"
     if target.exists():
@@ -94,7 +101,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=120)
         if done.returncode:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
@@ -109,14 +116,16 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p = ctypes.c_void_p
     lib.score_scratch_floats.argtypes = [p]
     lib.score_scratch_floats.restype = ctypes.c_long
-    lib.score_prompts.argtypes = [p, p, ctypes.c_int, ctypes.c_int, p, p, p, p, p]
+    i, n = ctypes.c_int, ctypes.c_long
+    lib.score_prompts.argtypes = [i, p, p, i, p, p, p, p, p, n]
     lib.score_prompts.restype = None
     lib.mask_scratch_floats.argtypes = [p, p]
     lib.mask_scratch_floats.restype = ctypes.c_long
-    lib.mask_prompts.argtypes = [p, p, p, ctypes.c_int, ctypes.c_int, p, p, p, p, p, p, p]
+    lib.mask_prompts.argtypes = [i, p, p, p, i, p, p, p, p, p, p, p, n]
     lib.mask_prompts.restype = None
-    lib.kernel_bf16.argtypes = []
-    lib.kernel_bf16.restype = ctypes.c_int
+    for flag in ("kernel_bf16", "kernel_openmp"):
+        getattr(lib, flag).argtypes = []
+        getattr(lib, flag).restype = ctypes.c_int
     return lib
 
 
@@ -236,10 +245,10 @@ def score(decoder: nn.Module, tokens: torch.Tensor, src: torch.Tensor, image_pe:
     queries = torch.empty_like(tokens)
     raw = torch.empty(b, c, n)
     iou = torch.empty(b, decoder.num_mask_tokens)
-    scratch = torch.empty(max(1, min(torch.get_num_threads(), b)), lib.score_scratch_floats(dims))
-    _threads(b, lambda i, first, last: lib.score_prompts(
-        dims, pointers, first, last, tokens.data_ptr(), queries.data_ptr(), raw.data_ptr(), iou.data_ptr(),
-        scratch[i].data_ptr()))
+    threads = _threads(b)
+    scratch = torch.empty(threads, lib.score_scratch_floats(dims))
+    lib.score_prompts(threads, dims, pointers, b, tokens.data_ptr(), queries.data_ptr(), raw.data_ptr(),
+                      iou.data_ptr(), scratch.data_ptr(), scratch.shape[1])
     return iou, queries, raw.transpose(1, 2), pe_t.t()[None]
 
 
@@ -269,16 +278,10 @@ def _dims(decoder: nn.Module, packed: _Packed, c: int, n_tok: int, n: int, bf16:
                                decoder.num_mask_tokens, packed.depth, int(bf16))
 
 
-def _threads(n: int, fn) -> None:
-    """fn(i, first, last) for the i-th of torch's threads and its share [first, last) of
-    [0, n), on threads of their own (ctypes releases the GIL during the calls)."""
-    workers = max(1, min(torch.get_num_threads(), n))
-    bounds = [n * i // workers for i in range(workers + 1)]
-    if workers == 1:
-        fn(0, 0, n)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda i: fn(i, bounds[i], bounds[i + 1]), range(workers)))
+def _threads(n: int) -> int:
+    """How many threads the kernels split n prompts over: torch's (the kernels run on the same
+    OpenMP team), one per prompt at most; one where they were built without OpenMP."""
+    return max(1, min(torch.get_num_threads(), n)) if _load().kernel_openmp() else 1
 
 
 @torch.no_grad()
@@ -304,8 +307,9 @@ def mask_logits(decoder: nn.Module, queries: torch.Tensor, tokens: torch.Tensor,
     queries, tokens = (x.float().contiguous() for x in (queries, tokens))
     raw_t = raw_keys.transpose(1, 2).float().contiguous()  # B x C x hw: no copy of score()'s output
     out = torch.empty(len(rows), len(chosen), 4 * h, 4 * w)
-    scratch = torch.empty(max(1, min(torch.get_num_threads(), len(rows))), lib.mask_scratch_floats(dims, mdims))
-    _threads(len(rows), lambda i, first, last: lib.mask_prompts(
-        dims, mdims, pointers, first, last, rows.data_ptr(), chosen.data_ptr(), queries.data_ptr(),
-        tokens.data_ptr(), raw_t.data_ptr(), out.data_ptr(), scratch[i].data_ptr()))
+    threads = _threads(len(rows))
+    scratch = torch.empty(threads, lib.mask_scratch_floats(dims, mdims))
+    lib.mask_prompts(threads, dims, mdims, pointers, len(rows), rows.data_ptr(), chosen.data_ptr(),
+                     queries.data_ptr(), tokens.data_ptr(), raw_t.data_ptr(), out.data_ptr(), scratch.data_ptr(),
+                     scratch.shape[1])
     return out

@@ -90,6 +90,48 @@ def test_kernels_built_without_avx512_compute_the_torch_decoder(tmp_path, monkey
         _check_against_torch(name, monkeypatch)
 
 
+def test_kernels_split_prompts_over_threads_without_changing_a_bit():
+    """Built with OpenMP, the kernels split a batch's prompts over torch's threads (its team);
+    each prompt is computed the same way on any thread, so one thread gives the same bits."""
+    assert score_kernel._load().kernel_openmp()
+    out = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):  # 3: more threads than this machine may have cores, uneven shares of 11
+            torch.set_num_threads(n)
+            assert score_kernel._threads(11) == n
+            out.append(_native_outputs("3 heads, 9x9"))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_kernels_built_without_openmp_run_on_one_thread(tmp_path, monkeypatch, caplog):
+    """A compiler without OpenMP (Apple's clang): the kernels are built without it, with a
+    warning, and run every prompt on the calling thread. Same function."""
+    compiler = os.environ.get("CC") or "cc"
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {compiler} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("SAMENGINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(score_kernel, "_library", False)  # build and load that one
+    with caplog.at_level("WARNING", logger=score_kernel.log.name):
+        assert score_kernel.available()
+    assert "without OpenMP" in caplog.text
+    assert not score_kernel._load().kernel_openmp() and score_kernel._threads(11) == 1
+    _check_against_torch("3 heads, 9x9", monkeypatch)
+
+
+def _native_outputs(name: str) -> list[torch.Tensor]:
+    model = _random_model(CONFIGS[name], seed=3)
+    embedding, pe, sparse, dense = _prompts(model, 11, seed=4)
+    with torch.inference_mode():
+        iou, scored = model.mask_decoder.score(embedding, pe, sparse, dense)
+        return [iou, scored.queries, scored.raw_keys, model.mask_decoder.mask_logits(scored, ROWS, TOKENS)]
+
+
 ROWS, TOKENS = torch.tensor([0, 3, 4, 10]), torch.tensor([1, 2, 3])
 
 
