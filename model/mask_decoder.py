@@ -112,8 +112,8 @@ class MaskDecoder(nn.Module):
         tokens, src = self._inputs(image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings)
         if (_native(tokens, src, image_pe) and src.shape[0] == 1 and image_pe.shape[0] == 1
                 and score_kernel.supports(self, src.shape[-2] * src.shape[-1])):
-            iou, queries, raw_keys, key_pe = score_kernel.score(self, tokens, src, image_pe, bf16=native_bf16)
-            return iou, Scored(queries, tokens, raw_keys, key_pe, src.shape[-2:], native_bf16)
+            iou, queries, raw_keys, key_pe, weights = score_kernel.score(self, tokens, src, image_pe, bf16=native_bf16)
+            return iou, Scored(queries, tokens, raw_keys, key_pe, src.shape[-2:], native_bf16, weights)
         if native_bf16:
             raise ValueError("native_bf16 needs float32 inputs on a CPU where native_bf16_for() holds")
         t = self.transformer
@@ -143,8 +143,10 @@ class MaskDecoder(nn.Module):
         """masks_from(*finish(scored, rows, token_index), token_index): low-res logits
         len(rows) x T' x 4h x 4w of the prompts `rows` of a score() call; in float32 on the
         CPU, where the native kernels take the image size, as one (model/score_kernel.py)."""
-        if _native(scored.raw_keys) and score_kernel.supports(self, scored.raw_keys.shape[1]):
-            return score_kernel.mask_logits(self, *scored[:5], rows, token_index, bf16=scored.native_bf16)
+        if _native(scored.raw_keys) and (scored.kernel_weights is not None
+                                         or score_kernel.supports(self, scored.raw_keys.shape[1])):
+            return score_kernel.mask_logits(self, *scored[:5], rows, token_index, bf16=scored.native_bf16,
+                                            weights=scored.kernel_weights)
         return self.masks_from(*self.finish(scored, rows, token_index), token_index)
 
     def native_for(self, pixels: int) -> bool:
@@ -229,8 +231,9 @@ def _image_order(h: int, w: int, device: str) -> torch.Tensor:
 class Scored(NamedTuple):
     """MaskDecoder.score's state of B prompts: tokens after the attention blocks and their
     positional encodings (B x N x C), image keys before the last LayerNorm (B x hw x C),
-    the keys' positional encoding (1 x hw x C), the embedding size (h, w) and whether the
-    native kernels multiplied in bf16 (mask_logits does the same)."""
+    the keys' positional encoding (1 x hw x C), the embedding size (h, w), whether the
+    native kernels multiplied in bf16 (mask_logits does the same) and the kernels' weights
+    where they ran the pass (mask_logits runs on the same, unchecked)."""
 
     queries: torch.Tensor
     tokens: torch.Tensor
@@ -238,6 +241,7 @@ class Scored(NamedTuple):
     key_pe: torch.Tensor
     size: tuple[int, int]
     native_bf16: bool = False
+    kernel_weights: object = None
 
 
 class Upsample2x(nn.ConvTranspose2d):

@@ -142,10 +142,10 @@ def supports(decoder: nn.Module, pixels: int) -> bool:
     if pixels * decoder.transformer_dim > MAX_IMAGE_FLOATS or decoder.transformer_dim % 4:
         return False
     t = decoder.transformer
-    norms = [m for m in t.modules() if isinstance(m, nn.LayerNorm)]
+    norms = [getattr(layer, f"norm{i}") for layer in t.layers for i in range(1, 5)] + [t.norm_final_attn]
     return (all(type(layer.mlp.act) is nn.ReLU for layer in t.layers)
             and len(decoder.iou_prediction_head.layers) == 3 and not decoder.iou_prediction_head.sigmoid_output
-            and all(n.eps == 1e-5 and n.weight is not None for n in norms)
+            and all(type(n) is nn.LayerNorm and n.eps == 1e-5 and n.weight is not None for n in norms)
             and t.layers[0].self_attn.num_heads <= 64 and len(t.layers) <= MAX_DEPTH
             and _upscaling_supported(decoder))
 
@@ -225,12 +225,13 @@ def _packed_for(decoder: nn.Module) -> _Packed:
 
 @torch.no_grad()
 def score(decoder: nn.Module, tokens: torch.Tensor, src: torch.Tensor, image_pe: torch.Tensor, bf16: bool = False
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _Packed]:
     """MaskDecoder.score's pass for tokens B x T x C (also their positional encoding) on one
     shared image side (src, image_pe: 1 x C x h x w): IoU predictions B x M, tokens after
     the blocks B x T x C, image keys before the last LayerNorm B x hw x C (a view of a
-    channel-major B x C x hw tensor, the kernel's layout) and the keys' positional encoding
-    1 x hw x C. bf16: the matmuls take bf16 operands (float32 sums), where bf16_available()."""
+    channel-major B x C x hw tensor, the kernel's layout), the keys' positional encoding
+    1 x hw x C and the weights as the kernels took them (for mask_logits). bf16: the matmuls
+    take bf16 operands (float32 sums), where bf16_available()."""
     lib = _load()
     packed = _packed_for(decoder)
     b, n_tok, c = tokens.shape
@@ -249,7 +250,7 @@ def score(decoder: nn.Module, tokens: torch.Tensor, src: torch.Tensor, image_pe:
     scratch = torch.empty(threads, lib.score_scratch_floats(dims))
     lib.score_prompts(threads, dims, pointers, b, tokens.data_ptr(), queries.data_ptr(), raw.data_ptr(),
                       iou.data_ptr(), scratch.data_ptr(), scratch.shape[1])
-    return iou, queries, raw.transpose(1, 2), pe_t.t()[None]
+    return iou, queries, raw.transpose(1, 2), pe_t.t()[None], packed
 
 
 def _image_side(decoder: nn.Module, packed: _Packed, src_t: torch.Tensor, pe_t: torch.Tensor) -> list[torch.Tensor]:
@@ -287,13 +288,13 @@ def _threads(n: int) -> int:
 @torch.no_grad()
 def mask_logits(decoder: nn.Module, queries: torch.Tensor, tokens: torch.Tensor, raw_keys: torch.Tensor,
                 key_pe: torch.Tensor, size: tuple[int, int], rows: torch.Tensor, token_index: torch.Tensor,
-                bf16: bool = False) -> torch.Tensor:
+                bf16: bool = False, weights: _Packed | None = None) -> torch.Tensor:
     """MaskDecoder.masks_from(*finish(...)) of a score() pass (its queries, tokens, raw keys,
     key_pe and size): low-res logits len(rows) x len(token_index) x 4h x 4w of the mask tokens
     token_index (indices among the mask tokens, as finish and masks_from take them). bf16: as
-    for score."""
+    for score. weights: score's, as it returned them (else the decoder's, checked)."""
     lib = _load()
-    packed = _packed_for(decoder)
+    packed = weights or _packed_for(decoder)
     b, n_tok, c = tokens.shape
     h, w = size
     n = h * w
