@@ -294,7 +294,7 @@ def mask_logits(decoder: nn.Module, queries: torch.Tensor, tokens: torch.Tensor,
     token_index (indices among the mask tokens, as finish and masks_from take them). bf16: as
     for score. weights: score's, as it returned them (else the decoder's, checked)."""
     lib = _load()
-    packed = weights or _packed_for(decoder)
+    packed = weights if weights is not None else _packed_for(decoder)
     b, n_tok, c = tokens.shape
     h, w = size
     n = h * w
