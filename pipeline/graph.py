@@ -108,6 +108,29 @@ def run(config: AnnotateConfig, log=print, lease: WriterLease | None = None,
         return _run(config, listing, log, lease, t0)
 
 
+def scaling_hint(config: AnnotateConfig, device: str, cluster: dict[str, float]) -> str | None:
+    """A line for the run log when the model stages' pools, at their largest, leave at least
+    half of the cluster's CPUs (GPUs on CUDA) idle: one actor per stage is the default, and
+    scaling out is the user's call (each actor holds its own copy of the model). One CPU is
+    counted as the reading, post-processing and writing tasks'."""
+    pools = [config.encoder] if config.fused(device) else [config.encoder, config.decoder]
+    if device == "cuda":
+        kind, have = "GPUs", cluster.get("GPU", 0.0)
+        used = sum(p.max * (p.num_gpus if p.num_gpus is not None else 1) for p in pools)
+    else:
+        kind, have = "CPUs", cluster.get("CPU", 0.0) - 1
+        used = sum(p.max * p.num_cpus for p in pools)
+    if not used or have < 2 * used:
+        return None
+    where = f"the cluster's {have:g} {kind}" + (" left after reading and writing" if kind == "CPUs" else "")
+    if len(pools) == 1:
+        n = int(have // (used / pools[0].max))
+        return (f"note: the model stage uses at most {used:g} of {where}: --encoder-actors 1,{n} runs up to "
+                f"{n} actors (each holds its own copy of the model)")
+    return (f"note: the model stages use at most {used:g} of {where}: --encoder-actors MIN,MAX and "
+            f"--decoder-actors MIN,MAX scale them out (each actor holds its own copy of the model)")
+
+
 def _run(config: AnnotateConfig, listing: pa.Table, log, lease: WriterLease, t0: float) -> dict[str, Any]:
     gpus = ray.cluster_resources().get("GPU", 0)
     device = config.resolved_device(gpus)
@@ -125,6 +148,9 @@ def _run(config: AnnotateConfig, listing: pa.Table, log, lease: WriterLease, t0:
         f"already done, {todo.num_rows} to go -> {config.output} ({device}, "
         f"{'fused' if config.fused(device) else 'split'} stages)")
 
+    hint = scaling_hint(config, device, ray.cluster_resources())
+    if hint and todo.num_rows:
+        log(hint)
     tally = Tally()
     if todo.num_rows:  # a run with nothing to do writes nothing
         writer = DatasetWriter(config.output, lineage, mode="append", options=options, fence=lease.confirm)
