@@ -18,15 +18,24 @@
 #include <omp.h>
 #endif
 
+/* Vectors as wide as the CPU's registers: GCC and Clang split a wider vector type into
+ * register-sized pieces through the stack (AVX2 with 16-float vectors ran the matmuls 7x
+ * slower than with 8). */
+#if defined(__AVX512F__)
 #define VL 16
-typedef float v16 __attribute__((vector_size(VL * sizeof(float))));
-typedef int32_t i16v __attribute__((vector_size(VL * sizeof(int32_t))));
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4 /* SSE2, NEON */
+#endif
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
 
-static inline v16 vload(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
-static inline v16 vsplat(float x) { return (v16){0} + x; }
-static inline v16 vsel(i16v m, v16 a, v16 b) { return (v16)((m & (i16v)a) | (~m & (i16v)b)); }
-static int round16(int n) { return (n + VL - 1) / VL * VL; }
+static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf vsplat(float x) { return (vf){0} + x; }
+static inline vf vsel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+static int round_lanes(int n) { return (n + VL - 1) / VL * VL; }
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* the lanes of a vector that hold the first n (< 16: a tail) of the values left */
@@ -36,16 +45,16 @@ static inline __mmask16 lanes_of(long n) { return n >= VL ? 0xFFFF : (__mmask16)
 /* ---------------------------------------------------------------- matmul
  * C[i, j] = sum_k A[i * sai + k * sak] * B[k * ldb + j], i < M, j < N, k < K:
  * A read through any strides (its values are broadcast), B's rows contiguous. Column panels
- * of 64, 32 or 16 (a panel of B stays in L1 while every row block passes over it), register
- * blocks of 4 x 4, 8 x 2 or 8 x 1 vectors. */
+ * of a few vectors (a panel of B stays in L1 while every row block passes over it), register
+ * blocks as many as the CPU's vector registers hold (see gemm). */
 static inline __attribute__((always_inline)) void kern(int R, int V, int K, const float *A, long sai, long sak,
                                                         const float *B, long ldb, float *C, long ldc) {
-  v16 c[8][4];
+  vf c[8][4];
   for (int r = 0; r < R; r++)
-    for (int v = 0; v < V; v++) c[r][v] = (v16){0};
+    for (int v = 0; v < V; v++) c[r][v] = (vf){0};
   for (int k = 0; k < K; k++) {
     const float *b = B + k * ldb;
-    v16 bv[4];
+    vf bv[4];
     for (int v = 0; v < V; v++) bv[v] = vload(b + v * VL);
     for (int r = 0; r < R; r++) {
       float a = A[r * sai + k * sak];
@@ -68,24 +77,33 @@ static inline __attribute__((always_inline)) void kern(int R, int V, int K, cons
     case 1: kern(1, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc); break;       \
   }
 
+/* The column panels of V vectors from column j on, in row blocks of at most R rows, as even
+ * as they come (7 rows in blocks of 6: 4 and 3; a lone row's few sums would wait on each
+ * other's multiply-adds); returns the first column left. */
+static inline __attribute__((always_inline)) int panels(int V, int R, int j, int M, int N, int K, const float *A,
+                                                        long sai, long sak, const float *B, long ldb, float *C,
+                                                        long ldc) {
+  int blocks = (M + R - 1) / R;
+  for (; j + V * VL <= N; j += V * VL)
+    for (int i = 0, b = 0; i < M; b++) {
+      int rows = (M - i + blocks - b - 1) / (blocks - b);
+      if (rows == R) kern(R, V, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc);
+      else KERN_ROWS(V, rows)
+      i += rows;
+    }
+  return j;
+}
+
 static void gemm(int M, int N, int K, const float *A, long sai, long sak, const float *B, long ldb, float *C,
                  long ldc) {
   int j = 0;
-  for (; j + 4 * VL <= N; j += 4 * VL)
-    for (int i = 0; i < M; i += 4) {
-      if (M - i >= 4) kern(4, 4, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc);
-      else KERN_ROWS(4, M - i)
-    }
-  for (; j + 2 * VL <= N; j += 2 * VL)
-    for (int i = 0; i < M; i += 8) {
-      if (M - i >= 8) kern(8, 2, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc);
-      else KERN_ROWS(2, M - i)
-    }
-  for (; j + VL <= N; j += VL)
-    for (int i = 0; i < M; i += 8) {
-      if (M - i >= 8) kern(8, 1, K, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc);
-      else KERN_ROWS(1, M - i)
-    }
+#if VL == 16 /* 32 vector registers: blocks of 4 x 4, 8 x 2, 8 x 1 vectors */
+  j = panels(4, 4, j, M, N, K, A, sai, sak, B, ldb, C, ldc);
+  j = panels(2, 8, j, M, N, K, A, sai, sak, B, ldb, C, ldc);
+#else /* 16: 6 x 2 (12 sums, 2 of B's vectors and A's broadcast value), 8 x 1 */
+  j = panels(2, 6, j, M, N, K, A, sai, sak, B, ldb, C, ldc);
+#endif
+  j = panels(1, 8, j, M, N, K, A, sai, sak, B, ldb, C, ldc);
   for (; j < N; j++)
     for (int i = 0; i < M; i++) {
       float s = 0.0f;
@@ -100,7 +118,7 @@ static void gemm(int M, int N, int K, const float *A, long sai, long sak, const 
  * twice fp32's multiply-adds per instruction. Operands are rounded to bf16 (nearest even) as
  * they are packed: pairs (k, k + 1) side by side, an odd K padded with a zero row.
  *   k-major (K x N, rows along N contiguous, as image-side tensors and transposed weights lie):
- *     P[k2][n] = (x[2 k2][n], x[2 k2 + 1][n]), rows of round16(N) pairs (padding zero);
+ *     P[k2][n] = (x[2 k2][n], x[2 k2 + 1][n]), rows of round_lanes(N) pairs (padding zero);
  *   row-major (M x K, rows along K contiguous, as tokens lie): P[i][k2], rows of K2 pairs.
  * The product reads A's pairs through strides (a_i, a_k) and B's k-major pairs. */
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -113,12 +131,12 @@ static inline uint32_t bf16_bits(float x) {  /* round to nearest even (finite x)
   return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
 
-static long pairs_k_major(int K, int N) { return (long)(K + 1) / 2 * round16(N); }
+static long pairs_k_major(int K, int N) { return (long)(K + 1) / 2 * round_lanes(N); }
 
 static void pack_k_major(int K, int N, const float *x, long ldx, pair *P) {
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                               23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  int ld = round16(N);
+  int ld = round_lanes(N);
   for (int k = 0; k < K; k += 2) {
     const float *r0 = x + (long)k * ldx, *r1 = r0 + ldx;
     pair *dst = P + (long)(k / 2) * ld;
@@ -181,7 +199,7 @@ static inline __attribute__((always_inline)) void kern_bf16(int R, int V, int K2
 /* C (M x N, row stride ldc) = A B: A's pairs at A[i * a_i + k2 * a_k], B k-major pairs */
 static void gemm_bf16(int M, int N, int K, const pair *A, long a_i, long a_k, const pair *B, float *C, long ldc) {
   int K2 = (K + 1) / 2, j = 0;
-  long ldb = round16(N);
+  long ldb = round_lanes(N);
   for (; j + 64 <= N; j += 64)
     for (int i = 0; i < M; i += 4) {
       if (M - i >= 4) kern_bf16(4, 4, K2, A + i * a_i, a_i, a_k, B + j, ldb, C + i * ldc + j, ldc, 0xFFFF);
@@ -221,7 +239,7 @@ static void mm(const bf16_ctx *bf, int M, int N, int K, const float *A, long sai
 #if HAVE_BF16
   if (bf->on) {
     pair *rest = bf->work;
-    long a_i = 1, a_k = round16(M);  /* k-major */
+    long a_i = 1, a_k = round_lanes(M);  /* k-major */
     if (!ap && sak == 1) {
       pack_row_major(M, K, A, sai, rest);
       ap = rest, a_i = (K + 1) / 2, a_k = 1, rest += pairs_row_major(M, K);
@@ -253,13 +271,13 @@ static void linear(int M, int in, int out, const float *x, long ldx, const float
   linear_bf(NULL, M, in, out, x, ldx, WT, NULL, b, y);
 }
 
-/* The 16 lane sums of a[0 .. 16), in order: a tree of lane shuffles and adds (15 steps for
- * 16 vectors where storing and adding lanes one by one takes 256); compilers without
- * __builtin_shufflevector (GCC before 12) add them one by one. */
-#if defined(__clang__) || __GNUC__ >= 12  /* __builtin_shufflevector */
+/* out[i]: the sum of a[i]'s lanes, i < 16. With 16 lanes, a tree of lane shuffles and adds
+ * (15 steps for 16 vectors where storing and adding lanes one by one takes 256); narrower
+ * vectors, and compilers without __builtin_shufflevector (GCC before 12), add them one by one. */
+#if VL == 16 && (defined(__clang__) || __GNUC__ >= 12)  /* __builtin_shufflevector */
 #define SHUF(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
-static inline v16 lane_sums(v16 a[16]) {
-  v16 h8[8], h4[4], h2[2];
+static inline void lane_sums(vf a[16], float out[16]) {
+  vf h8[8], h4[4], h2[2];
   for (int i = 0; i < 8; i++)
     h8[i] = SHUF(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
             SHUF(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -269,18 +287,17 @@ static inline v16 lane_sums(v16 a[16]) {
   for (int i = 0; i < 2; i++)
     h2[i] = SHUF(h4[2 * i], h4[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
             SHUF(h4[2 * i], h4[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  return SHUF(h2[0], h2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         SHUF(h2[0], h2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  vstore(out, SHUF(h2[0], h2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         SHUF(h2[0], h2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
 }
 #else
-static inline v16 lane_sums(v16 a[16]) {
-  float lanes[VL], sums[VL];
+static inline void lane_sums(vf a[16], float out[16]) {
+  float lanes[VL];
   for (int i = 0; i < 16; i++) {
     vstore(lanes, a[i]);
-    sums[i] = 0.0f;
-    for (int l = 0; l < VL; l++) sums[i] += lanes[l];
+    out[i] = 0.0f;
+    for (int l = 0; l < VL; l++) out[i] += lanes[l];
   }
-  return vload(sums);
 }
 #endif
 
@@ -292,15 +309,15 @@ static void dots(int M, int J, int N, const float *A, const float *B, float *C, 
     const float *b[4];
     for (int y = 0; y < 4; y++) b[y] = B + (long)(j0 + y < J ? j0 + y : J - 1) * N;  /* tail: repeats */
     for (int i0 = 0; i0 < M; i0 += 4) {
-      v16 acc[16];
-      for (int k = 0; k < 16; k++) acc[k] = (v16){0};
+      vf acc[16];
+      for (int k = 0; k < 16; k++) acc[k] = (vf){0};
       const float *a = A + (long)i0 * N;
       int n = 0;
       for (; n + VL <= N; n += VL) {
-        v16 bv[4];
+        vf bv[4];
         for (int y = 0; y < 4; y++) bv[y] = vload(b[y] + n);
         for (int x = 0; x < 4; x++) {
-          v16 av = vload(a + (long)x * N + n);
+          vf av = vload(a + (long)x * N + n);
           for (int y = 0; y < 4; y++) acc[x * 4 + y] += av * bv[y];
         }
       }
@@ -311,8 +328,8 @@ static void dots(int M, int J, int N, const float *A, const float *B, float *C, 
         for (int x = 0; x < 4; x++)
           for (int y = 0; y < 4; y++) acc[x * 4 + y] += vload(ab[x]) * vload(bb[y]);
       }
-      float sums[VL];
-      vstore(sums, lane_sums(acc));
+      float sums[16];
+      lane_sums(acc, sums);
       for (int x = 0; x < 4; x++)
         for (int y = 0; y < 4 && j0 + y < J; y++) C[(long)(i0 + x) * ldc + j0 + y] = sums[x * 4 + y];
     }
@@ -324,35 +341,35 @@ static void dots(int M, int J, int N, const float *A, const float *B, float *C, 
  * reduction to r in [-ln2/2, ln2/2] (n rounded by the 1.5 * 2^23 trick) and a degree-6
  * polynomial (relative error ~1e-7); at or below -87.3 the result is 0, as for the softmax
  * weights it serves. */
-static inline v16 vexp(v16 x) {
+static inline vf vexp(vf x) {
   const float lo = -87.33654f, magic = 12582912.0f;
-  i16v under = x <= lo;
+  vi under = x <= lo;
   x = vsel(under, vsplat(lo), x);
-  v16 k = x * 1.44269504f + magic;  /* n + magic: its low mantissa bits hold n */
-  v16 n = k - magic;
-  v16 r = x - n * 0.693359375f;
+  vf k = x * 1.44269504f + magic;  /* n + magic: its low mantissa bits hold n */
+  vf n = k - magic;
+  vf r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  v16 p = vsplat(1.9875691500e-4f);
+  vf p = vsplat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  i16v kbits;
+  vi kbits;
   memcpy(&kbits, &k, sizeof kbits);
-  i16v e = (kbits - 0x4B400000 + 127) << 23;  /* 2^n */
-  v16 scale;
+  vi e = (kbits - 0x4B400000 + 127) << 23;  /* 2^n */
+  vf scale;
   memcpy(&scale, &e, sizeof scale);
   return vsel(under, vsplat(0.0f), p * scale);
 }
 
 /* sum of x[0 .. n) and of its squares (x - shift)^2, 16 lanes at a time */
 static inline float vsum(const float *x, int n, float shift, int squares) {
-  v16 acc = {0};
+  vf acc = {0};
   int i = 0;
   for (; i + VL <= n; i += VL) {
-    v16 v = vload(x + i) - shift;
+    vf v = vload(x + i) - shift;
     acc += squares ? v * v : v;
   }
   float buf[VL], s = 0.0f;
@@ -364,7 +381,7 @@ static inline float vsum(const float *x, int n, float shift, int squares) {
 
 /* sum of a[i] b[i], i < n, 16 lanes at a time */
 static inline float vdot(const float *a, const float *b, int n) {
-  v16 acc = {0};
+  vf acc = {0};
   int i = 0;
   for (; i + VL <= n; i += VL) acc += vload(a + i) * vload(b + i);
   float buf[VL], s = 0.0f;
@@ -398,7 +415,7 @@ static void softmax_rows(int M, int N, float *x, long ld, float *xt, int ldt) {
     float *r = x + i * ld, m = r[0];
     int j = 0;
     if (N >= VL) {
-      v16 vm = vload(r);
+      vf vm = vload(r);
       for (j = VL; j + VL <= N; j += VL) vm = vsel(vload(r + j) > vm, vload(r + j), vm);
       float buf[VL];
       vstore(buf, vm);
@@ -462,7 +479,7 @@ static void layernorm_cols(int C, int N, const float *x, float *y, const float *
   for (int c = 1; c < C; c++) {
     const float *r = x + (long)c * N;
     for (n = 0; n + VL <= N; n += VL) {
-      v16 d = vload(r + n) - vload(x + n);
+      vf d = vload(r + n) - vload(x + n);
       vstore(mean + n, vload(mean + n) + d);
       vstore(rstd + n, vload(rstd + n) + d * d);
     }
@@ -481,7 +498,7 @@ static void layernorm_cols(int C, int N, const float *x, float *y, const float *
     float *o = y + (long)c * N;
     float wc = w[c], bc = b[c];
     for (n = 0; n + VL <= N; n += VL) {
-      v16 v = (vload(r + n) - vload(mean + n)) * vload(rstd + n) * wc + bc;
+      vf v = (vload(r + n) - vload(mean + n)) * vload(rstd + n) * wc + bc;
       vstore(o + n, v);
       if (pe) vstore(ype + (long)c * N + n, v + vload(pe + (long)c * N + n));
     }
@@ -525,7 +542,7 @@ static long lmax(long a, long b) { return a > b ? a : b; }
 
 /* scratch of tokens_to_image for T tokens */
 static long t2i_floats(long C, long N, long H, long Di, long T) {
-  long TH = T * H, P = round16(TH);
+  long TH = T * H, P = round_lanes(TH);
   return 2 * T * Di + TH * C + TH * N + N * P + C * P + 2 * N;
 }
 
@@ -555,7 +572,7 @@ static pair *pack_layer(const int *dims, const float *const *lw, pair *dst, cons
 /* the packing space of tokens_to_image's and image_to_tokens' products for T tokens */
 static long attention_pairs(long C, long N, long H, long T) {
   long TH = T * H;
-  return lmax(lmax(mm_pairs(TH, N, C, 1), mm_pairs(C, round16(TH), N, 1)),
+  return lmax(lmax(mm_pairs(TH, N, C, 1), mm_pairs(C, round_lanes(TH), N, 1)),
               lmax(mm_pairs(T, N, C, 1), mm_pairs(C, N, TH, C)));
 }
 
@@ -611,7 +628,7 @@ static void self_attention(const int *dims, const float *const *w, const float *
 static void tokens_to_image(const int *dims, const float *const *aw, int T, const float *x, const float *kpT,
                             const float *keysT, float *out, float *s, const bf16_ctx *bf, const pair *kp_pairs) {
   int C = dims[D_C], N = dims[D_N], H = dims[D_H], Di = dims[D_DI], d = Di / H;
-  int TH = T * H, P = round16(TH);
+  int TH = T * H, P = round_lanes(TH);
   float *qh = s, *att = qh + T * Di, *F = att + T * Di, *scores = F + TH * C, *wT = scores + (long)TH * N,
         *pooledT = wT + (long)N * P;
   linear(T, C, Di, x, C, aw[A_WQT], aw[A_BQ], qh);
@@ -872,27 +889,27 @@ static void gelu(long n, float *x) {
 }
 #else
 /* erf(x): Abramowitz and Stegun 7.1.26 (absolute error < 1.5e-7) */
-static inline v16 verf(v16 x) {
-  i16v bits;
+static inline vf verf(vf x) {
+  vi bits;
   memcpy(&bits, &x, sizeof bits);
-  i16v sign = bits & INT32_MIN, abs_bits = bits & ~sign;
-  v16 a;
+  vi sign = bits & INT32_MIN, abs_bits = bits & ~sign;
+  vf a;
   memcpy(&a, &abs_bits, sizeof a);
-  v16 t = 1.0f / (0.3275911f * a + 1.0f);
-  v16 r = vsplat(1.061405429f);
+  vf t = 1.0f / (0.3275911f * a + 1.0f);
+  vf r = vsplat(1.061405429f);
   r = r * t - 1.453152027f;
   r = r * t + 1.421413741f;
   r = r * t - 0.284496736f;
   r = r * t + 0.254829592f;
-  v16 y = 1.0f - r * t * vexp(-(a * a));
-  i16v ybits;
+  vf y = 1.0f - r * t * vexp(-(a * a));
+  vi ybits;
   memcpy(&ybits, &y, sizeof ybits);
   ybits |= sign;
   memcpy(&y, &ybits, sizeof y);
   return y;
 }
 
-static inline v16 vgelu(v16 x) { return x * 0.5f * (1.0f + verf(x * 0.70710678118654752f)); }
+static inline vf vgelu(vf x) { return x * 0.5f * (1.0f + verf(x * 0.70710678118654752f)); }
 
 static void gelu(long n, float *x) {
   long i = 0;
