@@ -14,7 +14,7 @@ from amg import AutomaticMaskGenerator
 from amg.compare import match_records
 from model import load_checkpoint
 from schemas.annotate import DEFAULT_CHECKPOINT
-from tests.official import build_official
+from tests.official import build_official, pixels_off_threshold
 from training.synthetic import make_scene
 
 # A comparison of near-empty results proves nothing: at least this many official masks.
@@ -59,5 +59,12 @@ def test_same_masks_as_official_with_trained_weights(models, images, setting, im
     assert len(theirs) >= MIN_MASKS[image_name], f"only {len(theirs)} official masks"
     result = match_records(mine, theirs)
     assert len(mine) == len(theirs) == result["matched"]
-    assert result["min_iou"] >= 0.99
+    # Every pair at mask IoU >= 0.99, but for a rounding flip: one pixel of a 90-pixel mask
+    # whose official logit is 8.8e-6 (the kernels' sums run in another order; seen on an AVX2
+    # machine) leaves IoU 0.989. Such a pair must differ only where the official logits lie
+    # within float error of the threshold.
+    below = [(i, j) for (i, j), v in zip(result["pairs"], result["ious"]) if v < 0.99]
+    assert len(below) <= 1, f"{len(below)} masks under IoU 0.99"
+    for i, j in below:
+        assert pixels_off_threshold(official, image, mine[i], theirs[j]) < 1e-4
     assert result["equal_rle"] >= 0.95 * len(theirs)
