@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amg import AmgParams, AutomaticMaskGenerator, decode_image, encode_image, postprocess  # noqa: E402
 from amg.compare import match_records  # noqa: E402
 from amg.params import checkpoint_defaults  # noqa: E402
-from model import Sam, get_config, load_checkpoint, read_checkpoint_meta  # noqa: E402
+from model import Sam, get_config, load_checkpoint, read_checkpoint_meta, score_kernel  # noqa: E402
 from model.memory import retain_freed_memory  # noqa: E402
 from schemas.annotate import DEFAULT_CHECKPOINT  # noqa: E402
 from schemas.throughput import FORMAT, ThroughputResults, write_results  # noqa: E402
@@ -149,9 +149,9 @@ def decoder_path(model: Sam, precision: str) -> str:
     """Which decoder our generator runs at this precision (amg.decode's choice, crops aside)."""
     pixels, decoder = model.config.embedding_size ** 2, model.mask_decoder
     if precision == "bf16" and decoder.native_bf16_for(pixels):
-        return "native kernels, bf16 matmuls"
+        return f"native kernels ({score_kernel.build_summary()}), bf16 matmuls"
     if precision == "fp32" and decoder.native_for(pixels):
-        return "native kernels"
+        return f"native kernels ({score_kernel.build_summary()})"
     return "torch" + (", a bf16 copy of the decoder" if precision == "bf16" else "")
 
 

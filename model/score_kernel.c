@@ -226,6 +226,8 @@ static long pairs_row_major(int M, int K) { (void)M, (void)K; return 0; }
 
 /* Whether this build has the bf16 matmuls (score_prompts and mask_prompts take them when asked). */
 int kernel_bf16(void) { return HAVE_BF16; }
+/* floats per vector this build computes with (16: AVX-512, 8: AVX/AVX2, 4: SSE2/NEON) */
+int kernel_lanes(void) { return VL; }
 
 /* A kernel call's bf16 switch and the space its products pack operands into */
 typedef struct { int on; pair *work; } bf16_ctx;

@@ -123,7 +123,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mask_scratch_floats.restype = ctypes.c_long
     lib.mask_prompts.argtypes = [i, p, p, p, i, p, p, p, p, p, p, p, n]
     lib.mask_prompts.restype = None
-    for flag in ("kernel_bf16", "kernel_openmp"):
+    for flag in ("kernel_bf16", "kernel_openmp", "kernel_lanes"):
         getattr(lib, flag).argtypes = []
         getattr(lib, flag).restype = ctypes.c_int
     return lib
@@ -132,6 +132,16 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def bf16_available() -> bool:
     """Whether the kernels can multiply in bf16 (built for a CPU with AVX512-BF16)."""
     return available() and bool(_load().kernel_bf16())
+
+
+def build_summary() -> str:
+    """How the kernels were built, for logs and benchmark headers: vector width, OpenMP, bf16
+    (e.g. "8-float vectors, OpenMP"); "" where they are unavailable."""
+    if not available():
+        return ""
+    lib = _load()
+    parts = [f"{lib.kernel_lanes()}-float vectors", "OpenMP" if lib.kernel_openmp() else "one thread"]
+    return ", ".join(parts + (["bf16 products"] if lib.kernel_bf16() else []))
 
 
 def supports(decoder: nn.Module, pixels: int) -> bool:

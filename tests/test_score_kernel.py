@@ -89,6 +89,8 @@ def test_kernels_built_without_avx512_compute_the_torch_decoder(march, tmp_path,
                                                 for f in score_kernel.FLAGS])
     monkeypatch.setattr(score_kernel, "_library", False)  # build and load that one
     assert score_kernel.available() and not score_kernel.bf16_available()
+    assert score_kernel._load().kernel_lanes() == {"x86-64-v3": 8, "x86-64": 4}[march]
+    assert score_kernel.build_summary() == f"{8 if march == 'x86-64-v3' else 4}-float vectors, OpenMP"
     for name in ("3 heads, 9x9", "6 heads, width 96, 10x10"):
         _check_against_torch(name, monkeypatch)
 
@@ -124,6 +126,7 @@ def test_kernels_built_without_openmp_run_on_one_thread(tmp_path, monkeypatch, c
         assert score_kernel.available()
     assert "without OpenMP" in caplog.text
     assert not score_kernel._load().kernel_openmp() and score_kernel._threads(11) == 1
+    assert "one thread" in score_kernel.build_summary()
     _check_against_torch("3 heads, 9x9", monkeypatch)
 
 
