@@ -123,6 +123,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mask_scratch_floats.restype = ctypes.c_long
     lib.mask_prompts.argtypes = [i, p, p, p, i, p, p, p, p, p, p, p, n]
     lib.mask_prompts.restype = None
+    lib.kernel_gelu.argtypes = [n, p]
+    lib.kernel_gelu.restype = None
     for flag in ("kernel_bf16", "kernel_openmp", "kernel_lanes"):
         getattr(lib, flag).argtypes = []
         getattr(lib, flag).restype = ctypes.c_int

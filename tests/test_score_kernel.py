@@ -79,9 +79,10 @@ def _avx2() -> bool:
 
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
 def test_kernels_built_without_avx512_compute_the_torch_decoder(march, tmp_path, monkeypatch):
-    """The builds for CPUs without AVX-512 take other paths: the erf-based GELU, no bf16
-    products, vectors of 8 lanes (x86-64-v3: AVX2 and FMA) or 4 (x86-64: SSE2, as NEON) and
-    register blocks for 16 vector registers. Same function."""
+    """The builds for CPUs without AVX-512 take other paths: no bf16 products, register
+    blocks for 16 vector registers, vectors of 8 lanes and the GELU's polynomials on [0, 6)
+    by 8-lane permutes (x86-64-v3: AVX2 and FMA) or 4 lanes and the erf-based GELU (x86-64:
+    SSE2, as NEON). Same function."""
     if march == "x86-64-v3" and not _avx2() or platform.machine() != "x86_64":
         pytest.skip(f"an x86-64 CPU{' with AVX2' if march == 'x86-64-v3' else ''} runs the {march} build")
     monkeypatch.setenv("SAMENGINE_CACHE", str(tmp_path))
@@ -91,8 +92,27 @@ def test_kernels_built_without_avx512_compute_the_torch_decoder(march, tmp_path,
     assert score_kernel.available() and not score_kernel.bf16_available()
     assert score_kernel._load().kernel_lanes() == {"x86-64-v3": 8, "x86-64": 4}[march]
     assert score_kernel.build_summary() == f"{8 if march == 'x86-64-v3' else 4}-float vectors, OpenMP"
+    _check_gelu()
     for name in ("3 heads, 9x9", "6 heads, width 96, 10x10"):
         _check_against_torch(name, monkeypatch)
+
+
+def test_the_kernels_gelu_is_exact_gelu_to_float_error():
+    _check_gelu()
+
+
+def _check_gelu():
+    """The loaded build's GELU (its own form: polynomials by 16- or 8-lane permutes, or the
+    erf-based one) against float64 GELU on a dense grid, both tails, every interval edge and
+    a tail of fewer values than a vector."""
+    import math
+
+    x = np.concatenate([np.linspace(-12, 12, 20001), np.arange(-6, 6.01, 0.75), [0.0, -0.0, 1e-30, -1e-30]])
+    x = np.concatenate([x, x[:5] + 0.1]).astype(np.float32)  # 20022 values: a ragged tail
+    got = torch.from_numpy(x.copy())
+    score_kernel._load().kernel_gelu(len(got), got.data_ptr())
+    exact = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    assert np.abs(got.numpy() - exact).max() < 5e-7
 
 
 def test_kernels_split_prompts_over_threads_without_changing_a_bit():
