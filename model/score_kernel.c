@@ -372,7 +372,7 @@ static inline vf vexp(vf x) {
   return vsel(under, vsplat(0.0f), p * scale);
 }
 
-/* sum of x[0 .. n) and of its squares (x - shift)^2, 16 lanes at a time */
+/* sum of x[0 .. n) and of its squares (x - shift)^2, a vector at a time */
 static inline float vsum(const float *x, int n, float shift, int squares) {
   vf acc = {0};
   int i = 0;
@@ -387,7 +387,7 @@ static inline float vsum(const float *x, int n, float shift, int squares) {
   return s;
 }
 
-/* sum of a[i] b[i], i < n, 16 lanes at a time */
+/* sum of a[i] b[i], i < n, a vector at a time */
 static inline float vdot(const float *a, const float *b, int n) {
   vf acc = {0};
   int i = 0;
@@ -615,7 +615,7 @@ static void self_attention(const int *dims, const float *const *w, const float *
     for (int i = 0; i < T; i++)
       for (int j = 0; j < T; j++) p[i * T + j] = vdot(q + i * C + h * d, k + j * C + h * d, d) * scale;
     softmax_rows(T, T, p, T, NULL, 0);
-    for (int i = 0; i < T; i++) {  /* att[i, h] = sum_j p[i, j] v[j, h], 16 channels at a time */
+    for (int i = 0; i < T; i++) {  /* att[i, h] = sum_j p[i, j] v[j, h], a vector of channels at a time */
       float *a = att + i * C + h * d;
       memset(a, 0, sizeof(float) * d);
       for (int j = 0; j < T; j++) {
