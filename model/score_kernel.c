@@ -107,7 +107,8 @@ static void gemm(int M, int N, int K, const float *A, long sai, long sak, const 
        * 4 vectors (more sums in flight). AMD Zen 3, GFLOP/s: 7 x 256 x 16 52 against 43 in
        * blocks of 4 + 3 rows; 1 x 128 x 128 30 against 22; 3 x 256 x 16 50 against 43. */
   if (M <= 3) j = panels(4, 3, j, M, N, K, A, sai, sak, B, ldb, C, ldc);
-  j = M <= 8 ? panels(2, 8, j, M, N, K, A, sai, sak, B, ldb, C, ldc) : panels(2, 6, j, M, N, K, A, sai, sak, B, ldb, C, ldc);
+  if (M <= 8) j = panels(2, 8, j, M, N, K, A, sai, sak, B, ldb, C, ldc);
+  else j = panels(2, 6, j, M, N, K, A, sai, sak, B, ldb, C, ldc);
 #endif
   j = panels(1, 8, j, M, N, K, A, sai, sak, B, ldb, C, ldc);
   for (; j < N; j++)
