@@ -879,6 +879,7 @@ static const float PHI_COEF[7][16] = {
      -3.097110251e-04f, -1.353841222e-03f, 1.299612005e-03f, 2.550055781e-03f,
      -2.550055781e-03f, -1.299612005e-03f, 1.353841221e-03f, 3.097110249e-04f,
      -1.889087472e-04f, -6.320491763e-05f, -6.759037079e-06f, -3.239168003e-07f}};
+#endif
 
 #if defined(__AVX512F__)
 static void gelu(long n, float *x) {
@@ -900,33 +901,20 @@ static void gelu(long n, float *x) {
   }
 }
 #else
+#if defined(__AVX2__) && defined(__FMA__)
 /* AVX2: the 8 intervals of [0, 6) (one 8-lane permute per coefficient) and Phi(x) = 1 -
  * Phi(-x) below 0 (the fits are symmetric: the same as the 16 intervals up to rounding). */
-static inline __m256 gelu8(__m256 v, const __m256 *c) {
-  __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+static inline vf vgelu(vf x) {
+  __m256 v = (__m256)x, a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
   __m256 lo = _mm256_floor_ps(_mm256_min_ps(_mm256_mul_ps(a, _mm256_set1_ps(16.0f / 12.0f)), _mm256_set1_ps(7.5f)));
   __m256i k = _mm256_cvttps_epi32(lo);
   __m256 t = _mm256_sub_ps(a, _mm256_fmadd_ps(lo, _mm256_set1_ps(0.75f), _mm256_set1_ps(0.375f)));
-  __m256 p = _mm256_permutevar8x32_ps(c[6], k);
-  for (int d = 5; d >= 0; d--) p = _mm256_fmadd_ps(p, t, _mm256_permutevar8x32_ps(c[d], k));
+  __m256 p = _mm256_permutevar8x32_ps(_mm256_loadu_ps(PHI_COEF[6] + 8), k);
+  for (int d = 5; d >= 0; d--) p = _mm256_fmadd_ps(p, t, _mm256_permutevar8x32_ps(_mm256_loadu_ps(PHI_COEF[d] + 8), k));
   p = _mm256_blendv_ps(p, _mm256_set1_ps(1.0f), _mm256_cmp_ps(a, _mm256_set1_ps(6.0f), _CMP_GE_OQ));
   p = _mm256_blendv_ps(p, _mm256_sub_ps(_mm256_set1_ps(1.0f), p), v);  /* sign bit: 1 - Phi(|x|) */
-  return _mm256_mul_ps(v, p);
+  return (vf)_mm256_mul_ps(v, p);
 }
-
-static void gelu(long n, float *x) {
-  __m256 c[7];
-  for (int d = 0; d < 7; d++) c[d] = _mm256_loadu_ps(PHI_COEF[d] + 8);
-  long i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gelu8(_mm256_loadu_ps(x + i), c));
-  if (i < n) {
-    float buf[8] = {0};
-    memcpy(buf, x + i, sizeof(float) * (n - i));
-    _mm256_storeu_ps(buf, gelu8(_mm256_loadu_ps(buf), c));
-    memcpy(x + i, buf, sizeof(float) * (n - i));
-  }
-}
-#endif
 #else
 /* erf(x): Abramowitz and Stegun 7.1.26 (absolute error < 1.5e-7) */
 static inline vf verf(vf x) {
@@ -950,6 +938,7 @@ static inline vf verf(vf x) {
 }
 
 static inline vf vgelu(vf x) { return x * 0.5f * (1.0f + verf(x * 0.70710678118654752f)); }
+#endif
 
 static void gelu(long n, float *x) {
   long i = 0;
