@@ -10,30 +10,41 @@ margin far outside float rounding, so they hold whatever order the arithmetic ta
 candidates that remain are evaluated exactly (Blocks.exact).
 
 On the CPU one compiled pass per candidate does all of it and one level more, the mixed
-blocks' pixels themselves (numba, parallel over candidates): the torch version takes a few
-dozen passes, gathers and index lists over the batch, ~4x the time, and leaves ~7x more
-candidates to the exact evaluation. Other devices run the torch version."""
+blocks' pixels themselves (amg/stability_kernel.c, parallel over candidates on torch's
+threads): the torch version takes a few dozen passes, gathers and index lists over the batch,
+~4x the time, and leaves ~7x more candidates to the exact evaluation. Other devices, and CPUs
+where native kernels are off or no C compiler is found (model/native.py), run the torch
+version."""
 from __future__ import annotations
 
+import ctypes
+import logging
 import threading
+from pathlib import Path
 
-import numpy as np
 import torch
 
+from model import native
+
 from .upsample import ThresholdUpsampler
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("stability_kernel.c")
 
 # The ratio test's slack: float32 rounding of the exact score cannot lift a candidate ruled
 # out with it back over the threshold.
 SLACK = 1e-6
-_KERNEL_LOCK = threading.Lock()
+_lock = threading.Lock()
+_library: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 
 
 def may_pass(upsampler: ThresholdUpsampler, low_res: torch.Tensor, threshold: float, offset: float,
              thresh: float) -> torch.Tensor:
     """Indices (int64, on low_res' device) of the candidates (low-res logits B x l x l) whose
     stability score at threshold +- offset may reach thresh."""
-    if low_res.device.type == "cpu" and offset >= 0:
-        return _may_pass_cpu(upsampler, low_res, threshold, offset, thresh)
+    lib = kernel() if low_res.device.type == "cpu" and offset >= 0 else None
+    if lib is not None:
+        return _may_pass_cpu(lib, upsampler, low_res, threshold, offset, thresh)
     return may_pass_torch(upsampler, low_res, threshold, offset, thresh)
 
 
@@ -54,29 +65,61 @@ def _ratio_may_pass(upper_0: torch.Tensor, lower_1: torch.Tensor, thresh: float)
     return upper_0.double() >= (thresh - SLACK) * lower_1.double()
 
 
-def _may_pass_cpu(upsampler: ThresholdUpsampler, low_res: torch.Tensor, threshold: float, offset: float,
-                  thresh: float) -> torch.Tensor:
-    x = low_res.detach().float().contiguous().numpy()
-    rows, cols = upsampler.rows, upsampler.cols
-    import numba
-
-    from .stability_kernel import stability_may_pass
-
-    # As many threads as torch's (numba's own count is per calling thread); one call at a
-    # time, since numba's fallback threading layer (workqueue) is not safe for concurrent ones.
-    # Numba's OpenMP layer sets the OpenMP thread count that torch reads too: put it back.
-    threads = torch.get_num_threads()
-    with _KERNEL_LOCK:
-        try:
-            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-            flags = stability_may_pass(x, threshold + offset, threshold - offset, thresh - SLACK,
-                                       *_axis_arrays(rows), *_axis_arrays(cols))
-        finally:
-            torch.set_num_threads(threads)
-    return torch.from_numpy(np.flatnonzero(flags))
+# amg.upsample._Axis' tables in the order of stability_kernel.c's axis_t
+_TABLES = ("size", "low_first", "frame_i0", "frame_i1", "cells", "out_f0", "out_f1", "frame_w0", "frame_w1",
+           "out_w0", "out_w1", "valid")
 
 
-def _axis_arrays(axis) -> tuple:
-    return (int(axis.radius), axis.size.numpy(), axis.low_first.numpy(), axis.frame_i0.numpy(),
-            axis.frame_i1.numpy(), axis.frame_w0.numpy(), axis.frame_w1.numpy(), axis.cells.numpy(),
-            axis.out_f0.numpy(), axis.out_f1.numpy(), axis.out_w0.numpy(), axis.out_w1.numpy(), axis.valid.numpy())
+class _AxisTables(ctypes.Structure):
+    """One axis as stability_kernel.c's axis_t reads it: radius, frame positions f and output
+    positions m per block, then pointers to the tables."""
+    _fields_ = [(name, ctypes.c_int64) for name in ("radius", "f", "m")] + [(name, ctypes.c_void_p) for name in _TABLES]
+
+
+def _axis_tables(axis) -> tuple[_AxisTables, list[torch.Tensor]]:
+    """The axis' tables for the kernel, and the tensors they point into (keep them alive)."""
+    tensors = [getattr(axis, name).contiguous() for name in _TABLES]
+    kinds = [t.dtype for t in tensors]
+    if kinds != [torch.int64] * 7 + [torch.float32] * 4 + [torch.bool]:
+        raise TypeError(f"unexpected axis table types {kinds}")
+    tables = _AxisTables(axis.radius, axis.frame_i0.shape[1], axis.out_f0.shape[1], *(t.data_ptr() for t in tensors))
+    return tables, tensors
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p = ctypes.c_void_p
+    lib.stability_may_pass.argtypes = [ctypes.c_int, p, ctypes.c_long, ctypes.c_int, ctypes.c_double,
+                                       ctypes.c_double, ctypes.c_double, p, p, p]
+    lib.stability_may_pass.restype = ctypes.c_int
+    lib.window_extrema.argtypes = [p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p, p, p]
+    lib.window_extrema.restype = None
+    lib.kernel_openmp.argtypes = []
+    lib.kernel_openmp.restype = ctypes.c_int
+    return lib
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernel (amg/stability_kernel.c), or None where native kernels are off or
+    cannot be built."""
+    global _library
+    if not native.enabled():
+        return None
+    with _lock:
+        if _library is False:
+            _library = native.load(SOURCE, native.FLAGS, _bind, "the stability bounds' kernel", log)
+        return _library
+
+
+def _may_pass_cpu(lib: ctypes.CDLL, upsampler: ThresholdUpsampler, low_res: torch.Tensor, threshold: float,
+                  offset: float, thresh: float) -> torch.Tensor:
+    x = low_res.detach().float().contiguous()
+    n, l = x.shape[0], x.shape[1]
+    rows, keep_rows = _axis_tables(upsampler.rows)
+    cols, keep_cols = _axis_tables(upsampler.cols)
+    out = torch.zeros(n, dtype=torch.uint8)
+    threads = max(1, min(torch.get_num_threads(), n)) if lib.kernel_openmp() else 1
+    failed = lib.stability_may_pass(threads, x.data_ptr(), n, l, threshold + offset, threshold - offset,
+                                    thresh - SLACK, ctypes.byref(rows), ctypes.byref(cols), out.data_ptr())
+    if failed:
+        raise MemoryError("the stability bounds' kernel could not allocate its scratch")
+    return out.nonzero().squeeze(1)

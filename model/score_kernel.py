@@ -8,19 +8,13 @@ matmuls already run near the core's peak, so those passes are what costs. The ke
 prompt's tensors in the core's cache instead. Same function (float32 throughout; sums run in
 another order, so the last bits may differ).
 
-The C source is compiled on first use with the system's C compiler (`cc`, or $CC) for this
-CPU and cached per source, compiler flags and CPU features. Without a compiler, or with
-SAMENGINE_NATIVE=0, `available()` is False and the decoder keeps its torch path."""
+The C source is compiled on first use for this CPU and cached (model/native.py). Without a
+compiler, or with SAMENGINE_NATIVE=0, `available()` is False and the decoder keeps its torch
+path."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -28,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import native
 from .precision import weights_signature
 
 log = logging.getLogger(__name__)
@@ -42,74 +37,22 @@ SOURCE = Path(__file__).with_name("score_kernel.c")
 # Larger sides would need per-thread scratch of hundreds of MB: torch's path.
 MAX_IMAGE_FLOATS = 1 << 20
 MAX_DEPTH = 16  # two-way transformer blocks (score_kernel.c's MAX_DEPTH; SAM's decoder has 2)
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno"]
+FLAGS = list(native.FLAGS)
 _lock = threading.Lock()
 _library: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 
 
 def available() -> bool:
     """Whether the kernels are built (or can be) and not disabled by SAMENGINE_NATIVE=0."""
-    return os.environ.get("SAMENGINE_NATIVE", "1") != "0" and _load() is not None
+    return native.enabled() and _load() is not None
 
 
 def _load() -> ctypes.CDLL | None:
     global _library
     with _lock:
         if _library is False:
-            try:
-                _library = _bind(ctypes.CDLL(str(_build())))
-            except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-                log.warning("native decoder kernels unavailable, using torch: %s", e)
-                _library = None
+            _library = native.load(SOURCE, FLAGS, _bind, "native decoder kernels", log)
         return _library
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("SAMENGINE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "samengine")
-    return Path(root) / "kernels"
-
-
-def _cpu_signature() -> str:
-    """The CPU's features as -march=native sees them (a cache shared by unlike nodes must not
-    hand one of them another's instructions)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _build() -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not compiler:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    try:
-        return _compile(compiler, [*FLAGS, "-fopenmp"])
-    except RuntimeError as e:  # a compiler without OpenMP (Apple's clang): kernels on one thread
-        log.warning("native decoder kernels built without OpenMP, on one thread: %s", e)
-        return _compile(compiler, FLAGS)
-
-
-def _compile(compiler: str, flags: list[str]) -> Path:
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([compiler, *flags]).encode(),
-                                     _cpu_signature().encode(), platform.machine().encode()])).hexdigest()[:20]
-    target = _cache_dir() / f"score_kernel-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: concurrent workers each build and one wins
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -225,33 +225,48 @@ def test_stability_bounds_cpu_kernel(low, input_size, out_size):
 @pytest.mark.parametrize("ry,rx", [(1, 1), (0, 2), (3, 1), (70, 0)])
 def test_stability_kernel_window_extrema(ry, rx):
     """The kernel's window max and -min, clipped at the borders, are amg.upsample's (torch)."""
-    from amg.stability_kernel import _window_extrema
+    from amg.stability_bounds import kernel
     from amg.upsample import _window_max
 
     v = torch.randn(2, 64, 64)
     v[1, 5:9, 7:12] = float("inf")
     for x in v:
-        scratch = [np.empty(64, np.float32) for _ in range(2)]
-        hi, neg_lo = np.empty((64, 64), np.float32), np.empty((64, 64), np.float32)
-        _window_extrema(x.numpy(), ry, rx, *scratch, hi, neg_lo)
-        assert np.array_equal(hi, _window_max(x[None], ry, rx)[0].numpy())
-        assert np.array_equal(neg_lo, _window_max(-x[None], ry, rx)[0].numpy())
+        scratch = [torch.empty(64) for _ in range(2)]
+        hi, neg_lo = torch.empty(64, 64), torch.empty(64, 64)
+        kernel().window_extrema(x.data_ptr(), 64, ry, rx, *(t.data_ptr() for t in (*scratch, hi, neg_lo)))
+        assert torch.equal(hi, _window_max(x[None], ry, rx)[0])
+        assert torch.equal(neg_lo, _window_max(-x[None], ry, rx)[0])
 
 
 def test_stability_bounds_cpu_kernel_keeps_the_callers_thread_count():
-    """Numba's OpenMP layer starts its threads with the OpenMP thread count that torch reads
-    too: in a fresh process (the first call starts them) the caller's count is kept."""
+    """The kernel splits candidates over torch's OpenMP team: in a fresh process (the first
+    call builds or loads it and starts the team) the caller's thread count is kept."""
     code = ("import torch; torch.set_num_threads(1)\n"
-            "from amg.stability_bounds import may_pass\n"
+            "from amg.stability_bounds import kernel, may_pass\n"
             "from amg.upsample import ThresholdUpsampler\n"
             "up = ThresholdUpsampler(64, 256, (192, 256), (768, 1024))\n"
             "may_pass(up, torch.randn(8, 64, 64), 0.0, 1.0, 0.65)\n"
-            "print(torch.get_num_threads())\n")
+            "print(kernel() is not None, torch.get_num_threads())\n")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "1"
+    assert out.stdout.strip() == "True 1"
+
+
+def test_stability_bounds_without_native_kernels_run_in_torch(monkeypatch):
+    """SAMENGINE_NATIVE=0 (or no C compiler): the torch bounds, which keep a superset."""
+    from amg import stability_bounds
+
+    upsampler = ThresholdUpsampler(64, 256, (192, 256), (768, 1024))
+    low_res = smooth_noise(12, 64, 64, seed=3, cell=8) * 4
+    native_kept = stability_bounds.may_pass(upsampler, low_res, 0.0, 1.0, 0.65)
+    monkeypatch.setenv("SAMENGINE_NATIVE", "0")
+    assert stability_bounds.kernel() is None
+    torch_kept = stability_bounds.may_pass(upsampler, low_res, 0.0, 1.0, 0.65)
+    assert torch.equal(torch_kept, stability_bounds.may_pass_torch(upsampler, low_res, 0.0, 1.0, 0.65))
+    assert set(native_kept.tolist()) <= set(torch_kept.tolist())
+    assert len(native_kept) < len(torch_kept)
 
 
 @pytest.mark.parametrize("device", DEVICES)
