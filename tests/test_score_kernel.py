@@ -263,13 +263,18 @@ def test_without_a_compiler_the_torch_path_runs(tmp_path):
             "m = Sam(get_config('vit_tiny256')).eval(); e = torch.randn(1, 128, 16, 16); "
             "s, d = m.prompt_encoder((torch.rand(3, 1, 2) * 256, torch.ones(3, 1, dtype=torch.int64)), None, None); "
             "iou, scored = m.mask_decoder.score(e, m.prompt_encoder.get_dense_pe(), s, d); "
-            "assert iou.shape == (3, 4) and scored.raw_keys.is_contiguous(); print('torch path')")
+            "assert iou.shape == (3, 4) and scored.raw_keys.is_contiguous(); "
+            "from amg.stability_bounds import kernel, may_pass; from amg.upsample import ThresholdUpsampler; "
+            "assert kernel() is None; "
+            "may_pass(ThresholdUpsampler(64, 256, (192, 256), (768, 1024)), torch.randn(4, 64, 64), 0.0, 1.0, 0.6); "
+            "print('torch path')")
     env = dict(os.environ, CC=str(tmp_path / "no-such-compiler"), SAMENGINE_CACHE=str(tmp_path / "cache"))
     env["PATH"] = str(tmp_path)  # no cc, gcc or clang either
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "torch path" in done.stdout
     assert "native decoder kernels unavailable" in done.stderr
+    assert "the stability bounds' kernel unavailable" in done.stderr
 
 
 def test_official_sized_image_sides_run_natively_larger_ones_in_torch():
