@@ -113,6 +113,9 @@ def kernel() -> ctypes.CDLL | None:
 def _may_pass_cpu(lib: ctypes.CDLL, upsampler: ThresholdUpsampler, low_res: torch.Tensor, threshold: float,
                   offset: float, thresh: float) -> torch.Tensor:
     x = low_res.detach().float().contiguous()
+    blocks = (len(upsampler.rows.size), len(upsampler.cols.size))
+    if x.dim() != 3 or tuple(x.shape[1:]) != blocks or blocks[0] != blocks[1]:  # the kernel reads l x l
+        raise ValueError(f"low-res logits {tuple(x.shape)} do not fit the upsampler's {blocks[0]} x {blocks[1]} blocks")
     n, l = x.shape[0], x.shape[1]
     rows, keep_rows = _axis_tables(upsampler.rows)
     cols, keep_cols = _axis_tables(upsampler.cols)

@@ -220,6 +220,8 @@ def test_stability_bounds_cpu_kernel(low, input_size, out_size):
         kept, kept_torch = kept + len(ours - {2}), kept_torch + len(theirs - {2})
     assert kept < kept_torch < 4 * 39
     assert may_pass(upsampler, low_res[:0], 0.0, 1.0, 0.9).shape == (0,)
+    with pytest.raises(ValueError, match="do not fit"):  # the kernel would read past them
+        may_pass(upsampler, low_res[:, :-1, :-1], 0.0, 1.0, 0.9)
 
 
 @pytest.mark.parametrize("ry,rx", [(1, 1), (0, 2), (3, 1), (70, 0)])
