@@ -12,7 +12,7 @@ from amg.text import decode_texts
 from model import load_checkpoint
 from model.checkpoint import local_checkpoint
 from model.memory import retain_freed_memory
-from model.predictor import check_precision
+from model.predictor import resolve_precision
 from model.sam import Sam
 
 from .batch import drop, map_ok, objects
@@ -33,11 +33,9 @@ class _ModelStage:
             retain_freed_memory()  # the decoder's per-batch tensors are reused, not page-faulted afresh
         self.model: Sam
         self.model, _ = load_checkpoint(local_checkpoint(checkpoint, endpoint_url), model_type=model_type, device=device)
-        check_precision(precision, self.model.device)
-        check_precision(encoder_precision, self.model.device, "encoder_precision")
+        self.precision = resolve_precision(precision, self.model.device)
+        self.encoder_precision = resolve_precision(encoder_precision, self.model.device, "encoder_precision")
         self.params = AmgParams(**amg)
-        self.precision = precision
-        self.encoder_precision = encoder_precision
         self.texts = list(texts or [])
         self.text_embeddings = np.asarray(text_embeddings if self.texts else [], np.float32)
 

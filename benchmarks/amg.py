@@ -39,6 +39,7 @@ from amg.compare import match_records  # noqa: E402
 from amg.params import checkpoint_defaults  # noqa: E402
 from model import Sam, get_config, load_checkpoint, read_checkpoint_meta, score_kernel  # noqa: E402
 from model.memory import retain_freed_memory  # noqa: E402
+from model.predictor import resolve_precision  # noqa: E402
 from schemas.annotate import DEFAULT_CHECKPOINT  # noqa: E402
 from schemas.throughput import FORMAT, ThroughputResults, write_results  # noqa: E402
 
@@ -202,7 +203,8 @@ def throughput_results(args, model, params, seconds: dict[str, float], n_images:
         machine=f"{device}, {os.cpu_count()} CPUs visible, torch threads {threads}, "
                 f"load average at the end {os.getloadavg()[0]:.1f}", source="measured",
         config={"model_type": model.config.name, "points_per_side": params.points_per_side,
-                "crop_n_layers": params.crop_n_layers, "image_size": args.size, "precision": args.precision[0],
+                "crop_n_layers": params.crop_n_layers, "image_size": args.size,
+                "precision": resolve_precision(args.precision[0], model.device),
                 "pred_iou_thresh": params.pred_iou_thresh,
                 "stability_score_thresh": params.stability_score_thresh,
                 "random_weights": args.random_weights, "images": n_images,
@@ -266,8 +268,13 @@ def main() -> None:
           f"points, crop_n_layers={params.crop_n_layers}, min_mask_region_area={params.min_mask_region_area}, "
           f"pred_iou_thresh={params.pred_iou_thresh}, stability_score_thresh={params.stability_score_thresh}, "
           f"threads={torch.get_num_threads()}, malloc={args.malloc}")
-    print("decoder: " + "; ".join(f"{p}: {decoder_path(model, p)}" for p in args.precision)
-          + f"; our encoder in {args.encoder_precision}")
+    # What each asked precision runs at here: bf16 on a CPU without native bf16 runs fp32 (as
+    # the generator and the pipeline's actors do; model.predictor.resolve_precision).
+    runs = {p: resolve_precision(p, model.device) for p in args.precision}
+    encoder_precision = resolve_precision(args.encoder_precision, model.device, "encoder_precision")
+    print("decoder: " + "; ".join(f"{p}: {decoder_path(model, runs[p])}" + (f" (runs {runs[p]} here)" if runs[p] != p else "")
+                                  for p in args.precision)
+          + f"; our encoder in {encoder_precision}")
     official = None if args.skip_official else official_generator(model, params)
     seconds = dict.fromkeys(("read", "encode", "decode_prompts", "postprocess", "write"), 0.0)
     images = load_images(args.size)[: args.images]
@@ -288,17 +295,19 @@ def main() -> None:
             print(f"  official       {t_ref:8.2f} s  peak +{m_ref:7.0f} MB  {len(ref)} masks"
                   f"  [encode {enc_ref:.2f} s, decode + post {ref_rest:.2f} s]{_spread(args.repeat, t_ref_median)}")
         for precision in args.precision:
-            gen = AutomaticMaskGenerator(model, params, precision=precision, encoder_precision=args.encoder_precision)
+            gen = AutomaticMaskGenerator(model, params, precision=runs[precision], encoder_precision=encoder_precision)
             gen.generate(image)  # warm-up
             out, t, t_median, m, _ = best_of(args.repeat, gen.generate, image)
-            enc, dec, post = np.min([stage_times(model, image, params, precision, args.encoder_precision) for _ in range(args.repeat)], axis=0)
+            enc, dec, post = np.min([stage_times(model, image, params, runs[precision], encoder_precision)
+                                     for _ in range(args.repeat)], axis=0)
             if args.results_json and precision == args.precision[0]:
                 for stage, dt in zip(("encode", "decode_prompts", "postprocess"), (enc, dec, post)):
                     seconds[stage] += dt
                 seconds["read"] += read_seconds(image)
                 seconds["write"] += write_seconds(out)
                 masks += len(out)
-            line = (f"  ours {precision:5s}     {t:8.2f} s  peak +{m:7.0f} MB  {len(out)} masks"
+            label = precision if runs[precision] == precision else f"{precision}={runs[precision]}"
+            line = (f"  ours {label:10s}{t:8.2f} s  peak +{m:7.0f} MB  {len(out)} masks"
                     f"  [encode {enc:.2f} s, decode {dec:.2f} s, post {post:.2f} s]{_spread(args.repeat, t_median)}")
             if ref is not None:
                 m = match_records(out, ref)

@@ -18,6 +18,15 @@ from schemas.annotate import DEFAULT_CHECKPOINT
 from tests.official import build_official
 
 
+@pytest.fixture(autouse=True)
+def bf16_as_asked(monkeypatch):
+    """These tests are about bf16's numbers: bf16 runs as asked even on a CPU that emulates it
+    (where the generator would otherwise run fp32: model.predictor.resolve_precision)."""
+    from model import predictor
+
+    monkeypatch.setattr(predictor, "cpu_has_native_bf16", lambda: True)
+
+
 def _tiny(seed: int) -> Sam:
     torch.manual_seed(seed)
     return Sam(get_config("vit_tiny256")).eval()

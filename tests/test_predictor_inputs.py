@@ -87,7 +87,10 @@ def test_bad_precision():
         SamPredictor(Sam(get_config("vit_tiny256")), precision="int3")
 
 
-def test_bf16_close_to_fp32(photo):
+def test_bf16_close_to_fp32(photo, monkeypatch):
+    from model import predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "cpu_has_native_bf16", lambda: True)  # bf16 as asked, emulated or not
     torch.manual_seed(0)
     model = Sam(get_config("vit_tiny256"))
     fp32, bf16 = SamPredictor(model), SamPredictor(model, precision="bf16")
@@ -138,7 +141,9 @@ def test_text_prompt_is_the_click_its_grounding_points_at(photo):
     assert model.text_grounding.peak_points(edge, 256, (256, 200))[0].tolist() == [199.5, 8.0]
 
 
-def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+def test_bf16_on_a_cpu_without_native_bf16_runs_fp32(monkeypatch):
+    """Emulated bf16 is many times slower than fp32: asked on such a CPU, fp32 runs, with a
+    warning; where the CPU has bf16 it runs as asked, silently."""
     import warnings
 
     from amg import AutomaticMaskGenerator
@@ -146,15 +151,17 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
 
     model = Sam(get_config("vit_tiny256"))
     monkeypatch.setattr(predictor_module, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="emulated.*runs in fp32"):
+        generator = AutomaticMaskGenerator(model, precision="bf16", encoder_precision="bf16")
+    assert (generator.precision, generator.encoder_precision) == ("fp32", "fp32")
     with pytest.warns(RuntimeWarning, match="emulated"):
-        AutomaticMaskGenerator(model, precision="bf16")
-    with pytest.warns(RuntimeWarning, match="emulated"):
-        SamPredictor(model, precision="bf16")
+        assert SamPredictor(model, precision="bf16").precision == "fp32"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AutomaticMaskGenerator(model, precision="fp32")  # fp32: nothing to say
         monkeypatch.setattr(predictor_module, "cpu_has_native_bf16", lambda: True)
-        AutomaticMaskGenerator(model, precision="bf16")
+        generator = AutomaticMaskGenerator(model, precision="bf16", encoder_precision="bf16")
+        assert (generator.precision, generator.encoder_precision) == ("bf16", "bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
         AutomaticMaskGenerator(model, precision="int8")
     with pytest.raises(ValueError, match="^encoder_precision must be one of"):
