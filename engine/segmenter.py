@@ -33,7 +33,7 @@ class Segmenter:
                  generator: AmgParams | None = None):
         self.model = model.eval()
         self.predictor = SamPredictor(model, precision)
-        self.precision = precision
+        self.precision = self.predictor.precision  # resolved: fp32 where bf16 would be emulated
         self.generator = generator
         self.generated: dict[str, list[dict]] = {}  # image_id -> the generator's records (small: RLE)
         self.cache: EmbeddingCache[tuple[torch.Tensor, tuple[int, int]]] = EmbeddingCache(cache_bytes)
