@@ -6,6 +6,7 @@ one build per node. SAMENGINE_NATIVE=0 turns every kernel off (their torch paths
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
@@ -70,6 +71,20 @@ def _compile(source: Path, compiler: str, flags: list[str]) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One build per node: the actors a node starts at once wait for the first one's build
+    # instead of each compiling the same source (a lock file beside the target; where the
+    # filesystem has no flock, each builds and the atomic rename keeps one).
+    with open(target.with_suffix(".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        if not target.exists():
+            _run_compiler(source, compiler, flags, target)
+    return target
+
+
+def _run_compiler(source: Path, compiler: str, flags: list[str], target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
@@ -77,8 +92,7 @@ def _compile(source: Path, compiler: str, flags: list[str]) -> Path:
                               timeout=120)
         if done.returncode:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: concurrent workers each build and one wins
+        os.replace(tmp, target)  # atomic: a process that finds the target loads a whole build
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target

@@ -293,3 +293,22 @@ def test_native_bf16_where_the_kernels_cannot_is_an_error(monkeypatch):
     assert not model.mask_decoder.native_for(pixels) and not model.mask_decoder.native_bf16_for(pixels)
     with torch.inference_mode(), pytest.raises(ValueError, match="native_bf16"):
         model.mask_decoder.score(embedding, pe, sparse, dense, native_bf16=True)
+
+
+def test_processes_starting_at_once_build_the_kernels_once(tmp_path):
+    """Actors a node starts together share one build: the first takes the cache's lock and
+    compiles, the others wait for it and load its library."""
+    compiler = os.environ.get("CC") or "cc"
+    log = tmp_path / "builds.log"
+    slow = tmp_path / "cc-logged"
+    slow.write_text(f'#!/bin/sh\necho "$$" >> {log}\nsleep 1\nexec {compiler} "$@"\n')
+    slow.chmod(0o755)
+    env = dict(os.environ, CC=str(slow), SAMENGINE_CACHE=str(tmp_path / "cache"))
+    code = "from model import score_kernel; assert score_kernel.available(); print(score_kernel.build_summary())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert all("vectors" in out for out, _ in outs)
+    assert len(log.read_text().split()) == 1  # one compiler run for three processes
+    assert len(list((tmp_path / "cache" / "kernels").glob("score_kernel-*.so"))) == 1
