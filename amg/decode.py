@@ -229,19 +229,26 @@ def filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, o
     """The stability and crop-edge filters on a few candidates that stability_candidates
     kept (low-res logits B x l x l, iou B, prompt points B x 2), at crop resolution without
     full-size logits or masks (amg.upsample): stability from pixel counts, boxes from the
-    blocks."""
+    blocks; the exact evaluation in groups (Blocks.groups) that bound its memory."""
     t, offset, thresh = model.mask_threshold, params.stability_score_offset, params.stability_score_thresh
     upsampler = ThresholdUpsampler(low_res.shape[-1], model.image_size, input_size, crop_size, low_res.device)
-    thresholded = upsampler.classify(low_res, [t + offset, t - offset, t]).exact()
-    counts = thresholded.counts([0, 1])
-    # The official score: IoU of the masks at threshold +- offset (NaN when both are empty).
-    stability = counts[:, 0] / counts[:, 1]
-    keep = stability >= thresh if thresh > 0 else torch.ones_like(stability, dtype=torch.bool)
-    funnel["stability"] += int(keep.sum())
-    rows = keep.nonzero().squeeze(1)
-    boxes = thresholded.boxes(2, rows)  # only for the stable ones
-    inside = ~box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
-    funnel["crop_edge"] += int(inside.sum())
-    rows, boxes = rows[inside], boxes[inside]
+    blocks = upsampler.classify(low_res, [t + offset, t - offset, t])
+    kept, kept_boxes, kept_stability = [], [], []
+    groups = blocks.groups(torch.arange(len(low_res), device=low_res.device))
+    for group in groups:
+        thresholded = blocks.exact(group if len(groups) > 1 else None)
+        counts = thresholded.counts([0, 1])
+        # The official score: IoU of the masks at threshold +- offset (NaN when both are empty).
+        stability = counts[:, 0] / counts[:, 1]
+        keep = stability >= thresh if thresh > 0 else torch.ones_like(stability, dtype=torch.bool)
+        funnel["stability"] += int(keep.sum())
+        rows = keep.nonzero().squeeze(1)
+        boxes = thresholded.boxes(2, rows)  # only for the stable ones
+        inside = ~box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
+        funnel["crop_edge"] += int(inside.sum())
+        kept.append(group[rows[inside]])
+        kept_boxes.append(boxes[inside])
+        kept_stability.append(stability[rows[inside]])
+    rows, boxes, stability = torch.cat(kept), torch.cat(kept_boxes), torch.cat(kept_stability)
     cpu_rows = rows.cpu()
-    return Survivors(low_res[rows], boxes, iou[rows], stability[rows], points[cpu_rows], cpu_rows)
+    return Survivors(low_res[rows], boxes, iou[rows], stability, points[cpu_rows], cpu_rows)

@@ -54,10 +54,13 @@ def may_pass_torch(upsampler: ThresholdUpsampler, low_res: torch.Tensor, thresho
     blocks = upsampler.classify(low_res, [threshold + offset, threshold - offset])
     lower, upper = blocks.count_bounds([0, 1])  # bounds from the blocks, ...
     maybe = ((upper[:, 1] > 0) & _ratio_may_pass(upper[:, 0], lower[:, 1], thresh)).nonzero().squeeze(1)
-    upper_0 = blocks.cell_bound(maybe, 0, upper=True)  # ... then tighter ones from the frame cells
-    keep = _ratio_may_pass(upper_0, lower[maybe, 1], thresh)
-    maybe, upper_0 = maybe[keep], upper_0[keep]
-    return maybe[_ratio_may_pass(upper_0, blocks.cell_bound(maybe, 1, upper=False), thresh)]
+    kept = []
+    for group in blocks.groups(maybe):  # ... then tighter ones from the frame cells
+        upper_0 = blocks.cell_bound(group, 0, upper=True)
+        keep = _ratio_may_pass(upper_0, lower[group, 1], thresh)
+        group, upper_0 = group[keep], upper_0[keep]
+        kept.append(group[_ratio_may_pass(upper_0, blocks.cell_bound(group, 1, upper=False), thresh)])
+    return torch.cat(kept)
 
 
 def _ratio_may_pass(upper_0: torch.Tensor, lower_1: torch.Tensor, thresh: float) -> torch.Tensor:

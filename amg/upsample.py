@@ -252,6 +252,15 @@ def _window_max(x: torch.Tensor, ry: int, rx: int) -> torch.Tensor:
     return out
 
 
+# Full-size pixels of mixed blocks evaluated at once (Blocks.groups): Blocks.exact and
+# cell_bound hold ~80 bytes per such pixel. Smooth logits leave a few per cent of the blocks
+# mixed, so a filter chunk of the bundled model's candidates is one group; logits as rough as
+# noise (untrained weights; the ViT decoders' 256 x 256 low-res masks have ~3 x 3 pixels per
+# block at 768 x 1024) leave every block mixed: 36 MB per candidate, and the decode of one
+# photo with random ViT-B weights at thresholds 0 / 0 peaked at +15 GB before this bound.
+MIXED_PIXELS = 4 * 768 * 1024
+
+
 @dataclass
 class Blocks:
     """ThresholdUpsampler.classify's result for B candidates and T thresholds: above,
@@ -269,6 +278,24 @@ class Blocks:
         lower = torch.stack([self._pixels(self.above[k]) for k in which], 1)
         upper = torch.stack([self._pixels(~self.below[k]) for k in which], 1)
         return lower.long(), upper.long()
+
+    def groups(self, rows: torch.Tensor, budget: int | None = None) -> list[torch.Tensor]:
+        """rows (candidate indices) split in order into groups whose blocks mixed for some
+        threshold hold at most `budget` (default MIXED_PIXELS) full-size pixels together (a
+        candidate over it on its own), to evaluate with exact() or cell_bound() a group at a
+        time."""
+        budget = MIXED_PIXELS if budget is None else budget
+        mixed = (~(self.above | self.below)).view(torch.uint8).amax(0)  # B x l x l
+        pixels = self._pixels(mixed.index_select(0, rows)).tolist()
+        out, first, total = [], 0, 0
+        for n, count in enumerate(pixels):
+            if n > first and total + count > budget:
+                out.append(rows[first:n])
+                first, total = n, 0
+            total += count
+        if first < len(pixels) or not out:
+            out.append(rows[first:])
+        return out
 
     def _pixels(self, flags: torch.Tensor) -> torch.Tensor:
         """B x l x l block flags -> B: the full-size pixels of the flagged blocks (summed by

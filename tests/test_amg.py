@@ -162,3 +162,23 @@ def test_explicit_point_grid(models, images):
     assert len(records) > 0
     allowed = {(round(x * 320, 6), round(y * 240, 6)) for x, y in grid[0]}
     assert all((round(r["point_coords"][0][0], 6), round(r["point_coords"][0][1], 6)) in allowed for r in records)
+
+
+def test_mixed_block_groups_give_the_same_records(models, images, monkeypatch):
+    """Logits as rough as random weights' leave most blocks mixed, and the exact evaluation
+    holds memory per mixed pixel: it runs in groups of at most amg.upsample.MIXED_PIXELS such
+    pixels. A budget of one pixel (every candidate a group of its own) gives the records of
+    one group per chunk."""
+    import amg.upsample
+
+    ours, _ = models
+    kwargs = dict(LOOSE, points_per_side=16, output_mode="coco_rle")
+    whole = AutomaticMaskGenerator(ours, **kwargs).generate(images["photo"])
+    sizes = []
+    groups = amg.upsample.Blocks.groups
+    monkeypatch.setattr(amg.upsample.Blocks, "groups",
+                        lambda self, *a, **k: sizes.append(len(out := groups(self, *a, **k))) or out)
+    monkeypatch.setattr(amg.upsample, "MIXED_PIXELS", 1)
+    split = AutomaticMaskGenerator(ours, **kwargs).generate(images["photo"])
+    assert len(whole) >= 5 and split == whole
+    assert max(sizes) > 10  # candidates evaluated one by one

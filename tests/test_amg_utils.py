@@ -256,6 +256,19 @@ def test_stability_bounds_cpu_kernel_keeps_the_callers_thread_count():
     assert out.stdout.strip() == "True 1"
 
 
+def test_torch_stability_bounds_in_mixed_block_groups(monkeypatch):
+    """The torch bounds' frame cells hold memory per mixed pixel, so they run in groups of at
+    most amg.upsample.MIXED_PIXELS of them: a budget of one pixel keeps the same candidates."""
+    import amg.upsample
+
+    upsampler = ThresholdUpsampler(64, 256, (192, 256), (768, 1024))
+    low_res = smooth_noise(40, 64, 64, seed=11, cell=8) * torch.logspace(-1, 2.5, 40)[:, None, None]
+    whole = [may_pass_torch(upsampler, low_res, 0.0, 1.0, t) for t in (0.3, 0.65, 0.9)]
+    monkeypatch.setattr(amg.upsample, "MIXED_PIXELS", 1)
+    assert all(torch.equal(may_pass_torch(upsampler, low_res, 0.0, 1.0, t), w) for t, w in zip((0.3, 0.65, 0.9), whole))
+    assert 0 < len(whole[1]) < 40
+
+
 def test_stability_bounds_without_native_kernels_run_in_torch(monkeypatch):
     """SAMENGINE_NATIVE=0 (or no C compiler): the torch bounds, which keep a superset."""
     from amg import stability_bounds
