@@ -202,13 +202,14 @@ class Survivors:
 
     def encode(self, model: Sam, input_size, crop_size, crop_box, orig_size) -> Candidates:
         """Their masks at the model's threshold, as RLE in the full image frame, a few at a
-        time (memory bounded by UPSAMPLE_PIXELS: the masks are placed in the image frame)."""
+        time (memory bounded by UPSAMPLE_PIXELS, the masks placed in the image frame, and by
+        MIXED_PIXELS, their exact evaluation)."""
         upsampler = ThresholdUpsampler(self.low_res.shape[-1], model.image_size, input_size, crop_size,
                                        self.low_res.device)
         counts = []
         for chunk in self.low_res.split(chunk_size(orig_size[0] * orig_size[1], UPSAMPLE_PIXELS)):
-            masks = upsampler.classify(chunk, [model.mask_threshold]).exact().masks(0)
-            counts += masks_to_rle_counts(uncrop_masks(masks, crop_box, *orig_size))
+            for _, thresholded in upsampler.classify(chunk, [model.mask_threshold]).exact_groups():
+                counts += masks_to_rle_counts(uncrop_masks(thresholded.masks(0), crop_box, *orig_size))
         return Candidates(crop_box, counts, self.boxes.cpu(), self.iou.cpu(), self.stability.cpu(), self.points)
 
 
@@ -234,9 +235,7 @@ def filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, o
     upsampler = ThresholdUpsampler(low_res.shape[-1], model.image_size, input_size, crop_size, low_res.device)
     blocks = upsampler.classify(low_res, [t + offset, t - offset, t])
     kept, kept_boxes, kept_stability = [], [], []
-    groups = blocks.groups(torch.arange(len(low_res), device=low_res.device))
-    for group in groups:
-        thresholded = blocks.exact(group if len(groups) > 1 else None)
+    for group, thresholded in blocks.exact_groups():
         counts = thresholded.counts([0, 1])
         # The official score: IoU of the masks at threshold +- offset (NaN when both are empty).
         stability = counts[:, 0] / counts[:, 1]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -296,6 +296,13 @@ class Blocks:
         if first < len(pixels) or not out:
             out.append(rows[first:])
         return out
+
+    def exact_groups(self) -> Iterator[tuple[torch.Tensor, "Thresholded"]]:
+        """exact() of every candidate, a group (see groups) at a time: (the group's candidate
+        indices, its Thresholded)."""
+        groups = self.groups(torch.arange(len(self.low_res), device=self.low_res.device))
+        for rows in groups:
+            yield rows, self.exact(rows if len(groups) > 1 else None)
 
     def _pixels(self, flags: torch.Tensor) -> torch.Tensor:
         """B x l x l block flags -> B: the full-size pixels of the flagged blocks (summed by
