@@ -96,8 +96,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.stability_may_pass.restype = ctypes.c_int
     lib.window_extrema.argtypes = [p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p, p, p]
     lib.window_extrema.restype = None
-    lib.kernel_openmp.argtypes = []
-    lib.kernel_openmp.restype = ctypes.c_int
     return lib
 
 
@@ -123,7 +121,7 @@ def _may_pass_cpu(lib: ctypes.CDLL, upsampler: ThresholdUpsampler, low_res: torc
     rows, keep_rows = _axis_tables(upsampler.rows)
     cols, keep_cols = _axis_tables(upsampler.cols)
     out = torch.zeros(n, dtype=torch.uint8)
-    threads = max(1, min(torch.get_num_threads(), n)) if lib.kernel_openmp() else 1
+    threads = max(1, min(torch.get_num_threads(), n))  # a build without OpenMP runs on one
     failed = lib.stability_may_pass(threads, x.data_ptr(), n, l, threshold + offset, threshold - offset,
                                     thresh - SLACK, ctypes.byref(rows), ctypes.byref(cols), out.data_ptr())
     if failed:

@@ -10,9 +10,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* One axis of the two resizes, as amg.upsample._Axis holds it (n_low blocks, f frame
  * positions and m output positions per block). */
@@ -242,13 +239,4 @@ int stability_may_pass(int threads, const float *x, long n, int l, double t0, do
     free(s.mixed);
   }
   return failed ? -1 : 0;
-}
-
-/* whether candidates split over threads (built with OpenMP) */
-int kernel_openmp(void) {
-#ifdef _OPENMP
-  return 1;
-#else
-  return 0;
-#endif
 }
