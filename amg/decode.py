@@ -245,9 +245,10 @@ def filter_chunk(model, low_res, iou, points, input_size, crop_size, crop_box, o
         boxes = thresholded.boxes(2, rows)  # only for the stable ones
         inside = ~box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
         funnel["crop_edge"] += int(inside.sum())
-        kept.append(group[rows[inside]])
+        rows = rows[inside]
+        kept.append(group[rows])
         kept_boxes.append(boxes[inside])
-        kept_stability.append(stability[rows[inside]])
+        kept_stability.append(stability[rows])
     rows, boxes, stability = torch.cat(kept), torch.cat(kept_boxes), torch.cat(kept_stability)
     cpu_rows = rows.cpu()
     return Survivors(low_res[rows], boxes, iou[rows], stability, points[cpu_rows], cpu_rows)

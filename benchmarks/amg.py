@@ -190,7 +190,7 @@ def write_seconds(records: list[dict]) -> float:
     return time.perf_counter() - t
 
 
-def throughput_results(args, model, params, seconds: dict[str, float], n_images: int,
+def throughput_results(args, model, params, precision: str, seconds: dict[str, float], n_images: int,
                        masks: int) -> ThroughputResults:
     gpu = model.device.type == "cuda"
     threads = torch.get_num_threads()
@@ -203,8 +203,7 @@ def throughput_results(args, model, params, seconds: dict[str, float], n_images:
         machine=f"{device}, {os.cpu_count()} CPUs visible, torch threads {threads}, "
                 f"load average at the end {os.getloadavg()[0]:.1f}", source="measured",
         config={"model_type": model.config.name, "points_per_side": params.points_per_side,
-                "crop_n_layers": params.crop_n_layers, "image_size": args.size,
-                "precision": resolve_precision(args.precision[0], model.device),
+                "crop_n_layers": params.crop_n_layers, "image_size": args.size, "precision": precision,
                 "pred_iou_thresh": params.pred_iou_thresh,
                 "stability_score_thresh": params.stability_score_thresh,
                 "random_weights": args.random_weights, "images": n_images,
@@ -319,7 +318,8 @@ def main() -> None:
                          f" ours unmatched {m['ours'] - m['matched']}")
             print(line)
     if args.results_json:
-        write_results(args.results_json, throughput_results(args, model, params, seconds, len(images), masks))
+        results = throughput_results(args, model, params, runs[args.precision[0]], seconds, len(images), masks)
+        write_results(args.results_json, results)
         print(f"\nwrote {args.results_json}")
 
 
