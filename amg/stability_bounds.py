@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
 from pathlib import Path
 
 import torch
@@ -34,8 +33,6 @@ SOURCE = Path(__file__).with_name("stability_kernel.c")
 # The ratio test's slack: float32 rounding of the exact score cannot lift a candidate ruled
 # out with it back over the threshold.
 SLACK = 1e-6
-_lock = threading.Lock()
-_library: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 
 
 def may_pass(upsampler: ThresholdUpsampler, low_res: torch.Tensor, threshold: float, offset: float,
@@ -102,13 +99,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def kernel() -> ctypes.CDLL | None:
     """The compiled kernel (amg/stability_kernel.c), or None where native kernels are off or
     cannot be built."""
-    global _library
-    if not native.enabled():
-        return None
-    with _lock:
-        if _library is False:
-            _library = native.load(SOURCE, native.FLAGS, _bind, "the stability bounds' kernel", log)
-        return _library
+    return LIBRARY.get()
+
+
+LIBRARY = native.Library(SOURCE, _bind, "the stability bounds' kernel", log)
 
 
 def _may_pass_cpu(lib: ctypes.CDLL, upsampler: ThresholdUpsampler, low_res: torch.Tensor, threshold: float,

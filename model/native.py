@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,27 @@ FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno"]
 
 def enabled() -> bool:
     return os.environ.get("SAMENGINE_NATIVE", "1") != "0"
+
+
+class Library:
+    """A C source built and loaded on first use, once per process. `get()` is the library,
+    bound by `bind` (argument and result types), or None where native kernels are off or it
+    cannot be built (with a warning naming `what`, once)."""
+
+    def __init__(self, source: Path, bind: Callable[[ctypes.CDLL], ctypes.CDLL], what: str,
+                 logger: logging.Logger = log, flags: list[str] | None = None):
+        self.source, self.bind, self.what, self.logger = source, bind, what, logger
+        self.flags = list(FLAGS if flags is None else flags)
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+
+    def get(self) -> ctypes.CDLL | None:
+        if not enabled():
+            return None
+        with self._lock:
+            if self._lib is False:
+                self._lib = load(self.source, self.flags, self.bind, self.what, self.logger)
+            return self._lib
 
 
 def load(source: Path, flags: list[str], bind: Callable[[ctypes.CDLL], ctypes.CDLL], what: str,

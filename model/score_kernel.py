@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
 import weakref
 from pathlib import Path
 
@@ -37,22 +36,15 @@ SOURCE = Path(__file__).with_name("score_kernel.c")
 # Larger sides would need per-thread scratch of hundreds of MB: torch's path.
 MAX_IMAGE_FLOATS = 1 << 20
 MAX_DEPTH = 16  # two-way transformer blocks (score_kernel.c's MAX_DEPTH; SAM's decoder has 2)
-FLAGS = list(native.FLAGS)
-_lock = threading.Lock()
-_library: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 
 
 def available() -> bool:
     """Whether the kernels are built (or can be) and not disabled by SAMENGINE_NATIVE=0."""
-    return native.enabled() and _load() is not None
+    return _load() is not None
 
 
 def _load() -> ctypes.CDLL | None:
-    global _library
-    with _lock:
-        if _library is False:
-            _library = native.load(SOURCE, FLAGS, _bind, "native decoder kernels", log)
-        return _library
+    return LIBRARY.get()
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -72,6 +64,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, flag).argtypes = []
         getattr(lib, flag).restype = ctypes.c_int
     return lib
+
+
+LIBRARY = native.Library(SOURCE, _bind, "native decoder kernels", log)
 
 
 def bf16_available() -> bool:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from amg import AutomaticMaskGenerator
 from model import Sam, SamConfig, get_config, load_checkpoint, score_kernel
+from model import native as native_build
 from model.transforms import scale_coords
 from schemas.annotate import DEFAULT_CHECKPOINT
 
@@ -86,15 +87,20 @@ def test_kernels_built_without_avx512_compute_the_torch_decoder(march, tmp_path,
     if (march == "x86-64-v3" and not _avx2()) or platform.machine() != "x86_64":
         pytest.skip(f"an x86-64 CPU{' with AVX2' if march == 'x86-64-v3' else ''} runs the {march} build")
     monkeypatch.setenv("SAMENGINE_CACHE", str(tmp_path))
-    monkeypatch.setattr(score_kernel, "FLAGS", [f"-march={march}" if f == "-march=native" else f
-                                                for f in score_kernel.FLAGS])
-    monkeypatch.setattr(score_kernel, "_library", False)  # build and load that one
+    _fresh_library(monkeypatch, [f"-march={march}" if f == "-march=native" else f for f in native_build.FLAGS])
     assert score_kernel.available() and not score_kernel.bf16_available()
     lanes = {"x86-64-v3": 8, "x86-64": 4}[march]
     assert score_kernel.build_summary() == f"{lanes}-float vectors, OpenMP"  # kernel_lanes()
     _check_gelu()
     for name in ("3 heads, 9x9", "6 heads, width 96, 10x10"):
         _check_against_torch(name, monkeypatch)
+
+
+def _fresh_library(monkeypatch, flags: list[str] | None = None) -> None:
+    """The decoder kernels built and loaded afresh (with these flags) for this test."""
+    old = score_kernel.LIBRARY
+    monkeypatch.setattr(score_kernel, "LIBRARY", native_build.Library(old.source, old.bind, old.what, old.logger,
+                                                                      flags=flags))
 
 
 def test_the_kernels_gelu_is_exact_gelu_to_float_error():
@@ -141,7 +147,7 @@ def test_kernels_built_without_openmp_run_on_one_thread(tmp_path, monkeypatch, c
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     monkeypatch.setenv("SAMENGINE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(score_kernel, "_library", False)  # build and load that one
+    _fresh_library(monkeypatch)
     with caplog.at_level("WARNING", logger=score_kernel.log.name):
         assert score_kernel.available()
     assert "without OpenMP" in caplog.text
