@@ -49,14 +49,18 @@ DEFAULT_TEXT = {"crop_overlap_ratio": "512/1500, about 0.341"}
 
 
 def _pool(text: str) -> dict:
-    """'N' or 'MIN,MAX' -> ActorPool bounds (argparse names the option in its error)."""
+    """'N', 'MIN,MAX', 'auto' or 'MIN,auto' -> ActorPool bounds (argparse names the option in its
+    error)."""
+    parts = text.split(",")
     try:
-        parts = [int(p) for p in text.split(",")]
+        bounds = [p.strip() if p.strip() == "auto" else int(p) for p in parts]
     except ValueError:
-        parts = []
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX (whole numbers), got {text!r}")
-    return {"min": parts[0], "max": parts[-1]}
+        bounds = []
+    if len(bounds) not in (1, 2) or bounds[0] == "auto" and len(bounds) == 2:
+        raise argparse.ArgumentTypeError(f"expected N, MIN,MAX, auto or MIN,auto (whole numbers), got {text!r}")
+    if bounds == ["auto"]:
+        return {"max": "auto"}
+    return {"min": bounds[0], "max": bounds[-1]}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,10 +82,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--convert-to-rle", action="store_true", help="accepted for compatibility: masks are always RLE")
     ap.add_argument("--fuse-stages", dest="fuse_stages", action="store_true", help="encode+decode+post-process in one actor")
     ap.add_argument("--split-stages", dest="fuse_stages", action="store_false", help="separate encoder/decoder pools")
-    ap.add_argument("--encoder-actors", type=_pool, help="N or MIN,MAX encoder (or fused) actors")
-    ap.add_argument("--decoder-actors", type=_pool, help="N or MIN,MAX decoder actors (split stages)")
+    ap.add_argument("--encoder-actors", type=_pool, help="N, MIN,MAX or MIN,auto encoder (or fused) actors "
+                    "(default: 1,auto: up to as many as the cluster's nodes hold)")
+    ap.add_argument("--decoder-actors", type=_pool, help="N, MIN,MAX or MIN,auto decoder actors (split stages; "
+                    "default 1,auto)")
     ap.add_argument("--gpus-per-actor", type=float, help="GPUs per encoder/decoder actor (default 1 on CUDA)")
     ap.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per encoder/decoder actor")
+    ap.add_argument("--actor-memory-gb", type=float, help="memory (GiB) each encoder/decoder actor reserves "
+                    "with Ray (default: estimated from the model; 0: none)")
     ap.add_argument("--encoder-batch-size", type=int, help="images per encoder (or fused) call")
     amg_fields = AmgParams.model_fields
     for name in AMG_FLAGS:
@@ -104,13 +112,15 @@ def load_config(argv=None) -> AnnotateConfig:
     update_section(data, "amg", {k: args.pop(k) for k in AMG_FLAGS if k in args})
     for pool_name, flag in (("encoder", "encoder_actors"), ("decoder", "decoder_actors")):
         pool = dict(args.get(flag, {}))
-        for key, src in (("num_gpus", "gpus_per_actor"), ("num_cpus", "cpus_per_actor")):
+        for key, src in (("num_gpus", "gpus_per_actor"), ("num_cpus", "cpus_per_actor"),
+                         ("memory_gb", "actor_memory_gb")):
             if src in args:
                 pool[key] = args[src]
         if pool_name == "encoder" and "encoder_batch_size" in args:
             pool["batch_size"] = args["encoder_batch_size"]
         update_section(data, pool_name, pool)
-    for k in ("encoder_actors", "decoder_actors", "gpus_per_actor", "cpus_per_actor", "encoder_batch_size"):
+    for k in ("encoder_actors", "decoder_actors", "gpus_per_actor", "cpus_per_actor", "actor_memory_gb",
+              "encoder_batch_size"):
         args.pop(k, None)
     data.update(args)
     return AnnotateConfig.model_validate(data)

@@ -34,9 +34,11 @@ from actors.writer import ALREADY_COMMITTED, Writer
 from amg import checkpoint_defaults
 from dataset import DatasetWriter, storage_options
 from dataset.lineage import file_sha256, listing_hash, new_lineage
+from model.footprint import GIB
 from schemas.annotate import AnnotateConfig
 
 from .lease import LeaseLost, WriterLease
+from .pools import describe, gpus_per_actor, size_pools
 from .progress import committed_state
 from .sources import InputError, check_output, list_inputs
 
@@ -49,15 +51,16 @@ def build(ds: ray.data.Dataset, config: AnnotateConfig, lineage: dict, committed
     lease_token: the run's writer lease (WriterLease.token), which fences the writers' commits;
     text_embeddings: the vectors of config.text (see text_vectors)."""
     amg = config.amg.model_dump()
-    gpu = device == "cuda"
     model_args = (config.checkpoint, config.model_type, device, config.precision, amg)
     text = dict(texts=config.text, text_embeddings=text_embeddings) if config.text else {}
 
     def pool(p, **extra):
+        if p.max == "auto" or p.memory_gb is None:
+            raise ValueError("the model pools are sized first (pipeline.pools.size_pools)")
+        memory = {"memory": int(p.memory_gb * GIB)} if p.memory_gb else {}
         return dict(compute=ray.data.ActorPoolStrategy(min_size=p.min, max_size=p.max), batch_size=p.batch_size,
-                    num_cpus=p.num_cpus,
-                    num_gpus=p.num_gpus if p.num_gpus is not None else (1 if gpu else 0),
-                    resources=p.resources or None, **extra)
+                    num_cpus=p.num_cpus, num_gpus=gpus_per_actor(p, device),
+                    resources=p.resources or None, **memory, **extra)
 
     ds = ds.map_batches(read_images, batch_size=config.read_batch_size, num_cpus=config.read_num_cpus,
                         resources=config.read_resources or None,
@@ -109,11 +112,12 @@ def run(config: AnnotateConfig, log=print, lease: WriterLease | None = None,
 
 
 def scaling_hint(config: AnnotateConfig, device: str, cluster: dict[str, float]) -> str | None:
-    """A line for the run log when the model stages' pools, at their largest, leave at least
-    half of the cluster's CPUs (GPUs on CUDA) idle: one actor per stage is the default, and
-    scaling out is the user's call (each actor holds its own copy of the model). One CPU is
-    counted as the reading, post-processing and writing tasks'."""
+    """A line for the run log when the model stages' pools, at the largest the user gave,
+    leave at least half of the cluster's CPUs (GPUs on CUDA) idle ("auto" sizes a pool to the
+    cluster: no line). One CPU is counted as the reading, post-processing and writing tasks'."""
     pools = [config.encoder] if config.fused(device) else [config.encoder, config.decoder]
+    if any(p.max == "auto" for p in pools):
+        return None
     if device == "cuda":
         kind, have = "GPUs", cluster.get("GPU", 0.0)
         used = sum(p.max * (p.num_gpus if p.num_gpus is not None else 1) for p in pools)
@@ -149,8 +153,11 @@ def _run(config: AnnotateConfig, listing: pa.Table, log, lease: WriterLease, t0:
         f"{'fused' if config.fused(device) else 'split'} stages)")
 
     hint = scaling_hint(config, device, ray.cluster_resources())
-    if hint and todo.num_rows:
-        log(hint)
+    config = size_pools(config, device, ray.nodes(), model_config(config))
+    if todo.num_rows:
+        log(describe(config, device))
+        if hint:
+            log(hint)
     tally = Tally()
     if todo.num_rows:  # a run with nothing to do writes nothing
         writer = DatasetWriter(config.output, lineage, mode="append", options=options, fence=lease.confirm)
@@ -199,6 +206,17 @@ def with_checkpoint_defaults(config: AnnotateConfig, log=print) -> AnnotateConfi
     return config.model_copy(update={"amg": config.amg.over(defaults)})
 
 
+def model_config(config: AnnotateConfig):
+    """The config (model.SamConfig) of the run's checkpoint; InputError when it cannot be read."""
+    from model.checkpoint import local_checkpoint
+    from model import CheckpointError, read_checkpoint_config
+
+    try:
+        return read_checkpoint_config(local_checkpoint(config.checkpoint, config.endpoint_url), config.model_type)
+    except (CheckpointError, OSError) as e:
+        raise checkpoint_error(config.checkpoint, e) from e
+
+
 def checkpoint_error(checkpoint: str, error: Exception) -> InputError:
     """The one-line error of a checkpoint that cannot be read, naming it once (checkpoint
     errors start with the file's path; a fetched S3 checkpoint's path is the local copy's)."""
@@ -210,19 +228,13 @@ def checkpoint_error(checkpoint: str, error: Exception) -> InputError:
 def text_vectors(config: AnnotateConfig) -> list[list[float]]:
     """config.text embedded once, here, by the embedder the checkpoint was trained with;
     InputError when the checkpoint has no text input."""
-    from model.checkpoint import local_checkpoint
-    from model import CheckpointError, read_checkpoint_config
     from model.text import embed_texts, load_embedder
 
-    try:
-        model_config = read_checkpoint_config(local_checkpoint(config.checkpoint, config.endpoint_url),
-                                              config.model_type)
-    except (CheckpointError, OSError) as e:
-        raise checkpoint_error(config.checkpoint, e) from e
-    if not model_config.takes_text:
+    model = model_config(config)
+    if not model.takes_text:
         raise InputError(f"checkpoint {config.checkpoint} has no text prompt input: text prompts need one "
                          "trained for them (jobs/train_text.py)")
-    vectors = embed_texts(load_embedder(model_config.text_embedder), config.text, model_config.text_embed_dim)
+    vectors = embed_texts(load_embedder(model.text_embedder), config.text, model.text_embed_dim)
     return vectors.tolist()
 
 

@@ -32,15 +32,18 @@ class ActorPool(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     min: int = Field(1, ge=1)
-    max: int = Field(1, ge=1)
+    max: int | Literal["auto"] = Field(
+        "auto", description='most actors; "auto": as many as the cluster\'s live nodes hold (pipeline.pools)')
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs per actor (also its torch threads)")
     num_gpus: float | None = Field(None, ge=0.0, description="GPUs per actor; None: 1 on CUDA, 0 on CPU")
     batch_size: int = Field(1, ge=1, description="images per call")
     resources: dict[str, float] = Field(default_factory=dict, description="custom resources, e.g. a node group")
+    memory_gb: float | None = Field(None, ge=0.0, description="memory each actor reserves with Ray, GiB; None: "
+                                    "estimated from the model (model.footprint); 0: none")
 
     @model_validator(mode="after")
     def _ordered(self) -> "ActorPool":
-        if self.max < self.min:
+        if self.max != "auto" and self.max < self.min:
             raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
         return self
 

@@ -125,22 +125,26 @@ def test_a_bad_actor_pool_names_the_option(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert err.strip().splitlines()[-1].endswith(
-        "error: argument --encoder-actors: expected N or MIN,MAX (whole numbers), got 'a,b'")
+        "error: argument --encoder-actors: expected N, MIN,MAX, auto or MIN,auto (whole numbers), got 'a,b'")
     assert "_pool" not in err
 
 
 def test_the_run_log_says_how_to_use_an_idle_cluster():
-    """One model actor per stage is the default; where the pools at their largest leave at
-    least half of the cluster idle, the run log names the flags that scale them out."""
+    """Pools sized by the user: where they, at their largest, leave at least half of the
+    cluster idle, the run log names the flags that scale them out. "auto" pools (the
+    default) are sized to the cluster (pipeline.pools): no line."""
     from pipeline.graph import scaling_hint
 
-    fused = load_config([])
+    assert scaling_hint(load_config([]), "cpu", {"CPU": 16}) is None
+    fused = load_config(["--encoder-actors", "1"])
     assert scaling_hint(fused, "cpu", {"CPU": 2}) is None  # a laptop's 2 cores: 1 for the model, 1 for I/O
     assert scaling_hint(fused, "cpu", {"CPU": 16}) == (
         "note: the model stage uses at most 1 of the cluster's 15 CPUs left after reading and writing: "
         "--encoder-actors 1,15 runs up to 15 actors (each holds its own copy of the model)")
-    assert "--encoder-actors 1,7 " in scaling_hint(load_config(["--cpus-per-actor", "2"]), "cpu", {"CPU": 16})
+    assert "--encoder-actors 1,7 " in scaling_hint(load_config(["--encoder-actors", "1", "--cpus-per-actor", "2"]),
+                                                   "cpu", {"CPU": 16})
     assert scaling_hint(load_config(["--encoder-actors", "2,8"]), "cpu", {"CPU": 16}) is None
-    split = scaling_hint(fused, "cuda", {"CPU": 64, "GPU": 8})  # split stages on GPUs: 2 of 8
-    assert "at most 2 of the cluster's 8 GPUs" in split and "--decoder-actors MIN,MAX" in split
-    assert scaling_hint(fused, "cuda", {"CPU": 64, "GPU": 3}) is None
+    split = load_config(["--encoder-actors", "1", "--decoder-actors", "1"])
+    assert "at most 2 of the cluster's 8 GPUs" in scaling_hint(split, "cuda", {"CPU": 64, "GPU": 8})  # split on GPUs
+    assert "--decoder-actors MIN,MAX" in scaling_hint(split, "cuda", {"CPU": 64, "GPU": 8})
+    assert scaling_hint(split, "cuda", {"CPU": 64, "GPU": 3}) is None

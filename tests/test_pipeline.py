@@ -165,8 +165,14 @@ def test_pipeline_masks_equal_the_in_process_generator(ray_session, tmp_path):
                           "--cpus-per-actor", "0.5", "--encoder-batch-size", "2",
                           "--checkpoint", str(tmp_path / "sam_vit_tiny256.pth"), "--model-type", "vit_tiny256"])
     assert not config.fused("cpu")
-    summary = run(config)
+    log = []
+    summary = run(config, log=log.append)
     assert summary["annotated"] == 5
+    # "auto" pools sized to the 2-CPU cluster, one CPU left to I/O: up to two half-CPU actors
+    # per stage, each reserving the estimate of model.footprint with Ray
+    sizes = [line for line in log if line.startswith("model actors: ")]
+    assert len(sizes) == 1 and "1 to 2 encoder actors (0.5 CPU, " in sizes[0], log
+    assert "; 1 to 2 decoder actors (0.5 CPU, " in sizes[0] and " GiB each)" in sizes[0]
 
     generator = AutomaticMaskGenerator(model, config.amg)
     total = 0

@@ -1,0 +1,95 @@
+"""How many model actors a run may start, and the memory each reserves.
+
+A pool's `max` of "auto" (the default) becomes the number of its actors the cluster's live
+nodes hold at the run's start: on each node that carries the pool's custom resources, as
+many as its CPUs, GPUs and memory fit (an actor asks for `num_cpus`, `num_gpus` and its
+memory), summed over the nodes. On CPU one CPU of the cluster is left to the reading,
+post-processing and writing tasks. Each actor reserves its memory with Ray (`memory_gb`,
+default: model.footprint's estimate for the checkpoint's model), so that no node is given
+more model actors than it holds; a reservation larger than every eligible node is cut to
+the largest, so that the pool can always start.
+
+An autoscaling cluster grows only when work asks for more than it has: give such a pool an
+explicit MAX (`--encoder-actors 1,32`) for the autoscaler to grow into.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from model.config import SamConfig
+from model.footprint import GIB, Role, worker_bytes
+from schemas.annotate import ActorPool, AnnotateConfig
+
+
+def pool_roles(config: AnnotateConfig, device: str) -> dict[str, Role]:
+    """The config's model pools this run starts, by field name, with the role of their actors."""
+    return {"encoder": "fused"} if config.fused(device) else {"encoder": "encoder", "decoder": "decoder"}
+
+
+def size_pools(config: AnnotateConfig, device: str, nodes: Iterable[dict], model: SamConfig) -> AnnotateConfig:
+    """config with its model pools' "auto" max and unset memory_gb resolved for this cluster.
+    nodes: ray.nodes() (dead ones are skipped); model: the checkpoint's config."""
+    nodes = [n["Resources"] for n in nodes if n.get("Alive", True)]
+    points = len(config.text) if config.text else _points(config)
+    update = {}
+    for name, role in pool_roles(config, device).items():
+        pool: ActorPool = getattr(config, name)
+        memory = pool.memory_gb
+        if memory is None:
+            estimate = worker_bytes(model, role, points, config.amg.points_per_batch)
+            biggest = max((n.get("memory", 0.0) for n in nodes if _hosts(n, pool, device)), default=0.0)
+            memory = round(min(estimate, biggest or estimate) / GIB, 2)
+        pool = pool.model_copy(update={"memory_gb": memory})
+        if pool.max == "auto":
+            fits = capacity(pool, nodes, device)
+            pool = pool.model_copy(update={"max": max(pool.min, fits)})
+        update[name] = pool
+    return config.model_copy(update=update)
+
+
+def capacity(pool: ActorPool, nodes: list[dict], device: str) -> int:
+    """How many of the pool's actors the nodes hold together (memory_gb resolved)."""
+    ask = {"CPU": pool.num_cpus, "GPU": gpus_per_actor(pool, device), "memory": (pool.memory_gb or 0.0) * GIB,
+           **pool.resources}
+    ask = {k: v for k, v in ask.items() if v > 0}
+    if not ask:  # asks for nothing: Ray would start any number; one per CPU is the sensible most
+        ask = {"CPU": 1.0}
+    fits = sum(min(math.floor(n.get(k, 0.0) / v + 1e-9) for k, v in ask.items()) for n in nodes)
+    if device != "cuda" and ask.get("CPU"):
+        spare = sum(n.get("CPU", 0.0) for n in nodes if _carries(n, pool.resources)) - 1.0
+        fits = min(fits, math.floor(spare / ask["CPU"] + 1e-9))
+    return max(fits, 0)
+
+
+def gpus_per_actor(pool: ActorPool, device: str) -> float:
+    """A model actor's GPUs: its num_gpus, else 1 on CUDA and none on CPU."""
+    return pool.num_gpus if pool.num_gpus is not None else (1.0 if device == "cuda" else 0.0)
+
+
+def describe(config: AnnotateConfig, device: str) -> str:
+    """The run log's line on the model pools (resolved by size_pools)."""
+    parts = []
+    for name, role in pool_roles(config, device).items():
+        p: ActorPool = getattr(config, name)
+        each = [f"{p.num_cpus:g} CPU"] + ([f"{gpus_per_actor(p, device):g} GPU"] if device == "cuda" else [])
+        each.append(f"{p.memory_gb:g} GiB" if p.memory_gb else "no memory reserved")
+        size = f"{p.min}" if p.min == p.max else f"{p.min} to {p.max}"
+        parts.append(f"{size} {role} actor{'s' if p.max > 1 else ''} ({', '.join(each)} each)")
+    return "model actors: " + "; ".join(parts)
+
+
+def _points(config: AnnotateConfig) -> int:
+    amg = config.amg
+    if amg.points_per_side is not None:
+        return amg.points_per_side ** 2
+    return max(len(g) for g in amg.point_grids)
+
+
+def _carries(node: dict, resources: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) >= v for k, v in resources.items())
+
+
+def _hosts(node: dict, pool: ActorPool, device: str) -> bool:
+    """The node holds one of the pool's actors, memory aside."""
+    return _carries(node, {"CPU": pool.num_cpus, "GPU": gpus_per_actor(pool, device), **pool.resources})

@@ -1,0 +1,116 @@
+"""Sizing the model actor pools to the cluster (pipeline.pools) and the memory estimate each
+actor reserves (model.footprint)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from segment_anything import sam_model_registry
+
+from jobs.auto_annotate import load_config
+from model.config import CONFIGS
+from model.footprint import GIB, parameter_bytes, worker_bytes
+from pipeline.pools import capacity, describe, size_pools
+
+TINY, VIT_B, VIT_H = CONFIGS["vit_tiny256"], CONFIGS["vit_b"], CONFIGS["vit_h"]
+
+
+def node(cpus=0.0, gpus=0.0, memory_gb=0.0, alive=True, **custom) -> dict:
+    res = {"CPU": cpus, "memory": memory_gb * GIB, **custom}
+    if gpus:
+        res["GPU"] = gpus
+    return {"Alive": alive, "Resources": res}
+
+
+def test_the_estimate_follows_the_model_and_its_role():
+    fused = [worker_bytes(c) for c in (TINY, VIT_B, VIT_H)]
+    assert fused == sorted(fused) and len(set(fused)) == 3
+    # measured peaks (one 768 x 1024 photo, thresholds 0 / 0, 32 x 32 points): the estimate
+    # lies at or above them, and within 1.5x
+    assert 1.06 * GIB <= worker_bytes(TINY) <= 1.5 * 1.06 * GIB
+    assert 5.75 * GIB <= worker_bytes(VIT_H, "encoder") <= 1.5 * 5.75 * GIB
+    # a decoder worker drops the image encoder: ViT-H's decoder needs what ViT-B's does
+    assert worker_bytes(VIT_H, "decoder") == worker_bytes(VIT_B, "decoder") < worker_bytes(VIT_H, "encoder")
+    with torch.device("meta"):  # the official ViT-H's parameters, counted without memory
+        official = sam_model_registry["vit_h"]()
+    assert parameter_bytes(VIT_H) == 4 * sum(p.numel() for p in official.parameters())
+    # more prompts kept per crop, and more decoded together, need more
+    assert worker_bytes(VIT_B, "decoder", points=64 * 64) > worker_bytes(VIT_B, "decoder")
+    assert worker_bytes(VIT_B, "decoder", points_per_batch=256) > worker_bytes(VIT_B, "decoder")
+
+
+def test_auto_counts_what_each_node_holds():
+    config = load_config([])  # fused on CPU, 1 CPU per actor, max auto
+    laptop = [node(cpus=2, memory_gb=16)]
+    assert size_pools(config, "cpu", laptop, TINY).encoder.max == 1  # one CPU is left to I/O
+    big = [node(cpus=16, memory_gb=40)]
+    sized = size_pools(config, "cpu", big, TINY)
+    assert sized.encoder.max == 15 and sized.encoder.min == 1
+    assert sized.encoder.memory_gb == round(worker_bytes(TINY) / GIB, 2)
+    # ViT-H workers: memory binds before CPUs do
+    vit_h = size_pools(config, "cpu", big, VIT_H).encoder
+    assert vit_h.max == int(40 // vit_h.memory_gb) < 15
+    # per node, not pooled: two nodes of 3 GiB hold no 4 GiB actor between them
+    small = [node(cpus=8, memory_gb=3), node(cpus=8, memory_gb=3)]
+    assert capacity(config.encoder.model_copy(update={"memory_gb": 4.0}), small, "cpu") == 0
+    # dead nodes do not count
+    assert size_pools(config, "cpu", [node(cpus=16, memory_gb=40, alive=False)] + laptop, TINY).encoder.max == 1
+
+
+def test_a_gpu_cluster_runs_one_model_actor_per_gpu():
+    config = load_config([])  # split stages on CUDA, 1 GPU per actor
+    cluster = [node(cpus=4, memory_gb=8)] + [node(cpus=48, gpus=8, memory_gb=400)] * 2
+    sized = size_pools(config, "cuda", cluster, VIT_H)
+    assert (sized.encoder.max, sized.decoder.max) == (16, 16)
+    line = describe(sized, "cuda")
+    assert line.startswith("model actors: 1 to 16 encoder actors (1 CPU, 1 GPU, ")
+    assert "; 1 to 16 decoder actors (1 CPU, 1 GPU, " in line
+    half = size_pools(load_config(["--gpus-per-actor", "0.5"]), "cuda", cluster, VIT_H)
+    assert half.encoder.max == 32
+    # no GPU node yet (an autoscaling cluster before its first GPU node): the pool's min
+    assert size_pools(config, "cuda", cluster[:1], VIT_H).encoder.max == 1
+
+
+def test_custom_resources_pick_the_nodes_that_count():
+    config = load_config([])
+    config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"resources": {"cpu_group": 1}})})
+    cluster = [node(cpus=64, memory_gb=200), node(cpus=8, memory_gb=30, cpu_group=1000)]
+    sized = size_pools(config, "cpu", cluster, TINY)
+    assert sized.encoder.max == 7  # the tagged node's 8 CPUs, one left to I/O; the big node is not in the group
+
+
+def test_given_bounds_and_memory_are_kept():
+    config = load_config(["--encoder-actors", "2,3", "--actor-memory-gb", "0"])
+    sized = size_pools(config, "cpu", [node(cpus=64, memory_gb=200)], VIT_H).encoder
+    assert (sized.min, sized.max, sized.memory_gb) == (2, 3, 0.0)
+    assert "no memory reserved" in describe(size_pools(config, "cpu", [node(cpus=64)], VIT_H), "cpu")
+    # a min above what the cluster holds stays the min: Ray starts what fits and waits
+    assert size_pools(load_config(["--encoder-actors", "4,auto"]), "cpu", [node(cpus=2, memory_gb=16)],
+                      TINY).encoder.max == 4
+    # an estimate larger than every node that could host the actor is cut to the largest of
+    # them: the pool can start (the CPU-only node's memory does not count for a GPU actor)
+    gpu = size_pools(load_config([]), "cuda", [node(cpus=8, gpus=1, memory_gb=3), node(cpus=64, memory_gb=500)],
+                     VIT_H)
+    assert gpu.encoder.memory_gb == 3.0 and gpu.decoder.memory_gb == 3.0 and gpu.encoder.max == 1
+    sized = size_pools(load_config([]), "cpu", [node(cpus=4, memory_gb=2)], VIT_H).encoder
+    assert sized.memory_gb == 2.0 and sized.max == 1
+
+
+@pytest.mark.parametrize("text, bounds", [("auto", (1, "auto")), ("2,auto", (2, "auto")), ("3", (3, 3)),
+                                          ("1,4", (1, 4))])
+def test_actor_bounds_on_the_command_line(text, bounds):
+    pool = load_config(["--encoder-actors", text]).encoder
+    assert (pool.min, pool.max) == bounds
+
+
+@pytest.mark.parametrize("argv", [["--encoder-actors", "auto,3"], ["--decoder-actors", "x"]])
+def test_bad_actor_bounds_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        load_config(argv)
+    assert "expected N, MIN,MAX, auto or MIN,auto" in capsys.readouterr().err
+
+
+def test_negative_memory_names_its_field():
+    with pytest.raises(ValidationError) as e:
+        load_config(["--actor-memory-gb", "-1"])
+    assert "encoder.memory_gb" in str(e.value)
