@@ -4,7 +4,7 @@ A pool's `max` of "auto" (the default) becomes the number of its actors the clus
 nodes hold at the run's start: on each node that carries the pool's custom resources, as
 many as its CPUs, GPUs and memory fit (an actor asks for `num_cpus`, `num_gpus` and its
 memory), summed over the nodes. On CPU one CPU of the cluster is left to the reading,
-post-processing and writing tasks. Each actor reserves its memory with Ray (`memory_gb`,
+post-processing and writing tasks (on any node). Each actor reserves its memory with Ray (`memory_gb`,
 default: model.footprint's estimate for the checkpoint's model), so that no node is given
 more model actors than it holds; a reservation larger than every eligible node is cut to
 the largest, so that the pool can always start.
@@ -57,7 +57,7 @@ def capacity(pool: ActorPool, nodes: list[dict], device: str) -> int:
         ask = {"CPU": 1.0}
     fits = sum(min(math.floor(n.get(k, 0.0) / v + 1e-9) for k, v in ask.items()) for n in nodes)
     if device != "cuda" and ask.get("CPU"):
-        spare = sum(n.get("CPU", 0.0) for n in nodes if _carries(n, pool.resources)) - 1.0
+        spare = sum(n.get("CPU", 0.0) for n in nodes) - 1.0  # reads and writes run anywhere
         fits = min(fits, math.floor(spare / ask["CPU"] + 1e-9))
     return max(fits, 0)
 

@@ -75,8 +75,8 @@ def test_custom_resources_pick_the_nodes_that_count():
     config = load_config([])
     config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"resources": {"cpu_group": 1}})})
     cluster = [node(cpus=64, memory_gb=200), node(cpus=8, memory_gb=30, cpu_group=1000)]
-    sized = size_pools(config, "cpu", cluster, TINY)
-    assert sized.encoder.max == 7  # the tagged node's 8 CPUs, one left to I/O; the big node is not in the group
+    assert size_pools(config, "cpu", cluster, TINY).encoder.max == 8  # the tagged node's; I/O runs on the other
+    assert size_pools(config, "cpu", cluster[1:], TINY).encoder.max == 7  # one node: one CPU left to I/O
 
 
 def test_given_bounds_and_memory_are_kept():
