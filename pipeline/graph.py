@@ -38,7 +38,7 @@ from model.footprint import GIB
 from schemas.annotate import AnnotateConfig
 
 from .lease import LeaseLost, WriterLease
-from .pools import describe, gpus_per_actor, size_pools
+from .pools import describe, gpus_per_actor, pool_roles, size_pools
 from .progress import committed_state
 from .sources import InputError, check_output, list_inputs
 
@@ -281,6 +281,10 @@ def _summarize(tally: Tally, config: AnnotateConfig, run_id: str, listed: int, d
         "stage_seconds": {s: round(v, 3) for s, v in tally.busy.items()},
         "stage_images_per_s": {s: round(tally.rows / v, 3) if v > 0 else None for s, v in tally.busy.items()},
         "stage_nodes": {s: sorted(v) for s, v in tally.nodes.items()},  # Ray node ids each stage ran on
+        # the model pools as sized for the run (pipeline.pools): bounds and what each actor asked
+        "model_pools": {name: getattr(config, name).model_dump(include={"min", "max", "num_cpus", "num_gpus",
+                                                                         "memory_gb"})
+                        for name in pool_roles(config, device)},
     }
 
 

@@ -24,6 +24,7 @@ from amg import AutomaticMaskGenerator
 from dataset import history, read_images, read_table
 from jobs.auto_annotate import load_config
 from model import load_checkpoint
+from model.footprint import GIB, worker_bytes
 from pipeline.graph import run
 from pipeline.images import decode_image
 from schemas.annotate import DEFAULT_CHECKPOINT
@@ -173,6 +174,11 @@ def test_pipeline_masks_equal_the_in_process_generator(ray_session, tmp_path):
     sizes = [line for line in log if line.startswith("model actors: ")]
     assert len(sizes) == 1 and "1 to 2 encoder actors (0.5 CPU, " in sizes[0], log
     assert "; 1 to 2 decoder actors (0.5 CPU, " in sizes[0] and " GiB each)" in sizes[0]
+    pools = summary["model_pools"]
+    assert sorted(pools) == ["decoder", "encoder"] and pools["encoder"]["max"] == pools["decoder"]["max"] == 2
+    for name in pools:  # each role's estimate: a decoder actor holds no image encoder
+        estimate = worker_bytes(model.config, name, config.amg.points_per_side ** 2, config.amg.points_per_batch)
+        assert pools[name]["memory_gb"] == round(estimate / GIB, 2)
 
     generator = AutomaticMaskGenerator(model, config.amg)
     total = 0
