@@ -10,11 +10,14 @@ other (freed memory is reused: model.memory). Each term follows the model's shap
 constants were fitted to peaks measured at one thread with every candidate kept (thresholds
 0 / 0, random weights for the official sizes), coco_rle output, 32 x 32 points, and round up:
 
-    model         measured peak (GiB)                 estimate, fused (GiB)
-    vit_tiny256   0.95-1.04 (photos of 0.26-6.5 MP)   1.15 (the bundled checkpoint)
-    vit_b         3.23 (512 x 512 photo)              3.76
-    vit_l         4.42 (encoder alone)                4.57
-    vit_h         5.75 (encoder alone)                5.81
+    model         measured peak (GiB)                 estimate (GiB)
+    vit_tiny256   0.92-1.04 (photos of 0.26-6.5 MP)   1.20 (the bundled checkpoint)
+    vit_b         3.23 (512 x 512 photo)              3.81
+    vit_b         2.99 (encoder alone)                3.25 (an encoder actor)
+    vit_l         4.40 (encoder alone)                4.75
+    vit_h         5.75 (encoder alone)                6.16
+
+benchmarks/footprint.py measures them again beside the estimate.
 
 The generator's memory does not grow with the photo's size (its full-size work goes in
 bounded groups, amg.upsample.MIXED_PIXELS; measured flat from 0.26 to 6.5 MP), but it does
@@ -30,8 +33,9 @@ from .config import SamConfig
 from .sam import Sam
 
 GIB = 2**30
-# A worker process with torch and Ray imported, before any model: measured 0.68-0.72 GiB.
-RUNTIME_BYTES = int(0.8 * GIB)
+# A worker process with torch imported, before any model: measured 0.68-0.72 GiB; a Ray
+# actor with the pipeline's modules imported and the bundled model loaded: 0.77 GiB.
+RUNTIME_BYTES = int(0.85 * GIB)
 # The exact stability pass and the survivors' masks at full size: amg.upsample.MIXED_PIXELS
 # (4 x 768 x 1024) pixels at ~80 bytes each.
 FULL_SIZE_BYTES = 4 * 768 * 1024 * 80
@@ -52,7 +56,7 @@ def encoder_working_bytes(config: SamConfig) -> int:
     """Peak activations of one image through the encoder: a global attention block's scores
     (queries x keys per head, and their softmax) plus the token activations around it."""
     tokens = config.embedding_size ** 2
-    return 2 * config.encoder_num_heads * tokens**2 * 4 + 32 * tokens * config.encoder_embed_dim * 4
+    return 2 * config.encoder_num_heads * tokens**2 * 4 + 48 * tokens * config.encoder_embed_dim * 4
 
 
 def decoder_working_bytes(config: SamConfig, points: int, points_per_batch: int) -> int:

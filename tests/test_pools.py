@@ -114,3 +114,16 @@ def test_negative_memory_names_its_field():
     with pytest.raises(ValidationError) as e:
         load_config(["--actor-memory-gb", "-1"])
     assert "encoder.memory_gb" in str(e.value)
+
+
+def test_the_footprint_benchmark_measures_a_worker_beside_its_estimate(capsys):
+    from benchmarks.footprint import main
+
+    assert main(["--models", "bundled", "--size", "256x192", "--points-per-side", "4"]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert header.split() == ["model", "masks", "measured", "GiB", "estimate", "GiB", "ratio"]
+    name, masks, measured, estimate, ratio = row.split()
+    assert name == "bundled" and int(masks) >= 1
+    assert 0.5 < float(measured) < 4  # a process with torch and the bundled model
+    assert float(estimate) == round(worker_bytes(TINY, points=16) / GIB, 2)
+    assert float(ratio) == pytest.approx(float(estimate) / float(measured), abs=0.02)
