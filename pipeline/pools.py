@@ -6,8 +6,9 @@ many as its CPUs, GPUs and memory fit (an actor asks for `num_cpus`, `num_gpus` 
 memory), summed over the nodes. On CPU one CPU of the cluster is left to the reading,
 post-processing and writing tasks (on any node). Each actor reserves its memory with Ray (`memory_gb`,
 default: model.footprint's estimate for the checkpoint's model), so that no node is given
-more model actors than it holds; a reservation larger than every eligible node is cut to
-the largest, so that the pool can always start.
+more model actors than it holds; a reservation is cut to the largest eligible node's share
+(its memory over the number of model pools), so that one actor of each pool can always
+start.
 
 An autoscaling cluster grows only when work asks for more than it has: give such a pool an
 explicit MAX (`--encoder-actors 1,32`) for the autoscaler to grow into.
@@ -33,13 +34,15 @@ def size_pools(config: AnnotateConfig, device: str, nodes: Iterable[dict], model
     nodes = [n["Resources"] for n in nodes if n.get("Alive", True)]
     points = len(config.text) if config.text else _points(config)
     update = {}
-    for name, role in pool_roles(config, device).items():
+    roles = pool_roles(config, device)
+    for name, role in roles.items():
         pool: ActorPool = getattr(config, name)
         memory = pool.memory_gb
         if memory is None:
             estimate = worker_bytes(model, role, points, config.amg.points_per_batch)
+            # at most the largest node's share: one actor of each pool fits on it together
             biggest = max((n.get("memory", 0.0) for n in nodes if _hosts(n, pool, device)), default=0.0)
-            memory = round(min(estimate, biggest or estimate) / GIB, 2)
+            memory = round(min(estimate, biggest / len(roles) or estimate) / GIB, 2)
         pool = pool.model_copy(update={"memory_gb": memory})
         if pool.max == "auto":
             fits = capacity(pool, nodes, device)
