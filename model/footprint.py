@@ -11,8 +11,8 @@ constants were fitted to peaks measured at one thread with every candidate kept 
 0 / 0, random weights for the official sizes), coco_rle output, 32 x 32 points, and round up:
 
     model         measured peak (GiB)                 estimate (GiB)
-    vit_tiny256   0.92-1.04 (photos of 0.26-6.5 MP)   1.20 (the bundled checkpoint)
-    vit_b         3.23 (512 x 512 photo)              3.81
+    vit_tiny256   0.92-1.04 (photos of 0.26-6.5 MP)   1.22 (the bundled checkpoint)
+    vit_b         3.67 (768 x 1024 photo)             4.18
     vit_b         2.99 (encoder alone)                3.25 (an encoder actor)
     vit_l         4.40 (encoder alone)                4.75
     vit_h         5.75 (encoder alone)                6.16
@@ -66,7 +66,7 @@ def decoder_working_bytes(config: SamConfig, points: int, points_per_batch: int)
     tokens = config.embedding_size ** 2
     batch = 5 * min(points, points_per_batch) * tokens * config.prompt_embed_dim * 4
     low_res = (4 * config.embedding_size) ** 2
-    candidates = 3 * points * config.num_multimask_outputs * low_res * 4 // 2
+    candidates = 2 * points * config.num_multimask_outputs * low_res * 4
     return batch + candidates + FULL_SIZE_BYTES
 
 
