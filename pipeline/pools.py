@@ -4,11 +4,12 @@ A pool's `max` of "auto" (the default) becomes the number of its actors the clus
 nodes hold at the run's start: on each node that carries the pool's custom resources, as
 many as its CPUs, GPUs and memory fit (an actor asks for `num_cpus`, `num_gpus` and its
 memory), summed over the nodes. On CPU one CPU of the cluster is left to the reading,
-post-processing and writing tasks (on any node). Each actor reserves its memory with Ray (`memory_gb`,
-default: model.footprint's estimate for the checkpoint's model), so that no node is given
-more model actors than it holds; a reservation is cut to the largest eligible node's share
-(its memory over the number of model pools), so that one actor of each pool can always
-start.
+post-processing and writing tasks, which run on any node.
+
+Each actor reserves its memory with Ray (`memory_gb`, default: model.footprint's estimate
+for the checkpoint's model and the actor's role), so that no node is given more model
+actors than it holds. An estimate is cut to the largest eligible node's share (its memory
+over the number of model pools), so that one actor of each pool can always start.
 
 An autoscaling cluster grows only when work asks for more than it has: give such a pool an
 explicit MAX (`--encoder-actors 1,32`) for the autoscaler to grow into.
