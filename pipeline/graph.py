@@ -38,7 +38,7 @@ from model.footprint import GIB
 from schemas.annotate import AnnotateConfig
 
 from .lease import LeaseLost, WriterLease
-from .pools import describe, gpus_per_actor, pool_roles, size_pools
+from .pools import describe, gpus_per_actor, pool_roles, size_pools, unplaceable
 from .progress import committed_state
 from .sources import InputError, check_output, list_inputs
 
@@ -153,11 +153,11 @@ def _run(config: AnnotateConfig, listing: pa.Table, log, lease: WriterLease, t0:
         f"{'fused' if config.fused(device) else 'split'} stages)")
 
     hint = scaling_hint(config, device, ray.cluster_resources())
-    config = size_pools(config, device, ray.nodes(), model_config(config))
+    nodes = ray.nodes()
+    config = size_pools(config, device, nodes, model_config(config))
     if todo.num_rows:
-        log(describe(config, device))
-        if hint:
-            log(hint)
+        for line in [describe(config, device), *unplaceable(config, device, nodes), *([hint] if hint else [])]:
+            log(line)
     tally = Tally()
     if todo.num_rows:  # a run with nothing to do writes nothing
         writer = DatasetWriter(config.output, lineage, mode="append", options=options, fence=lease.confirm)

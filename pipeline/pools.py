@@ -76,11 +76,30 @@ def describe(config: AnnotateConfig, device: str) -> str:
     parts = []
     for name, role in pool_roles(config, device).items():
         p: ActorPool = getattr(config, name)
-        each = [f"{p.num_cpus:g} CPU"] + ([f"{gpus_per_actor(p, device):g} GPU"] if device == "cuda" else [])
-        each.append(f"{p.memory_gb:g} GiB" if p.memory_gb else "no memory reserved")
         size = f"{p.min}" if p.min == p.max else f"{p.min} to {p.max}"
-        parts.append(f"{size} {role} actor{'s' if p.max > 1 else ''} ({', '.join(each)} each)")
+        parts.append(f"{size} {role} actor{'s' if p.max > 1 else ''} ({describe_actor(p, device)} each)")
     return "model actors: " + "; ".join(parts)
+
+
+def describe_actor(pool: ActorPool, device: str) -> str:
+    """What one of the pool's actors asks of its node."""
+    each = [f"{pool.num_cpus:g} CPU"] + ([f"{gpus_per_actor(pool, device):g} GPU"] if device == "cuda" else [])
+    each.append(f"{pool.memory_gb:g} GiB" if pool.memory_gb else "no memory reserved")
+    each += [f"{v:g} {k}" for k, v in pool.resources.items()]
+    return ", ".join(each)
+
+
+def unplaceable(config: AnnotateConfig, device: str, nodes: Iterable[dict]) -> list[str]:
+    """Warnings for the run log: model pools (sized) whose actor no live node holds, which
+    wait until such a node joins (an autoscaling cluster adds one; a fixed one never does)."""
+    nodes = [n["Resources"] for n in nodes if n.get("Alive", True)]
+    out = []
+    for name, role in pool_roles(config, device).items():
+        pool: ActorPool = getattr(config, name)
+        if not any(_hosts(n, pool, device) and n.get("memory", 0.0) >= (pool.memory_gb or 0.0) * GIB for n in nodes):
+            out.append(f"warning: no live node holds a {role} actor ({describe_actor(pool, device)}): "
+                       "the run waits until such a node joins")
+    return out
 
 
 def _points(config: AnnotateConfig) -> int:

@@ -10,7 +10,7 @@ from segment_anything import sam_model_registry
 from jobs.auto_annotate import load_config
 from model.config import CONFIGS
 from model.footprint import GIB, parameter_bytes, worker_bytes
-from pipeline.pools import capacity, describe, size_pools
+from pipeline.pools import capacity, describe, size_pools, unplaceable
 
 TINY, VIT_B, VIT_H = CONFIGS["vit_tiny256"], CONFIGS["vit_b"], CONFIGS["vit_h"]
 
@@ -79,6 +79,21 @@ def test_custom_resources_pick_the_nodes_that_count():
     assert size_pools(config, "cpu", cluster[1:], TINY).encoder.max == 7  # one node: one CPU left to I/O
 
 
+def test_pools_no_node_can_hold_are_named_in_the_run_log():
+    big = load_config(["--actor-memory-gb", "64"])
+    cluster = [node(cpus=16, memory_gb=40)]
+    assert unplaceable(size_pools(big, "cpu", cluster, TINY), "cpu", cluster) == [
+        "warning: no live node holds a fused actor (1 CPU, 64 GiB): the run waits until such a node joins"]
+    tagged = load_config([])
+    tagged = tagged.model_copy(update={"encoder": tagged.encoder.model_copy(update={"resources": {"gpu_group": 1}})})
+    split = size_pools(tagged.model_copy(update={"fuse_stages": False}), "cuda", cluster, TINY)
+    warnings = unplaceable(split, "cuda", cluster)  # no GPU at all: neither pool's actor fits
+    assert len(warnings) == 2 and "encoder actor (1 CPU, 1 GPU, 0.86 GiB, 1 gpu_group)" in warnings[0]
+    assert unplaceable(size_pools(load_config([]), "cpu", cluster, TINY), "cpu", cluster) == []
+    assert unplaceable(size_pools(load_config([]), "cpu", [node(cpus=1, memory_gb=4)], TINY), "cpu",
+                       [node(cpus=1, memory_gb=4)]) == []  # one CPU: the actor fits (I/O shares it)
+
+
 def test_given_bounds_and_memory_are_kept():
     config = load_config(["--encoder-actors", "2,3", "--actor-memory-gb", "0"])
     sized = size_pools(config, "cpu", [node(cpus=64, memory_gb=200)], VIT_H).encoder
@@ -130,3 +145,35 @@ def test_the_footprint_benchmark_measures_a_worker_beside_its_estimate(capsys):
     assert 0.5 < float(measured) < 4  # a process with torch and the bundled model
     assert float(estimate) == round(worker_bytes(TINY, points=16) / GIB, 2)
     assert float(ratio) == pytest.approx(float(estimate) / float(measured), abs=0.02)
+
+
+def test_a_node_with_less_memory_than_the_estimate_still_runs_the_model(tmp_path):
+    """A real Ray node that offers 1 GiB of memory, less than the bundled model's estimate:
+    the reservation is cut to what the node offers, so the run completes (an actor asking
+    for more than any node has would wait forever)."""
+    import threading
+
+    import ray
+
+    from pipeline.graph import run
+    from tests.test_pipeline import AMG_FLAGS, _png
+    from training.synthetic import make_scene
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        (src / f"s{i}.png").write_bytes(_png(make_scene(seed=40 + i, size=(96, 128)).image))
+    assert worker_bytes(TINY) > GIB
+    ray.init(address="local", num_cpus=2, _memory=GIB, include_dashboard=False, log_to_driver=False)
+    log, result = [], {}
+    try:
+        config = load_config(["--input", str(src), "--output", str(tmp_path / "ds"), *AMG_FLAGS])
+        thread = threading.Thread(target=lambda: result.update(run(config, log=log.append)), daemon=True)
+        thread.start()
+        thread.join(timeout=600)
+        assert not thread.is_alive(), f"the run is still waiting: {log}"
+    finally:
+        ray.shutdown()
+    assert result["annotated"] == 2 and result["masks"] > 0
+    assert "model actors: 1 fused actor (1 CPU, 1 GiB each)" in log
+    assert result["model_pools"]["encoder"]["memory_gb"] == 1.0
