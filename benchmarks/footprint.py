@@ -1,6 +1,6 @@
 """Measured peak memory of one generator worker against the estimate its pipeline actor
-reserves (model.footprint), model by model. Each measurement runs in a fresh process (peak
-RSS, as a worker keeps it: model.memory.retain_freed_memory) at one thread, with every
+reserves (model.footprint), model by model. Each measurement runs in a fresh process (its peak
+RSS, VmHWM, as a worker keeps it: model.memory.retain_freed_memory) at one thread, with every
 candidate kept (thresholds 0 / 0, the worst case), coco_rle output, as the actors run.
 
     python benchmarks/footprint.py                               # the bundled checkpoint
@@ -45,7 +45,11 @@ with torch.inference_mode():
     else:
         masks = len(AutomaticMaskGenerator(model, points_per_side=points, pred_iou_thresh=0.0,
                                            stability_score_thresh=0.0, output_mode="coco_rle").generate(image))
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "masks": masks,
+try:  # this process's own peak: Linux's ru_maxrss also counts the parent's RSS at the fork
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+print(json.dumps({"peak": peak, "masks": masks,
                   "config": model.config.model_dump(mode="json")}))
 """
 
