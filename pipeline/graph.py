@@ -38,7 +38,7 @@ from model.footprint import GIB
 from schemas.annotate import AnnotateConfig
 
 from .lease import LeaseLost, WriterLease
-from .pools import describe, gpus_per_actor, pool_roles, size_pools, unplaceable
+from .pools import describe, gpus_per_actor, pool_roles, scaling_hint, size_pools, unplaceable
 from .progress import committed_state
 from .sources import InputError, check_output, list_inputs
 
@@ -109,30 +109,6 @@ def run(config: AnnotateConfig, log=print, lease: WriterLease | None = None,
         return _run(config, listing, log, lease, t0)
     with WriterLease(config.output, config.endpoint_url, run_id=config.run_id, log=log) as lease:
         return _run(config, listing, log, lease, t0)
-
-
-def scaling_hint(config: AnnotateConfig, device: str, cluster: dict[str, float]) -> str | None:
-    """A line for the run log when the model stages' pools, at the largest the user gave,
-    leave at least half of the cluster's CPUs (GPUs on CUDA) idle ("auto" sizes a pool to the
-    cluster: no line). One CPU is counted as the reading, post-processing and writing tasks'."""
-    pools = [config.encoder] if config.fused(device) else [config.encoder, config.decoder]
-    if any(p.max == "auto" for p in pools):
-        return None
-    if device == "cuda":
-        kind, have = "GPUs", cluster.get("GPU", 0.0)
-        used = sum(p.max * (p.num_gpus if p.num_gpus is not None else 1) for p in pools)
-    else:
-        kind, have = "CPUs", cluster.get("CPU", 0.0) - 1
-        used = sum(p.max * p.num_cpus for p in pools)
-    if not used or have < 2 * used:
-        return None
-    where = f"the cluster's {have:g} {kind}" + (" left after reading and writing" if kind == "CPUs" else "")
-    if len(pools) == 1:
-        n = int(have // (used / pools[0].max))
-        return (f"note: the model stage uses at most {used:g} of {where}: --encoder-actors 1,{n} runs up to "
-                f"{n} actors (each holds its own copy of the model)")
-    return (f"note: the model stages use at most {used:g} of {where}: --encoder-actors MIN,MAX and "
-            f"--decoder-actors MIN,MAX scale them out (each actor holds its own copy of the model)")
 
 
 def _run(config: AnnotateConfig, listing: pa.Table, log, lease: WriterLease, t0: float) -> dict[str, Any]:

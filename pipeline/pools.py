@@ -32,7 +32,7 @@ def pool_roles(config: AnnotateConfig, device: str) -> dict[str, Role]:
 def size_pools(config: AnnotateConfig, device: str, nodes: Iterable[dict], model: SamConfig) -> AnnotateConfig:
     """config with its model pools' "auto" max and unset memory_gb resolved for this cluster.
     nodes: ray.nodes() (dead ones are skipped); model: the checkpoint's config."""
-    nodes = [n["Resources"] for n in nodes if n.get("Alive", True)]
+    nodes = _live(nodes)
     points = len(config.text) if config.text else _points(config)
     update = {}
     roles = pool_roles(config, device)
@@ -42,7 +42,8 @@ def size_pools(config: AnnotateConfig, device: str, nodes: Iterable[dict], model
         if memory is None:
             estimate = worker_bytes(model, role, points, config.amg.points_per_batch)
             # at most the largest node's share: one actor of each pool fits on it together
-            biggest = max((n.get("memory", 0.0) for n in nodes if _hosts(n, pool, device)), default=0.0)
+            hosts = _ask(pool, device, memory=False)
+            biggest = max((n.get("memory", 0.0) for n in nodes if _fits(n, hosts)), default=0.0)
             memory = round(min(estimate, biggest / len(roles) or estimate) / GIB, 2)
         pool = pool.model_copy(update={"memory_gb": memory})
         if pool.max == "auto":
@@ -54,12 +55,9 @@ def size_pools(config: AnnotateConfig, device: str, nodes: Iterable[dict], model
 
 def capacity(pool: ActorPool, nodes: list[dict], device: str) -> int:
     """How many of the pool's actors the nodes hold together (memory_gb resolved)."""
-    ask = {"CPU": pool.num_cpus, "GPU": gpus_per_actor(pool, device), "memory": (pool.memory_gb or 0.0) * GIB,
-           **pool.resources}
-    ask = {k: v for k, v in ask.items() if v > 0}
-    if not ask:  # asks for nothing: Ray would start any number; one per CPU is the sensible most
-        ask = {"CPU": 1.0}
-    fits = sum(min(math.floor(n.get(k, 0.0) / v + 1e-9) for k, v in ask.items()) for n in nodes)
+    # an actor that asks for nothing: Ray would start any number; one per CPU is the sensible most
+    ask = _ask(pool, device) or {"CPU": 1.0}
+    fits = sum(_fits(n, ask) for n in nodes)
     if device != "cuda" and ask.get("CPU"):
         spare = sum(n.get("CPU", 0.0) for n in nodes) - 1.0  # reads and writes run anywhere
         fits = min(fits, math.floor(spare / ask["CPU"] + 1e-9))
@@ -92,11 +90,11 @@ def describe_actor(pool: ActorPool, device: str) -> str:
 def unplaceable(config: AnnotateConfig, device: str, nodes: Iterable[dict]) -> list[str]:
     """Warnings for the run log: model pools (sized) whose actor no live node holds, which
     wait until such a node joins (an autoscaling cluster adds one; a fixed one never does)."""
-    nodes = [n["Resources"] for n in nodes if n.get("Alive", True)]
+    nodes = _live(nodes)
     out = []
     for name, role in pool_roles(config, device).items():
         pool: ActorPool = getattr(config, name)
-        if not any(_hosts(n, pool, device) and n.get("memory", 0.0) >= (pool.memory_gb or 0.0) * GIB for n in nodes):
+        if not any(_fits(n, _ask(pool, device)) for n in nodes):
             out.append(f"warning: no live node holds a {role} actor ({describe_actor(pool, device)}): "
                        "the run waits until such a node joins")
     return out
@@ -109,10 +107,42 @@ def _points(config: AnnotateConfig) -> int:
     return max(len(g) for g in amg.point_grids)
 
 
-def _carries(node: dict, resources: dict[str, float]) -> bool:
-    return all(node.get(k, 0.0) >= v for k, v in resources.items())
+def scaling_hint(config: AnnotateConfig, device: str, cluster: dict[str, float]) -> str | None:
+    """A line for the run log when the model stages' pools, at the largest the user gave,
+    leave at least half of the cluster's CPUs (GPUs on CUDA) idle ("auto" sizes a pool to the
+    cluster: no line). One CPU is counted as the reading, post-processing and writing tasks'."""
+    pools = [getattr(config, name) for name in pool_roles(config, device)]
+    if any(p.max == "auto" for p in pools):
+        return None
+    if device == "cuda":
+        kind, have = "GPUs", cluster.get("GPU", 0.0)
+        used = sum(p.max * gpus_per_actor(p, device) for p in pools)
+    else:
+        kind, have = "CPUs", cluster.get("CPU", 0.0) - 1
+        used = sum(p.max * p.num_cpus for p in pools)
+    if not used or have < 2 * used:
+        return None
+    where = f"the cluster's {have:g} {kind}" + (" left after reading and writing" if kind == "CPUs" else "")
+    if len(pools) == 1:
+        n = int(have // (used / pools[0].max))
+        return (f"note: the model stage uses at most {used:g} of {where}: --encoder-actors 1,{n} runs up to "
+                f"{n} actors (each holds its own copy of the model)")
+    return (f"note: the model stages use at most {used:g} of {where}: --encoder-actors MIN,MAX and "
+            f"--decoder-actors MIN,MAX scale them out (each actor holds its own copy of the model)")
 
 
-def _hosts(node: dict, pool: ActorPool, device: str) -> bool:
-    """The node holds one of the pool's actors, memory aside."""
-    return _carries(node, {"CPU": pool.num_cpus, "GPU": gpus_per_actor(pool, device), **pool.resources})
+def _live(nodes: Iterable[dict]) -> list[dict]:
+    """The resources of ray.nodes()' live nodes."""
+    return [n["Resources"] for n in nodes if n.get("Alive", True)]
+
+
+def _ask(pool: ActorPool, device: str, memory: bool = True) -> dict[str, float]:
+    """What one of the pool's actors asks of its node (memory_gb resolved), nonzero amounts."""
+    ask = {"CPU": pool.num_cpus, "GPU": gpus_per_actor(pool, device),
+           "memory": (pool.memory_gb or 0.0) * GIB if memory else 0.0, **pool.resources}
+    return {k: v for k, v in ask.items() if v > 0}
+
+
+def _fits(node: dict, ask: dict[str, float]) -> int:
+    """How many actors asking `ask` the node holds (one where they ask for nothing)."""
+    return min((math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in ask.items()), default=1)

@@ -133,7 +133,7 @@ def test_the_run_log_says_how_to_use_an_idle_cluster():
     """Pools sized by the user: where they, at their largest, leave at least half of the
     cluster idle, the run log names the flags that scale them out. "auto" pools (the
     default) are sized to the cluster (pipeline.pools): no line."""
-    from pipeline.graph import scaling_hint
+    from pipeline.pools import scaling_hint
 
     assert scaling_hint(load_config([]), "cpu", {"CPU": 16}) is None
     fused = load_config(["--encoder-actors", "1"])
